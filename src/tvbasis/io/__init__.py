@@ -1,0 +1,21 @@
+"""Checkpoint I/O: lazy per-tensor readers and streaming, atomic Hugging Face writers."""
+
+from tvbasis.io.reader import Checkpoint, open_checkpoint, row_chunks
+from tvbasis.io.specs import TensorSpec, dtype_name, human_bytes, parse_dtype, parse_size
+from tvbasis.io.writer import (
+    ModelWriter,
+    check_output,
+    copy_model_files,
+    model_card,
+    plan_shards,
+    replace_atomically,
+    temp_sibling,
+    write_safetensors_file,
+    write_single_file_atomic,
+)
+
+__all__ = [
+    "Checkpoint", "ModelWriter", "TensorSpec", "check_output", "copy_model_files", "dtype_name", "human_bytes",
+    "model_card", "open_checkpoint", "parse_dtype", "parse_size", "plan_shards", "replace_atomically",
+    "row_chunks", "temp_sibling", "write_safetensors_file", "write_single_file_atomic",
+]

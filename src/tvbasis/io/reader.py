@@ -1,0 +1,329 @@
+"""Lazy, per-tensor checkpoint readers.
+
+``open_checkpoint(path)`` accepts a ``.safetensors`` file, a Hugging Face model directory (single or sharded
+safetensors with ``model.safetensors.index.json``), or ``pytorch_model.bin`` / ``.pt`` / ``.pth`` state dicts
+(single, or sharded with ``pytorch_model.bin.index.json``). Safetensors are memory-mapped and read one tensor
+(or a row range of one tensor) at a time; torch pickles are loaded with ``weights_only=True`` and
+memory-mapped when their format allows it. A walk over K checkpoints therefore holds about K slices of one
+tensor, never K models.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from tvbasis.errors import CheckpointError
+from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class Checkpoint(ABC):
+    """A read-only, lazily loaded set of named tensors."""
+
+    def __init__(self, path: Path, root_dir: Path | None) -> None:
+        self.path = path
+        #: directory holding config/tokenizer files to copy into outputs (None for a bare file)
+        self.root_dir = root_dir
+        self._specs: dict[str, TensorSpec] = {}
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def specs(self) -> list[TensorSpec]:
+        return list(self._specs.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.numel for s in self._specs.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, in its stored dtype."""
+        self.spec(name)
+        return self._get(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (a 0-d tensor is returned whole)."""
+        spec = self.spec(name)
+        if not spec.shape:
+            return self._get(name)
+        return self._get_rows(name, start, stop)
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    @abstractmethod
+    def _get(self, name: str) -> torch.Tensor: ...
+
+    def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._get(name)[start:stop]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # pickles as its path: a worker process (Ray) reopens the checkpoint from shared storage
+        return (open_checkpoint, (str(self.path),))
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or more safetensors files (shards), memory-mapped."""
+
+    def __init__(self, path: Path, files: list[Path], root_dir: Path | None,
+                 weight_map: dict[str, str] | None = None) -> None:
+        super().__init__(path, root_dir)
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self._meta: dict[str, str] = {}
+        for f in files:
+            handle = self._open(f)
+            names = list(handle.offset_keys()) if hasattr(handle, "offset_keys") else list(handle.keys())
+            self._meta.update(handle.metadata() or {})
+            for name in names:
+                sl = handle.get_slice(name)
+                code = sl.get_dtype()
+                if code not in ST_TO_TORCH:
+                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {code}")
+                self._specs[name] = TensorSpec(name, tuple(sl.get_shape()), ST_TO_TORCH[code])
+                self._where[name] = f
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._specs))
+            if missing:
+                raise CheckpointError(
+                    f"{path}: index lists {len(missing)} tensor(s) absent from the shards, e.g. {missing[:3]}")
+
+    def _open(self, f: Path) -> Any:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard file does not exist")
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers / truncation
+            raise CheckpointError(f"{f}: not a valid safetensors file ({e})") from None
+        size = f.stat().st_size
+        # safetensors validates offsets against the header; check the file is not truncated past the data
+        self._handles[f] = handle
+        self._check_length(f, size)
+        return handle
+
+    @staticmethod
+    def _check_length(f: Path, size: int) -> None:
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{f}: truncated safetensors file (no header)")
+            n = int.from_bytes(head, "little")
+            try:
+                header = json.loads(fh.read(n))
+            except Exception:
+                raise CheckpointError(f"{f}: corrupt safetensors header") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{f}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        f = self._where[name]
+        handle = self._handles[f]
+        try:
+            if rows is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows[0]:rows[1]]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read(name, (start, stop))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _torch_load(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise CheckpointError(f"{f}: file does not exist")
+    try:
+        try:
+            obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e).lower():
+                raise
+            obj = torch.load(str(f), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{f}: refused to load: the pickle holds objects other than tensors and weights_only=True "
+            f"does not allow them ({first})") from None
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{f}: holds no tensors")
+    return tensors
+
+
+class TorchCheckpoint(Checkpoint):
+    """``pytorch_model.bin`` / ``.pt`` / ``.pth`` state dicts, single or sharded; shards load on first use."""
+
+    def __init__(self, path: Path, files: list[Path], root_dir: Path | None,
+                 weight_map: dict[str, str] | None = None) -> None:
+        super().__init__(path, root_dir)
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._where: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        if weight_map is None:
+            state = self._load(files[0])
+            for name, t in state.items():
+                self._specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
+                self._where[name] = files[0]
+        else:
+            # specs need the shard contents; load each shard (mmap) once to read shapes
+            for f in files:
+                for name, t in self._load(f).items():
+                    self._specs[name] = TensorSpec(name, tuple(t.shape), t.dtype)
+                    self._where[name] = f
+            missing = sorted(set(weight_map) - set(self._specs))
+            if missing:
+                raise CheckpointError(
+                    f"{path}: index lists {len(missing)} tensor(s) absent from the shards, e.g. {missing[:3]}")
+
+    def _load(self, f: Path) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if f not in self._loaded:
+                self._loaded[f] = _torch_load(f)
+            return self._loaded[f]
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._load(self._where[name])[name]
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except Exception as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+
+
+def _from_index(path: Path, index: Path, kind: str) -> Checkpoint:
+    weight_map = _read_index(index)
+    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{index}: shard {f.name} listed in the index does not exist")
+    if kind == "safetensors":
+        return SafetensorsCheckpoint(path, files, index.parent, weight_map)
+    return TorchCheckpoint(path, files, index.parent, weight_map)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open any supported checkpoint layout lazily. Raises CheckpointError with the path on failure."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.name.endswith(".index.json"):
+            kind = "safetensors" if ".safetensors" in p.name else "torch"
+            return _from_index(p, p, kind)
+        if p.suffix == ".safetensors":
+            return SafetensorsCheckpoint(p, [p], None)
+        if p.suffix in TORCH_SUFFIXES:
+            return TorchCheckpoint(p, [p], None)
+        raise CheckpointError(
+            f"{p}: unsupported checkpoint file; expected .safetensors, .bin, .pt, .pth or an .index.json")
+    if (p / "tvbasis.json").is_file():
+        raise CheckpointError(f"{p}: is a tvbasis basis store, not a model checkpoint (use the store commands)")
+    if (p / SAFETENSORS_INDEX).is_file():
+        return _from_index(p, p / SAFETENSORS_INDEX, "safetensors")
+    if (p / SAFETENSORS_SINGLE).is_file():
+        return SafetensorsCheckpoint(p, [p / SAFETENSORS_SINGLE], p)
+    indexes = sorted(p.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return _from_index(p, indexes[0], "safetensors")
+    singles = sorted(p.glob("*.safetensors"))
+    if len(singles) == 1:
+        return SafetensorsCheckpoint(p, singles, p)
+    if (p / TORCH_INDEX).is_file():
+        return _from_index(p, p / TORCH_INDEX, "torch")
+    if (p / TORCH_SINGLE).is_file():
+        return TorchCheckpoint(p, [p / TORCH_SINGLE], p)
+    torch_files = sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+    if len(torch_files) == 1:
+        return TorchCheckpoint(p, torch_files, p)
+    found = ", ".join(sorted(f.name for f in p.iterdir())[:8]) or "nothing"
+    raise CheckpointError(
+        f"{p}: no model weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, one *.safetensors, "
+        f"{TORCH_INDEX}, {TORCH_SINGLE}, one .pt/.pth); the directory holds: {found}")
+
+
+def iter_rows(ckpt: Checkpoint, name: str, max_elements: int) -> Iterator[tuple[int, int]]:
+    """Row ranges [start, stop) splitting tensor ``name`` into chunks of at most ~max_elements elements."""
+    spec = ckpt.spec(name)
+    yield from row_chunks(spec, max_elements)
+
+
+def row_chunks(spec: TensorSpec, max_elements: int) -> Iterator[tuple[int, int]]:
+    if not spec.shape or spec.numel <= max_elements:
+        yield (0, spec.shape[0] if spec.shape else 1)
+        return
+    row = max(1, spec.numel // spec.shape[0])
+    step = max(1, max_elements // row)
+    for start in range(0, spec.shape[0], step):
+        yield (start, min(spec.shape[0], start + step))
