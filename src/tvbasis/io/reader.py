@@ -79,6 +79,16 @@ class Checkpoint(ABC):
             return self._get(name)
         return self._get_rows(name, start, stop)
 
+    def get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """``t[:, start:stop]`` of a stacked tensor (e.g. rows of every basis in a (M, rows, ...) tensor)."""
+        spec = self.spec(name)
+        if len(spec.shape) < 2:
+            return self._get(name)
+        return self._get_inner_rows(name, start, stop)
+
+    def _get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._get(name)[:, start:stop]
+
     def metadata(self) -> dict[str, str]:
         return {}
 
@@ -179,6 +189,13 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._read(name, (start, stop))
+
+    def _get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        f = self._where[name]
+        try:
+            return self._handles[f].get_slice(name)[:, start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
 
     def close(self) -> None:
         self._handles.clear()

@@ -290,3 +290,48 @@ def write_single_file_atomic(out: Path, specs: Sequence[TensorSpec], tensors: It
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+class PositionalShard:
+    """A safetensors file laid out up front (header written, data region allocated) and filled by positional
+    writes, in any order and from any number of threads or processes. Lets a row chunk of a stacked (M, *shape)
+    tensor be written as M contiguous regions without ever holding the whole tensor."""
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
+        self.path = path
+        self.specs = list(specs)
+        header = header_for(self.specs, {"format": "pt"})
+        self.data_start = len(header)
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for s in self.specs:
+            self.offsets[s.name] = off
+            off += s.nbytes
+        self.size = self.data_start + off
+        self._header = header
+
+    def create(self) -> None:
+        with self.path.open("wb") as fh:
+            fh.write(self._header)
+            fh.truncate(self.size)
+
+    def write_elements(self, name: str, start_element: int, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        """Write ``tensor`` (cast to dtype) at element offset ``start_element`` of tensor ``name``."""
+        data = _tensor_bytes(tensor.to(dtype))
+        pos = self.data_start + self.offsets[name] + start_element * dtype.itemsize
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view.nbytes:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def fsync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

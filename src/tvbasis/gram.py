@@ -1,0 +1,107 @@
+"""One streaming pass over a pretrained model and T fine-tunes: the Gram matrix G = VᵀV (float64).
+
+Per work item (one tensor, or a row chunk of a big one) the T task-vector slices are read, X·Xᵀ is added to
+G in float64 (optionally on a GPU), and — in the same pass — the pretrained slice's content digest is taken
+so a store can later check that it is applied to the same pretrained model. With ``groups`` one Gram per
+layer group is kept as well (for ``--layerwise``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tvbasis.engine import Engine, get_engine
+from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, TaskSet, chunk_key, combine_digests, tensor_digest
+
+#: float64 sub-blocks for the X·Xᵀ accumulation (elements per task)
+_BLOCK = 1 << 20
+
+
+@dataclass
+class GramResult:
+    names: list[str]
+    G: np.ndarray  # (T, T) float64
+    group_grams: dict[str, np.ndarray] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)
+    pretrained_checksum: str | None = None
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.G), 0.0, None))
+
+    @property
+    def cosine(self) -> np.ndarray:
+        return cosine_from_gram(self.G)
+
+
+def cosine_from_gram(G: np.ndarray) -> np.ndarray:
+    n = np.sqrt(np.clip(np.diag(G), 0.0, None))
+    denom = np.outer(n, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        C = np.where(denom > 0, G / denom, 0.0)
+    return C
+
+
+def gram_of(x: torch.Tensor) -> torch.Tensor:
+    """X·Xᵀ in float64 for X (T, n), in float64 sub-blocks so float32 inputs lose no precision."""
+    x = x.reshape(x.shape[0], -1)
+    out = torch.zeros((x.shape[0], x.shape[0]), dtype=torch.float64, device=x.device)
+    for a in range(0, x.shape[1], _BLOCK):
+        blk = x[:, a:a + _BLOCK].to(torch.float64)
+        out.addmm_(blk, blk.T)
+    return out
+
+
+def cross_of(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """U·Xᵀ in float64 for U (M, n), X (T, n)."""
+    u = u.reshape(u.shape[0], -1)
+    x = x.reshape(x.shape[0], -1)
+    out = torch.zeros((u.shape[0], x.shape[0]), dtype=torch.float64, device=x.device)
+    for a in range(0, x.shape[1], _BLOCK):
+        out.addmm_(u[:, a:a + _BLOCK].to(torch.float64), x[:, a:a + _BLOCK].to(torch.float64).T)
+    return out
+
+
+class GramTask:
+    """Work unit of the Gram pass (picklable: runs on threads or Ray workers)."""
+
+    def __init__(self, taskset: TaskSet, device: str = "cpu", checksum: bool = True) -> None:
+        self.taskset, self.device, self.checksum = taskset, device, checksum
+
+    def __call__(self, item: Item) -> tuple[Item, np.ndarray, bytes | None]:
+        name, a, b = item
+        spec = self.taskset.specs[name]
+        rows = (a, b) if spec.shape else None
+        x = self.taskset.deltas(name, rows)
+        digest = None
+        if self.checksum:
+            pre = self.taskset.pretrained.get_rows(name, a, b) if spec.shape else self.taskset.pretrained.get(name)
+            digest = tensor_digest(chunk_key(name, a, b), pre)
+        g = gram_of(x.to(self.device, non_blocking=True))
+        return item, g.cpu().numpy(), digest
+
+
+def compute_gram(taskset: TaskSet, engine: Engine | str | None = None,
+                 groups: Callable[[str], str] | None = None, device: str = "cpu",
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, checksum: bool = True) -> GramResult:
+    eng = get_engine(engine)
+    items = taskset.items(chunk_elements)
+    G = np.zeros((taskset.T, taskset.T))
+    per_group: dict[str, np.ndarray] = {}
+    group_of: dict[str, str] = {}
+    digests: list[tuple[str, bytes]] = []
+    task = GramTask(taskset, device, checksum)
+    for (name, a, b), g, d in eng.map(task, items, desc="gram pass", sizes=[taskset.item_bytes(i) for i in items]):
+        G += g
+        if groups is not None:
+            key = group_of.setdefault(name, groups(name))
+            per_group[key] = per_group.get(key, 0.0) + g
+        if d is not None:
+            digests.append((chunk_key(name, a, b), d))
+    return GramResult(taskset.names, G, per_group, group_of,
+                      combine_digests(digests) if checksum else None, chunk_elements)

@@ -1,0 +1,134 @@
+"""A pretrained model and T fine-tunes of it, read together one tensor (or row chunk) at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tvbasis.errors import ConfigError
+from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
+from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, vector_specs
+
+#: default chunk: 8M elements per task slice (32 MB float32), so T slices of a huge tensor stay bounded
+DEFAULT_CHUNK_ELEMENTS = 8 * 2**20
+
+_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks|block|encoder_layers|decoder_layers)\.\d+)\.")
+
+
+def layer_group(name: str) -> str:
+    """Layer group of a tensor for ``--layerwise``: ``encoder.layer.3`` for ``encoder.layer.3.attn.q.weight``,
+    else the top-level module (``embeddings``, ``pooler``, ...)."""
+    m = _LAYER_RE.match(name)
+    if m:
+        return m.group(1)
+    return name.split(".")[0] if "." in name else name
+
+
+Item = tuple[str, int, int]  # (tensor name, row start, row stop)
+
+
+@dataclass
+class TaskSet:
+    pretrained: Checkpoint
+    names: list[str]
+    finetuned: list[Checkpoint]
+    specs: dict[str, TensorSpec]
+
+    @classmethod
+    def open(cls, pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
+             include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> TaskSet:
+        if not finetuned:
+            raise ConfigError("no fine-tuned models given (use --finetuned NAME=PATH)")
+        pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
+        keep = KeyFilter.of(include, exclude)
+        fts = []
+        specs: dict[str, TensorSpec] = {}
+        for name, p in finetuned.items():
+            ft = p if isinstance(p, Checkpoint) else open_checkpoint(p)
+            specs = vector_specs(pre, ft, keep)
+            fts.append(ft)
+        if not specs:
+            raise ConfigError(f"{pre.path}: no floating-point tensors to compare (check --include/--exclude)")
+        return cls(pre, list(finetuned), fts, specs)
+
+    @property
+    def T(self) -> int:
+        return len(self.names)
+
+    def vector(self, i: int) -> TaskVector:
+        return TaskVector(self.specs, [(1.0, DiffSource(self.pretrained, self.finetuned[i]))], self.pretrained,
+                          self.names[i])
+
+    def vectors(self) -> list[TaskVector]:
+        return [self.vector(i) for i in range(self.T)]
+
+    def deltas(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The T task-vector slices of one tensor (or rows of it), stacked: (T, *shape) float32."""
+        spec = self.specs[name]
+        shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
+        out = torch.empty((self.T, *shape), dtype=torch.float32)
+        for t in range(self.T):
+            out[t] = DiffSource(self.pretrained, self.finetuned[t]).get(name, rows)
+        return out
+
+    def items(self, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[Item]:
+        """Work items: every tensor, big ones split into row chunks of about chunk_elements per task."""
+        out: list[Item] = []
+        for s in self.specs.values():
+            for a, b in row_chunks(s, chunk_elements):
+                out.append((s.name, a, b))
+        return out
+
+    def item_bytes(self, item: Item) -> int:
+        """Bytes read for one item: the T fine-tuned slices plus the pretrained slice."""
+        s = self.specs[item[0]]
+        rows = (item[2] - item[1]) if s.shape else 1
+        per_row = s.numel // max(1, s.shape[0]) if s.shape else 1
+        return (self.T + 1) * rows * per_row * self.pretrained.spec(item[0]).dtype.itemsize
+
+    def input_bytes(self) -> int:
+        return sum(c.nbytes for c in [self.pretrained, *self.finetuned])
+
+
+def tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    """Content digest of one tensor (name, dtype, shape, bytes): layout-independent checksums of models."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.digest()
+
+
+def chunk_key(name: str, a: int, b: int) -> str:
+    return f"{name}[{a}:{b}]"
+
+
+def chunk_digests(spec: TensorSpec, t: torch.Tensor, chunk_elements: int) -> list[tuple[str, bytes]]:
+    """Digests of a whole tensor cut into the same row chunks the Gram pass used (see ``GramTask``)."""
+    out = []
+    for a, b in row_chunks(spec, chunk_elements):
+        out.append((chunk_key(spec.name, a, b), tensor_digest(chunk_key(spec.name, a, b), t[a:b] if spec.shape else t)))
+    return out
+
+
+def combine_digests(digests: Iterable[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name, d in sorted(digests):
+        h.update(name.encode())
+        h.update(d)
+    return h.hexdigest()
+
+
+def structure_fingerprint(ckpt: Checkpoint) -> str:
+    """Hash of tensor names, shapes and dtypes: a free first check that a store matches a model."""
+    h = hashlib.sha256()
+    for s in sorted(ckpt.specs(), key=lambda s: s.name):
+        h.update(f"{s.name}|{tuple(s.shape)}|{s.dtype};".encode())
+    return h.hexdigest()

@@ -1,0 +1,429 @@
+"""TaskVector: a lazy, per-tensor view of a task vector (fine-tuned − pretrained) and of combinations of them.
+
+Nothing is materialised until a tensor is asked for: ``tv.get(name)`` reads the slices it needs, computes in
+float32 and returns one tensor. Arithmetic (``+``, ``-``, scalar ``*``, ``sum``) builds a new lazy vector that
+holds a list of (coefficient, source) terms; reductions (``dot``, ``norm``, cosine) accumulate in float64 over
+one streaming pass; ``apply_to`` streams θ₀ + λ·τ into a Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tvbasis.engine import Engine, get_engine
+from tvbasis.errors import CheckpointError, ConfigError, NonFiniteError, TensorMismatchError
+from tvbasis.io import (
+    Checkpoint,
+    ModelWriter,
+    TensorSpec,
+    dtype_name,
+    model_card,
+    open_checkpoint,
+    write_single_file_atomic,
+)
+
+VECTOR_FORMAT = "tvbasis.task_vector"
+
+
+# ----------------------------------------------------------------------------------------------- filters
+@dataclass(frozen=True)
+class KeyFilter:
+    """Include/exclude patterns on tensor names: shell globs (``*embeddings*``) or regexes prefixed ``re:``."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @staticmethod
+    def _match(pattern: str, name: str) -> bool:
+        if pattern.startswith("re:"):
+            return re.search(pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, pattern)
+
+    def __call__(self, name: str) -> bool:
+        if self.include and not any(self._match(p, name) for p in self.include):
+            return False
+        return not any(self._match(p, name) for p in self.exclude)
+
+    @classmethod
+    def of(cls, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> KeyFilter:
+        return cls(tuple(include or ()), tuple(exclude or ()))
+
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(repr(x) for x in names[:n]) + more
+
+
+def check_finite(t: torch.Tensor, where: str, name: str) -> None:
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{where}: tensor {name!r} contains {bad} NaN/Inf value(s)")
+
+
+def vector_specs(pretrained: Checkpoint, finetuned: Checkpoint | None, keep: KeyFilter) -> dict[str, TensorSpec]:
+    """The tensors a task vector covers (floating, kept by the filter), checked against the fine-tune."""
+    pre = {s.name: s for s in pretrained.specs() if s.is_float and keep(s.name)}
+    if finetuned is None:
+        return pre
+    ft = {s.name: s for s in finetuned.specs() if s.is_float and keep(s.name)}
+    missing, extra = set(pre) - set(ft), set(ft) - set(pre)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) of the pretrained model missing from the fine-tune: {_few(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) not in the pretrained model: {_few(extra)}")
+        raise TensorMismatchError(f"{finetuned.path} vs pretrained {pretrained.path}: " + "; ".join(parts)
+                                  + " (use --exclude to leave tensors out)")
+    for name, s in pre.items():
+        if ft[name].shape != s.shape:
+            raise TensorMismatchError(f"{finetuned.path}: tensor {name!r} has shape {ft[name].shape}, "
+                                      f"pretrained {pretrained.path} has {s.shape}")
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------- sources
+Rows = tuple[int, int] | None
+
+
+def _read(ckpt: Checkpoint, name: str, rows: Rows) -> torch.Tensor:
+    return ckpt.get(name) if rows is None else ckpt.get_rows(name, *rows)
+
+
+class Source(ABC):
+    """Produces the float32 slice of one tensor of a task vector."""
+
+    #: True when ``get`` always returns a new tensor that the caller may modify in place
+    fresh: bool = False
+
+    @abstractmethod
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
+
+
+class DiffSource(Source):
+    """v = θ_ft − θ₀, read tensor by tensor (float32), with NaN/Inf checks on both inputs."""
+
+    fresh = True
+
+    def __init__(self, pretrained: Checkpoint, finetuned: Checkpoint) -> None:
+        self.pretrained = pretrained
+        self.finetuned = finetuned
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        ft = _read(self.finetuned, name, rows)
+        check_finite(ft, str(self.finetuned.path), name)
+        pre = _read(self.pretrained, name, rows)
+        check_finite(pre, str(self.pretrained.path), name)
+        out = ft.to(torch.float32, copy=True)
+        out.sub_(pre.to(torch.float32))
+        return out
+
+
+class FileSource(Source):
+    """A saved task vector (safetensors of deltas)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        t = _read(self.ckpt, name, rows)
+        check_finite(t, str(self.ckpt.path), name)
+        return t.to(torch.float32)
+
+
+class Producer(ABC):
+    """A picklable per-tensor function (merges, store reconstructions) wrapped by ``FnSource``."""
+
+    @abstractmethod
+    def __call__(self, name: str, rows: Rows) -> torch.Tensor: ...
+
+
+class FnSource(Source):
+    def __init__(self, fn: Producer) -> None:
+        self.fn = fn
+        self.fresh = bool(getattr(fn, "fresh", False))
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        return self.fn(name, rows).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- vector
+class TaskVector:
+    """A lazy task vector: Σ coef·source over the tensors in ``specs`` (float tensors of the pretrained model).
+
+    ``specs`` maps tensor name -> spec with the *pretrained* dtype (the dtype written by ``apply_to``).
+    """
+
+    def __init__(self, specs: Mapping[str, TensorSpec], terms: Sequence[tuple[float, Source]],
+                 pretrained: Checkpoint | None = None, name: str = "task_vector") -> None:
+        self.specs = dict(specs)
+        self.terms = list(terms)
+        self.pretrained = pretrained
+        self.name = name
+        #: set by basis stores: {"fingerprint", "checksum", "checksum_chunk_elements", "path"} of the pretrained
+        #: model the vector belongs to; ``apply_to`` checks it (structure up front, content while streaming)
+        self.expected_pretrained: dict[str, object] | None = None
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(cls, pretrained: str | Path | Checkpoint, finetuned: str | Path | Checkpoint,
+                         include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                         name: str | None = None) -> TaskVector:
+        pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
+        ft = finetuned if isinstance(finetuned, Checkpoint) else open_checkpoint(finetuned)
+        specs = vector_specs(pre, ft, KeyFilter.of(include, exclude))
+        if not specs:
+            raise ConfigError(f"{pre.path}: no floating-point tensors left to form a task vector (check --include/--exclude)")
+        return cls(specs, [(1.0, DiffSource(pre, ft))], pre, name or Path(str(ft.path)).name)
+
+    @classmethod
+    def load(cls, path: str | Path, include: Iterable[str] | None = None,
+             exclude: Iterable[str] | None = None) -> TaskVector:
+        """A task vector saved by ``save`` (or any safetensors file of deltas)."""
+        ckpt = open_checkpoint(path)
+        keep = KeyFilter.of(include, exclude)
+        meta = ckpt.metadata()
+        dtypes = {}
+        if "dtypes" in meta:
+            import json
+            dtypes = json.loads(meta["dtypes"])
+        specs = {}
+        for s in ckpt.specs():
+            if s.is_float and keep(s.name):
+                dt = getattr(torch, dtypes[s.name]) if s.name in dtypes else s.dtype
+                specs[s.name] = TensorSpec(s.name, s.shape, dt)
+        if not specs:
+            raise CheckpointError(f"{ckpt.path}: holds no floating-point tensors")
+        return cls(specs, [(1.0, FileSource(ckpt))], None, Path(str(path)).stem)
+
+    @classmethod
+    def from_producer(cls, specs: Mapping[str, TensorSpec], fn: Producer, pretrained: Checkpoint | None = None,
+                      name: str = "task_vector") -> TaskVector:
+        return cls(specs, [(1.0, FnSource(fn))], pretrained, name)
+
+    # -- access ----------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.numel for s in self.specs.values())
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        """The float32 tensor (or rows [a, b) of it) of this vector."""
+        if name not in self.specs:
+            raise CheckpointError(f"task vector {self.name!r} has no tensor {name!r}")
+        out: torch.Tensor | None = None
+        for coef, src in self.terms:
+            t = src.get(name, rows)
+            if out is None:
+                if coef != 1.0:
+                    out = t.mul_(coef) if src.fresh else t * coef
+                else:
+                    out = t if src.fresh else t.clone()
+            else:
+                out.add_(t, alpha=coef)
+        if out is None:  # the zero vector
+            spec = self.specs[name]
+            shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
+            return torch.zeros(shape, dtype=torch.float32)
+        return out
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.specs:
+            yield name, self.get(name)
+
+    def to_state_dict(self) -> dict[str, torch.Tensor]:
+        """Materialise every tensor (float32). For small models and evaluation; big ones should stream."""
+        return dict(self.items())
+
+    # -- algebra ---------------------------------------------------------------------------------------
+    def _check_compatible(self, other: TaskVector) -> None:
+        if set(self.specs) != set(other.specs):
+            a, b = set(self.specs) - set(other.specs), set(other.specs) - set(self.specs)
+            raise TensorMismatchError(
+                f"task vectors {self.name!r} and {other.name!r} cover different tensors "
+                f"(only in the first: {_few(a)}; only in the second: {_few(b)})")
+        for n, s in self.specs.items():
+            if other.specs[n].shape != s.shape:
+                raise TensorMismatchError(f"tensor {n!r}: shape {s.shape} in {self.name!r} vs "
+                                          f"{other.specs[n].shape} in {other.name!r}")
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        self._check_compatible(other)
+        out = TaskVector(self.specs, self.terms + other.terms, self.pretrained or other.pretrained,
+                         f"({self.name} + {other.name})")
+        out.expected_pretrained = self.expected_pretrained or other.expected_pretrained
+        return out
+
+    def __radd__(self, other: object) -> TaskVector:
+        if other == 0:  # so that builtin sum() works
+            return self
+        return NotImplemented
+
+    def __neg__(self) -> TaskVector:
+        return self * -1.0
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, k: float) -> TaskVector:
+        if not isinstance(k, (int, float)):
+            return NotImplemented
+        out = TaskVector(self.specs, [(c * float(k), s) for c, s in self.terms], self.pretrained,
+                         f"{k}*{self.name}")
+        out.expected_pretrained = self.expected_pretrained
+        return out
+
+    __rmul__ = __mul__
+
+    @staticmethod
+    def sum(vectors: Sequence[TaskVector]) -> TaskVector:
+        if not vectors:
+            raise ConfigError("sum of no task vectors")
+        out = vectors[0]
+        for v in vectors[1:]:
+            out = out + v
+        return out
+
+    @staticmethod
+    def linear_combination(vectors: Sequence[TaskVector], coefs: Sequence[float]) -> TaskVector:
+        """Σ coef_i·v_i — covers addition, negation (coef −1) and analogy (c + b − a)."""
+        if len(vectors) != len(coefs):
+            raise ConfigError(f"{len(vectors)} vectors but {len(coefs)} coefficients")
+        return TaskVector.sum([float(c) * v for v, c in zip(vectors, coefs)])
+
+    # -- reductions (float64) --------------------------------------------------------------------------
+    def dot(self, other: TaskVector, engine: Engine | str | None = None) -> float:
+        self._check_compatible(other)
+        eng = get_engine(engine, progress=False)
+        return math.fsum(eng.map(_DotTask(self, other), self.keys()))
+
+    def norm(self, engine: Engine | str | None = None) -> float:
+        eng = get_engine(engine, progress=False)
+        return math.sqrt(math.fsum(eng.map(_DotTask(self, None), self.keys())))
+
+    def cosine(self, other: TaskVector, engine: Engine | str | None = None) -> float:
+        d = self.dot(other, engine)
+        n = self.norm(engine) * other.norm(engine)
+        return d / n if n > 0 else 0.0
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    def save(self, path: str | Path, dtype: torch.dtype | None = None, force: bool = False,
+             engine: Engine | str | None = None) -> Path:
+        """Save as one safetensors file of deltas (float32 unless ``dtype``); metadata records the format."""
+        import json
+        out_dtype = dtype or torch.float32
+        specs = [s.with_dtype(out_dtype) for s in self.specs.values()]
+        meta = {"format": "pt", "tvbasis": VECTOR_FORMAT, "name": self.name,
+                "pretrained": str(self.pretrained.path) if self.pretrained else "",
+                "dtypes": json.dumps({n: dtype_name(s.dtype) for n, s in self.specs.items()})}
+        eng = get_engine(engine)
+        names = self.keys()
+        stream = zip(names, eng.map(_GetTask(self), names, desc="task vector",
+                                    sizes=[self.specs[n].numel * 4 for n in names]))
+        return write_single_file_atomic(Path(path), specs, stream, meta, force=force)
+
+    def apply_to(self, pretrained: str | Path | Checkpoint, scaling_coef: float = 1.0, out: str | Path | None = None,
+                 dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB", force: bool = False,
+                 engine: Engine | str | None = None, method: str = "task_arithmetic",
+                 parameters: dict[str, object] | None = None) -> Path:
+        """Write θ₀ + scaling_coef·τ as a Hugging Face model directory at ``out``.
+
+        Floating tensors of the vector are computed in float32 and written in the pretrained dtype (or
+        ``dtype``); every other tensor (integer buffers, excluded tensors) is copied from the pretrained model.
+        """
+        if out is None:
+            raise ConfigError("apply_to needs an output directory")
+        pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
+        expected = self.expected_pretrained
+        if expected is not None:
+            from tvbasis.store import check_pretrained_structure
+            check_pretrained_structure(expected, pre, Path(str(expected.get("path", "store"))))
+        for n, s in self.specs.items():
+            if n not in pre:
+                raise TensorMismatchError(f"{pre.path}: has no tensor {n!r} that the task vector changes")
+            if pre.spec(n).shape != s.shape:
+                raise TensorMismatchError(f"{pre.path}: tensor {n!r} has shape {pre.spec(n).shape}, "
+                                          f"the task vector has {s.shape}")
+        out_specs = [s.with_dtype(dtype) if (dtype is not None and s.is_float) else s for s in pre.specs()]
+        base = str(pre.root_dir or pre.path)
+        params = {"scaling_coef": scaling_coef, **(parameters or {})}
+        eng = get_engine(engine)
+        names = [s.name for s in out_specs]
+        chunk = int(expected["checksum_chunk_elements"]) if expected and expected.get("checksum") else None  # type: ignore[call-overload]
+        task = _ApplyTask(self, pre, float(scaling_coef), chunk)
+        digests: list[tuple[str, bytes]] = []
+        with ModelWriter(out, out_specs, max_shard_size=max_shard_size, force=force) as w:
+            for name, (t, d) in zip(names, eng.map(task, names, desc="apply",
+                                                    sizes=[pre.spec(n).nbytes for n in names])):
+                w.write(name, t)
+                digests.extend(d)
+            if chunk is not None and expected is not None:
+                from tvbasis.errors import StoreError
+                from tvbasis.taskset import combine_digests
+                if combine_digests(digests) != expected["checksum"]:
+                    raise StoreError(f"{pre.path}: is not the pretrained model the store was built from "
+                                     f"({expected.get('path')}): the weights differ (checksum mismatch); nothing written")
+            return w.finalize(copy_from=pre.root_dir, card=model_card(base, method, params))
+
+
+class _GetTask:
+    def __init__(self, tv: TaskVector) -> None:
+        self.tv = tv
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.tv.get(name)
+
+
+class _DotTask:
+    def __init__(self, a: TaskVector, b: TaskVector | None) -> None:
+        self.a, self.b = a, b
+
+    def __call__(self, name: str) -> float:
+        x = self.a.get(name).reshape(-1).to(torch.float64)
+        y = x if self.b is None else self.b.get(name).reshape(-1).to(torch.float64)
+        return float(torch.dot(x, y))
+
+
+class _ApplyTask:
+    def __init__(self, tv: TaskVector, pre: Checkpoint, coef: float, checksum_chunk: int | None = None) -> None:
+        self.tv, self.pre, self.coef, self.checksum_chunk = tv, pre, coef, checksum_chunk
+
+    def __call__(self, name: str) -> tuple[torch.Tensor, list[tuple[str, bytes]]]:
+        base = self.pre.get(name)
+        if name not in self.tv.specs:
+            return base, []
+        digests: list[tuple[str, bytes]] = []
+        if self.checksum_chunk is not None:
+            from tvbasis.taskset import chunk_digests
+            digests = chunk_digests(self.tv.specs[name], base, self.checksum_chunk)
+        check_finite(base, str(self.pre.path), name)
+        out = base.to(torch.float32, copy=True)
+        out.add_(self.tv.get(name), alpha=self.coef)
+        return out, digests
+
+
+def merge_task_vectors(*args: object, **kwargs: object) -> TaskVector:
+    """See ``tvbasis.merging.merge_task_vectors`` (re-exported here for convenience)."""
+    from tvbasis.merging import merge_task_vectors as impl
+    return impl(*args, **kwargs)  # type: ignore[arg-type]
