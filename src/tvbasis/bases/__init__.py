@@ -1,0 +1,28 @@
+"""Basis methods: one interface (``BasisMethod.fit(G, M) -> BasisFit``), one registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvbasis.bases.autoencoder import AutoencoderBasis
+from tvbasis.bases.base import BasisFit, BasisMethod, eckart_young_bound, least_squares_W, reconstruction_loss
+from tvbasis.bases.cluster import ClusterBasis, eigengap_k, spectral_clusters
+from tvbasis.bases.pca import PCABasis
+from tvbasis.bases.random import RandomBasis, RandomSampleBasis
+from tvbasis.errors import ConfigError
+
+BASIS_METHODS: dict[str, type[BasisMethod]] = {
+    cls.name: cls for cls in (AutoencoderBasis, PCABasis, ClusterBasis, RandomBasis, RandomSampleBasis)
+}
+
+
+def get_basis_method(name: str, **options: Any) -> BasisMethod:
+    try:
+        cls = BASIS_METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown basis method {name!r}; expected one of {sorted(BASIS_METHODS)}") from None
+    return cls(**options)
+
+
+__all__ = ["BASIS_METHODS", "BasisFit", "BasisMethod", "eckart_young_bound", "eigengap_k", "get_basis_method",
+           "least_squares_W", "reconstruction_loss", "spectral_clusters"]

@@ -1,0 +1,126 @@
+"""Clustering bases (the paper's first form): spectral clustering of the task vectors on their cosine
+similarity, one basis per cluster made by an inner merge of its members.
+
+Affinity = cosine clipped at 0 (zero diagonal). M defaults to the largest eigengap of the normalised graph
+Laplacian. Linear inner merges (mean, task_arithmetic) give B as the (normalised) cluster indicator; other
+inner merges (ties, topk, dare_*, fisher, consensus) form each basis per tensor during materialisation. W maps
+each task to its cluster's basis, scaled by the least-squares coefficient ⟨v_t, s_m⟩/‖s_m‖² (exact, from the
+cross-Grams of the materialisation pass) unless ``rescale`` is off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tvbasis.bases.base import BasisFit, BasisMethod, eckart_young_bound, reconstruction_loss
+from tvbasis.errors import ConfigError
+from tvbasis.gram import cosine_from_gram
+from tvbasis.merge import MergeSpec
+
+LINEAR_INNER = ("mean", "task_arithmetic")
+
+
+def normalized_laplacian(affinity: np.ndarray) -> np.ndarray:
+    d = affinity.sum(axis=1)
+    inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
+    return np.eye(len(d)) - inv[:, None] * affinity * inv[None, :]
+
+
+def eigengap_k(affinity: np.ndarray) -> tuple[int, list[float]]:
+    """Number of clusters at the largest gap among the Laplacian's smallest eigenvalues (1 ≤ k ≤ T − 1)."""
+    T = affinity.shape[0]
+    ev = np.sort(np.linalg.eigvalsh(normalized_laplacian(affinity)))
+    if T <= 2:
+        return 1, ev.tolist()
+    gaps = np.diff(ev[:T])  # gaps[k-1] = λ_{k+1} − λ_k
+    k = int(np.argmax(gaps[: T - 1])) + 1
+    return max(1, min(k, T - 1)), ev.tolist()
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 10, iters: int = 100) -> np.ndarray:
+    """Plain Lloyd k-means with k-means++ seeding and restarts (tiny inputs: T points)."""
+    rng = np.random.default_rng(seed)
+    best, best_cost = None, np.inf
+    n = x.shape[0]
+    for _ in range(n_init):
+        centres = [x[rng.integers(n)]]
+        for _ in range(1, k):
+            d2 = np.min(((x[:, None, :] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+            p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
+            centres.append(x[rng.choice(n, p=p)])
+        c = np.asarray(centres)
+        labels = np.zeros(n, dtype=int)
+        for _ in range(iters):
+            labels = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+            new = np.asarray([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
+            if np.allclose(new, c):
+                break
+            c = new
+        cost = float(((x - c[labels]) ** 2).sum())
+        if len(set(labels.tolist())) == k and cost < best_cost - 1e-12:
+            best, best_cost = labels, cost
+    if best is None:
+        raise ConfigError(f"cluster: could not form {k} non-empty clusters")
+    return best
+
+
+def canonical_labels(labels: np.ndarray) -> list[int]:
+    """Relabel clusters in order of first appearance, so results do not depend on k-means' numbering."""
+    mapping: dict[int, int] = {}
+    return [mapping.setdefault(int(lab), len(mapping)) for lab in labels]
+
+
+def spectral_clusters(C: np.ndarray, k: int, seed: int) -> list[int]:
+    A = np.clip(C, 0.0, None)
+    np.fill_diagonal(A, 0.0)
+    L = normalized_laplacian(A)
+    _, vecs = np.linalg.eigh(L)
+    emb = vecs[:, :k]
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = emb / np.where(norms > 0, norms, 1.0)
+    return canonical_labels(kmeans(emb, k, seed))
+
+
+class ClusterBasis(BasisMethod):
+    name = "cluster"
+    options: dict[str, Any] = {"inner": "mean", "inner_params": {}, "rescale": True, "seed": 0}
+
+    def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
+        T = G.shape[0]
+        C = cosine_from_gram(G)
+        A = np.clip(C, 0.0, None)
+        np.fill_diagonal(A, 0.0)
+        k_gap, spectrum = eigengap_k(A)
+        if M is None:
+            M = k_gap
+        if M < 1 or M >= T:
+            raise ConfigError(f"-M must satisfy 1 <= M < T = {T} (got M = {M})")
+        labels = [0] * T if M == 1 else spectral_clusters(C, M, int(self.params["seed"]))
+        inner = str(self.params["inner"])
+        params = dict(self.params["inner_params"] or {})
+        W = np.zeros((M, T))
+        W[labels, np.arange(T)] = 1.0
+        sizes = np.bincount(labels, minlength=M)
+        stats: dict[str, Any] = {"eigengap_M": k_gap, "laplacian_spectrum": spectrum, "cluster_sizes": sizes.tolist(),
+                                 "lower_bound": eckart_young_bound(G, M)}
+        refit = "cluster_scale" if self.params["rescale"] else None
+        if inner in LINEAR_INNER:
+            B = np.zeros((T, M))
+            w = params.get("weight")
+            weights = np.ones(T) if w is None else np.asarray(w, dtype=float)
+            for t, m in enumerate(labels):
+                B[t, m] = weights[t]
+            if inner == "mean" or params.get("normalize"):
+                B = B / np.maximum(B.sum(axis=0, keepdims=True), 1e-300)
+            if self.params["rescale"]:
+                # exact least-squares scale of each task onto its cluster's basis, from G alone
+                S = G @ B  # ⟨v_t, s_m⟩
+                K = np.diag(B.T @ G @ B)  # ‖s_m‖²
+                W = np.zeros((M, T))
+                for t, m in enumerate(labels):
+                    W[m, t] = S[t, m] / K[m] if K[m] > 0 else 0.0
+            stats["loss"] = reconstruction_loss(G, B @ W)
+            return BasisFit(M=M, B=B, W=W, labels=labels, refit=refit, stats=stats)
+        return BasisFit(M=M, B=None, W=W, labels=labels, inner=MergeSpec(inner, params), refit=refit, stats=stats)
