@@ -1,0 +1,43 @@
+"""Frozen zero-shot classification heads: the pretrained encoder's embeddings of the cleaned label names.
+
+logits = 20 · cos(sentence embedding, label embedding). The head never changes, so a task vector carries the
+whole task (the task-arithmetic protocol); every edited encoder is evaluated with each task's own head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.tasks import Task
+
+#: logit scale (inverse temperature) applied to cosine similarities
+LOGIT_SCALE = 20.0
+
+
+@dataclass(frozen=True)
+class Head:
+    task: str
+    label_texts: tuple[str, ...]
+    weight: torch.Tensor  # (C, H), rows L2-normalised
+    scale: float = LOGIT_SCALE
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, H) normalised embeddings -> (N, C) logits = scale · cosine."""
+        return self.scale * embeddings @ self.weight.to(embeddings.dtype).T
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.logits(embeddings).argmax(dim=-1)
+
+
+def build_head(encoder: Encoder, task: Task, scale: float = LOGIT_SCALE) -> Head:
+    """Head of ``task`` from the encoder's *pretrained* weights (any current edit is ignored and kept)."""
+    with encoder.at_pretrained():
+        weight = encoder.encode(list(task.label_texts))
+    return Head(task=task.name, label_texts=task.label_texts, weight=weight.clone(), scale=scale)
+
+
+def build_heads(encoder: Encoder, tasks: dict[str, Task], scale: float = LOGIT_SCALE) -> dict[str, Head]:
+    return {name: build_head(encoder, task, scale) for name, task in tasks.items()}

@@ -1,0 +1,251 @@
+"""Accuracy of any encoder state on any task split; normalized accuracy; λ search for addition and negation.
+
+``Evaluator`` tokenises every (task, split) once, builds the frozen heads once, and caches the pretrained
+model's embeddings, so evaluating an edit θ₀ + λ·τ costs only the forward passes of the edited model.
+
+* Addition: λ on the grid maximising mean dev score (normalized accuracy when the fine-tuned dev accuracies
+  are known, absolute otherwise; the smallest λ wins ties); test accuracy reported at that λ.
+* Negation of target t with a control c: λ minimising target dev accuracy subject to control dev accuracy
+  ≥ 95 % of the pretrained model's control dev accuracy (λ = 0, i.e. no edit, when no λ qualifies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tvbasis.errors import ConfigError, UnknownTaskError
+from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.heads import Head, build_head
+from tvbasis.eval.tasks import Task
+
+#: default λ grid: 0.05, 0.10, ..., 1.00
+DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))
+#: control accuracy must stay at or above this fraction of the pretrained model's
+CONTROL_THRESHOLD = 0.95
+
+
+def lambda_grid(step: float = 0.05, stop: float = 1.0, start: float | None = None) -> tuple[float, ...]:
+    """λ values start, start+step, ..., stop (start defaults to step); rounded to avoid 0.30000000000000004."""
+    if step <= 0 or stop <= 0:
+        raise ConfigError(f"λ grid needs step > 0 and stop > 0, got step={step}, stop={stop}")
+    start = step if start is None else start
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    if n < 1:
+        raise ConfigError(f"empty λ grid (start={start}, stop={stop}, step={step})")
+    return tuple(round(start + i * step, 6) for i in range(n))
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    """'0.1,0.3,0.5' or 'step:stop' (e.g. '0.25:1.0') -> λ values."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            step, stop = (float(x) for x in text.split(":"))
+            return lambda_grid(step, stop)
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"bad λ grid {text!r}: expected 'a,b,c' or 'step:stop'") from None
+    if not values or any(v < 0 or not math.isfinite(v) for v in values):
+        raise ConfigError(f"bad λ grid {text!r}: need one or more finite values >= 0")
+    return values
+
+
+def accuracy(predictions: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    labels = torch.as_tensor(labels)
+    if len(labels) == 0:
+        return float("nan")
+    return float((predictions.cpu() == labels).float().mean())
+
+
+def normalized_accuracy(acc: float, finetuned_acc: float) -> float:
+    """acc(edited on t) / acc(fine-tuned t on t)."""
+    return acc / finetuned_acc if finetuned_acc > 0 else float("nan")
+
+
+def mean(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class AdditionResult:
+    lam: float
+    dev: dict[str, float]
+    test: dict[str, float]
+    normalized_test: dict[str, float] = field(default_factory=dict)
+    curve: dict[float, float] = field(default_factory=dict)  # λ -> selection score on dev
+    criterion: str = "accuracy"
+
+    @property
+    def mean_test(self) -> float:
+        return mean(self.test.values())
+
+    @property
+    def mean_normalized_test(self) -> float:
+        return mean(self.normalized_test.values())
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["curve"] = {str(k): v for k, v in self.curve.items()}
+        d["mean_test"] = self.mean_test
+        d["mean_normalized_test"] = self.mean_normalized_test
+        return d
+
+
+@dataclass
+class NegationResult:
+    target: str
+    control: str
+    lam: float
+    target_dev: float
+    control_dev: float
+    target_test: float
+    control_test: float
+    pretrained_target_test: float
+    pretrained_control_test: float
+    pretrained_control_dev: float
+    feasible: bool
+    curve: dict[float, tuple[float, float]] = field(default_factory=dict)  # λ -> (target dev, control dev)
+
+    @property
+    def control_retained(self) -> float:
+        """control test accuracy / pretrained control test accuracy."""
+        return normalized_accuracy(self.control_test, self.pretrained_control_test)
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["curve"] = {str(k): list(v) for k, v in self.curve.items()}
+        d["control_retained"] = self.control_retained
+        return d
+
+
+class Evaluator:
+    """Evaluate the live state of ``encoder`` on tasks, with cached tokenisation, heads and θ₀ embeddings."""
+
+    def __init__(self, encoder: Encoder, tasks: Mapping[str, Task], splits: Sequence[str] = ("dev", "test"),
+                 progress: bool = False) -> None:
+        if encoder.edited:
+            encoder.reset()
+        self.encoder = encoder
+        self.tasks = dict(tasks)
+        self.splits = tuple(splits)
+        self.progress = progress
+        self.heads: dict[str, Head] = {name: build_head(encoder, t) for name, t in self.tasks.items()}
+        self._batches = {(name, s): encoder.batches(encoder.tokenize(t[s].texts))
+                         for name, t in self.tasks.items() for s in self.splits}
+        self._pretrained_emb: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _check(self, task: str, split: str) -> None:
+        if task not in self.tasks:
+            raise UnknownTaskError(f"task {task!r} is not loaded in this evaluator; loaded: {', '.join(self.tasks)}")
+        if split not in self.splits:
+            raise ConfigError(f"split {split!r} is not prepared; prepared: {', '.join(self.splits)}")
+
+    # ----------------------------------------------------------------- raw evaluation
+    def embed(self, task: str, split: str) -> torch.Tensor:
+        """Embeddings of (task, split) under the encoder's current weights (θ₀ embeddings are cached)."""
+        self._check(task, split)
+        key = (task, split)
+        if not self.encoder.edited and key in self._pretrained_emb:
+            return self._pretrained_emb[key]
+        desc = f"{task}/{split}" if self.progress else False
+        emb = self.encoder.encode_batches(self._batches[key], len(self.tasks[task][split]), progress=desc)
+        if not self.encoder.edited:
+            self._pretrained_emb[key] = emb
+        return emb
+
+    def accuracy(self, task: str, split: str = "test") -> float:
+        """Accuracy of the encoder's current weights on one task split (with the task's frozen head)."""
+        emb = self.embed(task, split)
+        return accuracy(self.heads[task].predict(emb), self.tasks[task][split].labels)
+
+    def accuracies(self, split: str = "test", tasks: Iterable[str] | None = None) -> dict[str, float]:
+        return {t: self.accuracy(t, split) for t in (tasks or self.tasks)}
+
+    def with_delta(self, delta: Mapping[str, torch.Tensor] | None, scale: float, split: str = "test",
+                   tasks: Iterable[str] | None = None) -> dict[str, float]:
+        """Accuracies of θ₀ + scale·delta; the encoder is left at θ₀ afterwards."""
+        try:
+            self.encoder.set_delta(delta, scale)
+            return self.accuracies(split, tasks)
+        finally:
+            self.encoder.reset()
+
+    def with_state(self, state: Mapping[str, torch.Tensor], split: str = "test",
+                   tasks: Iterable[str] | None = None) -> dict[str, float]:
+        """Accuracies of a full model state (e.g. a fine-tuned checkpoint); the encoder is reset after."""
+        try:
+            self.encoder.set_state(state)
+            return self.accuracies(split, tasks)
+        finally:
+            self.encoder.reset()
+
+    def zero_shot(self, split: str = "test", tasks: Iterable[str] | None = None) -> dict[str, float]:
+        self.encoder.reset()
+        return self.accuracies(split, tasks)
+
+    # ----------------------------------------------------------------- λ searches
+    def search_addition(self, delta: Mapping[str, torch.Tensor], grid: Sequence[float] = DEFAULT_GRID,
+                        tasks: Iterable[str] | None = None,
+                        finetuned_dev: Mapping[str, float] | None = None,
+                        finetuned_test: Mapping[str, float] | None = None) -> AdditionResult:
+        """Choose λ for θ₀ + λ·delta on dev (mean over ``tasks``), report test at that λ.
+
+        With ``finetuned_dev`` the criterion is the mean normalized dev accuracy, else mean absolute accuracy.
+        ``finetuned_test`` adds per-task normalized test accuracy to the result.
+        """
+        names = list(tasks or self.tasks)
+        if not grid:
+            raise ConfigError("empty λ grid")
+        criterion = "normalized" if finetuned_dev else "accuracy"
+        curve: dict[float, float] = {}
+        devs: dict[float, dict[str, float]] = {}
+        for lam in self._iter(grid, "λ addition"):
+            accs = self.with_delta(delta, lam, "dev", names)
+            devs[lam] = accs
+            if finetuned_dev:
+                curve[lam] = mean(normalized_accuracy(accs[t], finetuned_dev[t]) for t in names)
+            else:
+                curve[lam] = mean(accs.values())
+        best = max(curve, key=lambda lam: (curve[lam], -lam))
+        test = self.with_delta(delta, best, "test", names)
+        norm = ({t: normalized_accuracy(test[t], finetuned_test[t]) for t in names} if finetuned_test else {})
+        return AdditionResult(lam=best, dev=devs[best], test=test, normalized_test=norm, curve=curve,
+                              criterion=criterion)
+
+    def search_negation(self, delta: Mapping[str, torch.Tensor], target: str, control: str,
+                        grid: Sequence[float] = DEFAULT_GRID,
+                        threshold: float = CONTROL_THRESHOLD) -> NegationResult:
+        """Negate ``delta`` (the target's task vector): evaluate θ₀ − λ·delta; λ minimises target dev accuracy
+        with control dev accuracy ≥ threshold · pretrained control dev accuracy."""
+        if target == control:
+            raise ConfigError(f"negation control must differ from the target ({target})")
+        pre_dev = self.zero_shot("dev", [target, control])
+        pre_test = self.zero_shot("test", [target, control])
+        floor = threshold * pre_dev[control]
+        curve: dict[float, tuple[float, float]] = {}
+        for lam in self._iter(grid, f"λ negation {target}"):
+            accs = self.with_delta(delta, -lam, "dev", [target, control])
+            curve[lam] = (accs[target], accs[control])
+        ok = [lam for lam, (_, c) in curve.items() if c >= floor]
+        if ok:
+            best = min(ok, key=lambda lam: (curve[lam][0], lam))
+            test = self.with_delta(delta, -best, "test", [target, control])
+            t_dev, c_dev = curve[best]
+        else:
+            best, test = 0.0, pre_test
+            t_dev, c_dev = pre_dev[target], pre_dev[control]
+        return NegationResult(target=target, control=control, lam=best, target_dev=t_dev, control_dev=c_dev,
+                              target_test=test[target], control_test=test[control],
+                              pretrained_target_test=pre_test[target], pretrained_control_test=pre_test[control],
+                              pretrained_control_dev=pre_dev[control], feasible=bool(ok), curve=curve)
+
+    def _iter(self, grid: Sequence[float], desc: str) -> Iterable[float]:
+        if not self.progress:
+            return list(grid)
+        from tqdm.auto import tqdm
+        return tqdm(list(grid), desc=desc, unit="λ", leave=False)
