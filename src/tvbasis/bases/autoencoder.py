@@ -59,7 +59,7 @@ class AutoencoderBasis(BasisMethod):
             loss.backward()
             opt.step()
             if step % max(1, steps // 50) == 0:
-                history.append(float(loss) * scale)
+                history.append(float(loss.detach()) * scale)
         with torch.no_grad():
             B = encode(tau).numpy().copy()
             W = decode().numpy().copy()

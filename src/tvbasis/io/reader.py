@@ -145,14 +145,12 @@ class SafetensorsCheckpoint(Checkpoint):
     def _open(self, f: Path) -> Any:
         if not f.is_file():
             raise CheckpointError(f"{f}: shard file does not exist")
+        self._check_length(f, f.stat().st_size)  # a clear message for truncated files
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers / truncation
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: not a valid safetensors file ({e})") from None
-        size = f.stat().st_size
-        # safetensors validates offsets against the header; check the file is not truncated past the data
         self._handles[f] = handle
-        self._check_length(f, size)
         return handle
 
     @staticmethod
@@ -162,10 +160,15 @@ class SafetensorsCheckpoint(Checkpoint):
             if len(head) < 8:
                 raise CheckpointError(f"{f}: truncated safetensors file (no header)")
             n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{f}: not a valid safetensors file (header length {n} exceeds the file size; "
+                                      "truncated or not safetensors)")
             try:
                 header = json.loads(fh.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError
             except Exception:
-                raise CheckpointError(f"{f}: corrupt safetensors header") from None
+                raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header)") from None
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise CheckpointError(
