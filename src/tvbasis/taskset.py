@@ -72,8 +72,14 @@ class TaskSet:
         spec = self.specs[name]
         shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
         out = torch.empty((self.T, *shape), dtype=torch.float32)
+        pre = self.pretrained.get(name) if rows is None else self.pretrained.get_rows(name, *rows)
+        pre32 = pre.to(torch.float32)
         for t in range(self.T):
-            out[t] = DiffSource(self.pretrained, self.finetuned[t]).get(name, rows)
+            ft = self.finetuned[t].get(name) if rows is None else self.finetuned[t].get_rows(name, *rows)
+            torch.sub(ft.to(torch.float32), pre32, out=out[t])
+        if not bool(torch.isfinite(out).all()):
+            for t in range(self.T):
+                DiffSource(self.pretrained, self.finetuned[t]).get(name, rows)  # raises naming file and tensor
         return out
 
     def items(self, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[Item]:

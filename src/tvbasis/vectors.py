@@ -119,12 +119,17 @@ class DiffSource(Source):
         self.finetuned = finetuned
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        return self.get_with(_read(self.pretrained, name, rows), name, rows)
+
+    def get_with(self, pre: torch.Tensor, name: str, rows: Rows = None) -> torch.Tensor:
+        """The delta given the pretrained slice already read (so T deltas read the pretrained once)."""
         ft = _read(self.finetuned, name, rows)
-        check_finite(ft, str(self.finetuned.path), name)
-        pre = _read(self.pretrained, name, rows)
-        check_finite(pre, str(self.pretrained.path), name)
         out = ft.to(torch.float32, copy=True)
-        out.sub_(pre.to(torch.float32))
+        out.sub_(pre)
+        if not bool(torch.isfinite(out).all()):  # NaN/Inf in either input shows in the difference
+            check_finite(ft, str(self.finetuned.path), name)
+            check_finite(pre, str(self.pretrained.path), name)
+            raise NonFiniteError(f"{self.finetuned.path}: tensor {name!r} minus the pretrained overflows float32")
         return out
 
 
