@@ -156,7 +156,7 @@ SETTINGS = FinetuneSettings(num_layers=2, max_train=128, max_length=32, seed=0)
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     work = tmp_path_factory.mktemp("evalwork")
     encoder = pretrained_encoder(work, SETTINGS)
-    tasks = {t.name: t for t in (load_task(n, max_train=128, max_dev=200, max_test=200) for n in TASKS)}
+    tasks = {t.name: t for t in (load_task(n, max_train=128, max_dev=128, max_test=160) for n in TASKS)}
     results = {n: finetune(t, work, SETTINGS, encoder=encoder, progress=False) for n, t in tasks.items()}
     return {"work": work, "encoder": encoder, "tasks": tasks, "results": results,
             "evaluator": Evaluator(encoder, tasks)}

