@@ -107,6 +107,20 @@ def test_lambda_grids() -> None:
         parse_grid("a,b")
 
 
+@pytest.mark.parametrize("peak", [0.05, 0.3, 0.55, 0.85, 1.0])
+def test_refine_search_finds_the_peak_of_a_unimodal_curve(peak: float) -> None:
+    from tvbasis.eval.metrics import DEFAULT_GRID, refine_search
+
+    calls: list[float] = []
+
+    def score(lam: float) -> float:
+        calls.append(lam)
+        return -abs(lam - peak)
+
+    assert refine_search(list(DEFAULT_GRID), score) == peak
+    assert len(calls) <= 9 and len(set(calls)) == len(calls)
+
+
 # ----------------------------------------------------------------------------- bad model / work dirs
 
 

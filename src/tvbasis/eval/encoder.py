@@ -26,6 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings; we
 #: WordPiece token covers at least one character, so this never changes the truncated token sequence
 #: unless a text is mostly whitespace)
 CHARS_PER_TOKEN = 16
+#: inference batch size: on a 2-core AVX2 CPU small length-sorted batches are fastest (16: 256 banking texts
+#: in 1.1-1.3 s vs 1.8 s at 64 and 4.9 s at 256; 20NG at 64 tokens: 3.1-4.1 s at 8-32 vs 5.2 s at 256)
+EVAL_BATCH_SIZE = 16
 
 
 def default_model_dir() -> Path:
@@ -147,7 +150,7 @@ class Encoder:
     """
 
     def __init__(self, model_dir: str | Path | None = None, num_layers: int | None = None, max_length: int = 64,
-                 batch_size: int = 64, threads: int | None = None) -> None:
+                 batch_size: int = EVAL_BATCH_SIZE, threads: int | None = None) -> None:
         _quiet_transformers()
         set_threads(threads)
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()

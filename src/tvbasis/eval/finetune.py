@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tvbasis.errors import CheckpointError, ConfigError
-from tvbasis.eval.encoder import Encoder, default_model_dir
+from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder, default_model_dir
 from tvbasis.eval.heads import LOGIT_SCALE, build_head
 from tvbasis.eval.tasks import Task, load_task
 from tvbasis.io.writer import replace_atomically, temp_sibling
@@ -209,7 +209,7 @@ def prepare_pretrained(work: str | Path, settings: FinetuneSettings | None = Non
 
 
 def pretrained_encoder(work: str | Path, settings: FinetuneSettings | None = None,
-                       batch_size: int = 64) -> Encoder:
+                       batch_size: int = EVAL_BATCH_SIZE) -> Encoder:
     """Prepare ``<work>/pretrained`` and load it as an Encoder (the θ₀ every fine-tune starts from)."""
     settings = settings or FinetuneSettings()
     path = prepare_pretrained(work, settings)
