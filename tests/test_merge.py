@@ -159,3 +159,20 @@ def test_task_arithmetic_is_linear(T, n, c, seed):
     x, y = torch.randn(T, n, generator=g), torch.randn(T, n, generator=g)
     lhs = merge("task_arithmetic", x + c * y)
     assert torch.allclose(lhs, merge("task_arithmetic", x) + c * merge("task_arithmetic", y), atol=1e-4)
+
+
+def test_streaming_global_ties_equals_dense_over_whole_vector(tmp_path):
+    from tinymodels import dense_vector, flat, make_family
+    from tvbasis.merging import merge_task_vectors
+
+    pre_p, fts, pre, sds = make_family(tmp_path, T=3)
+    tv = merge_task_vectors(pre_p, fts, MergeSpec("ties", {"density": 0.2, "trim_scope": "global"}),
+                            chunk_elements=50)
+    keys = sorted(tv.keys())
+    V = np.stack([flat(dense_vector(pre, sd), keys).numpy() for sd in sds])
+    ref = ref_ties_global(V, 0.2)
+    np.testing.assert_allclose(flat(tv.to_state_dict(), keys).numpy(), ref, atol=1e-5)
+
+
+def ref_ties_global(V: np.ndarray, density: float) -> np.ndarray:
+    return ref_ties(V, np.ones(V.shape[0]), density, "total")
