@@ -172,3 +172,23 @@ def test_add_task(tmp_path, method):
     if method == "cluster":
         assert new.manifest["tasks"][-1]["cluster"] == new.labels[0]  # task6 is planted with task0 (6 % 3 == 0)
         assert measured < 0.2
+
+
+@pytest.mark.parametrize("encoder,decoder", [("softmax", "linear"), ("linear", "softmax")])
+def test_autoencoder_gradients_match_autograd(encoder, decoder):
+    from tvbasis.bases.autoencoder import loss_and_grads
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 5))
+    G = X.T @ X
+    A, Wp = rng.standard_normal((5, 2)), rng.standard_normal((2, 5))
+    loss, dA, dW, _, _ = loss_and_grads(A, Wp, G, 5.0, encoder, decoder)
+    a = torch.tensor(A, requires_grad=True)
+    w = torch.tensor(Wp, requires_grad=True)
+    B = torch.softmax(a / 5.0, 0) if encoder == "softmax" else a
+    W = torch.softmax(w, 0) if decoder == "softmax" else w
+    E = B @ W - torch.eye(5, dtype=torch.float64)
+    ref = torch.trace(E.T @ torch.tensor(G) @ E) / 25
+    ref.backward()
+    assert abs(loss - float(ref)) < 1e-10
+    np.testing.assert_allclose(dA, a.grad.numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(dW, w.grad.numpy(), rtol=1e-8, atol=1e-12)

