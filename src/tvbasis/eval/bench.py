@@ -1,0 +1,458 @@
+"""``tvbasis bench``: real fine-tunes → task vectors → merges and basis stores → accuracy, end to end.
+
+Rows: zero-shot, the fine-tuned models, task arithmetic (sum of all task vectors), TIES (density 0.2), and
+the basis methods (autoencoder, PCA, clustering with a mean and with a TIES inner merge, random orthogonal,
+random sample) at each M. For each row: bytes stored, addition (absolute and normalized test accuracy at the
+λ chosen on dev) and negation of target/control pairs from unrelated domains — through the store
+(reconstruct the target, negate it) next to negating the true task vector.
+
+Two sizes (both follow BENCHMARK.md's protocol; they differ in how much data and how many λ):
+
+* default (quick, ~5 min cold on 2 cores): 6 tasks (DBPedia, stackoverflow, banking, clinc, hwu, mcid),
+  320 training examples per task, 64 dev / 160 test examples per task, λ grid 0.2 … 1.0 step 0.2,
+  negation grid 0.25 … 1.0 step 0.25.
+* ``--full`` (≤ 20 min cold): all 8 tasks, 2000 training examples, 100 dev / 250 test examples per task,
+  λ grid 0.05 … 1.0 searched coarse-to-fine (9 of the 20 points; see ``metrics.refine_search``), negation
+  grid 0.1 … 1.0 step 0.1.
+
+Negation λ walks upwards and stops at the first λ where the control falls below 95 % of its pretrained dev
+accuracy. Fine-tunes are cached in the work directory (``tvbasis finetune``), so later runs skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvbasis.errors import ConfigError
+from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.finetune import FinetuneSettings, ensure_writable, finetune_tasks, pretrained_encoder
+from tvbasis.eval.metrics import (
+    DEFAULT_GRID,
+    AdditionResult,
+    Evaluator,
+    NegationResult,
+    lambda_grid,
+    mean,
+    normalized_accuracy,
+)
+from tvbasis.eval.tasks import DOMAINS, TASK_NAMES, canonical_name, load_task
+
+log = logging.getLogger(__name__)
+
+QUICK_TASKS = ("DBPedia", "stackoverflow", "banking", "clinc", "hwu", "mcid")
+#: preferred negation pairs (target, control): different domains, short control texts where possible
+PREFERRED_PAIRS = (("banking", "stackoverflow"), ("DBPedia", "mcid"), ("banking", "Yahoo"),
+                   ("stackoverflow", "clinc"), ("20NG", "hwu"), ("Yahoo", "banking"), ("mcid", "DBPedia"))
+#: basis rows: label -> (basis method, options)
+BASIS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "autoencoder": ("autoencoder", {}),
+    "pca": ("pca", {}),
+    "cluster-mean": ("cluster", {"inner": "mean"}),
+    "cluster-ties": ("cluster", {"inner": "ties", "inner_params": {"density": 0.2}}),
+    "random": ("random", {}),
+    "random-sample": ("random-sample", {}),
+}
+
+
+@dataclass
+class BenchConfig:
+    tasks: tuple[str, ...] = QUICK_TASKS
+    work: str = "tvbasis-work"
+    out: str | None = None  # JSON + plots; default <work>/bench
+    model_dir: str | None = None
+    num_layers: int | None = None
+    max_train: int = 500
+    max_dev: int = 48
+    max_test: int = 128
+    max_length: int = 64
+    grid: tuple[float, ...] = lambda_grid(0.2, 1.0)
+    search: str = "grid"
+    neg_grid: tuple[float, ...] = lambda_grid(0.25, 1.0)
+    Ms: tuple[int, ...] = (2, 4)
+    methods: tuple[str, ...] = tuple(BASIS_METHODS)
+    pairs: tuple[tuple[str, str], ...] | None = None
+    ties_density: float = 0.2
+    seed: int = 0
+    plots: bool = True
+    keep_stores: bool = False
+    progress: bool = True
+    full: bool = False
+
+    @classmethod
+    def full_protocol(cls, **overrides: Any) -> BenchConfig:
+        base = cls(tasks=TASK_NAMES, max_train=2000, max_dev=100, max_test=250, grid=DEFAULT_GRID,
+                   search="refine", neg_grid=lambda_grid(0.1, 1.0), full=True)
+        return replace(base, **overrides)
+
+    def resolved(self) -> BenchConfig:
+        tasks = tuple(dict.fromkeys(canonical_name(t) for t in self.tasks))
+        if len(tasks) < 2:
+            raise ConfigError("the benchmark needs at least 2 tasks")
+        unknown = [m for m in self.methods if m not in BASIS_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown basis method(s) {unknown}; expected some of {', '.join(BASIS_METHODS)}")
+        bad_m = [m for m in self.Ms if not 1 <= m < len(tasks)]
+        if bad_m:
+            raise ConfigError(f"M must satisfy 1 <= M < T = {len(tasks)} tasks; got {bad_m}")
+        pairs = self.pairs if self.pairs is not None else default_pairs(tasks)
+        pairs = tuple((canonical_name(a), canonical_name(b)) for a, b in pairs)
+        for a, b in pairs:
+            if a not in tasks or b not in tasks:
+                raise ConfigError(f"negation pair {a}/{b}: both tasks must be among the benchmark tasks")
+            if a == b:
+                raise ConfigError(f"negation pair {a}/{b}: target and control must differ")
+        return replace(self, tasks=tasks, pairs=pairs)
+
+    def finetune_settings(self) -> FinetuneSettings:
+        return FinetuneSettings(model_dir=self.model_dir, num_layers=self.num_layers, max_train=self.max_train,
+                                max_length=self.max_length, seed=self.seed, data_seed=self.seed)
+
+
+def default_pairs(tasks: Sequence[str], n: int = 2) -> tuple[tuple[str, str], ...]:
+    """Up to n (target, control) pairs from different domains, preferring PREFERRED_PAIRS, distinct targets."""
+    chosen: list[tuple[str, str]] = []
+    for a, b in PREFERRED_PAIRS:
+        if a in tasks and b in tasks and a not in {p[0] for p in chosen} and len(chosen) < n:
+            chosen.append((a, b))
+    for a in tasks:
+        if len(chosen) >= n:
+            break
+        if a in {p[0] for p in chosen}:
+            continue
+        other = [b for b in tasks if DOMAINS.get(b) != DOMAINS.get(a)]
+        if other:
+            chosen.append((a, other[0]))
+    return tuple(chosen)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    method: str
+    M: int | None
+    bytes_stored: int
+    addition: AdditionResult | None = None
+    negation: list[NegationResult] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "M": self.M, "bytes_stored": self.bytes_stored,
+                "addition": self.addition.to_dict() if self.addition else None,
+                "negation": [n.to_dict() for n in self.negation], "extra": self.extra,
+                "seconds": round(self.seconds, 2)}
+
+
+def _state(tv: Any) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in tv.to_state_dict().items()}
+
+
+def vector_bytes(tv: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in tv.values())
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled)
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
+    from tvbasis.merge import MergeSpec
+    from tvbasis.store import build_store
+    from tvbasis.vectors import TaskVector, merge_task_vectors
+
+    cfg = config.resolved()
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    work = ensure_writable(cfg.work)
+    out = ensure_writable(cfg.out or work / "bench")
+    settings = cfg.finetune_settings()
+
+    # 1. fine-tunes (cached) and the evaluator
+    t0 = time.time()
+    tasks = {n: load_task(n, max_train=cfg.max_train, max_dev=cfg.max_dev, max_test=cfg.max_test, seed=cfg.seed)
+             for n in cfg.tasks}
+    results = finetune_tasks(tasks, work, settings, progress=cfg.progress)
+    timings["finetune"] = time.time() - t0
+    pre_dir = work / "pretrained"
+    ft_dirs = {n: str(r.path) for n, r in results.items()}
+    encoder: Encoder = pretrained_encoder(work, settings)
+    ev = Evaluator(encoder, tasks, progress=False)
+
+    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1)
+    bar = _bar(n_steps, "bench", cfg.progress)
+    t0 = time.time()
+    zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
+    tvs = {n: _state(TaskVector.from_checkpoints(pre_dir, d)) for n, d in ft_dirs.items()}
+    ft_dev = {n: ev.with_delta(tvs[n], 1.0, "dev", [n])[n] for n in cfg.tasks}
+    ft_test = {n: ev.with_delta(tvs[n], 1.0, "test", [n])[n] for n in cfg.tasks}
+    one_vector = vector_bytes(tvs[cfg.tasks[0]])
+    all_vectors = one_vector * len(cfg.tasks)
+    timings["zero_shot_and_finetuned_eval"] = time.time() - t0
+    bar.update(1)
+
+    def addition(delta: Mapping[str, torch.Tensor]) -> AdditionResult:
+        return ev.search_addition(delta, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test, search=cfg.search)
+
+    def negations(vector_of: Any) -> list[NegationResult]:
+        return [ev.search_negation(vector_of(t), t, c, cfg.neg_grid, early_stop=True) for t, c in cfg.pairs]
+
+    rows: list[Row] = []
+    zs_row = Row("zero-shot", None, 0, extra={"test": zs_test, "dev": zs_dev})
+    zs_row.addition = AdditionResult(lam=0.0, dev=zs_dev, test=zs_test,
+                                     normalized_test={t: normalized_accuracy(zs_test[t], ft_test[t]) for t in zs_test})
+    ft_row = Row("fine-tuned (one model per task)", None, all_vectors, extra={"test": ft_test, "dev": ft_dev})
+    ft_row.addition = AdditionResult(lam=1.0, dev=ft_dev, test=ft_test,
+                                     normalized_test={t: 1.0 for t in ft_test}, criterion="own task")
+    rows += [zs_row, ft_row]
+
+    # 2. task arithmetic and TIES over the true task vectors; negation of the true task vectors
+    t0 = time.time()
+    true_neg = negations(lambda t: tvs[t])
+    total = {k: sum(tv[k] for tv in tvs.values()) for k in tvs[cfg.tasks[0]]}
+    ta = Row("task arithmetic (sum)", None, all_vectors, addition(total), true_neg,
+             extra={"negation_vector": "true task vector"})
+    del total
+    ta.seconds = time.time() - t0
+    rows.append(ta)
+    bar.update(1)
+    t0 = time.time()
+    ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density})))
+    rows.append(Row(f"TIES (density {cfg.ties_density})", None, all_vectors, addition(ties), true_neg,
+                    extra={"negation_vector": "true task vector"}, seconds=time.time() - t0))
+    del ties
+    bar.update(1)
+
+    # 3. basis stores
+    cosine = None
+    labels = None
+    for label in cfg.methods:
+        method, options = BASIS_METHODS[label]
+        options = dict(options)
+        if method in ("random", "random-sample", "cluster"):
+            options["seed"] = cfg.seed
+        for M in cfg.Ms:
+            t0 = time.time()
+            bar.set_postfix_str(f"{label} M={M}")
+            path = work / "stores" / f"{label}-M{M}"
+            store = build_store(pre_dir, ft_dirs, method=method, M=M, out=path, options=options, force=True)
+            t_build = time.time() - t0
+            add = addition(_state(store.addition()))
+            neg = negations(lambda t, s=store: _state(s.reconstruct(t)))
+            extra = {"store": str(path), "build_seconds": round(t_build, 2),
+                     "rel_errors": _jsonable(getattr(store, "rel_errors", None)),
+                     "compression": all_vectors / max(1, store.nbytes)}
+            if method == "cluster":
+                extra["labels"] = _jsonable(store.labels)
+                if cosine is None or M == 2:
+                    cosine, labels = store.cosine, store.labels
+            if cosine is None:
+                cosine = store.cosine
+            rows.append(Row(label, M, int(store.nbytes), add, neg, extra, seconds=time.time() - t0))
+            del store
+            if not cfg.keep_stores:
+                shutil.rmtree(path, ignore_errors=True)
+            bar.update(1)
+    bar.close()
+    timings["total"] = time.time() - t_start
+
+    result = {
+        "config": _jsonable(asdict(cfg)),
+        "tasks": {n: {"classes": t.num_classes, "domain": t.domain, **{s: len(t[s]) for s in ("train", "dev", "test")}}
+                  for n, t in tasks.items()},
+        "model": encoder.describe(),
+        "vector_bytes": one_vector,
+        "zero_shot": {"dev": zs_dev, "test": zs_test},
+        "finetuned": {"dev": ft_dev, "test": ft_test},
+        "rows": [r.to_dict() for r in rows],
+        "cosine": {"tasks": list(cfg.tasks), "matrix": _jsonable(cosine), "cluster_labels": _jsonable(labels)},
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["markdown"] = markdown_table(result)
+    (out / "bench.md").write_text(result["markdown"] + "\n")
+    if cfg.plots:
+        result["plots"] = [str(p) for p in make_plots(result, out)]
+    result["out"] = str(out)
+    return result
+
+
+def _jsonable(x: Any) -> Any:
+    if x is None:
+        return None
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt_bytes(n: int) -> str:
+    if n <= 0:
+        return "0"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n / 1e6:.1f} MB"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """The benchmark table (Markdown) from a result dict."""
+    rows = result["rows"]
+    pairs = [(n["target"], n["control"]) for n in next((r["negation"] for r in rows if r["negation"]), [])]
+    tasks = list(result["zero_shot"]["test"])
+    head = ["method", "M", "stored", "×", "λ add", "add acc", "add norm"]
+    for t, c in pairs:
+        head += [f"neg {t} (ctrl {c} %)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    all_bytes = result["vector_bytes"] * len(tasks)
+    for r in rows:
+        add = r["addition"] or {}
+        stored = r["bytes_stored"]
+        cells = [r["method"], "" if r["M"] is None else str(r["M"]), _fmt_bytes(stored),
+                 f"{all_bytes / stored:.1f}" if stored else "–",
+                 "" if not add or r["method"].startswith(("zero", "fine")) else f"{add['lam']:.2f}",
+                 _pct(add.get("mean_test")), _pct(add.get("mean_normalized_test"))]
+        negs = {(n["target"], n["control"]): n for n in r["negation"]}
+        for p in pairs:
+            n = negs.get(p)
+            if n is None:
+                if r["method"] == "zero-shot":
+                    zs = result["zero_shot"]["test"]
+                    cells.append(f"{_pct(zs[p[0]])} (100)")
+                else:
+                    cells.append("")
+            else:
+                flag = "" if n["feasible"] else "*"
+                cells.append(f"{_pct(n['target_test'])} ({_pct(n['control_retained'])}) λ={n['lam']:.2f}{flag}")
+        lines.append("| " + " | ".join(cells) + " |")
+    per_task = ["", "| task | zero-shot | fine-tuned |", "|---|---|---|"]
+    for t in tasks:
+        per_task.append(f"| {t} | {_pct(result['zero_shot']['test'][t])} | {_pct(result['finetuned']['test'][t])} |")
+    notes = ("", "Accuracies in % on the test subsets; add norm = mean over tasks of acc(edited)/acc(fine-tuned); "
+             "stored = bytes kept on disk (task vectors in float32, or the basis store); × = compression against "
+             "all task vectors; neg = target test accuracy after negation (control accuracy as % of its "
+             "pretrained accuracy), * = no λ kept the control ≥ 95 %. Basis rows negate the reconstructed "
+             "vector; task arithmetic / TIES rows the true task vector.")
+    return "\n".join(lines + per_task + list(notes))
+
+
+def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
+    """cosine.png (ordered by cluster), accuracy_vs_bytes.png, negation.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    cos = result["cosine"]
+    if cos.get("matrix") is not None:
+        names = list(cos["tasks"])
+        C = np.array(cos["matrix"], dtype=float)
+        labels = cos.get("cluster_labels")
+        order = (sorted(range(len(names)), key=lambda i: (labels[i], names[i])) if labels
+                 else list(range(len(names))))
+        C = C[np.ix_(order, order)]
+        side = max(4.5, 1.6 + 0.75 * len(names))
+        fig, ax = plt.subplots(figsize=(side + 0.8, side))
+        im = ax.imshow(C, cmap="viridis", vmin=min(0.0, float(C.min())), vmax=1.0)
+        ticks = [names[i] + (f" [{labels[i]}]" if labels else "") for i in order]
+        ax.set_xticks(range(len(order)), ticks, rotation=45, ha="right")
+        ax.set_yticks(range(len(order)), ticks)
+        for i in range(len(order)):
+            for j in range(len(order)):
+                ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if C[i, j] < 0.5 else "black")
+        ax.set_title("task vector cosine similarity" + ("\n(ordered by cluster [label])" if labels else ""),
+                     fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        paths.append(out / "cosine.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    rows = [r for r in result["rows"] if not r["method"].startswith("fine")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    m_marker = {None: "o", 1: "v", 2: "s", 3: "D", 4: "^"}
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for r in rows:
+        add = r["addition"]
+        if not add or r["bytes_stored"] <= 0:
+            continue
+        ax.scatter([r["bytes_stored"] / 1e6], [add["mean_normalized_test"]], color=color[r["method"]],
+                   marker=m_marker.get(r["M"], "P"), s=45,
+                   label=r["method"] + ("" if r["M"] is None else f" M={r['M']}"))
+    zs = next(r for r in result["rows"] if r["method"] == "zero-shot")["addition"]["mean_normalized_test"]
+    ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")
+    ax.axhline(1.0, color="black", ls=":", lw=1, label="fine-tuned")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored (MB, log scale)")
+    ax.set_ylabel("addition: mean normalized accuracy")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("task addition vs storage (test)", fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_bytes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    pair_markers = "os^vD<>"
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for r in rows:
+        if r["method"].startswith("TIES"):
+            continue  # same negation as the task-arithmetic row (both negate the true task vector)
+        label = "true task vector" if r["M"] is None else f"{r['method']} M={r['M']}"
+        for n in r["negation"]:
+            key = (n["target"], n["control"])
+            if key not in pairs:
+                pairs.append(key)
+            ax.scatter([n["control_retained"]], [n["target_test"]], color=color[r["method"]],
+                       marker=pair_markers[pairs.index(key) % len(pair_markers)],
+                       s=28 if r["M"] != 4 else 48, alpha=0.85, label=None if label in seen else label)
+            seen.add(label)
+    for k, (t, c) in enumerate(pairs):
+        ax.scatter([1.0], [result["zero_shot"]["test"][t]], marker=pair_markers[k % len(pair_markers)], s=90,
+                   facecolors="none", edgecolors="black", label=f"pretrained: {t} (control {c})")
+    ax.axvline(0.95, color="red", ls="--", lw=1, label="control at 95 %")
+    ax.set_xlabel("control accuracy / pretrained control accuracy (test)")
+    ax.set_ylabel("target accuracy after negation (lower is better)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("negation: target vs control; marker = pair, colour = method", fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "negation.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    t = result["timings"]
+    return (f"wrote {result['out']}/bench.json, bench.md" + (", plots" if result.get("plots") else "")
+            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min)")
+
+
+__all__ = ["BASIS_METHODS", "BenchConfig", "default_pairs", "make_plots", "markdown_table", "run_bench", "mean"]
