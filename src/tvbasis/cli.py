@@ -101,7 +101,9 @@ def _merge_flags(p: argparse.ArgumentParser, default: str | None = "task_arithme
 
 
 def _engine(args: argparse.Namespace) -> Any:
-    from tvbasis.engine import get_engine
+    from tvbasis.engine import get_engine, resolve_device
+    if hasattr(args, "device"):
+        args.device = resolve_device(args.device)
     return get_engine(args.engine, workers=args.workers, address=args.ray_address,
                       progress=not getattr(args, "quiet", False))
 

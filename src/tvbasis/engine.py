@@ -122,3 +122,21 @@ def group_by_size(names: Sequence[str], sizes: Sequence[int], target: int) -> li
         groups[-1].append(n)
         acc += s
     return groups if groups[0] else []
+
+
+def resolve_device(device: str | None) -> str:
+    """Validate a torch device string for the arithmetic ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    import torch
+    dev = (device or "cpu").strip()
+    try:
+        d = torch.device(dev)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {dev!r}: not a torch device (expected cpu, cuda, cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {dev}: CUDA is not available on this machine (use --device cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {dev}: MPS is not available on this machine")
+    return str(d)
