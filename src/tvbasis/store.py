@@ -168,7 +168,19 @@ class MaterialiseTask:
             self.means[name].write_elements(name, start, u[fit.M].cpu(), dtype)
         C = cross_of(u, x).cpu().numpy()
         K = gram_of(u).cpu().numpy()
-        return group, C, K, np.zeros(0)
+        err2 = np.zeros(0)
+        if w_known_before_pass(fit):
+            # residuals measured directly: exact even when they are tiny (the formula from G, C, K cancels)
+            coef = torch.as_tensor(_coef_matrix(fit).T, dtype=torch.float32, device=u.device)  # (T, M[+1])
+            r = x.reshape(x.shape[0], -1) - coef @ u.reshape(u.shape[0], -1)
+            err2 = torch.diagonal(gram_of(r)).cpu().numpy()
+        return group, C, K, err2
+
+
+def w_known_before_pass(fit: BasisFit) -> bool:
+    """True when the coefficients do not depend on the materialised bases (so residuals can be measured in the
+    pass): fixed W (autoencoder, PCA) or cluster scales that G already gives exactly (linear inner merges)."""
+    return fit.refit is None or (fit.refit == "cluster_scale" and fit.B is not None)
 
 
 def _refit(fit: BasisFit, C: np.ndarray, K: np.ndarray) -> None:
@@ -246,18 +258,24 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
         nU = Mfit + (1 if first.mean_weights is not None else 0)
         C = {g: np.zeros((nU, T)) for g in fits}
         K = {g: np.zeros((nU, nU)) for g in fits}
-        for g, c, k, _ in eng.map(task, items, desc="materialise bases",
+        direct = {g: np.zeros(T) for g in fits}
+        for g, c, k, e in eng.map(task, items, desc="materialise bases",
                                   sizes=[taskset.item_bytes(i) for i in items]):
             C[g] += c
             K[g] += k
+            if e.size:
+                direct[g] += e
         for sh in {str(v.path): v.path for v in [*bases.values(), *means.values()]}.values():
             PositionalShard.fsync(sh)
         write_index(tmp, "bases", layout.bases, layout.bases_files)
         write_index(tmp, "mean", layout.means, layout.mean_files)
         err2 = np.zeros(T)
         for g, fit in fits.items():
-            _refit(fit, C[g], K[g])
-            err2 += squared_errors(groups[g], C[g], K[g], fit)
+            if w_known_before_pass(fit):
+                err2 += direct[g]
+            else:
+                _refit(fit, C[g], K[g])
+                err2 += squared_errors(groups[g], C[g], K[g], fit)
         norms = gram.norms
         rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
         manifest = _manifest(basis, method, dict(options or {}), Mfit, layerwise, taskset, finetuned, gram, fits,

@@ -63,8 +63,18 @@ def _few(names: Iterable[str], n: int = 5) -> str:
     return ", ".join(repr(x) for x in names[:n]) + more
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in t. A sum is ~10x cheaper than an elementwise isfinite and is NaN/Inf whenever an element
+    is; only when the sum itself overflows is the exact elementwise check needed."""
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(t: torch.Tensor, where: str, name: str) -> None:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"{where}: tensor {name!r} contains {bad} NaN/Inf value(s)")
 
@@ -126,7 +136,7 @@ class DiffSource(Source):
         ft = _read(self.finetuned, name, rows)
         out = ft.to(torch.float32, copy=True)
         out.sub_(pre)
-        if not bool(torch.isfinite(out).all()):  # NaN/Inf in either input shows in the difference
+        if not all_finite(out):  # NaN/Inf in either input shows in the difference
             check_finite(ft, str(self.finetuned.path), name)
             check_finite(pre, str(self.pretrained.path), name)
             raise NonFiniteError(f"{self.finetuned.path}: tensor {name!r} minus the pretrained overflows float32")

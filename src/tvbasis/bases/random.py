@@ -34,6 +34,6 @@ class RandomSampleBasis(BasisMethod):
         B = np.zeros((T, M))
         B[picked, np.arange(M)] = 1.0
         W = least_squares_W(G, B)
-        return BasisFit(M=M, B=B, W=W, refit="full",
+        return BasisFit(M=M, B=B, W=W,  # W is already the least-squares fit from G
                         stats={"kept_tasks": picked, "loss": reconstruction_loss(G, B @ W),
                                "lower_bound": eckart_young_bound(G, M)})
