@@ -2,47 +2,103 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, TensorMismatchError
-from tvbasis.io import Checkpoint, open_checkpoint
+from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
 from tvbasis.merge import MergeContext, MergeSpec, get_merger, global_thresholds
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
 from tvbasis.vectors import Producer, TaskVector, check_finite
 
 
+#: per-task elements of one row chunk when a big tensor is merged in pieces (8 MB float32 per task slice)
+MERGE_CHUNK_ELEMENTS = 2 * 2**20
+
+Reader = Callable[[int, int], torch.Tensor]
+
+
+def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: int, weights: torch.Tensor,
+                 thresholds: torch.Tensor | None = None, fisher_read: Reader | None = None, device: str = "cpu",
+                 chunk_elements: int = MERGE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Merge the T slices of one tensor; ``read(a, b)`` returns rows [a, b) of the T slices, (T, b − a, ...).
+
+    Small tensors are merged whole (per-tensor trims keep exactly ceil(density·n) entries). A tensor bigger than
+    ``chunk_elements`` per task is merged in row chunks so memory is the T slices of one chunk plus the output:
+    a per-tensor trim then first finds each task's exact k-th largest magnitude in this tensor with two
+    streaming passes over its chunks (radix selection) and keeps |δ| ≥ it (a few more only where magnitudes tie
+    at the cut); DARE masks are chunk-invariant by construction; the other methods are elementwise."""
+    merger = get_merger(spec)
+    rows_total = tensor.shape[0] if tensor.shape else 1
+    if not tensor.shape or tensor.numel <= chunk_elements:
+        x = read(0, rows_total).to(device)
+        fisher = fisher_read(0, rows_total).to(device) if fisher_read is not None else None
+        return merger.merge(x, weights.to(device), MergeContext(name=tensor.name, thresholds=thresholds,
+                                                                fisher=fisher)).cpu()
+    chunks = list(row_chunks(tensor, chunk_elements))
+    chunk_merger = merger
+    if merger.density is not None and not merger.needs_global_thresholds and spec.method in TRIMMING:
+        assert merger.density is not None
+
+        def factory() -> Iterator[torch.Tensor]:
+            for a, b in chunks:
+                yield read(a, b).reshape(num_tasks, -1)
+        thresholds = global_thresholds(factory, num_tasks, merger.density)
+        chunk_merger = get_merger(MergeSpec(spec.method, {**spec.params, "trim_scope": "global"}))
+    out = torch.empty(tensor.shape, dtype=torch.float32)
+    for a, b in chunks:
+        x = read(a, b).to(device)
+        fisher = fisher_read(a, b).to(device) if fisher_read is not None else None
+        out[a:b] = chunk_merger.merge(x, weights.to(device), MergeContext(name=tensor.name, offset=a,
+                                                                          thresholds=thresholds, fisher=fisher)).cpu()
+    return out
+
+
+#: methods whose per-tensor trim ranks magnitudes (and so needs thresholds to be merged in chunks)
+TRIMMING = ("ties", "topk")
+
+
 class MergeProducer(Producer):
-    """Per tensor: read the T deltas, merge them (picklable, so it runs on any engine)."""
+    """Per tensor: read the T deltas (in row chunks when big) and merge them (picklable: runs on any engine)."""
 
     fresh = True
 
     def __init__(self, taskset: TaskSet, spec: MergeSpec, weights: torch.Tensor, thresholds: torch.Tensor | None,
-                 fisher: list[Checkpoint] | None, device: str = "cpu") -> None:
+                 fisher: list[Checkpoint] | None, device: str = "cpu",
+                 chunk_elements: int = MERGE_CHUNK_ELEMENTS) -> None:
         self.taskset, self.spec, self.weights, self.thresholds = taskset, spec, weights, thresholds
-        self.fisher, self.device = fisher, device
+        self.fisher, self.device, self.chunk_elements = fisher, device, chunk_elements
+
+    def _fisher_rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        assert self.fisher is not None
+        spec = self.taskset.specs[name]
+        parts = []
+        for f in self.fisher:
+            if name not in f:
+                raise TensorMismatchError(f"{f.path}: Fisher weights have no tensor {name!r}")
+            if f.spec(name).shape != spec.shape:
+                raise TensorMismatchError(f"{f.path}: Fisher tensor {name!r} has shape {f.spec(name).shape}, "
+                                          f"expected {spec.shape}")
+            t = f.get_rows(name, a, b) if spec.shape else f.get(name)
+            check_finite(t, str(f.path), name)
+            parts.append(t.to(torch.float32))
+        return torch.stack(parts)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        merger = get_merger(self.spec)
-        x = self.taskset.deltas(name).to(self.device)
-        fisher = None
+        spec = self.taskset.specs[name]
+
+        def read(a: int, b: int) -> torch.Tensor:
+            return self.taskset.deltas(name, (a, b) if spec.shape else None)
+
+        fisher_read = None
         if self.fisher is not None:
-            parts = []
-            for f in self.fisher:
-                if name not in f:
-                    raise TensorMismatchError(f"{f.path}: Fisher weights have no tensor {name!r}")
-                t = f.get(name)
-                if tuple(t.shape) != tuple(x.shape[1:]):
-                    raise TensorMismatchError(f"{f.path}: Fisher tensor {name!r} has shape {tuple(t.shape)}, "
-                                              f"expected {tuple(x.shape[1:])}")
-                check_finite(t, str(f.path), name)
-                parts.append(t.to(torch.float32))
-            fisher = torch.stack(parts).to(self.device)
-        out = merger.merge(x, self.weights.to(self.device), MergeContext(name=name, thresholds=self.thresholds,
-                                                                          fisher=fisher)).cpu()
+            def fisher_read(a: int, b: int) -> torch.Tensor:
+                return self._fisher_rows(name, a, b)
+        out = merge_tensor(self.spec, read, spec, self.taskset.T, self.weights, self.thresholds, fisher_read,
+                           self.device, self.chunk_elements)
         return out if rows is None or not out.dim() else out[rows[0]:rows[1]]
 
 
