@@ -192,3 +192,17 @@ def test_autoencoder_gradients_match_autograd(encoder, decoder):
     assert abs(loss - float(ref)) < 1e-10
     np.testing.assert_allclose(dA, a.grad.numpy(), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(dW, w.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_nonlinear_cluster_bases_chunked_equal_whole(fam, tmp_path, monkeypatch):
+    import tvbasis.store as st
+    pre_p, fts, pre, sds = fam
+    opts = {"inner": "ties", "inner_params": {"density": 0.3}}
+    whole = build_store(pre_p, fts, "cluster", 3, tmp_path / "w", opts)
+    monkeypatch.setattr(st, "MERGE_ROWS_ELEMENTS", 40)  # every tensor in several row chunks
+    chunked = build_store(pre_p, fts, "cluster", 3, tmp_path / "c", opts)
+    for t in whole.task_names:
+        a = flat(whole.reconstruct(t).to_state_dict())
+        b = flat(chunked.reconstruct(t).to_state_dict())
+        assert torch.allclose(a, b, atol=1e-5)
+        assert abs(whole.rel_errors[t] - chunked.rel_errors[t]) < 1e-5

@@ -130,33 +130,31 @@ class MaterialiseTask:
 
     def __call__(self, item: tuple[str, int, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         name, a, b = item
+        fit = self.fits[self.group_of.get(name, ALL)]
+        if fit.inner is not None:
+            return self._nonlinear(name, fit)
         spec = self.taskset.specs[name]
-        group = self.group_of.get(name, ALL)
-        fit = self.fits[group]
         rows = (a, b) if spec.shape else None
         x = self.taskset.deltas(name, rows).to(self.device)
-        dtype = self.dtype_of[name]
         chunk_shape = x.shape[1:]
         if fit.random_seed is not None:
             s = random_rows(fit.random_seed, spec, fit.M, self.total_params, a, b).to(self.device)
-        elif fit.inner is not None:
-            assert fit.labels is not None
-            merger = get_merger(fit.inner)
-            s = torch.empty((fit.M, *chunk_shape), dtype=torch.float32, device=self.device)
-            labels = torch.as_tensor(fit.labels)
-            for m in range(fit.M):
-                idx = torch.nonzero(labels == m).flatten()
-                th = self.thresholds.get(group)
-                ctx = MergeContext(name=name, offset=a, thresholds=None if th is None else th[idx])
-                s[m] = merger.merge(x[idx], torch.ones(len(idx)), ctx).to(self.device)
         else:
             assert fit.B is not None
             Bt = torch.as_tensor(fit.B.T, dtype=torch.float32, device=self.device)
             s = (Bt @ x.reshape(x.shape[0], -1)).reshape(fit.M, *chunk_shape)
+        return self._store_and_measure(name, fit, a, s, x)
+
+    def _store_and_measure(self, name: str, fit: BasisFit, a: int, s: torch.Tensor,
+                           x: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """Write rows starting at ``a`` of the bases s (M, rows, ...) (+ μ), return C, K and direct errors."""
+        spec = self.taskset.specs[name]
+        group = self.group_of.get(name, ALL)
+        dtype = self.dtype_of[name]
         us = [s]
         if fit.mean_weights is not None:
             mw = torch.as_tensor(fit.mean_weights, dtype=torch.float32, device=self.device)
-            us.append((mw @ x.reshape(x.shape[0], -1)).reshape(1, *chunk_shape))
+            us.append((mw @ x.reshape(x.shape[0], -1)).reshape(1, *x.shape[1:]))
         u = torch.cat(us).to(dtype).to(torch.float32)  # exactly what is stored
         row_elems = spec.numel // spec.shape[0] if spec.shape else 1
         start = a * row_elems if spec.shape else 0
@@ -175,6 +173,38 @@ class MaterialiseTask:
             r = x.reshape(x.shape[0], -1) - coef @ u.reshape(u.shape[0], -1)
             err2 = torch.diagonal(gram_of(r)).cpu().numpy()
         return group, C, K, err2
+
+    def _nonlinear(self, name: str, fit: BasisFit) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """Cluster bases by a non-linear inner merge: each basis is merged over the whole tensor (in row chunks
+        when big, see ``merge_tensor``), then written and measured chunk by chunk."""
+        from tvbasis.merging import merge_tensor
+        assert fit.labels is not None and fit.inner is not None
+        spec = self.taskset.specs[name]
+        group = self.group_of.get(name, ALL)
+        labels = np.asarray(fit.labels)
+        th = self.thresholds.get(group)
+        bases = []
+        for m in range(fit.M):
+            idx = np.flatnonzero(labels == m).tolist()
+
+            def read(a: int, b: int, idx: list[int] = idx) -> torch.Tensor:
+                return self.taskset.deltas(name, (a, b) if spec.shape else None, tasks=idx)
+            bases.append(merge_tensor(fit.inner, read, spec, len(idx), torch.ones(len(idx)),
+                                      None if th is None else th[idx], None, self.device, MERGE_ROWS_ELEMENTS))
+        S = torch.stack(bases)
+        nU = fit.M + (1 if fit.mean_weights is not None else 0)
+        C, K = np.zeros((nU, self.taskset.T)), np.zeros((nU, nU))
+        for a, b in row_chunks(spec, MERGE_ROWS_ELEMENTS):
+            x = self.taskset.deltas(name, (a, b) if spec.shape else None).to(self.device)
+            s = (S[:, a:b] if spec.shape else S).to(self.device)
+            _, c, k, _ = self._store_and_measure(name, fit, a, s, x)
+            C += c
+            K += k
+        return group, C, K, np.zeros(0)
+
+
+#: per-task elements of one row chunk when non-linear bases are written and measured
+MERGE_ROWS_ELEMENTS = 2 * 2**20
 
 
 def w_known_before_pass(fit: BasisFit) -> bool:
@@ -250,7 +280,7 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
         for sh in {id(v): v for v in [*bases.values(), *means.values()]}.values():
             sh.create()
         thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
-        nonlinear = first.inner is not None
+        nonlinear = first.inner is not None  # merged whole per tensor (chunked inside the work unit when big)
         items = [(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if nonlinear else taskset.items(chunk_elements)
         total = sum(s.numel for s in specs)
         task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, device, total, thresholds)

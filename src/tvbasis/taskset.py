@@ -68,18 +68,21 @@ class TaskSet:
     def vectors(self) -> list[TaskVector]:
         return [self.vector(i) for i in range(self.T)]
 
-    def deltas(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The T task-vector slices of one tensor (or rows of it), stacked: (T, *shape) float32."""
+    def deltas(self, name: str, rows: tuple[int, int] | None = None,
+               tasks: list[int] | None = None) -> torch.Tensor:
+        """The task-vector slices of one tensor (or rows of it), stacked: (T, *shape) float32 — or only those of
+        ``tasks`` (indices), in that order."""
         spec = self.specs[name]
+        which = list(range(self.T)) if tasks is None else list(tasks)
         shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
-        out = torch.empty((self.T, *shape), dtype=torch.float32)
+        out = torch.empty((len(which), *shape), dtype=torch.float32)
         pre = self.pretrained.get(name) if rows is None else self.pretrained.get_rows(name, *rows)
         pre32 = pre.to(torch.float32)
-        for t in range(self.T):
+        for i, t in enumerate(which):
             ft = self.finetuned[t].get(name) if rows is None else self.finetuned[t].get_rows(name, *rows)
-            torch.sub(ft.to(torch.float32), pre32, out=out[t])
+            torch.sub(ft.to(torch.float32), pre32, out=out[i])
         if not all_finite(out):
-            for t in range(self.T):
+            for t in which:
                 DiffSource(self.pretrained, self.finetuned[t]).get(name, rows)  # raises naming file and tensor
         return out
 
