@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tvbasis.engine import Engine, get_engine
-from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, TaskSet, chunk_key, combine_digests, tensor_digest
+from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, chunk_for, TaskSet, chunk_key, combine_digests, tensor_digest
 
 #: elements per task of one float32 sub-block product; the products are summed in float64. Blocks this small
 #: keep float32 rounding at ~1e-7 relative (tested against a float64 Gram) at about 10x the speed of casting
@@ -30,7 +30,7 @@ class GramResult:
     group_grams: dict[str, np.ndarray] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)
     pretrained_checksum: str | None = None
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    chunk_elements: int = 0
 
     @property
     def norms(self) -> np.ndarray:
@@ -90,8 +90,9 @@ class GramTask:
 
 def compute_gram(taskset: TaskSet, engine: Engine | str | None = None,
                  groups: Callable[[str], str] | None = None, device: str = "cpu",
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, checksum: bool = True) -> GramResult:
+                 chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS, checksum: bool = True) -> GramResult:
     eng = get_engine(engine)
+    chunk_elements = chunk_for(taskset.T, chunk_elements)
     items = taskset.items(chunk_elements)
     G = np.zeros((taskset.T, taskset.T))
     per_group: dict[str, np.ndarray] = {}

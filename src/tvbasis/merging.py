@@ -116,7 +116,7 @@ def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        spec: MergeSpec, weights: Mapping[str, float] | None = None,
                        fisher: Mapping[str, str | Path] | None = None, include: Iterable[str] | None = None,
                        exclude: Iterable[str] | None = None, engine: Engine | str | None = None,
-                       device: str = "cpu", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TaskVector:
+                       device: str = "cpu", chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> TaskVector:
     """The merged task vector of the fine-tunes (lazy; global trim thresholds are found up front)."""
     merger = get_merger(spec)
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)

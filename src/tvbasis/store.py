@@ -246,7 +246,7 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
                 dtype: str | torch.dtype | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                 engine: Engine | str | None = None, device: str = "cpu",
-                chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> BasisStore:
+                chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> BasisStore:
     """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically)."""
     out = Path(out)
     basis = get_basis_method(method, **dict(options or {}))
@@ -319,7 +319,7 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
 
 
 def _inner_thresholds(taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: Mapping[str, str], eng: Engine,
-                      chunk_elements: int) -> dict[str, torch.Tensor]:
+                      chunk_elements: int | None) -> dict[str, torch.Tensor]:
     """Per-task global trim thresholds for inner merges with trim_scope=global (two extra streaming passes)."""
     out: dict[str, torch.Tensor] = {}
     for g, fit in fits.items():
@@ -330,7 +330,8 @@ def _inner_thresholds(taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: 
             continue
         from tvbasis.merge import global_thresholds
         names = [n for n in taskset.specs if group_of.get(n, ALL) == g]
-        items = [i for i in taskset.items(chunk_elements) if i[0] in set(names)]
+        keep = set(names)
+        items = [i for i in taskset.items(chunk_elements) if i[0] in keep]
 
         def factory(items: list[tuple[str, int, int]] = items) -> Iterable[torch.Tensor]:
             for x in eng.map(_DeltaChunk(taskset), items, desc="trim thresholds"):

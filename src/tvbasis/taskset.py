@@ -15,8 +15,17 @@ from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
 from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, all_finite, vector_specs
 
-#: default chunk: 8M elements per task slice (32 MB float32), so T slices of a huge tensor stay bounded
-DEFAULT_CHUNK_ELEMENTS = 8 * 2**20
+#: input bytes of one work item (the T + 1 float32 slices of one row chunk): keeps a pass's memory flat in T
+ITEM_BYTES = 64 * 2**20
+#: kept for callers that want a fixed chunk; ``None`` everywhere means "derive it from T" (chunk_for)
+DEFAULT_CHUNK_ELEMENTS: int | None = None
+
+
+def chunk_for(num_tasks: int, chunk_elements: int | None = None) -> int:
+    """Per-task elements of one row chunk: given, or ITEM_BYTES spread over the T + 1 float32 slices."""
+    if chunk_elements is not None:
+        return max(1, int(chunk_elements))
+    return max(1 << 16, ITEM_BYTES // (4 * (num_tasks + 1)))
 
 _LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks|block|encoder_layers|decoder_layers)\.\d+)\.")
 
@@ -86,9 +95,10 @@ class TaskSet:
                 DiffSource(self.pretrained, self.finetuned[t]).get(name, rows)  # raises naming file and tensor
         return out
 
-    def items(self, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> list[Item]:
+    def items(self, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> list[Item]:
         """Work items: every tensor, big ones split into row chunks of about chunk_elements per task."""
         out: list[Item] = []
+        chunk_elements = chunk_for(self.T, chunk_elements)
         for s in self.specs.values():
             for a, b in row_chunks(s, chunk_elements):
                 out.append((s.name, a, b))
