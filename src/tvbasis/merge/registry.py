@@ -1,0 +1,28 @@
+"""The registry of merge methods by name (mergekit's names) and the factory that binds parameters."""
+
+from __future__ import annotations
+
+from tvbasis.errors import ConfigError
+from tvbasis.merge.base import Merger, MergeSpec
+from tvbasis.merge.consensus import Consensus
+from tvbasis.merge.dare import DareLinear, DareTies
+from tvbasis.merge.fisher import Fisher
+from tvbasis.merge.linear import Mean, TaskArithmetic
+from tvbasis.merge.params import BaseMerger
+from tvbasis.merge.ties import Ties, TopK
+
+MERGE_METHODS: dict[str, type[BaseMerger]] = {
+    cls.name: cls for cls in (TaskArithmetic, Mean, Ties, TopK, DareLinear, DareTies, Fisher, Consensus)
+}
+
+
+def available_methods() -> list[str]:
+    return sorted(MERGE_METHODS)
+
+
+def get_merger(spec: MergeSpec) -> Merger:
+    """The configured merger for ``spec``; ConfigError for an unknown method or a bad parameter."""
+    cls = MERGE_METHODS.get(spec.method)
+    if cls is None:
+        raise ConfigError(f"unknown merge method {spec.method!r}; expected one of {available_methods()}")
+    return cls(spec.params)

@@ -1,0 +1,46 @@
+"""Magnitude trimming: which entries of each task slice survive a top-``density`` cut.
+
+Per tensor (``trim_scope="tensor"``): each task keeps EXACTLY k = ceil(density·n) entries of its n, the k largest
+|δ|; where several entries tie at the cut value the lowest flat indices win, so the result is deterministic and
+the same on every device. Because the cut is over the whole tensor, a per-tensor trim must be given the whole
+tensor, never a chunk of it.
+
+Global (``trim_scope="global"``): each task keeps |δ| ≥ its threshold over the whole task vector
+(``global_thresholds``), so ties at the threshold may keep a few more than ceil(density·D). This is the scope to
+use with chunked tensors: the test is elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tvbasis.merge.threshold import abs_bits, kth_largest
+
+
+def keep_count(n: int, density: float) -> int:
+    """How many of n entries a top-``density`` trim keeps: ceil(density·n), at least 1 when n > 0."""
+    return min(n, max(1, math.ceil(density * n))) if n else 0
+
+
+def magnitude_mask(x: torch.Tensor, density: float, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (T, *shape) of the entries each task keeps (see the module doc); ``x`` float32."""
+    T = x.shape[0]
+    if thresholds is not None:
+        th = thresholds.to(x.device, torch.float32).view(T, *([1] * (x.dim() - 1)))
+        return x.abs() >= th
+    bits = abs_bits(x.reshape(T, -1))
+    a = bits.view(torch.float32)  # |x|, sharing the bits' memory
+    n = a.shape[1]
+    k = keep_count(n, density)
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    cut = kth_largest(bits, k)  # exact k-th largest |δ| per task (radix selection)
+    mask = a > cut
+    need = k - torch.count_nonzero(mask, dim=1).view(T, 1)  # ≥ 1 entries equal to the cut still to keep
+    eq = a == cut
+    if bool((torch.count_nonzero(eq, dim=1).view(T, 1) > need).any()):  # more ties than room: lowest first
+        eq &= eq.cumsum(1, dtype=torch.int32) <= need
+    mask |= eq
+    return mask.view(x.shape)
