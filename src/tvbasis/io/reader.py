@@ -2,8 +2,8 @@
 
 ``open_checkpoint(path)`` accepts a ``.safetensors`` file, a Hugging Face model directory (single or sharded
 safetensors with ``model.safetensors.index.json``), or ``pytorch_model.bin`` / ``.pt`` / ``.pth`` state dicts
-(single, or sharded with ``pytorch_model.bin.index.json``). Safetensors are memory-mapped and read one tensor
-(or a row range of one tensor) at a time; torch pickles are loaded with ``weights_only=True`` and
+(single, or sharded with ``pytorch_model.bin.index.json``). Safetensors are read one tensor (or a row range of
+one tensor) at a time with positional reads; torch pickles are loaded with ``weights_only=True`` and
 memory-mapped when their format allows it. A walk over K checkpoints therefore holds about K slices of one
 tensor, never K models.
 """
@@ -11,6 +11,7 @@ tensor, never K models.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 from abc import ABC, abstractmethod
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from tvbasis.errors import CheckpointError
 from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
@@ -116,45 +116,46 @@ class Checkpoint(ABC):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files (shards), memory-mapped."""
+    """One or more safetensors files (shards), read with positional reads (``pread``) of exactly the bytes asked
+    for: a tensor or a row range of it goes straight into a fresh buffer. Unlike a memory map, nothing of the
+    file stays resident after a read, so a walk over K checkpoints really holds K slices of one tensor."""
 
     def __init__(self, path: Path, files: list[Path], root_dir: Path | None,
                  weight_map: dict[str, str] | None = None) -> None:
         super().__init__(path, root_dir)
-        self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
-        self._lock = threading.Lock()
+        self._offset: dict[str, int] = {}  # absolute byte offset of each tensor's data
         self._meta: dict[str, str] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         for f in files:
-            handle = self._open(f)
-            names = list(handle.offset_keys()) if hasattr(handle, "offset_keys") else list(handle.keys())
-            self._meta.update(handle.metadata() or {})
-            for name in names:
-                sl = handle.get_slice(name)
-                code = sl.get_dtype()
+            header, data_start = self._parse(f)
+            self._meta.update(header.pop("__metadata__", None) or {})
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            for name, info in entries:
+                code = info.get("dtype")
                 if code not in ST_TO_TORCH:
                     raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {code}")
-                self._specs[name] = TensorSpec(name, tuple(sl.get_shape()), ST_TO_TORCH[code])
+                spec = TensorSpec(name, tuple(int(x) for x in info["shape"]), ST_TO_TORCH[code])
+                a, b = (int(x) for x in info["data_offsets"])
+                if b - a != spec.nbytes:
+                    raise CheckpointError(f"{f}: tensor {name!r} spans {b - a} bytes, its shape and dtype need "
+                                          f"{spec.nbytes}")
+                self._specs[name] = spec
                 self._where[name] = f
+                self._offset[name] = data_start + a
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._specs))
             if missing:
                 raise CheckpointError(
                     f"{path}: index lists {len(missing)} tensor(s) absent from the shards, e.g. {missing[:3]}")
 
-    def _open(self, f: Path) -> Any:
+    @staticmethod
+    def _parse(f: Path) -> tuple[dict[str, Any], int]:
+        """The header of a safetensors file, checked against the file's size (truncation, corruption)."""
         if not f.is_file():
             raise CheckpointError(f"{f}: shard file does not exist")
-        self._check_length(f, f.stat().st_size)  # a clear message for truncated files
-        try:
-            handle = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{f}: not a valid safetensors file ({e})") from None
-        self._handles[f] = handle
-        return handle
-
-    @staticmethod
-    def _check_length(f: Path, size: int) -> None:
+        size = f.stat().st_size
         with f.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -166,26 +167,52 @@ class SafetensorsCheckpoint(Checkpoint):
             try:
                 header = json.loads(fh.read(n))
                 if not isinstance(header, dict):
-                    raise ValueError
-            except Exception:
-                raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header)") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                    raise ValueError("header is not an object")
+                end = 0
+                for k, v in header.items():
+                    if k != "__metadata__":
+                        end = max(end, int(v["data_offsets"][1]))
+            except Exception as e:
+                raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header: {e})") from None
         if 8 + n + end > size:
-            raise CheckpointError(
-                f"{f}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+            raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+        return header, 8 + n
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 
-    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    def _fd(self, f: Path) -> int:
+        fd = self._fds.get(f)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(f)
+                if fd is None:
+                    fd = self._fds[f] = os.open(f, os.O_RDONLY)
+        return fd
+
+    def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
         f = self._where[name]
-        handle = self._handles[f]
-        try:
-            if rows is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0]:rows[1]]
-        except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        got = 0
+        fd = self._fd(f)
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointError(f"{f}: unexpected end of file reading tensor {name!r} (file truncated?)")
+            got += n
+        return buf
+
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        spec = self._specs[name]
+        if rows is None or not spec.shape:
+            a, b, shape = 0, spec.nbytes, spec.shape
+        else:
+            lo, hi = max(0, rows[0]), min(spec.shape[0], rows[1])
+            row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+            a, b, shape = lo * row_bytes, max(lo, hi) * row_bytes, (max(0, hi - lo), *spec.shape[1:])
+        raw = self._pread(name, self._offset[name] + a, b - a)
+        return _from_bytes(raw, spec.dtype, shape)
 
     def _get(self, name: str) -> torch.Tensor:
         return self._read(name, None)
@@ -194,14 +221,32 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._read(name, (start, stop))
 
     def _get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        f = self._where[name]
-        try:
-            return self._handles[f].get_slice(name)[:, start:stop]
-        except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+        spec = self._specs[name]
+        outer, inner = spec.shape[0], spec.shape[1]
+        lo, hi = max(0, start), min(inner, stop)
+        row_bytes = spec.nbytes // (outer * inner) if outer and inner else 0
+        parts = [_from_bytes(self._pread(name, self._offset[name] + (m * inner + lo) * row_bytes,
+                                         (hi - lo) * row_bytes), spec.dtype, (hi - lo, *spec.shape[2:]))
+                 for m in range(outer)]
+        return torch.stack(parts) if parts else torch.empty((0, max(0, hi - lo), *spec.shape[2:]), dtype=spec.dtype)
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return raw.view(torch.bool).reshape(shape)
+    return raw.view(dtype).reshape(shape)
 
 
 def _torch_load(f: Path) -> dict[str, torch.Tensor]:
