@@ -134,6 +134,17 @@ def test_per_tensor_trim_keeps_exactly_k_lowest_index_on_ties():
     assert merge("topk", x, density=0.01, normalize=False).count_nonzero() == 2  # k = ceil(0.08) = 1 each
 
 
+@pytest.mark.parametrize("small", [True, False])
+def test_per_tensor_trim_radix_and_kthvalue_paths_agree_with_reference(small, monkeypatch):
+    import tvbasis.merge.trim as trim_mod
+    monkeypatch.setattr(trim_mod, "RADIX_MIN", 10**9 if small else 0)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-40, 41, (3, 3000), generator=g).float() / 8  # heavy ties at every cut
+    for density in (0.001, 0.1, 0.5, 0.99):
+        got = merge("topk", x, density=density, normalize=False).numpy()
+        np.testing.assert_array_equal(got, ref_trim(x.numpy(), density).sum(0))
+
+
 @pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
 def test_topk_matches_reference(x, density):
     got = merge("topk", x, W4, density=density).numpy()

@@ -19,6 +19,10 @@ import torch
 from tvbasis.merge.threshold import abs_bits, kth_largest
 
 
+#: per-task slice size from which the cut is found by radix selection instead of torch.kthvalue
+RADIX_MIN = 1 << 16
+
+
 def keep_count(n: int, density: float) -> int:
     """How many of n entries a top-``density`` trim keeps: ceil(density·n), at least 1 when n > 0."""
     return min(n, max(1, math.ceil(density * n))) if n else 0
@@ -36,7 +40,9 @@ def magnitude_mask(x: torch.Tensor, density: float, thresholds: torch.Tensor | N
     k = keep_count(n, density)
     if k >= n:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    cut = kth_largest(bits, k)  # exact k-th largest |δ| per task (radix selection)
+    # the exact k-th largest |δ| per task: radix selection (about 2x faster than kthvalue on big slices),
+    # kthvalue where the slice is too small to amortise the 65536-bin histograms
+    cut = kth_largest(bits, k) if n > RADIX_MIN else torch.kthvalue(a, n - k + 1, dim=1, keepdim=True).values
     mask = a > cut
     need = k - torch.count_nonzero(mask, dim=1).view(T, 1)  # ≥ 1 entries equal to the cut still to keep
     eq = a == cut
