@@ -63,7 +63,8 @@ def test_local_engine_order_and_bounded_in_flight(workers, max_in_flight):
         fn.consumed()
         time.sleep(0.001)  # a slow consumer: workers must not run ahead unboundedly
     assert out == [i * i for i in range(60)]
-    assert fn.peak <= eng.max_in_flight
+    # at most max_in_flight items pending in the pool, plus the one result the caller is holding
+    assert fn.peak <= eng.max_in_flight + 1
     if workers > 1:
         assert fn.peak >= 2  # it did run items concurrently
 
