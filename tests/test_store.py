@@ -206,3 +206,24 @@ def test_nonlinear_cluster_bases_chunked_equal_whole(fam, tmp_path, monkeypatch)
         b = flat(chunked.reconstruct(t).to_state_dict())
         assert torch.allclose(a, b, atol=1e-5)
         assert abs(whole.rel_errors[t] - chunked.rel_errors[t]) < 1e-5
+
+
+def test_cluster_with_fisher_inner_merge(fam, tmp_path):
+    from safetensors.torch import save_file
+    pre_p, fts, pre, sds = fam
+    fisher = {}
+    for t, n in enumerate(fts):
+        f = tmp_path / f"fisher{t}.safetensors"
+        save_file({k: torch.full_like(v, float(t + 1)) for k, v in pre.items() if v.is_floating_point()}, str(f))
+        fisher[n] = f
+    store = build_store(pre_p, fts, "cluster", 3, tmp_path / "s", {"inner": "fisher"}, fisher=fisher)
+    # constant Fisher weights per task: each basis is the (t+1)-weighted mean of its members
+    k = "pooler.dense.weight"
+    labels = store.labels
+    bases = open_checkpoint(tmp_path / "s" / "bases.safetensors").get(k)
+    for m in range(3):
+        idx = [t for t in range(6) if labels[t] == m]
+        ref = sum((t + 1) * (sds[t][k] - pre[k]) for t in idx) / sum(t + 1 for t in idx)
+        assert torch.allclose(bases[m], ref, atol=1e-5)
+    with pytest.raises(ConfigError, match="Fisher file per task"):
+        build_store(pre_p, fts, "cluster", 3, tmp_path / "x", {"inner": "fisher"})

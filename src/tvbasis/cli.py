@@ -229,7 +229,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     ft = _finetuned(args.finetuned)
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
                         args.dtype, args.include, args.exclude, args.max_shard_size, args.force, _engine(args),
-                        args.device)
+                        args.device, fisher=_pairs(args.fisher, "--fisher") or None)
     s = store.summary()
     print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
           f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inner", help="cluster: inner merge per cluster (mean, task_arithmetic, ties, topk, dare_ties, ...)")
     s.add_argument("--inner-param", action="append", metavar="KEY=VALUE", help="parameter of the inner merge")
     s.add_argument("--density", type=float, help="shortcut for --inner-param density=...")
+    s.add_argument("--fisher", action="append", metavar="NAME=FILE",
+                   help="diagonal Fisher safetensors per task (for --inner fisher)")
     s.add_argument("--seed", type=int, help="seed (autoencoder init, clustering, random bases)")
     s.add_argument("--steps", type=int, help="autoencoder: Adam steps (default 6000)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -57,6 +57,22 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
     return out
 
 
+def fisher_rows(files: list[Checkpoint], spec: TensorSpec, a: int, b: int) -> torch.Tensor:
+    """Rows [a, b) of one tensor's diagonal Fisher weights, one file per task: (T, b − a, ...) float32."""
+    name = spec.name
+    parts = []
+    for f in files:
+        if name not in f:
+            raise TensorMismatchError(f"{f.path}: Fisher weights have no tensor {name!r}")
+        if f.spec(name).shape != spec.shape:
+            raise TensorMismatchError(f"{f.path}: Fisher tensor {name!r} has shape {f.spec(name).shape}, "
+                                      f"expected {spec.shape}")
+        t = f.get_rows(name, a, b) if spec.shape else f.get(name)
+        check_finite(t, str(f.path), name)
+        parts.append(t.to(torch.float32))
+    return torch.stack(parts)
+
+
 #: methods whose per-tensor trim ranks magnitudes (and so needs thresholds to be merged in chunks)
 TRIMMING = ("ties", "topk")
 
@@ -74,18 +90,7 @@ class MergeProducer(Producer):
 
     def _fisher_rows(self, name: str, a: int, b: int) -> torch.Tensor:
         assert self.fisher is not None
-        spec = self.taskset.specs[name]
-        parts = []
-        for f in self.fisher:
-            if name not in f:
-                raise TensorMismatchError(f"{f.path}: Fisher weights have no tensor {name!r}")
-            if f.spec(name).shape != spec.shape:
-                raise TensorMismatchError(f"{f.path}: Fisher tensor {name!r} has shape {f.spec(name).shape}, "
-                                          f"expected {spec.shape}")
-            t = f.get_rows(name, a, b) if spec.shape else f.get(name)
-            check_finite(t, str(f.path), name)
-            parts.append(t.to(torch.float32))
-        return torch.stack(parts)
+        return fisher_rows(self.fisher, self.taskset.specs[name], a, b)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         spec = self.taskset.specs[name]

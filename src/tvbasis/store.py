@@ -123,10 +123,12 @@ class MaterialiseTask:
     def __init__(self, taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: Mapping[str, str],
                  dtype_of: Mapping[str, torch.dtype], bases: Mapping[str, PositionalShard],
                  means: Mapping[str, PositionalShard], device: str, total_params: int,
-                 thresholds: Mapping[str, torch.Tensor] | None = None) -> None:
+                 thresholds: Mapping[str, torch.Tensor] | None = None,
+                 fisher: list[Checkpoint] | None = None) -> None:
         self.taskset, self.fits, self.group_of, self.dtype_of = taskset, dict(fits), dict(group_of), dict(dtype_of)
         self.bases, self.means, self.device, self.total_params = dict(bases), dict(means), device, total_params
         self.thresholds = dict(thresholds or {})
+        self.fisher = fisher
 
     def __call__(self, item: tuple[str, int, int]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         name, a, b = item
@@ -189,8 +191,15 @@ class MaterialiseTask:
 
             def read(a: int, b: int, idx: list[int] = idx) -> torch.Tensor:
                 return self.taskset.deltas(name, (a, b) if spec.shape else None, tasks=idx)
+            fisher_read = None
+            if self.fisher is not None:
+                from tvbasis.merging import fisher_rows
+                members = [self.fisher[i] for i in idx]
+
+                def fisher_read(a: int, b: int, members: list[Checkpoint] = members) -> torch.Tensor:
+                    return fisher_rows(members, spec, a, b)
             bases.append(merge_tensor(fit.inner, read, spec, len(idx), torch.ones(len(idx)),
-                                      None if th is None else th[idx], None, self.device, MERGE_ROWS_ELEMENTS))
+                                      None if th is None else th[idx], fisher_read, self.device, MERGE_ROWS_ELEMENTS))
         S = torch.stack(bases)
         nU = fit.M + (1 if fit.mean_weights is not None else 0)
         C, K = np.zeros((nU, self.taskset.T)), np.zeros((nU, nU))
@@ -246,10 +255,21 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
                 dtype: str | torch.dtype | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                 engine: Engine | str | None = None, device: str = "cpu",
-                chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> BasisStore:
-    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically)."""
+                chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+                fisher: Mapping[str, str | Path] | None = None) -> BasisStore:
+    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically).
+
+    ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``."""
     out = Path(out)
     basis = get_basis_method(method, **dict(options or {}))
+    fisher_ckpts = None
+    if method == "cluster" and (options or {}).get("inner") == "fisher":
+        if not fisher or set(fisher) != set(finetuned):
+            raise ConfigError(f"--inner fisher needs one Fisher file per task (--fisher NAME=FILE for each of "
+                              f"{sorted(finetuned)}); got {sorted(fisher or {})}")
+        fisher_ckpts = [open_checkpoint(fisher[n]) for n in finetuned]
+    elif fisher:
+        raise ConfigError("--fisher is only used by --method cluster --inner fisher")
     check_output(out, force)
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
     if M is not None and (M < 1 or M >= taskset.T):
@@ -283,7 +303,8 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
         nonlinear = first.inner is not None  # merged whole per tensor (chunked inside the work unit when big)
         items = [(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if nonlinear else taskset.items(chunk_elements)
         total = sum(s.numel for s in specs)
-        task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, device, total, thresholds)
+        task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, device, total, thresholds,
+                               fisher_ckpts)
         T = taskset.T
         nU = Mfit + (1 if first.mean_weights is not None else 0)
         C = {g: np.zeros((nU, T)) for g in fits}
