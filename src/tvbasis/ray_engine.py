@@ -139,7 +139,9 @@ class RayEngine(Engine):
         self.group_bytes = max(1, int(group_bytes))
         self.group_items = max(1, int(group_items))
         self.progress = progress
-        self._remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(_run_group)
+        # system failures (a lost node or worker) are retried by Ray: every pass is idempotent (the same bytes are
+        # written to the same places); exceptions raised by ``fn`` are not retried and reach the caller
+        self._remote = ray.remote(num_cpus=cpus_per_task)(_run_group)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str | None = None,
             sizes: Sequence[int] | None = None) -> Iterator[R]:
