@@ -212,7 +212,11 @@ class Encoder:
             if tuple(d.shape) != tuple(p.shape):
                 raise TensorMismatchError(f"{name}: delta shape {tuple(d.shape)} != parameter shape {tuple(p.shape)}")
             base = self.pretrained_state[key]
-            p.copy_(base.float() + scale * d.to(device=p.device, dtype=torch.float32))
+            d = d.to(device=p.device, dtype=torch.float32)
+            if p.dtype == torch.float32 and base.dtype == torch.float32:
+                torch.add(base, d, alpha=scale, out=p.data)  # no temporary
+            else:
+                p.copy_(base.float() + scale * d)
             touched.add(key)
         for key in self._dirty - touched:
             self._params[key].copy_(self.pretrained_state[key])

@@ -202,6 +202,13 @@ class Evaluator:
         finally:
             self.encoder.reset()
 
+    def _at(self, delta: Mapping[str, torch.Tensor] | None, scale: float, split: str,
+            tasks: Iterable[str]) -> dict[str, float]:
+        """Accuracies of θ₀ + scale·delta, leaving the edit in place (searches reset once at the end: each
+        reset/set costs a full pass over the weights)."""
+        self.encoder.set_delta(delta, scale)
+        return self.accuracies(split, tasks)
+
     def with_state(self, state: Mapping[str, torch.Tensor], split: str = "test",
                    tasks: Iterable[str] | None = None) -> dict[str, float]:
         """Accuracies of a full model state (e.g. a fine-tuned checkpoint); the encoder is reset after."""
@@ -238,7 +245,7 @@ class Evaluator:
 
         def score(lam: float) -> float:
             if lam not in curve:
-                accs = self.with_delta(delta, lam, "dev", names)
+                accs = self._at(delta, lam, "dev", names)
                 devs[lam] = accs
                 if finetuned_dev:
                     curve[lam] = mean(normalized_accuracy(accs[t], finetuned_dev[t]) for t in names)
@@ -246,15 +253,18 @@ class Evaluator:
                     curve[lam] = mean(accs.values())
             return curve[lam]
 
-        if search == "grid":
-            for lam in self._iter(grid, "λ addition"):
-                score(lam)
-        elif search == "refine":
-            refine_search(grid, score, stride=4)
-        else:
+        if search not in ("grid", "refine"):
             raise ConfigError(f"unknown λ search {search!r}; expected 'grid' or 'refine'")
-        best = max(curve, key=lambda lam: (curve[lam], -lam))
-        test = self.with_delta(delta, best, "test", names)
+        try:
+            if search == "grid":
+                for lam in self._iter(grid, "λ addition"):
+                    score(lam)
+            else:
+                refine_search(grid, score, stride=4)
+            best = max(curve, key=lambda lam: (curve[lam], -lam))
+            test = self._at(delta, best, "test", names)
+        finally:
+            self.encoder.reset()
         norm = ({t: normalized_accuracy(test[t], finetuned_test[t]) for t in names} if finetuned_test else {})
         return AdditionResult(lam=best, dev=devs[best], test=test, normalized_test=norm,
                               curve=dict(sorted(curve.items())), criterion=criterion)
@@ -274,24 +284,27 @@ class Evaluator:
         pre_test = self.zero_shot("test", [target, control])
         floor = threshold * pre_dev[control]
         curve: dict[float, tuple[float, float]] = {}
-        for lam in self._iter(sorted(set(grid)), f"λ negation {target}"):
-            if early_stop:
-                c = self.with_delta(delta, -lam, "dev", [control])[control]
-                if c < floor:
-                    curve[lam] = (float("nan"), c)
-                    break
-                curve[lam] = (self.with_delta(delta, -lam, "dev", [target])[target], c)
+        try:
+            for lam in self._iter(sorted(set(grid)), f"λ negation {target}"):
+                if early_stop:
+                    c = self._at(delta, -lam, "dev", [control])[control]
+                    if c < floor:
+                        curve[lam] = (float("nan"), c)
+                        break
+                    curve[lam] = (self.accuracy(target, "dev"), c)  # the edit at this λ is still in place
+                else:
+                    accs = self._at(delta, -lam, "dev", [target, control])
+                    curve[lam] = (accs[target], accs[control])
+            ok = [lam for lam, (_, c) in curve.items() if c >= floor]
+            if ok:
+                best = min(ok, key=lambda lam: (curve[lam][0], lam))
+                test = self._at(delta, -best, "test", [target, control])
+                t_dev, c_dev = curve[best]
             else:
-                accs = self.with_delta(delta, -lam, "dev", [target, control])
-                curve[lam] = (accs[target], accs[control])
-        ok = [lam for lam, (_, c) in curve.items() if c >= floor]
-        if ok:
-            best = min(ok, key=lambda lam: (curve[lam][0], lam))
-            test = self.with_delta(delta, -best, "test", [target, control])
-            t_dev, c_dev = curve[best]
-        else:
-            best, test = 0.0, pre_test
-            t_dev, c_dev = pre_dev[target], pre_dev[control]
+                best, test = 0.0, pre_test
+                t_dev, c_dev = pre_dev[target], pre_dev[control]
+        finally:
+            self.encoder.reset()
         return NegationResult(target=target, control=control, lam=best, target_dev=t_dev, control_dev=c_dev,
                               target_test=test[target], control_test=test[control],
                               pretrained_target_test=pre_test[target], pretrained_control_test=pre_test[control],
