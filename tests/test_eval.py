@@ -141,6 +141,8 @@ def test_non_encoder_directories_are_rejected(tmp_path: Path) -> None:
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(gpt)
     with pytest.raises(ConfigError, match="gpt2.*not an encoder"):
         Encoder(gpt)
+    with pytest.raises(ConfigError, match="gpt2.*not an encoder"):  # fine-tuning checks before any work
+        finetune("mcid", tmp_path / "work", FinetuneSettings(model_dir=str(gpt)))
     dec = tmp_path / "bert-decoder"
     BertConfig(is_decoder=True, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                intermediate_size=64).save_pretrained(dec)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from tvbasis.errors import CheckpointError, ConfigError
-from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder, default_model_dir
+from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder, check_encoder_dir, default_model_dir
 from tvbasis.eval.heads import LOGIT_SCALE, build_head
 from tvbasis.eval.tasks import Task, load_task
 from tvbasis.io.writer import replace_atomically, temp_sibling
@@ -192,8 +192,7 @@ def prepare_pretrained(work: str | Path, settings: FinetuneSettings | None = Non
     work = ensure_writable(work)
     out = work / "pretrained"
     src = settings.source_dir()
-    if not src.exists():
-        raise ConfigError(f"{src}: model directory does not exist")
+    check_encoder_dir(src)  # a clear ConfigError for a missing dir, a non-HF dir or a decoder
     record = _pretrained_record(settings)
     h = config_hash({k: v for k, v in record.items() if k != "source_dir"})
     problem = "forced" if force else cache_problem(out, PRETRAINED_META, h)
