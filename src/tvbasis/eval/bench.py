@@ -379,16 +379,20 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
         C = C[np.ix_(order, order)]
         side = max(4.5, 1.6 + 0.75 * len(names))
         fig, ax = plt.subplots(figsize=(side + 0.8, side))
-        im = ax.imshow(C, cmap="viridis", vmin=min(0.0, float(C.min())), vmax=1.0)
+        off = C.copy()
+        np.fill_diagonal(off, np.nan)  # the diagonal (1.0) would squash the colour scale of the ~0.01-0.1 rest
+        lim = float(np.nanmax(np.abs(off))) if len(names) > 1 else 1.0
+        im = ax.imshow(np.ma.masked_invalid(off), cmap="RdBu_r", vmin=-lim, vmax=lim)
         ticks = [names[i] + (f" [{labels[i]}]" if labels else "") for i in order]
         ax.set_xticks(range(len(order)), ticks, rotation=45, ha="right")
         ax.set_yticks(range(len(order)), ticks)
         for i in range(len(order)):
             for j in range(len(order)):
+                dark = i != j and abs(C[i, j]) > 0.6 * lim
                 ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if C[i, j] < 0.5 else "black")
-        ax.set_title("task vector cosine similarity" + ("\n(ordered by cluster [label])" if labels else ""),
-                     fontsize=10)
+                        color="white" if dark else "black")
+        ax.set_title("task vector cosine similarity, off-diagonal colour scale"
+                     + ("\n(ordered by cluster [label])" if labels else ""), fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         paths.append(out / "cosine.png")
