@@ -4,8 +4,8 @@ against the task vectors' size and against a naive in-memory build.
 Per method a child process runs ``tvbasis build`` (``-q``, page cache prepared the same way before every
 timed run). Reported: wall time and its ratio to one sequential read of all input files, CPU seconds (less
 sensitive than wall time to other load on the machine), peak anonymous RSS over the process tree (the memory
-the build allocated), ``ru_maxrss`` (kernel peak RSS, which also counts the touched pages of the
-memory-mapped inputs), and the same for the naive build (``naive_build.py``: every task vector in memory as
+the build allocated), ``ru_maxrss`` (the kernel's peak RSS of the main process; it would also count touched pages of
+memory-mapped inputs, but checkpoints are read with pread since commit 611a4e9), and the same for the naive build (``naive_build.py``: every task vector in memory as
 the paper's code keeps them) in its own child process. Aim: time within 3× one read, memory independent of T
 and a small fraction of the naive peak.
 

@@ -14,7 +14,10 @@ it is; the library files are not modified. Variants are cumulative:
               float32 deltas of a 64 MB item are ~60 MB, above glibc's largest mmap threshold (32 MB), so every
               item's buffer is a fresh mmap whose pages fault in one by one; at 16 MB malloc recycles them.
               Gram pass over 4.3 GB on one thread, warm cache: 4.0 s at 64 MB, 2.3 s at 32 MB, 2.1 s at 16 MB
-              (2.4 s with 64 MB items and ``mallopt(M_MMAP_THRESHOLD, 1 GB)``, the same cause);
+              (2.4 s with 64 MB items and ``mallopt(M_MMAP_THRESHOLD, 1 GB)``, the same cause). Merges get the
+              same rule: a tensor is merged in row chunks of ITEM_BYTES / (4·(T+1)) elements per task instead of
+              a fixed ``merging.MERGE_CHUNK_ELEMENTS`` = 2M per task (T × 8 MB of deltas per chunk, ×~5 in TIES
+              temporaries, per worker: memory grows with T);
 * ``bmm``     + X·Xᵀ and U·Xᵀ as float32 batched products over 1024-element blocks summed in float64
               (``torch.bmm`` then ``sum(0, dtype=float64)``) instead of float32 products over 65536-element
               blocks: same speed on one thread, relative error ~7e-9 of √(G_ii·G_jj) instead of ~1e-7.
@@ -34,6 +37,7 @@ import torch
 
 import tvbasis.engine as engine_mod
 import tvbasis.gram as gram_mod
+import tvbasis.merging as merging_mod
 import tvbasis.store as store_mod
 import tvbasis.taskset as taskset_mod
 
@@ -42,7 +46,15 @@ ITEM_BYTES = 16 * 2**20
 KBLOCK = 1024  # elements per float32 partial product
 SUPER = 256  # blocks per bmm call (bounds the (blocks, T, T) partial results)
 _ORIG: dict[str, Any] = {"gram_of": gram_mod.gram_of, "cross_of": gram_mod.cross_of,
-                         "pool": engine_mod.ThreadPoolExecutor, "item_bytes": taskset_mod.ITEM_BYTES}
+                         "pool": engine_mod.ThreadPoolExecutor, "item_bytes": taskset_mod.ITEM_BYTES,
+                         "merge_init": merging_mod.MergeProducer.__init__}
+
+
+def _merge_init(self: Any, taskset: Any, *args: Any, **kw: Any) -> None:
+    """MergeProducer with row chunks sized by bytes over the T + 1 inputs (unless a chunk is given)."""
+    if len(args) < 6 and "chunk_elements" not in kw:
+        kw["chunk_elements"] = max(4096, taskset_mod.ITEM_BYTES // (4 * (taskset.T + 1)))
+    _ORIG["merge_init"](self, taskset, *args, **kw)
 
 
 class ThreadLimitedPool(ThreadPoolExecutor):
@@ -78,6 +90,7 @@ def apply_variant(variant: str | int) -> None:
     level = variant if isinstance(variant, int) else VARIANTS.index(variant)
     engine_mod.ThreadPoolExecutor = ThreadLimitedPool if level >= 1 else _ORIG["pool"]  # type: ignore[misc]
     taskset_mod.ITEM_BYTES = ITEM_BYTES if level >= 2 else _ORIG["item_bytes"]
+    merging_mod.MergeProducer.__init__ = _merge_init if level >= 2 else _ORIG["merge_init"]  # type: ignore[method-assign]
     g, c = (fast_gram_of, fast_cross_of) if level >= 3 else (_ORIG["gram_of"], _ORIG["cross_of"])
     gram_mod.gram_of, gram_mod.cross_of = g, c
     store_mod.gram_of, store_mod.cross_of = g, c

@@ -76,7 +76,7 @@ def main() -> None:
     head = (f"`tvbasis build --method {a.method} -M T/4` on synthetic BERT-like models, {a.workers} workers on "
             f"{os.cpu_count()} cores, page cache {cache.mode} before every timed run. Throughput = bytes of all input "
             "checkpoints ÷ wall time of the whole build (both passes, fit, writing the store, process start). "
-            "Peak anon = private memory of the process tree; ru_maxrss also counts mapped input pages. "
+            "Peak anon = private memory of the process tree (Ray: driver, raylet, GCS and workers); ru_maxrss = kernel peak RSS of the main process. "
             "Naive = all task vectors in memory (own process).\n\n")
     table = head + markdown_table(["dtype", "model", "T", "variant", "engine", "inputs", "read s", "build s",
                                    "GB/s", "÷ read", "CPU s", "peak anon", "ru_maxrss", "naive peak anon"], rows)

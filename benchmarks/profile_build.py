@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results  # noqa: E402
@@ -54,6 +55,7 @@ def main() -> None:
     cache = CacheMode(a.cache)
     ts = TaskSet.open(fam.pretrained, fam.subset(a.T))
     rows, results = [], []
+    profiles: dict[str, str] = {}
     ref_G = None
     for v in a.variant:
         apply_variant(v)
@@ -77,7 +79,9 @@ def main() -> None:
             prof.disable()
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(10)
-            print(f"--- {v}\n" + "\n".join(s.getvalue().splitlines()[:28]))
+            top = "\n".join(line for line in s.getvalue().splitlines()[:28] if line.strip())
+            profiles[v] = top
+            print(f"--- {v}\n{top}")
         if ref_G is None:
             ref_G = g.G
         err = float(np.max(np.abs(g.G - ref_G)) / np.max(np.abs(ref_G)))
@@ -96,8 +100,12 @@ def main() -> None:
              f"inputs {read['seconds']:.1f} s ({read['gb_per_s']:.2f} GB/s).\n\n"
              + markdown_table(["variant", "load avg", "Gram pass s", "Gram CPU s", "build s", "build CPU s",
                                "max |ΔG|/max|G|"], rows))
+    for v, top in profiles.items():
+        table += f"\n\ncProfile, variant {v} (Gram pass + whole build, {a.workers} worker(s), torch threads " \
+                 f"{torch.get_num_threads()}):\n\n```\n{top}\n```"
     save_results(a.name or f"profile_build_T{a.T}_{a.size}_{a.dtype}",
-                 {"params": vars(a) | {"work": str(a.work)}, "read": read, "results": results}, table)
+                 {"params": vars(a) | {"work": str(a.work)}, "read": read, "results": results,
+                  "torch_threads": torch.get_num_threads(), "profiles": profiles}, table)
     if not a.keep:
         shutil.rmtree(fam.root, ignore_errors=True)
 
