@@ -100,12 +100,18 @@ def _merge_flags(p: argparse.ArgumentParser, default: str | None = "task_arithme
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other merge parameter; repeatable")
 
 
+#: engines opened by this command, closed when it ends (a Ray engine that started Ray shuts it down)
+_OPEN_ENGINES: list[Any] = []
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from tvbasis.engine import get_engine, resolve_device
     if hasattr(args, "device"):
         args.device = resolve_device(args.device)
-    return get_engine(args.engine, workers=args.workers, address=args.ray_address,
-                      progress=not getattr(args, "quiet", False))
+    eng = get_engine(args.engine, workers=args.workers, address=args.ray_address,
+                     progress=not getattr(args, "quiet", False))
+    _OPEN_ENGINES.append(eng)
+    return eng
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -466,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tvbasis: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        while _OPEN_ENGINES:
+            _OPEN_ENGINES.pop().close()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import torch
 from tqdm.auto import tqdm
 
 from tvbasis.errors import ConfigError
@@ -65,7 +66,12 @@ class LocalEngine(Engine):
                     yield fn(item)
                     bar.update(sizes[i] if sizes is not None else 1)
                 return
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="tvbasis") as pool:
+            # each pool thread runs torch with its share of the cores: W workers x all-core OpenMP teams would
+            # oversubscribe them, and OpenMP's spinning barriers then make a pass's many small products many
+            # times slower (torch.set_num_threads in a pool thread applies to that thread only)
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="tvbasis", initializer=torch.set_num_threads,
+                                    initargs=(threads,)) as pool:
                 pending: deque[tuple[int, Future[R]]] = deque()
                 it = iter(enumerate(items))
                 for i, item in it:

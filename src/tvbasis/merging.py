@@ -11,19 +11,20 @@ from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, TensorMismatchError
 from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
 from tvbasis.merge import MergeContext, MergeSpec, get_merger, global_thresholds
-from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
+from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, chunk_for
 from tvbasis.vectors import Producer, TaskVector, check_finite
 
 
-#: per-task elements of one row chunk when a big tensor is merged in pieces (8 MB float32 per task slice)
-MERGE_CHUNK_ELEMENTS = 2 * 2**20
+#: per-task elements of one row chunk when a big tensor is merged in pieces; None derives it from T
+#: (taskset.chunk_for: ITEM_BYTES over the T + 1 slices), which keeps a merge's memory flat in T
+MERGE_CHUNK_ELEMENTS: int | None = None
 
 Reader = Callable[[int, int], torch.Tensor]
 
 
 def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: int, weights: torch.Tensor,
                  thresholds: torch.Tensor | None = None, fisher_read: Reader | None = None, device: str = "cpu",
-                 chunk_elements: int = MERGE_CHUNK_ELEMENTS) -> torch.Tensor:
+                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS) -> torch.Tensor:
     """Merge the T slices of one tensor; ``read(a, b)`` returns rows [a, b) of the T slices, (T, b − a, ...).
 
     Small tensors are merged whole (per-tensor trims keep exactly ceil(density·n) entries). A tensor bigger than
@@ -32,6 +33,7 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
     streaming passes over its chunks (radix selection) and keeps |δ| ≥ it (a few more only where magnitudes tie
     at the cut); DARE masks are chunk-invariant by construction; the other methods are elementwise."""
     merger = get_merger(spec)
+    chunk_elements = chunk_for(num_tasks, chunk_elements)
     rows_total = tensor.shape[0] if tensor.shape else 1
     if not tensor.shape or tensor.numel <= chunk_elements:
         x = read(0, rows_total).to(device)
@@ -84,7 +86,7 @@ class MergeProducer(Producer):
 
     def __init__(self, taskset: TaskSet, spec: MergeSpec, weights: torch.Tensor, thresholds: torch.Tensor | None,
                  fisher: list[Checkpoint] | None, device: str = "cpu",
-                 chunk_elements: int = MERGE_CHUNK_ELEMENTS) -> None:
+                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS) -> None:
         self.taskset, self.spec, self.weights, self.thresholds = taskset, spec, weights, thresholds
         self.fisher, self.device, self.chunk_elements = fisher, device, chunk_elements
 
