@@ -126,8 +126,8 @@ def register(subparsers: Any) -> None:
     _model_flags(b)
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
     b.add_argument("--max-train", type=int, help="training examples per task (default 500; --full 2000)")
-    b.add_argument("--max-dev", type=int, help="dev examples per task for choosing λ (default 48; --full 100)")
-    b.add_argument("--max-test", type=int, help="test examples per task (default 128; --full 250)")
+    b.add_argument("--max-dev", type=int, help="dev examples per task for choosing λ (default 32; --full 32)")
+    b.add_argument("--max-test", type=int, help="test examples per task (default 128; --full 200)")
     b.add_argument("--grid", help="λ grid for addition: 'a,b,c' or 'STEP:STOP' (default 0.2:1; --full 0.05:1)")
     b.add_argument("--search", choices=["grid", "refine"],
                    help="λ search: every grid point, or coarse-to-fine (default grid; --full refine)")
