@@ -9,11 +9,8 @@ memory-mapped inputs, but checkpoints are read with pread since commit 611a4e9),
 the paper's code keeps them) in its own child process. Aim: time within 3× one read, memory independent of T
 and a small fraction of the naive peak.
 
-``--variant`` also runs builds with prototypes of proposed fixes (see ``patches.py``), e.g.
-``--variant base threads bmm``.
-
     python benchmarks/build_scale.py                          # T = 16, 250MB fp32, all methods
-    python benchmarks/build_scale.py --T 8 16 32 --size 250MB --methods pca --variant base threads bmm
+    python benchmarks/build_scale.py --T 8 16 32 --size 250MB --methods pca
 """
 
 from __future__ import annotations
@@ -41,16 +38,9 @@ from common import (  # noqa: E402
 )
 
 METHODS = ["autoencoder", "pca", "cluster", "random", "random-sample"]
-PATCHES = str(Path(__file__).resolve().parent / "patches.py")
 
 
-def build_cmd(variant: str, *args: str) -> list[str]:
-    if variant == "base":
-        return tvbasis_cmd(*args)
-    return [sys.executable, PATCHES, variant, "-q", *args]
-
-
-def run_builds(fam, T: int, M: int, methods: list[str], variants: list[str], engine: str, workers: int,
+def run_builds(fam, T: int, M: int, methods: list[str], engine: str, workers: int,
                cache: CacheMode, work: Path, naive: str, ram: int, extra: list[str] | None = None) -> dict:
     """One read, the builds, the naive build: a dict of measurements (used by perf_scale too)."""
     files = fam.input_files(T)
@@ -58,19 +48,17 @@ def run_builds(fam, T: int, M: int, methods: list[str], variants: list[str], eng
     log(f"T = {T}: one sequential read of {gb(read['bytes'])}: {read['seconds']:.1f} s ({read['gb_per_s']:.2f} GB/s)")
     out: dict = {"T": T, "M": M, "read": read, "builds": [], "naive": None,
                  "task_vectors_bytes": T * fam.model_bytes}
-    for variant in variants:
-        for method in methods:
-            store = work / f"store-{method}-{variant}"
-            cache.prepare(files)
-            log(f"  build {method} ({variant}, {engine}) ...")
-            m = run_measured(build_cmd(variant, "build", *fam.cli_args(T), "--method", method, "-M", str(M),
-                                       "--engine", engine, "--workers", str(workers), "--out", str(store), "--force",
-                                       *(extra or [])))
-            shutil.rmtree(store, ignore_errors=True)
-            log(f"    {m.wall_s:.1f} s ({m.wall_s / read['seconds']:.1f}× read), CPU {m.cpu_s:.1f} s, "
-                f"peak anon {gb(m.peak_anon_bytes)}, ru_maxrss {gb(m.maxrss_bytes)}")
-            out["builds"].append({"method": method, "variant": variant, "engine": engine,
-                                  **m.to_json(), "x_read": m.wall_s / read["seconds"]})
+    for method in methods:
+        store = work / f"store-{method}"
+        cache.prepare(files)
+        log(f"  build {method} ({engine}) ...")
+        m = run_measured(tvbasis_cmd("build", *fam.cli_args(T), "--method", method, "-M", str(M), "--engine", engine,
+                                     "--workers", str(workers), "--out", str(store), "--force", *(extra or [])))
+        shutil.rmtree(store, ignore_errors=True)
+        log(f"    {m.wall_s:.1f} s ({m.wall_s / read['seconds']:.1f}× read), CPU {m.cpu_s:.1f} s, "
+            f"peak anon {gb(m.peak_anon_bytes)}, ru_maxrss {gb(m.maxrss_bytes)}")
+        out["builds"].append({"method": method, "engine": engine, **m.to_json(),
+                              "x_read": m.wall_s / read["seconds"]})
     est = naive_peak_estimate(fam, T, M)
     if naive == "no":
         out["naive"] = {"skipped": "--naive no"}
@@ -96,8 +84,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("-M", type=int, help="bases (default T/4)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--variant", nargs="+", default=["base"], choices=["base", "threads", "items", "bmm"],
-                    help="base = the code as it is; others: proposed fixes (patches.py)")
     ap.add_argument("--engine", default="local", choices=["local", "ray"])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--naive", choices=["auto", "no", "force"], default="auto",
@@ -111,29 +97,29 @@ def main() -> None:
     runs = []
     for T in a.T:
         M = a.M or max(1, T // 4)
-        runs.append(run_builds(fam, T, M, a.methods, a.variant, a.engine, a.workers, cache, a.work, a.naive, ram))
+        runs.append(run_builds(fam, T, M, a.methods, a.engine, a.workers, cache, a.work, a.naive, ram))
     rows = []
     for r in runs:
         nv = r["naive"] or {}
         naive_anon = nv.get("peak_anon_bytes")
         for b in r["builds"]:
-            rows.append([r["T"], b["method"], b["variant"], f"{b['wall_s']:.1f}", f"{b['x_read']:.1f}×",
+            rows.append([r["T"], b["method"], f"{b['wall_s']:.1f}", f"{b['x_read']:.1f}×",
                          f"{b['cpu_s']:.1f}", gb(b["peak_anon_bytes"]), gb(b["maxrss_bytes"]),
                          f"{b['peak_anon_bytes'] / r['task_vectors_bytes']:.1%}",
                          f"{b['peak_anon_bytes'] / naive_anon:.1%}" if naive_anon else "–"])
         if naive_anon:
-            rows.append([r["T"], "*naive in-memory*", "–", f"{nv['wall_s']:.1f}",
+            rows.append([r["T"], "*naive in-memory*", f"{nv['wall_s']:.1f}",
                          f"{nv['wall_s'] / r['read']['seconds']:.1f}×", f"{nv['cpu_s']:.1f}", gb(naive_anon),
                          gb(nv["maxrss_bytes"]), f"{naive_anon / r['task_vectors_bytes']:.0%}", "100%"])
         elif nv.get("skipped"):
-            rows.append([r["T"], "*naive in-memory*", "–", "skipped", "", "", nv["skipped"], "", "", ""])
+            rows.append([r["T"], "*naive in-memory*", "skipped", "", "", nv["skipped"], "", "", ""])
     reads = "; ".join(f"T = {r['T']}: {gb(r['read']['bytes'])} in {r['read']['seconds']:.1f} s "
                       f"({r['read']['gb_per_s']:.2f} GB/s)" for r in runs)
     head = (f"`tvbasis build` on a synthetic BERT-like model: pretrained {gb(fam.model_bytes)} {a.dtype} (hidden "
             f"{fam.config['hidden_size']}, {fam.config['num_hidden_layers']} layers), M = T/4, engine {a.engine} "
             f"with {a.workers} workers, {os.cpu_count()} cores, page cache {cache.mode} before every run. "
             f"One sequential read of all inputs: {reads}. Task vectors of T tasks = T × model size.\n\n")
-    table = head + markdown_table(["T", "method", "variant", "wall s", "÷ one read", "CPU s", "peak anon RSS",
+    table = head + markdown_table(["T", "method", "wall s", "÷ one read", "CPU s", "peak anon RSS",
                                    "ru_maxrss", "anon ÷ T task vectors", "anon ÷ naive anon"], rows)
     save_results(a.name or "build_scale", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

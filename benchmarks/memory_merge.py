@@ -5,10 +5,10 @@ not by the T models — well under 1 GB for 8 fine-tunes of a 400 MB model (3.6 
 
 Reported per run: ``ru_maxrss`` of the child (the kernel's peak RSS of the process) and the polled
 peak of anonymous (private) RSS over the process tree, wall and CPU time, next to the total input size and the
-largest tensor. ``--variant`` also runs merges with prototypes of proposed fixes (``patches.py``).
+largest tensor.
 
     python benchmarks/memory_merge.py                         # T = 8, 400MB fp32, ties density 0.2
-    python benchmarks/memory_merge.py --T 8 16 --variant base items --engine local ray
+    python benchmarks/memory_merge.py --T 8 16 --engine local ray
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from common import (  # noqa: E402
     mb,
     run_measured,
     save_results,
+    tvbasis_cmd,
 )
-from build_scale import build_cmd  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +43,6 @@ def main() -> None:
     ap.add_argument("--trim-scope", nargs="+", default=["tensor", "global"], choices=["tensor", "global"])
     ap.add_argument("--engine", nargs="+", default=["local"], choices=["local", "ray"])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--variant", nargs="+", default=["base"], choices=["base", "threads", "items", "bmm"],
-                    help="base = the code as it is; others: proposed fixes (patches.py)")
     ap.add_argument("--limit", default="1GB", help="the bound to check peak anonymous RSS against")
     common_args(ap)
     a = ap.parse_args()
@@ -54,29 +52,28 @@ def main() -> None:
     fam = make_family(a.work, a.size, a.dtype, max(a.T))
     cache = CacheMode(a.cache)
     rows, results = [], []
-    for T, engine, variant, scope in [(t, e, v, s) for t in a.T for e in a.engine for v in a.variant
-                                      for s in a.trim_scope]:
+    for T, engine, scope in [(t, e, s) for t in a.T for e in a.engine for s in a.trim_scope]:
         files = fam.input_files(T)
-        out = a.work / f"merged-{T}-{engine}-{variant}-{scope}"
+        out = a.work / f"merged-{T}-{engine}-{scope}"
         shutil.rmtree(out, ignore_errors=True)
         cache.prepare(files)
-        log(f"T = {T}: merge {a.method} density {a.density} trim {scope}, engine {engine}, variant {variant} ...")
-        m = run_measured(build_cmd(variant, "merge", *fam.cli_args(T), "--method", a.method, "--density",
-                                   str(a.density), "--trim-scope", scope, "--engine", engine, "--workers",
-                                   str(a.workers), "--out", str(out), "--force"))
+        log(f"T = {T}: merge {a.method} density {a.density} trim {scope}, engine {engine} ...")
+        m = run_measured(tvbasis_cmd("merge", *fam.cli_args(T), "--method", a.method, "--density", str(a.density),
+                                     "--trim-scope", scope, "--engine", engine, "--workers", str(a.workers),
+                                     "--out", str(out), "--force"))
         shutil.rmtree(out, ignore_errors=True)
         ok = m.peak_anon_bytes < limit
         log(f"  {m.wall_s:.1f} s, ru_maxrss {gb(m.maxrss_bytes)}, peak anonymous {gb(m.peak_anon_bytes)}")
-        results.append({"T": T, "inputs_bytes": fam.input_bytes(T), "engine": engine, "variant": variant,
+        results.append({"T": T, "inputs_bytes": fam.input_bytes(T), "engine": engine,
                         "trim_scope": scope, **m.to_json(), "under_limit": ok})
-        rows.append([T, gb(fam.input_bytes(T)), engine, variant, scope, f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}",
+        rows.append([T, gb(fam.input_bytes(T)), engine, scope, f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}",
                      gb(m.maxrss_bytes), gb(m.peak_anon_bytes), gb(m.peak_tree_rss_bytes), "yes" if ok else "**no**"])
     head = (f"`tvbasis merge --method {a.method} --density {a.density}` of T fine-tunes; pretrained "
             f"{gb(fam.model_bytes)} {a.dtype} (hidden {fam.config['hidden_size']}, {fam.config['num_hidden_layers']} "
             f"layers), largest tensor {mb(fam.largest_tensor_bytes)}; {a.workers} workers; page cache {cache.mode}. "
             "Anonymous RSS is the memory the process tree allocated; ru_maxrss is the main process's kernel peak "
             "RSS.\n\n")
-    table = head + markdown_table(["T", "inputs", "engine", "variant", "trim scope", "wall s", "CPU s", "ru_maxrss",
+    table = head + markdown_table(["T", "inputs", "engine", "trim scope", "wall s", "CPU s", "ru_maxrss",
                                    "peak anon RSS (tree)", "peak total RSS (tree)", f"anon < {a.limit}"], rows)
     save_results(a.name or "memory_merge", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

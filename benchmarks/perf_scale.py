@@ -7,7 +7,7 @@ peak anonymous RSS of the process tree, ru_maxrss), and the naive in-memory buil
 fits in 60 % of RAM. One configuration also runs with ``--engine ray`` (local Ray, same number of workers).
 
     python benchmarks/perf_scale.py                                       # the default grid (≈15 min, 2 cores)
-    python benchmarks/perf_scale.py --sizes 100MB 1GB --T 8 16 32 --dtypes float32 bfloat16 --variant base threads bmm
+    python benchmarks/perf_scale.py --sizes 100MB 1GB --T 8 16 32 --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["100MB", "400MB"], help="pretrained sizes (default 100MB 400MB)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--method", default="pca")
-    ap.add_argument("--variant", nargs="+", default=["base"], choices=["base", "threads", "items", "bmm"],
-                    help="base = the code as it is; others: proposed fixes (patches.py)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--ray", default="first,float32,16", metavar="SIZE,DTYPE,T",
                     help="the configuration also run with --engine ray ('first' = the first size; 'none' to skip)")
@@ -58,14 +56,14 @@ def main() -> None:
                     engines.append("ray")
                 for engine in engines:
                     log(f"{dtype} {size} T = {T} engine {engine}")
-                    r = run_builds(fam, T, M, [a.method], a.variant, engine, a.workers, cache, a.work,
+                    r = run_builds(fam, T, M, [a.method], engine, a.workers, cache, a.work,
                                    a.naive if engine == "local" else "no", ram)
                     r.update(dtype=dtype, size=size, model_bytes=fam.model_bytes, engine=engine)
                     results.append(r)
                     nv = r["naive"] or {}
                     for b in r["builds"]:
                         inputs = r["read"]["bytes"]
-                        rows.append([dtype, gb(fam.model_bytes), T, b["variant"], engine, gb(inputs),
+                        rows.append([dtype, gb(fam.model_bytes), T, engine, gb(inputs),
                                      f"{r['read']['seconds']:.1f}", f"{b['wall_s']:.1f}",
                                      f"{inputs / b['wall_s'] / 1e9:.2f}", f"{b['x_read']:.1f}×", f"{b['cpu_s']:.0f}",
                                      gb(b["peak_anon_bytes"]), gb(b["maxrss_bytes"]),
@@ -78,7 +76,7 @@ def main() -> None:
             "checkpoints ÷ wall time of the whole build (both passes, fit, writing the store, process start). "
             "Peak anon = private memory of the process tree (Ray: driver, raylet, GCS and workers); ru_maxrss = kernel peak RSS of the main process. "
             "Naive = all task vectors in memory (own process).\n\n")
-    table = head + markdown_table(["dtype", "model", "T", "variant", "engine", "inputs", "read s", "build s",
+    table = head + markdown_table(["dtype", "model", "T", "engine", "inputs", "read s", "build s",
                                    "GB/s", "÷ read", "CPU s", "peak anon", "ru_maxrss", "naive peak anon"], rows)
     save_results(a.name or "perf_scale", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

@@ -1,10 +1,9 @@
 """Where the time of ``tvbasis build`` goes: the Gram pass and the whole build timed in-process (wall and CPU
 seconds), with cProfile's top functions (``--profile``; use ``--workers 1`` so the work runs in the profiled
-thread), on the code as it is and with the proposed fixes of ``patches.py`` applied (``--variant``), so each
-fix is measured on the same files in the same run.
+thread), next to one sequential read of the same files.
 
-    python benchmarks/profile_build.py --size 250MB --T 16 --variant base threads bmm
-    python benchmarks/profile_build.py --size 250MB --T 16 --variant base --workers 1 --profile
+    python benchmarks/profile_build.py --size 250MB --T 16
+    python benchmarks/profile_build.py --size 250MB --T 16 --workers 1 --profile
 """
 
 from __future__ import annotations
@@ -20,13 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results  # noqa: E402
 
-from patches import VARIANTS, apply_variant  # noqa: E402
 from tvbasis.engine import LocalEngine  # noqa: E402
 from tvbasis.gram import compute_gram  # noqa: E402
 from tvbasis.store import build_store  # noqa: E402
@@ -45,8 +42,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--method", default="pca")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--variant", nargs="+", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions per variant")
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     common_args(ap)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -56,9 +52,7 @@ def main() -> None:
     ts = TaskSet.open(fam.pretrained, fam.subset(a.T))
     rows, results = [], []
     profiles: dict[str, str] = {}
-    ref_G = None
-    for v in a.variant:
-        apply_variant(v)
+    for v in ["current"]:
         eng = LocalEngine(a.workers, progress=False)
         prof = cProfile.Profile() if a.profile else None
         cache.prepare(files)
@@ -82,26 +76,20 @@ def main() -> None:
             top = "\n".join(line for line in s.getvalue().splitlines()[:28] if line.strip())
             profiles[v] = top
             print(f"--- {v}\n{top}")
-        if ref_G is None:
-            ref_G = g.G
-        err = float(np.max(np.abs(g.G - ref_G)) / np.max(np.abs(ref_G)))
         shutil.rmtree(out, ignore_errors=True)
-        r = {"variant": v, "loadavg_1m": load, "gram_s": t_gram, "gram_cpu_s": c_gram,
-             "build_s": t_build, "build_cpu_s": c_build, "G_rel_diff_vs_base": err}
+        r = {"loadavg_1m": load, "gram_s": t_gram, "gram_cpu_s": c_gram, "build_s": t_build, "build_cpu_s": c_build}
         results.append(r)
-        log(f"{v}: gram {t_gram:.1f} s, build {t_build:.1f} s (gram + fit + materialise)")
-        rows.append([v, f"{load:.1f}", f"{t_gram:.1f}", f"{c_gram:.1f}", f"{t_build:.1f}", f"{c_build:.1f}",
-                     f"{err:.1e}"])
+        log(f"gram {t_gram:.1f} s, build {t_build:.1f} s (gram + fit + materialise)")
+        rows.append([f"{load:.1f}", f"{t_gram:.1f}", f"{c_gram:.1f}", f"{t_build:.1f}", f"{c_build:.1f}"])
     read = None
     from common import sequential_read
     read = sequential_read(files, cache)
     table = (f"Build profile: T = {a.T}, pretrained {gb(fam.model_bytes)} {a.dtype}, inputs {gb(read['bytes'])}, "
              f"method {a.method}, M = {a.M}, {a.workers} threads, page cache {cache.mode}; one sequential read of all "
              f"inputs {read['seconds']:.1f} s ({read['gb_per_s']:.2f} GB/s).\n\n"
-             + markdown_table(["variant", "load avg", "Gram pass s", "Gram CPU s", "build s", "build CPU s",
-                               "max |ΔG|/max|G|"], rows))
+             + markdown_table(["load avg", "Gram pass s", "Gram CPU s", "build s", "build CPU s"], rows))
     for v, top in profiles.items():
-        table += f"\n\ncProfile, variant {v} (Gram pass + whole build, {a.workers} worker(s), torch threads " \
+        table += f"\n\ncProfile (Gram pass + whole build, {a.workers} worker(s), torch threads " \
                  f"{torch.get_num_threads()}):\n\n```\n{top}\n```"
     save_results(a.name or f"profile_build_T{a.T}_{a.size}_{a.dtype}",
                  {"params": vars(a) | {"work": str(a.work)}, "read": read, "results": results,

@@ -21,8 +21,9 @@ from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, chunk_for, TaskSet, ch
 #: small keep float32 rounding at ~1e-8 of sqrt(G_ii G_jj) (tested against a float64 Gram), at the speed of
 #: plain float32 products (several times faster than casting everything to float64).
 _BLOCK = 1024
-#: blocks per batched product: bounds the (blocks, rows, rows) partial results
-_SUPER = 256
+#: blocks per batched product: bounds the batched operands (bmm makes its (blocks, rows, _BLOCK) operands
+#: contiguous: rows x 128 KB each at 32 blocks) and the (blocks, rows, rows) partial results
+_SUPER = 32
 
 
 @dataclass
@@ -59,15 +60,16 @@ def gram_of(x: torch.Tensor) -> torch.Tensor:
 def cross_of(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """U·Xᵀ for U (M, n), X (T, n) in float64: float32 products over _BLOCK-element blocks (one batched
     product per _SUPER blocks), each block's product summed into the result in float64."""
-    u = u.reshape(u.shape[0], -1).to(torch.float32)
+    same = u is x
     x = x.reshape(x.shape[0], -1).to(torch.float32)
+    u = x if same else u.reshape(u.shape[0], -1).to(torch.float32)
     n = x.shape[1]
     out = torch.zeros((u.shape[0], x.shape[0]), dtype=torch.float64, device=x.device)
     nb = n // _BLOCK
     for a in range(0, nb, _SUPER):
         b = min(nb, a + _SUPER)
-        ub = u[:, a * _BLOCK:b * _BLOCK].reshape(u.shape[0], b - a, _BLOCK).transpose(0, 1)
-        xb = x[:, a * _BLOCK:b * _BLOCK].reshape(x.shape[0], b - a, _BLOCK).transpose(0, 1)
+        xb = x[:, a * _BLOCK:b * _BLOCK].reshape(x.shape[0], b - a, _BLOCK).transpose(0, 1).contiguous()
+        ub = xb if same else u[:, a * _BLOCK:b * _BLOCK].reshape(u.shape[0], b - a, _BLOCK).transpose(0, 1)
         out += torch.bmm(ub, xb.transpose(1, 2)).sum(0, dtype=torch.float64)
     if nb * _BLOCK < n:
         out.addmm_(u[:, nb * _BLOCK:].double(), x[:, nb * _BLOCK:].double().T)
