@@ -119,7 +119,7 @@ def register(subparsers: Any) -> None:
                     "random-sample) at each M: bytes stored, task addition (absolute and normalized accuracy at "
                     "the λ chosen on dev) and negation (target vs control). Prints a Markdown table; writes "
                     "bench.json, bench.md and PNG plots. Default: a quick run (6 tasks, 500 training examples, "
-                    "coarse λ grid; ~5 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, "
+                    "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 500 test examples, "
                     "λ grid 0.05..1.0; ≤ 20 min).")
     b.add_argument("--full", action="store_true", help="the whole protocol of BENCHMARK.md")
     b.add_argument("--tasks", help="comma-separated task names (default: 6 tasks; --full: all 8)")
@@ -127,7 +127,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
     b.add_argument("--max-train", type=int, help="training examples per task (default 500; --full 2000)")
     b.add_argument("--max-dev", type=int, help="dev examples per task for choosing λ (default 32; --full 32)")
-    b.add_argument("--max-test", type=int, help="test examples per task (default 128; --full 200)")
+    b.add_argument("--max-test", type=int, help="test examples per task (default 128; --full 500)")
     b.add_argument("--grid", help="λ grid for addition: 'a,b,c' or 'STEP:STOP' (default 0.2:1; --full 0.05:1)")
     b.add_argument("--search", choices=["grid", "refine"],
                    help="λ search: every grid point, or coarse-to-fine (default grid; --full refine)")
