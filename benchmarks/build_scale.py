@@ -4,8 +4,8 @@ against the task vectors' size and against a naive in-memory build.
 Per method a child process runs ``tvbasis build`` (``-q``, page cache prepared the same way before every
 timed run). Reported: wall time and its ratio to one sequential read of all input files, CPU seconds (less
 sensitive than wall time to other load on the machine), peak anonymous RSS over the process tree (the memory
-the build allocated), ``ru_maxrss`` (the kernel's peak RSS of the main process; it would also count touched pages of
-memory-mapped inputs, but checkpoints are read with pread since commit 611a4e9), and the same for the naive build (``naive_build.py``: every task vector in memory as
+the build allocated), peak RSS (VmHWM: the kernel's peak RSS of the main process, file pages included; checkpoints are read with
+pread, so no mapped input pages count), and the same for the naive build (``naive_build.py``: every task vector in memory as
 the paper's code keeps them) in its own child process. Aim: time within 3× one read, memory independent of T
 and a small fraction of the naive peak.
 
@@ -56,7 +56,7 @@ def run_builds(fam, T: int, M: int, methods: list[str], engine: str, workers: in
                                      "--workers", str(workers), "--out", str(store), "--force", *(extra or [])))
         shutil.rmtree(store, ignore_errors=True)
         log(f"    {m.wall_s:.1f} s ({m.wall_s / read['seconds']:.1f}× read), CPU {m.cpu_s:.1f} s, "
-            f"peak anon {gb(m.peak_anon_bytes)}, ru_maxrss {gb(m.maxrss_bytes)}")
+            f"peak anon {gb(m.peak_anon_bytes)}, peak RSS {gb(m.maxrss_bytes)}")
         out["builds"].append({"method": method, "engine": engine, **m.to_json(),
                               "x_read": m.wall_s / read["seconds"]})
     est = naive_peak_estimate(fam, T, M)
@@ -71,7 +71,7 @@ def run_builds(fam, T: int, M: int, methods: list[str], engine: str, workers: in
         bases = work / "naive-bases.safetensors"
         m = run_measured(naive_cmd(fam, T, M, bases))
         bases.unlink(missing_ok=True)
-        log(f"    {m.wall_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, ru_maxrss {gb(m.maxrss_bytes)}")
+        log(f"    {m.wall_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, peak RSS {gb(m.maxrss_bytes)}")
         out["naive"] = {**m.to_json(), "estimate_bytes": est}
     return out
 
@@ -120,7 +120,7 @@ def main() -> None:
             f"with {a.workers} workers, {os.cpu_count()} cores, page cache {cache.mode} before every run. "
             f"One sequential read of all inputs: {reads}. Task vectors of T tasks = T × model size.\n\n")
     table = head + markdown_table(["T", "method", "wall s", "÷ one read", "CPU s", "peak anon RSS",
-                                   "ru_maxrss", "anon ÷ T task vectors", "anon ÷ naive anon"], rows)
+                                   "peak RSS", "anon ÷ T task vectors", "anon ÷ naive anon"], rows)
     save_results(a.name or "build_scale", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "model_bytes": fam.model_bytes, "config": fam.config, "cache": cache.mode, "runs": runs}, table)

@@ -3,8 +3,9 @@
 * ``make_family``: a synthetic BERT-like pretrained model of a given size on disk (fp32 or bf16; HF directory
   with ``config.json`` and ``model.safetensors``) and T fine-tunes of it (pretrained + small low-rank deltas
   around a few cluster directions), written tensor by tensor and cached in a work directory;
-* ``run_measured``: runs a command in a child process and measures wall time and memory: ``ru_maxrss`` of
-  that child (os.wait4, the kernel's peak RSS of the process) and, by polling /proc every 20 ms over the
+* ``run_measured``: runs a command in a child process and measures wall time and memory: the peak RSS of
+  that child (its VmHWM, the kernel's peak RSS since exec; ``ru_maxrss`` would include this parent's RSS at
+  fork) and, by polling /proc every 20 ms over the
   whole process tree (Ray workers included), the peak of the summed *anonymous* RSS (private memory) and of
   the summed total RSS. Total RSS also counts pages of memory-mapped files the process has touched (page
   cache the kernel can drop, not memory the process allocated), so anonymous RSS is the measure to compare;
@@ -302,7 +303,7 @@ class Measured:
     cmd: list[str]
     returncode: int
     wall_s: float
-    maxrss_bytes: int  # ru_maxrss of the child (peak RSS of the main process, incl. mapped file pages)
+    maxrss_bytes: int  # VmHWM of the child: the kernel's peak RSS of the main process since exec (incl. file pages)
     peak_anon_bytes: int  # peak Σ RssAnon over the process tree (private memory), polled
     peak_tree_rss_bytes: int  # peak Σ VmRSS over the process tree, polled
     peak_processes: int
@@ -314,8 +315,9 @@ class Measured:
         return asdict(self)
 
 
-def _proc_mem(pid: int) -> tuple[int, int]:
-    anon = rss = 0
+def _proc_mem(pid: int) -> tuple[int, int, int]:
+    """(RssAnon, VmRSS, VmHWM) of one process from /proc, zeros where it is gone."""
+    anon = rss = hwm = 0
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
@@ -323,20 +325,27 @@ def _proc_mem(pid: int) -> tuple[int, int]:
                     anon = int(line.split()[1]) * 1024
                 elif line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return anon, rss
+    return anon, rss, hwm
 
 
 def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None, poll_s: float = 0.02,
                  timeout_s: float | None = None, check: bool = True) -> Measured:
-    """Run ``cmd`` as a child; wall time, its ru_maxrss and the polled peaks over its process tree."""
+    """Run ``cmd`` as a child; wall time, its peak RSS and the polled peaks over its process tree.
+
+    The child's peak RSS is its VmHWM polled from /proc, not ``ru_maxrss``: Linux carries the parent's RSS at
+    fork into the child's ``ru_maxrss`` across exec, so a benchmark that had generated a 1 GB model in memory
+    would see every later child "peak" at 1 GB+. ``ru_maxrss`` is the fallback when no poll saw the child.
+    """
     import psutil
     full_env = {**os.environ, **(env or {})}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(cmd), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks = {"anon": 0, "rss": 0, "n": 0}
+    peaks = {"anon": 0, "rss": 0, "n": 0, "hwm": 0}
     stop = threading.Event()
     out_chunks: list[str] = []
     err_chunks: list[str] = []
@@ -359,9 +368,11 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None, poll_s: 
                 procs = [root]
             anon = rss = 0
             for p in procs:
-                a, r = _proc_mem(p.pid)
+                a, r, h = _proc_mem(p.pid)
                 anon += a
                 rss += r
+                if p.pid == proc.pid:
+                    peaks["hwm"] = max(peaks["hwm"], h)
             peaks["anon"] = max(peaks["anon"], anon)
             peaks["rss"] = max(peaks["rss"], rss)
             peaks["n"] = max(peaks["n"], len(procs))
@@ -382,7 +393,7 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None, poll_s: 
     stop.set()
     for th in threads:
         th.join(timeout=5)
-    m = Measured(list(cmd), proc.returncode, wall, ru.ru_maxrss * 1024, peaks["anon"], peaks["rss"], peaks["n"],
+    m = Measured(list(cmd), proc.returncode, wall, peaks["hwm"] or ru.ru_maxrss * 1024, peaks["anon"], peaks["rss"], peaks["n"],
                  ru.ru_utime + ru.ru_stime, load, "".join(err_chunks)[-3000:])
     if check and m.returncode != 0:
         raise RuntimeError(f"command failed ({m.returncode}): {' '.join(cmd)}\n{m.stderr_tail}")

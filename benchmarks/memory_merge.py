@@ -3,7 +3,7 @@
 The claim to check: merging streams tensor by tensor, so peak memory is bounded by a few tensors' T slices,
 not by the T models — well under 1 GB for 8 fine-tunes of a 400 MB model (3.6 GB of inputs).
 
-Reported per run: ``ru_maxrss`` of the child (the kernel's peak RSS of the process) and the polled
+Reported per run: the child's peak RSS (VmHWM, the kernel's peak RSS of the process) and the polled
 peak of anonymous (private) RSS over the process tree, wall and CPU time, next to the total input size and the
 largest tensor.
 
@@ -63,7 +63,7 @@ def main() -> None:
                                      "--out", str(out), "--force"))
         shutil.rmtree(out, ignore_errors=True)
         ok = m.peak_anon_bytes < limit
-        log(f"  {m.wall_s:.1f} s, ru_maxrss {gb(m.maxrss_bytes)}, peak anonymous {gb(m.peak_anon_bytes)}")
+        log(f"  {m.wall_s:.1f} s, peak RSS {gb(m.maxrss_bytes)}, peak anonymous {gb(m.peak_anon_bytes)}")
         results.append({"T": T, "inputs_bytes": fam.input_bytes(T), "engine": engine,
                         "trim_scope": scope, **m.to_json(), "under_limit": ok})
         rows.append([T, gb(fam.input_bytes(T)), engine, scope, f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}",
@@ -71,9 +71,9 @@ def main() -> None:
     head = (f"`tvbasis merge --method {a.method} --density {a.density}` of T fine-tunes; pretrained "
             f"{gb(fam.model_bytes)} {a.dtype} (hidden {fam.config['hidden_size']}, {fam.config['num_hidden_layers']} "
             f"layers), largest tensor {mb(fam.largest_tensor_bytes)}; {a.workers} workers; page cache {cache.mode}. "
-            "Anonymous RSS is the memory the process tree allocated; ru_maxrss is the main process's kernel peak "
-            "RSS.\n\n")
-    table = head + markdown_table(["T", "inputs", "engine", "trim scope", "wall s", "CPU s", "ru_maxrss",
+            "Anonymous RSS is the memory the process tree allocated; peak RSS is the main process's kernel peak "
+            "RSS (VmHWM).\n\n")
+    table = head + markdown_table(["T", "inputs", "engine", "trim scope", "wall s", "CPU s", "peak RSS",
                                    "peak anon RSS (tree)", "peak total RSS (tree)", f"anon < {a.limit}"], rows)
     save_results(a.name or "memory_merge", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

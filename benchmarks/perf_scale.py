@@ -3,7 +3,7 @@
 For every (dtype, size) a synthetic family with max(T) fine-tunes is generated in the work directory (and
 deleted after its row block unless ``--keep``); for every T: one sequential read of the T+1 input files,
 ``tvbasis build`` in a child process (throughput = input bytes ÷ wall time, ratio to the read, CPU seconds,
-peak anonymous RSS of the process tree, ru_maxrss), and the naive in-memory build where its estimated peak
+peak anonymous RSS of the process tree, peak RSS of the main process), and the naive in-memory build where its estimated peak
 fits in 60 % of RAM. One configuration also runs with ``--engine ray`` (local Ray, same number of workers).
 
     python benchmarks/perf_scale.py                                       # the default grid (≈15 min, 2 cores)
@@ -74,10 +74,10 @@ def main() -> None:
     head = (f"`tvbasis build --method {a.method} -M T/4` on synthetic BERT-like models, {a.workers} workers on "
             f"{os.cpu_count()} cores, page cache {cache.mode} before every timed run. Throughput = bytes of all input "
             "checkpoints ÷ wall time of the whole build (both passes, fit, writing the store, process start). "
-            "Peak anon = private memory of the process tree (Ray: driver, raylet, GCS and workers); ru_maxrss = kernel peak RSS of the main process. "
+            "Peak anon = private memory of the process tree (Ray: driver, raylet, GCS and workers); peak RSS = kernel peak RSS (VmHWM) of the main process. "
             "Naive = all task vectors in memory (own process).\n\n")
     table = head + markdown_table(["dtype", "model", "T", "engine", "inputs", "read s", "build s",
-                                   "GB/s", "÷ read", "CPU s", "peak anon", "ru_maxrss", "naive peak anon"], rows)
+                                   "GB/s", "÷ read", "CPU s", "peak anon", "peak RSS", "naive peak anon"], rows)
     save_results(a.name or "perf_scale", {
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "cache": cache.mode, "results": results}, table)
