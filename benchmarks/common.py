@@ -286,6 +286,7 @@ class CacheMode:
         if self.mode == "cold":
             drop_caches()
         else:
+            os.sync()  # no dirty backlog from generating the inputs: the build would pay for its writeback
             read_files(inputs)
 
 

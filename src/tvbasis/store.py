@@ -33,7 +33,7 @@ from tvbasis import __version__
 from tvbasis.bases import BASIS_METHODS, BasisFit, get_basis_method
 from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
-from tvbasis.gram import GramResult, compute_gram, cosine_from_gram, cross_of, gram_of
+from tvbasis.gram import GramResult, compute_gram, cosine_from_gram, cross_of, gram_of, row_sq_norms
 from tvbasis.io import (
     Checkpoint,
     TensorSpec,
@@ -172,8 +172,8 @@ class MaterialiseTask:
         if w_known_before_pass(fit):
             # residuals measured directly: exact even when they are tiny (the formula from G, C, K cancels)
             coef = torch.as_tensor(_coef_matrix(fit).T, dtype=torch.float32, device=u.device)  # (T, M[+1])
-            r = x.reshape(x.shape[0], -1) - coef @ u.reshape(u.shape[0], -1)
-            err2 = r.square().sum(1, dtype=torch.float64).cpu().numpy()
+            r = torch.addmm(x.reshape(x.shape[0], -1), coef, u.reshape(u.shape[0], -1), alpha=-1)
+            err2 = row_sq_norms(r).cpu().numpy()
         return group, C, K, err2
 
     def _nonlinear(self, name: str, fit: BasisFit) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
