@@ -72,7 +72,7 @@ def main() -> None:
         if prof:
             prof.disable()
             s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(10)
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
             top = "\n".join(line for line in s.getvalue().splitlines()[:28] if line.strip())
             profiles[v] = top
             print(f"--- {v}\n{top}")

@@ -102,11 +102,8 @@ class GramTask:
         name, a, b = item
         spec = self.taskset.specs[name]
         rows = (a, b) if spec.shape else None
-        x = self.taskset.deltas(name, rows)
-        digest = None
-        if self.checksum:
-            pre = self.taskset.pretrained.get_rows(name, a, b) if spec.shape else self.taskset.pretrained.get(name)
-            digest = tensor_digest(chunk_key(name, a, b), pre)
+        x, pre = self.taskset.deltas_and_pretrained(name, rows)
+        digest = tensor_digest(chunk_key(name, a, b), pre) if self.checksum else None
         g = gram_of(x.to(self.device, non_blocking=True))
         return item, g.cpu().numpy(), digest
 

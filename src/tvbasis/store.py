@@ -143,21 +143,24 @@ class MaterialiseTask:
             s = random_rows(fit.random_seed, spec, fit.M, self.total_params, a, b).to(self.device)
         else:
             assert fit.B is not None
-            Bt = torch.as_tensor(fit.B.T, dtype=torch.float32, device=self.device)
-            s = (Bt @ x.reshape(x.shape[0], -1)).reshape(fit.M, *chunk_shape)
+            # bases and μ in one product: U = [Bᵀ; mean weights] X
+            coef = fit.B.T if fit.mean_weights is None else np.vstack([fit.B.T, np.asarray(fit.mean_weights)[None]])
+            Ct = torch.as_tensor(coef, dtype=torch.float32, device=self.device)
+            s = (Ct @ x.reshape(x.shape[0], -1)).reshape(Ct.shape[0], *chunk_shape)
         return self._store_and_measure(name, fit, a, s, x)
 
     def _store_and_measure(self, name: str, fit: BasisFit, a: int, s: torch.Tensor,
                            x: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-        """Write rows starting at ``a`` of the bases s (M, rows, ...) (+ μ), return C, K and direct errors."""
+        """Write rows starting at ``a`` of the bases s (M, rows, ...) (+ μ: computed here unless s has M + 1
+        rows already), return C, K and direct errors. Consumes x (the residuals are formed in place)."""
         spec = self.taskset.specs[name]
         group = self.group_of.get(name, ALL)
         dtype = self.dtype_of[name]
-        us = [s]
-        if fit.mean_weights is not None:
+        u = s
+        if fit.mean_weights is not None and s.shape[0] == fit.M:
             mw = torch.as_tensor(fit.mean_weights, dtype=torch.float32, device=self.device)
-            us.append((mw @ x.reshape(x.shape[0], -1)).reshape(1, *x.shape[1:]))
-        u = torch.cat(us).to(dtype).to(torch.float32)  # exactly what is stored
+            u = torch.cat([s, (mw @ x.reshape(x.shape[0], -1)).reshape(1, *x.shape[1:])])
+        u = u.to(dtype).to(torch.float32)  # exactly what is stored
         row_elems = spec.numel // spec.shape[0] if spec.shape else 1
         start = a * row_elems if spec.shape else 0
         if fit.random_seed is None:
@@ -172,7 +175,7 @@ class MaterialiseTask:
         if w_known_before_pass(fit):
             # residuals measured directly: exact even when they are tiny (the formula from G, C, K cancels)
             coef = torch.as_tensor(_coef_matrix(fit).T, dtype=torch.float32, device=u.device)  # (T, M[+1])
-            r = torch.addmm(x.reshape(x.shape[0], -1), coef, u.reshape(u.shape[0], -1), alpha=-1)
+            r = x.reshape(x.shape[0], -1).addmm_(coef, u.reshape(u.shape[0], -1), alpha=-1)  # x is not used again
             err2 = row_sq_norms(r).cpu().numpy()
         return group, C, K, err2
 
