@@ -19,6 +19,8 @@ log = logging.getLogger("tvbasis")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+FT_HELP = ("a fine-tuned model (any layout the pretrained may have) or a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) of the pretrained model")
+
 def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("vector", help="extract a task vector (fine-tuned − pretrained) and save it",
                        description="Extract the task vector of one fine-tune and save it as safetensors.")
     s.add_argument("--pretrained", required=True, help="pretrained model (HF dir, .safetensors, .bin/.pt)")
-    s.add_argument("--finetuned", required=True, help="fine-tuned model, same layout rules")
+    s.add_argument("--finetuned", required=True, help=FT_HELP)
     s.add_argument("--out", required=True, help="output .safetensors file")
     _common_io(s)
     _filters(s)
@@ -358,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Face model directory: θ₀ + scaling_coef · merge(τ_1..τ_T).")
     from tvbasis.merge import available_methods
     s.add_argument("--pretrained", required=True)
-    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH")
+    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
+                   help="task name and " + FT_HELP + "; repeat per task")
     s.add_argument("--method", default="task_arithmetic", choices=available_methods())
     s.add_argument("--scaling-coef", type=float, default=1.0, help="λ in θ₀ + λ·τ (default 1.0)")
     s.add_argument("--weight", action="append", metavar="NAME=W", help="per-model weight (default 1)")
@@ -393,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
                        description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
     s.add_argument("--pretrained", required=True)
-    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH")
+    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
+                   help="task name and " + FT_HELP + "; repeat per task")
     s.add_argument("--method", required=True, choices=sorted(BASIS_METHODS))
     s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap)")
     s.add_argument("--layerwise", action="store_true", help="fit bases and coefficients per layer group")
@@ -443,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("add-task", help="fold a new fine-tune into a store without the old checkpoints")
     s.add_argument("store")
-    s.add_argument("task", metavar="NAME=PATH")
+    s.add_argument("task", metavar="NAME=PATH", help="task name and " + FT_HELP)
     s.add_argument("--pretrained", required=True)
     _engine_flags(s)
     s.set_defaults(fn=cmd_add_task)

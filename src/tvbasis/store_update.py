@@ -28,7 +28,7 @@ import torch
 from tvbasis.bases import BasisFit
 from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, StoreError
-from tvbasis.io import Checkpoint, open_checkpoint, replace_atomically, temp_sibling
+from tvbasis.io import Checkpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
 from tvbasis.io.writer import PositionalShard
 from tvbasis.store import (
     ALL,
@@ -66,7 +66,7 @@ def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, p
     if not name or "=" in name or "," in name:
         raise ConfigError(f"invalid task name {name!r}")
     pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
-    ft = finetuned if isinstance(finetuned, Checkpoint) else open_checkpoint(finetuned)
+    ft = open_finetuned(finetuned, pre)
     store.check_pretrained(pre)
     mf = store.manifest
     specs = vector_specs(pre, ft, KeyFilter.of(mf.get("include"), mf.get("exclude")))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tvbasis.errors import ConfigError
-from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
+from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, open_finetuned, row_chunks
 from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, all_finite, vector_specs
 
 #: input bytes of one work item (the T + 1 float32 slices of one row chunk): keeps a pass's memory flat in T.
@@ -62,7 +62,7 @@ class TaskSet:
         fts = []
         specs: dict[str, TensorSpec] = {}
         for name, p in finetuned.items():
-            ft = p if isinstance(p, Checkpoint) else open_checkpoint(p)
+            ft = open_finetuned(p, pre)
             specs = vector_specs(pre, ft, keep)
             fts.append(ft)
         if not specs:

@@ -27,6 +27,7 @@ from tvbasis.io import (
     dtype_name,
     model_card,
     open_checkpoint,
+    open_finetuned,
     write_single_file_atomic,
 )
 
@@ -194,7 +195,7 @@ class TaskVector:
                          include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                          name: str | None = None) -> TaskVector:
         pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
-        ft = finetuned if isinstance(finetuned, Checkpoint) else open_checkpoint(finetuned)
+        ft = open_finetuned(finetuned, pre)
         specs = vector_specs(pre, ft, KeyFilter.of(include, exclude))
         if not specs:
             raise ConfigError(f"{pre.path}: no floating-point tensors left to form a task vector (check --include/--exclude)")

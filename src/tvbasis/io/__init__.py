@@ -1,5 +1,6 @@
 """Checkpoint I/O: lazy per-tensor readers and streaming, atomic Hugging Face writers."""
 
+from tvbasis.io.lora import LoraCheckpoint, is_adapter, open_finetuned
 from tvbasis.io.reader import Checkpoint, open_checkpoint, row_chunks
 from tvbasis.io.specs import TensorSpec, dtype_name, human_bytes, parse_dtype, parse_size
 from tvbasis.io.writer import (
@@ -15,7 +16,7 @@ from tvbasis.io.writer import (
 )
 
 __all__ = [
-    "Checkpoint", "ModelWriter", "TensorSpec", "check_output", "copy_model_files", "dtype_name", "human_bytes",
-    "model_card", "open_checkpoint", "parse_dtype", "parse_size", "plan_shards", "replace_atomically",
-    "row_chunks", "temp_sibling", "write_safetensors_file", "write_single_file_atomic",
+    "Checkpoint", "LoraCheckpoint", "ModelWriter", "TensorSpec", "check_output", "copy_model_files", "dtype_name",
+    "human_bytes", "is_adapter", "model_card", "open_checkpoint", "open_finetuned", "parse_dtype", "parse_size",
+    "plan_shards", "replace_atomically", "row_chunks", "temp_sibling", "write_safetensors_file", "write_single_file_atomic",
 ]

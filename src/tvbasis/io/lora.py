@@ -1,0 +1,225 @@
+"""Fine-tunes given as PEFT LoRA adapters: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+(or ``.bin``), read over the pretrained checkpoint it adapts and presented as the full fine-tuned model.
+
+For a module ``X`` with adapter matrices A (r × in) and B (out × r) the fine-tuned weight is
+W + s·B·A with s = lora_alpha / r (``use_rslora``: lora_alpha / √r; ``alpha_pattern`` per module), r taken
+from A itself (so ``rank_pattern`` needs no parsing). Handled as PEFT's ``merge_and_unload`` does:
+
+- linear layers (``X.lora_A.weight``/``X.lora_B.weight``), ``fan_in_fan_out`` (GPT-2 ``Conv1D``: ΔW transposed);
+- embeddings (``X.lora_embedding_A``/``X.lora_embedding_B``: ΔW = (B·A)ᵀ);
+- convolutions whose B is a 1×1 kernel (PEFT's default);
+- ``lora_bias`` (``X.lora_B.bias``: bias + s·b);
+- trained biases (``bias="all"|"lora_only"``: ``X.base_layer.bias``) and ``modules_to_save`` (any other saved
+  tensor): the saved value replaces the pretrained one.
+
+Every tensor the adapter touches is returned in float32 whatever the pretrained dtype: W + ΔW rounded to bf16
+would bury a LoRA delta (typically 10⁻³ of W) in rounding error, while float32 keeps the difference from the
+pretrained tensor exact to ~10⁻⁷ of W. Untouched tensors read straight from the pretrained model (zero delta).
+Reads stay lazy and per row range: a row slice of W + s·B·A needs only the same rows of B.
+
+Refused with a clear error: other PEFT types (IA³, LoHa, ...), DoRA (its magnitude vector rescales whole
+columns: merge it with PEFT first), trainable-token adapters, and adapters naming tensors the pretrained model
+lacks or shaped differently from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvbasis.errors import CheckpointError, TensorMismatchError
+from tvbasis.io.reader import Checkpoint, open_checkpoint
+from tvbasis.io.specs import TensorSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
+                       r"lora_embedding_A|lora_embedding_B)$")
+
+
+def is_adapter(path: str | Path) -> bool:
+    """True for a PEFT adapter directory (it holds ``adapter_config.json``)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def open_finetuned(path: str | Path | Checkpoint, pretrained: Checkpoint) -> Checkpoint:
+    """A fine-tuned model given as a checkpoint (any layout ``open_checkpoint`` reads) or as a LoRA adapter of
+    ``pretrained``."""
+    if isinstance(path, Checkpoint):
+        return path
+    if is_adapter(path):
+        return LoraCheckpoint(Path(path).expanduser(), pretrained)
+    return open_checkpoint(path)
+
+
+@dataclass
+class _Delta:
+    """ΔW of one pretrained tensor: s·B·A in the layout of the stored weight."""
+
+    A: str  # adapter tensor names
+    B: str
+    scale: float
+    transpose: bool  # ΔW = (B·A)ᵀ (fan_in_fan_out, embeddings)
+
+
+def _scale(config: dict[str, Any], module: str, r: int) -> float:
+    alpha = float(config.get("lora_alpha", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):  # PEFT's get_pattern_key
+            alpha = float(value)
+            break
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+class LoraCheckpoint(Checkpoint):
+    """The fine-tuned model pretrained + LoRA adapter, read lazily (see the module docstring)."""
+
+    def __init__(self, adapter_dir: Path, pretrained: Checkpoint) -> None:
+        super().__init__(adapter_dir, pretrained.root_dir)
+        self.pretrained = pretrained
+        cfg_path = adapter_dir / ADAPTER_CONFIG
+        try:
+            config = json.loads(cfg_path.read_text())
+            if not isinstance(config, dict):
+                raise TypeError("not a JSON object")
+        except Exception as e:
+            raise CheckpointError(f"{cfg_path}: not a valid adapter config ({e})") from None
+        self.config = config
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise CheckpointError(f"{cfg_path}: peft_type {peft_type} is not supported (LoRA adapters only); "
+                                  "merge it into the model with PEFT and pass the merged model")
+        if config.get("use_dora"):
+            raise CheckpointError(f"{cfg_path}: DoRA adapters are not supported (the magnitude vector rescales "
+                                  "whole columns); merge it with PEFT's merge_and_unload and pass the merged model")
+        files = [adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()]
+        if not files:
+            raise CheckpointError(f"{adapter_dir}: adapter weights not found (expected {' or '.join(ADAPTER_WEIGHTS)})")
+        self.weights = open_checkpoint(files[0])
+        self._deltas: dict[str, _Delta] = {}
+        self._bias_deltas: dict[str, tuple[str, float]] = {}
+        self._replaced: dict[str, str] = {}
+        self._parse(config)
+        touched = set(self._deltas) | set(self._bias_deltas) | set(self._replaced)
+        for s in pretrained.specs():
+            self._specs[s.name] = (TensorSpec(s.name, s.shape, torch.float32) if s.name in touched and s.is_float
+                                   else s)
+
+    # -- parsing ------------------------------------------------------------------------------------------
+    def _target(self, key: str, stem: str) -> str:
+        """The pretrained tensor that adapter tensor ``key`` (for pretrained name ``stem``) belongs to: the same
+        name, else the one pretrained name that it ends with or that ends with it (a model saved with or
+        without its task head's prefix, e.g. ``bert.``)."""
+        pre_keys = self.pretrained.keys()
+        if stem in self.pretrained:
+            return stem
+        cands = [k for k in pre_keys if k.endswith("." + stem) or stem.endswith("." + k)]
+        if len(cands) == 1:
+            return cands[0]
+        what = "matches several" if cands else "matches none"
+        raise TensorMismatchError(
+            f"{self.weights.path}: adapter tensor {key!r} is for {stem!r}, which {what} of the tensors of the "
+            f"pretrained model {self.pretrained.path}" + (f" ({', '.join(cands[:4])})" if cands else
+                                                           f" (it has e.g. {', '.join(pre_keys[:3])})"))
+
+    def _parse(self, config: dict[str, Any]) -> None:
+        fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        pairs: dict[str, dict[str, str]] = {}
+        for key in self.weights.keys():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if "lora_magnitude_vector" in name or "token_adapter" in name or (".lora_" in name and not _LORA_KEY.match(name)):
+                raise CheckpointError(f"{self.weights.path}: adapter tensor {key!r} is not supported (LoRA A/B "
+                                      "matrices, biases and modules_to_save only; DoRA and trainable tokens are not)")
+            m = _LORA_KEY.match(name)
+            if m:
+                pairs.setdefault(m["module"], {})[m["kind"]] = key
+            else:  # a trained bias or a modules_to_save tensor: the saved value is the fine-tuned value
+                stem = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+                target = self._target(key, stem)
+                self._check_shape(key, target, tuple(self.weights.spec(key).shape))
+                self._replaced[target] = key
+        for module, kinds in pairs.items():
+            emb = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+            a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight"))
+            if a_key not in kinds or b_key not in kinds:
+                raise CheckpointError(f"{self.weights.path}: module {module!r} has only one of {a_key}/{b_key}")
+            A, B = self.weights.spec(kinds[a_key]), self.weights.spec(kinds[b_key])
+            r = A.shape[0]
+            if len(B.shape) < 2 or B.shape[1] != r or any(d != 1 for d in B.shape[2:]):
+                raise CheckpointError(f"{self.weights.path}: {kinds[b_key]!r} has shape {tuple(B.shape)}, expected "
+                                      f"(out, {r}) or (out, {r}, 1, 1) to match {kinds[a_key]!r} {tuple(A.shape)}")
+            target = self._target(kinds[a_key], module + ".weight")
+            transpose = emb or fan_in_fan_out
+            inner = tuple(A.shape[1:])
+            shape = (inner[0], B.shape[0]) if transpose else (B.shape[0], *inner)
+            self._check_shape(kinds[a_key], target, shape)
+            scale = _scale(config, module, r)
+            self._deltas[target] = _Delta(kinds[a_key], kinds[b_key], scale, transpose)
+            if "lora_B.bias" in kinds:
+                bias = self._target(kinds["lora_B.bias"], module + ".bias")
+                self._check_shape(kinds["lora_B.bias"], bias, tuple(self.weights.spec(kinds["lora_B.bias"]).shape))
+                self._bias_deltas[bias] = (kinds["lora_B.bias"], scale)
+
+    def _check_shape(self, key: str, target: str, shape: tuple[int, ...]) -> None:
+        want = tuple(self.pretrained.spec(target).shape)
+        if shape != want:
+            raise TensorMismatchError(f"{self.weights.path}: adapter tensor {key!r} gives {target!r} the shape "
+                                      f"{shape}, pretrained {self.pretrained.path} has {want}")
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def _value(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        def w(key: str) -> torch.Tensor:
+            return self.weights.get(key).to(torch.float32)
+
+        if name in self._replaced:
+            t = w(self._replaced[name])
+            return t if rows is None or not t.shape else t[rows[0]:rows[1]].clone()
+        pre = self.pretrained.get(name) if rows is None else self.pretrained.get_rows(name, *rows)
+        if name not in self._deltas and name not in self._bias_deltas:
+            return pre
+        out = pre.to(torch.float32, copy=True)
+        if name in self._deltas:
+            d = self._deltas[name]
+            A, B = w(d.A), w(d.B)
+            B2 = B.reshape(B.shape[0], B.shape[1])
+            if d.transpose:  # ΔW = (B·A)ᵀ: rows of ΔW are columns of A
+                Ar = A if rows is None else A[:, rows[0]:rows[1]]
+                delta = (B2 @ Ar).T
+            else:
+                Br = B2 if rows is None else B2[rows[0]:rows[1]]
+                delta = (Br @ A.reshape(A.shape[0], -1)).reshape(Br.shape[0], *A.shape[1:])
+            out.add_(delta, alpha=d.scale)
+        if name in self._bias_deltas:
+            key, scale = self._bias_deltas[name]
+            b = w(key)
+            out.add_(b if rows is None else b[rows[0]:rows[1]], alpha=scale)
+        return out
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._value(name, None)
+
+    def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._value(name, (start, stop))
+
+    def metadata(self) -> dict[str, str]:
+        return {"adapter": str(self.path), "base_model": str(self.config.get("base_model_name_or_path") or "")}
+
+    def adapted(self) -> list[str]:
+        """Names of the pretrained tensors this adapter changes."""
+        return [n for n in self._specs if n in self._deltas or n in self._bias_deltas or n in self._replaced]
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def __reduce__(self) -> tuple[object, tuple[str, Checkpoint]]:
+        # pickles as (adapter path, pretrained): a Ray worker reopens both from shared storage
+        return (LoraCheckpoint, (self.path, self.pretrained))  # type: ignore[return-value]
