@@ -176,3 +176,28 @@ def test_conv_adapter(tmp_path):
     assert tv.get("conv.weight").abs().max() > 0
     for k in tv.keys():
         torch.testing.assert_close(tv.get(k), ref[k].float() - pre[k].float(), rtol=0, atol=2e-6, msg=k)
+
+
+def test_adapter_stores_cover_only_what_the_adapters_change(bert_family, tmp_path):
+    root, pre, merged = bert_family
+    pre_ck = open_checkpoint(root / "pre")
+    adapted = {n: set(open_finetuned(root / n, pre_ck).adapted()) for n in ("plain", "full")}
+    store = build_store(root / "pre", {n: root / n for n in ("plain", "full")}, method="pca", M=1,
+                        out=tmp_path / "store")
+    assert set(store.specs) == adapted["plain"] | adapted["full"] < set(pre)  # no zero bases of other tensors
+    # editing writes the whole model: untouched tensors come from the pretrained model
+    out = tmp_path / "edited"
+    assert main(["-q", "edit", str(store.root), "--pretrained", str(root / "pre"), "--combine", "plain=1,full=-0.5",
+                 "--scaling-coef", "1", "--out", str(out)]) == 0
+    got = open_checkpoint(out)
+    assert set(got.keys()) == set(pre_ck.keys())
+    for k in got.keys():
+        want = pre[k].float() + (merged["plain"][k].float() - pre[k].float()) \
+            - 0.5 * (merged["full"][k].float() - pre[k].float())
+        torch.testing.assert_close(got.get(k).float(), want, rtol=0, atol=2e-6, msg=k)  # pca M = T − 1: exact
+    # a new adapter fits when the store covers what it changes; one that changes other tensors is refused
+    assert main(["-q", "add-task", str(store.root), f"q={root / 'plain'}", "--pretrained", str(root / "pre")]) == 0
+    assert "q" in BasisStore.open(store.root).task_names
+    with pytest.raises(Exception, match="does not cover"):
+        from tvbasis.store_update import add_task
+        add_task(BasisStore.open(store.root), "k", root / "rslora", root / "pre")

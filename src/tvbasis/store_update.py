@@ -28,7 +28,7 @@ import torch
 from tvbasis.bases import BasisFit
 from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, StoreError
-from tvbasis.io import Checkpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
+from tvbasis.io import Checkpoint, LoraCheckpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
 from tvbasis.io.writer import PositionalShard
 from tvbasis.store import (
     ALL,
@@ -40,7 +40,7 @@ from tvbasis.store import (
     write_manifest_atomic,
 )
 from tvbasis.taskset import chunk_digests, combine_digests
-from tvbasis.vectors import DiffSource, KeyFilter, vector_specs
+from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
 
 class _Project:
@@ -70,8 +70,15 @@ def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, p
     store.check_pretrained(pre)
     mf = store.manifest
     specs = vector_specs(pre, ft, KeyFilter.of(mf.get("include"), mf.get("exclude")))
-    if set(specs) != set(store.specs):
-        raise StoreError(f"{ft.path}: covers other tensors than the store {store.root}")
+    if isinstance(ft, LoraCheckpoint):  # zero outside what it touches: it fits if the store covers those tensors
+        outside = sorted(set(changed_specs(specs, [ft])) - set(store.specs))
+        if outside:
+            raise StoreError(f"{ft.path}: the adapter changes {len(outside)} tensor(s) the store {store.root} does "
+                             f"not cover: {', '.join(outside[:4])}")
+    elif set(specs) != set(store.specs):
+        raise StoreError(f"{ft.path}: covers other tensors than the store {store.root}"
+                         + (" (the store was built from LoRA adapters: it covers only the tensors they change)"
+                            if len(store.specs) < len(specs) else ""))
     ref = mf["pretrained"]
     chunk = int(ref["checksum_chunk_elements"]) if ref.get("checksum") else None
     eng = get_engine(engine)

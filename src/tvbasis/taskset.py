@@ -13,7 +13,7 @@ import torch
 
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, open_finetuned, row_chunks
-from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, all_finite, vector_specs
+from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, all_finite, changed_specs, vector_specs
 
 #: input bytes of one work item (the T + 1 float32 slices of one row chunk): keeps a pass's memory flat in T.
 #: 16 MB rather than more: the stacked float32 deltas of an item then stay under glibc's mmap threshold, so
@@ -65,8 +65,10 @@ class TaskSet:
             ft = open_finetuned(p, pre)
             specs = vector_specs(pre, ft, keep)
             fts.append(ft)
+        specs = changed_specs(specs, fts)  # LoRA adapters only: just the tensors they touch
         if not specs:
-            raise ConfigError(f"{pre.path}: no floating-point tensors to compare (check --include/--exclude)")
+            raise ConfigError(f"{pre.path}: no floating-point tensors to compare (check --include/--exclude; "
+                              "adapters must change at least one kept tensor)")
         return cls(pre, list(finetuned), fts, specs)
 
     @property

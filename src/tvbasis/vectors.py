@@ -102,6 +102,18 @@ def vector_specs(pretrained: Checkpoint, finetuned: Checkpoint | None, keep: Key
     return pre
 
 
+def changed_specs(specs: dict[str, TensorSpec], finetuned: Sequence[Checkpoint]) -> dict[str, TensorSpec]:
+    """Leave out the tensors no fine-tune can change. When every fine-tune is a LoRA adapter, the tensors none of
+    them touches have a zero delta by construction: leaving them out is what ``--exclude`` would do (outputs copy
+    them from the pretrained model), and spares reading them T + 1 times per pass and storing M zero bases of
+    them. With any full fine-tune among them, nothing is left out."""
+    from tvbasis.io.lora import LoraCheckpoint
+    if not finetuned or not all(isinstance(f, LoraCheckpoint) for f in finetuned):
+        return specs
+    touched = set().union(*(f.adapted() for f in finetuned))  # type: ignore[attr-defined]
+    return {k: v for k, v in specs.items() if k in touched}
+
+
 # ----------------------------------------------------------------------------------------------- sources
 Rows = tuple[int, int] | None
 
@@ -196,9 +208,10 @@ class TaskVector:
                          name: str | None = None) -> TaskVector:
         pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
         ft = open_finetuned(finetuned, pre)
-        specs = vector_specs(pre, ft, KeyFilter.of(include, exclude))
+        specs = changed_specs(vector_specs(pre, ft, KeyFilter.of(include, exclude)), [ft])
         if not specs:
-            raise ConfigError(f"{pre.path}: no floating-point tensors left to form a task vector (check --include/--exclude)")
+            raise ConfigError(f"{ft.path}: no floating-point tensors left to form a task vector (check "
+                              "--include/--exclude; an adapter must change at least one kept tensor)")
         return cls(specs, [(1.0, DiffSource(pre, ft))], pre, name or Path(str(ft.path)).name)
 
     @classmethod
