@@ -1,0 +1,147 @@
+"""``tvbasis build`` from T LoRA adapters directly, against the same build from the adapters merged into full
+checkpoints (what a user without adapter support would have to do: merge_and_unload each, then build).
+
+The adapters are written in PEFT's on-disk layout (``adapter_config.json`` + ``adapter_model.safetensors`` with
+``base_model.model.<module>.lora_A/B.weight``; the reader is tested against PEFT's own merge) for a synthetic
+BERT-like pretrained model: rank r on the query and value projections of every layer, B = B_cluster + B_task so
+the Gram has structure. Reported per build (child process, page cache prepared the same way before each): wall
+and CPU time, peak private memory, bytes read (inputs on disk) and bytes of the store on disk.
+
+    python benchmarks/lora_store.py                       # T = 16 adapters (r = 16) of a 400 MB fp32 model
+    python benchmarks/lora_store.py --T 32 --size 1GB --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    CacheMode,
+    _gen,
+    common_args,
+    gb,
+    log,
+    make_family,
+    markdown_table,
+    mb,
+    run_measured,
+    save_results,
+    tvbasis_cmd,
+)
+
+from tvbasis.io import open_checkpoint, open_finetuned, write_safetensors_file  # noqa: E402
+
+TARGETS = ("attention.self.query", "attention.self.value")
+
+
+def write_adapter(d: Path, pre_dir: Path, layers: int, hidden: int, rank: int, t: int, clusters: int) -> None:
+    if (d / "adapter_model.safetensors").is_file():
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    k = t % clusters
+    for i in range(layers):
+        for j, m in enumerate(TARGETS):
+            key = f"base_model.model.encoder.layer.{i}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=_gen(7, 1, t, i, j)) / hidden ** 0.5
+            tensors[f"{key}.lora_B.weight"] = 1e-3 * (torch.randn(hidden, rank, generator=_gen(7, 2, k, i, j))
+                                                      + torch.randn(hidden, rank, generator=_gen(7, 3, t, i, j)))
+    from safetensors.torch import save_file
+    save_file(tensors, str(d / "adapter_model.safetensors"), {"format": "pt"})
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["query", "value"],
+        "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+        "base_model_name_or_path": str(pre_dir)}, indent=1))
+
+
+def write_merged(d: Path, pre_dir: Path, adapter: Path) -> None:
+    """pretrained + s·B·A as a full checkpoint in the pretrained dtype (PEFT's merge_and_unload)."""
+    if (d / "model.safetensors").is_file():
+        return
+    pre = open_checkpoint(pre_dir)
+    ck = open_finetuned(adapter, pre)
+    tmp = d.parent / f".{d.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    specs = pre.specs()
+    write_safetensors_file(tmp / "model.safetensors", specs,
+                           ((s.name, ck.get(s.name).to(s.dtype)) for s in specs), {"format": "pt"})
+    shutil.copy(pre_dir / "config.json", tmp / "config.json")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=16, help="number of adapters (default 16)")
+    ap.add_argument("--size", default="400MB", help="pretrained model size (default 400MB)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--method", default="pca")
+    ap.add_argument("-M", type=int, help="bases (default T/4)")
+    common_args(ap)
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    fam = make_family(a.work, a.size, "float32", T=0)
+    hidden, layers = fam.config["hidden_size"], fam.config["num_hidden_layers"]
+    root = fam.root / f"lora-r{a.rank}"
+    adapters = {f"task{t:02d}": root / f"ad{t:02d}" for t in range(a.T)}
+    merged = {n: root / f"merged-{p.name}" for n, p in adapters.items()}
+    for t, (n, p) in enumerate(adapters.items()):
+        write_adapter(p, fam.pretrained, layers, hidden, a.rank, t, clusters=4)
+        if not (merged[n] / "model.safetensors").is_file():
+            log(f"merging adapter {t + 1}/{a.T} into a full checkpoint ({mb(fam.model_bytes)})")
+        write_merged(merged[n], fam.pretrained, p)
+    M = a.M or max(1, a.T // 4)
+    cache = CacheMode(a.cache)
+    rows, runs = [], []
+    for label, fts, files in [
+        ("LoRA adapters", adapters, [p / "adapter_model.safetensors" for p in adapters.values()]),
+        ("merged full checkpoints", merged, [p / "model.safetensors" for p in merged.values()]),
+    ]:
+        inputs = [fam.pretrained / "model.safetensors", *files]
+        store = a.work / "store-lora"
+        cache.prepare(inputs)
+        log(f"build {a.method} -M {M} from {a.T} {label} ...")
+        args = ["--pretrained", str(fam.pretrained)]
+        for n, p in fts.items():
+            args += ["--finetuned", f"{n}={p}"]
+        m = run_measured(tvbasis_cmd("build", *args, "--method", a.method, "-M", str(M), "--out", str(store),
+                                     "--force"))
+        store_bytes = dir_bytes(store)
+        tensors = len(json.loads((store / "tvbasis.json").read_text())["tensors"])
+        shutil.rmtree(store, ignore_errors=True)
+        in_bytes = sum(f.stat().st_size for f in inputs)
+        log(f"  {m.wall_s:.1f} s, CPU {m.cpu_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, store {mb(store_bytes)}")
+        runs.append({"inputs": label, **m.to_json(), "input_bytes": in_bytes, "store_bytes": store_bytes,
+                     "tensors": tensors})
+        rows.append([label, gb(in_bytes), f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}", gb(m.peak_anon_bytes),
+                     str(tensors), mb(store_bytes)])
+    head = (f"`tvbasis build --method {a.method} -M {M}` of T = {a.T} LoRA adapters (r = {a.rank}, query and value "
+            f"of {layers} layers) of a synthetic BERT-like pretrained model of {gb(fam.model_bytes)} fp32 "
+            f"(hidden {hidden}), page cache {cache.mode} before each build: directly from the adapters, and from "
+            "the same adapters merged into full checkpoints. Input files = pretrained + the T inputs (of the "
+            "pretrained model, a build from adapters reads only the tensors they change). The T adapters themselves "
+            f"take {mb(sum(dir_bytes(p) for p in adapters.values()))} on disk: a store of dense bases is smaller "
+            "than the merged checkpoints, not than the adapters.\n\n")
+    table = head + markdown_table(["inputs", "input files", "wall s", "CPU s", "peak anon", "tensors in store",
+                                   "store on disk"], rows)
+    save_results(a.name or "lora_store", {"params": {k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in vars(a).items()},
+                                          "model_bytes": fam.model_bytes, "config": fam.config, "runs": runs}, table)
+    if not a.keep:
+        shutil.rmtree(fam.root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
