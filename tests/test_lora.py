@@ -10,6 +10,10 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
+
+# PEFT flags a 1-D lora_B.bias (lora_bias=True) as a possibly unsharded save; it is the documented shape here
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:peft"),
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 transformers = pytest.importorskip("transformers")
 
 from tvbasis.cli import main  # noqa: E402

@@ -204,7 +204,7 @@ def test_autoencoder_gradients_match_autograd(encoder, decoder):
     E = B @ W - torch.eye(5, dtype=torch.float64)
     ref = torch.trace(E.T @ torch.tensor(G) @ E) / 25
     ref.backward()
-    assert abs(loss - float(ref)) < 1e-10
+    assert abs(loss - float(ref.detach())) < 1e-10
     np.testing.assert_allclose(dA, a.grad.numpy(), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(dW, w.grad.numpy(), rtol=1e-8, atol=1e-12)
 
