@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CacheMode,
     _gen,
+    _write_model,
     common_args,
     gb,
     log,
@@ -36,7 +37,8 @@ from common import (  # noqa: E402
     tvbasis_cmd,
 )
 
-from tvbasis.io import open_checkpoint, open_finetuned, write_safetensors_file  # noqa: E402
+from tvbasis.io import open_checkpoint, open_finetuned  # noqa: E402
+from tvbasis.store import BasisStore  # noqa: E402
 
 TARGETS = ("attention.self.query", "attention.self.value")
 
@@ -61,25 +63,14 @@ def write_adapter(d: Path, pre_dir: Path, layers: int, hidden: int, rank: int, t
         "base_model_name_or_path": str(pre_dir)}, indent=1))
 
 
-def write_merged(d: Path, pre_dir: Path, adapter: Path) -> None:
+def write_merged(d: Path, pre_dir: Path, adapter: Path, config: dict) -> None:
     """pretrained + s·B·A as a full checkpoint in the pretrained dtype (PEFT's merge_and_unload)."""
     if (d / "model.safetensors").is_file():
         return
     pre = open_checkpoint(pre_dir)
     ck = open_finetuned(adapter, pre)
-    tmp = d.parent / f".{d.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    specs = pre.specs()
-    write_safetensors_file(tmp / "model.safetensors", specs,
-                           ((s.name, ck.get(s.name).to(s.dtype)) for s in specs), {"format": "pt"})
-    shutil.copy(pre_dir / "config.json", tmp / "config.json")
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
-
-
-def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    shapes = {s.name: s.shape for s in pre.specs()}
+    _write_model(d, shapes, torch.float32, config, ((n, ck.get(n).to(pre.spec(n).dtype)) for n in shapes))
 
 
 def main() -> None:
@@ -101,7 +92,7 @@ def main() -> None:
         write_adapter(p, fam.pretrained, layers, hidden, a.rank, t, clusters=4)
         if not (merged[n] / "model.safetensors").is_file():
             log(f"merging adapter {t + 1}/{a.T} into a full checkpoint ({mb(fam.model_bytes)})")
-        write_merged(merged[n], fam.pretrained, p)
+        write_merged(merged[n], fam.pretrained, p, fam.config)
     M = a.M or max(1, a.T // 4)
     cache = CacheMode(a.cache)
     rows, runs = [], []
@@ -118,8 +109,8 @@ def main() -> None:
             args += ["--finetuned", f"{n}={p}"]
         m = run_measured(tvbasis_cmd("build", *args, "--method", a.method, "-M", str(M), "--out", str(store),
                                      "--force"))
-        store_bytes = dir_bytes(store)
-        tensors = len(json.loads((store / "tvbasis.json").read_text())["tensors"])
+        built = BasisStore.open(store)
+        store_bytes, tensors = built.nbytes, len(built.specs)
         shutil.rmtree(store, ignore_errors=True)
         in_bytes = sum(f.stat().st_size for f in inputs)
         log(f"  {m.wall_s:.1f} s, CPU {m.cpu_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, store {mb(store_bytes)}")
@@ -132,7 +123,7 @@ def main() -> None:
             f"(hidden {hidden}), page cache {cache.mode} before each build: directly from the adapters, and from "
             "the same adapters merged into full checkpoints. Input files = pretrained + the T inputs (of the "
             "pretrained model, a build from adapters reads only the tensors they change). The T adapters themselves "
-            f"take {mb(sum(dir_bytes(p) for p in adapters.values()))} on disk: a store of dense bases is smaller "
+            f"take {mb(sum(f.stat().st_size for p in adapters.values() for f in p.iterdir()))} on disk: a store of dense bases is smaller "
             "than the merged checkpoints, not than the adapters.\n\n")
     table = head + markdown_table(["inputs", "input files", "wall s", "CPU s", "peak anon", "tensors in store",
                                    "store on disk"], rows)

@@ -19,7 +19,9 @@ log = logging.getLogger("tvbasis")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-FT_HELP = ("a fine-tuned model (any layout the pretrained may have) or a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) of the pretrained model")
+FT_HELP = ("a fine-tuned model (any layout the pretrained may have) or a PEFT LoRA adapter directory "
+           "(adapter_config.json + adapter_model.safetensors) of the pretrained model")
+
 
 def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
     out: dict[str, str] = {}

@@ -151,16 +151,12 @@ class MaterialiseTask:
 
     def _store_and_measure(self, name: str, fit: BasisFit, a: int, s: torch.Tensor,
                            x: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-        """Write rows starting at ``a`` of the bases s (M, rows, ...) (+ μ: computed here unless s has M + 1
-        rows already), return C, K and direct errors. Consumes x (the residuals are formed in place)."""
+        """Write rows starting at ``a`` of s: the M bases (M, rows, ...), then μ as row M when the fit has a mean
+        (PCA); return C, K and direct errors. Consumes x (the residuals are formed in place)."""
         spec = self.taskset.specs[name]
         group = self.group_of.get(name, ALL)
         dtype = self.dtype_of[name]
-        u = s
-        if fit.mean_weights is not None and s.shape[0] == fit.M:
-            mw = torch.as_tensor(fit.mean_weights, dtype=torch.float32, device=self.device)
-            u = torch.cat([s, (mw @ x.reshape(x.shape[0], -1)).reshape(1, *x.shape[1:])])
-        u = u.to(dtype).to(torch.float32)  # exactly what is stored
+        u = s.to(dtype).to(torch.float32)  # exactly what is stored
         row_elems = spec.numel // spec.shape[0] if spec.shape else 1
         start = a * row_elems if spec.shape else 0
         if fit.random_seed is None:
@@ -204,8 +200,8 @@ class MaterialiseTask:
             bases.append(merge_tensor(fit.inner, read, spec, len(idx), torch.ones(len(idx)),
                                       None if th is None else th[idx], fisher_read, self.device, MERGE_ROWS_ELEMENTS))
         S = torch.stack(bases)
-        nU = fit.M + (1 if fit.mean_weights is not None else 0)
-        C, K = np.zeros((nU, self.taskset.T)), np.zeros((nU, nU))
+        assert fit.mean_weights is None  # inner merges make cluster bases, which have no mean
+        C, K = np.zeros((fit.M, self.taskset.T)), np.zeros((fit.M, fit.M))
         for a, b in row_chunks(spec, MERGE_ROWS_ELEMENTS):
             x = self.taskset.deltas(name, (a, b) if spec.shape else None).to(self.device)
             s = (S[:, a:b] if spec.shape else S).to(self.device)

@@ -28,7 +28,7 @@ import torch
 from tvbasis.bases import BasisFit
 from tvbasis.engine import Engine, get_engine
 from tvbasis.errors import ConfigError, StoreError
-from tvbasis.io import Checkpoint, LoraCheckpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
+from tvbasis.io import Checkpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
 from tvbasis.io.writer import PositionalShard
 from tvbasis.store import (
     ALL,
@@ -70,7 +70,7 @@ def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, p
     store.check_pretrained(pre)
     mf = store.manifest
     specs = vector_specs(pre, ft, KeyFilter.of(mf.get("include"), mf.get("exclude")))
-    if isinstance(ft, LoraCheckpoint):  # zero outside what it touches: it fits if the store covers those tensors
+    if ft.changed_tensors() is not None:  # an adapter: zero elsewhere, so it fits if the store covers those
         outside = sorted(set(changed_specs(specs, [ft])) - set(store.specs))
         if outside:
             raise StoreError(f"{ft.path}: the adapter changes {len(outside)} tensor(s) the store {store.root} does "

@@ -103,14 +103,14 @@ def vector_specs(pretrained: Checkpoint, finetuned: Checkpoint | None, keep: Key
 
 
 def changed_specs(specs: dict[str, TensorSpec], finetuned: Sequence[Checkpoint]) -> dict[str, TensorSpec]:
-    """Leave out the tensors no fine-tune can change. When every fine-tune is a LoRA adapter, the tensors none of
-    them touches have a zero delta by construction: leaving them out is what ``--exclude`` would do (outputs copy
-    them from the pretrained model), and spares reading them T + 1 times per pass and storing M zero bases of
-    them. With any full fine-tune among them, nothing is left out."""
-    from tvbasis.io.lora import LoraCheckpoint
-    if not finetuned or not all(isinstance(f, LoraCheckpoint) for f in finetuned):
+    """Leave out the tensors no fine-tune can change (``Checkpoint.changed_tensors``). When every fine-tune is a
+    LoRA adapter, the tensors none of them touches have a zero delta by construction: leaving them out is what
+    ``--exclude`` would do (outputs copy them from the pretrained model), and spares reading them T + 1 times per
+    pass and storing M zero bases of them. With any full fine-tune among them, nothing is left out."""
+    changed = [f.changed_tensors() for f in finetuned]
+    if not changed or any(c is None for c in changed):
         return specs
-    touched = set().union(*(f.adapted() for f in finetuned))  # type: ignore[attr-defined]
+    touched = frozenset().union(*changed)  # type: ignore[arg-type]
     return {k: v for k, v in specs.items() if k in touched}
 
 

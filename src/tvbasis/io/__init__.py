@@ -18,5 +18,6 @@ from tvbasis.io.writer import (
 __all__ = [
     "Checkpoint", "LoraCheckpoint", "ModelWriter", "TensorSpec", "check_output", "copy_model_files", "dtype_name",
     "human_bytes", "is_adapter", "model_card", "open_checkpoint", "open_finetuned", "parse_dtype", "parse_size",
-    "plan_shards", "replace_atomically", "row_chunks", "temp_sibling", "write_safetensors_file", "write_single_file_atomic",
+    "plan_shards", "replace_atomically", "row_chunks", "temp_sibling", "write_safetensors_file",
+    "write_single_file_atomic",
 ]

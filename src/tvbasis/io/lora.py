@@ -109,9 +109,9 @@ class LoraCheckpoint(Checkpoint):
         self._bias_deltas: dict[str, tuple[str, float]] = {}
         self._replaced: dict[str, str] = {}
         self._parse(config)
-        touched = set(self._deltas) | set(self._bias_deltas) | set(self._replaced)
+        self._touched = frozenset(self._deltas) | frozenset(self._bias_deltas) | frozenset(self._replaced)
         for s in pretrained.specs():
-            self._specs[s.name] = (TensorSpec(s.name, s.shape, torch.float32) if s.name in touched and s.is_float
+            self._specs[s.name] = (TensorSpec(s.name, s.shape, torch.float32) if s.name in self._touched and s.is_float
                                    else s)
 
     # -- parsing ------------------------------------------------------------------------------------------
@@ -136,10 +136,10 @@ class LoraCheckpoint(Checkpoint):
         pairs: dict[str, dict[str, str]] = {}
         for key in self.weights.keys():
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            if "lora_magnitude_vector" in name or "token_adapter" in name or (".lora_" in name and not _LORA_KEY.match(name)):
+            m = _LORA_KEY.match(name)
+            if "lora_magnitude_vector" in name or "token_adapter" in name or (".lora_" in name and not m):
                 raise CheckpointError(f"{self.weights.path}: adapter tensor {key!r} is not supported (LoRA A/B "
                                       "matrices, biases and modules_to_save only; DoRA and trainable tokens are not)")
-            m = _LORA_KEY.match(name)
             if m:
                 pairs.setdefault(m["module"], {})[m["kind"]] = key
             else:  # a trained bias or a modules_to_save tensor: the saved value is the fine-tuned value
@@ -177,31 +177,28 @@ class LoraCheckpoint(Checkpoint):
 
     # -- reading --------------------------------------------------------------------------------------------
     def _value(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        def w(key: str) -> torch.Tensor:
-            return self.weights.get(key).to(torch.float32)
+        def w(key: str, row_slice: bool = True) -> torch.Tensor:  # an adapter tensor, or its rows, in float32
+            t = self.weights.get(key) if rows is None or not row_slice else self.weights.get_rows(key, *rows)
+            return t.to(torch.float32)
 
         if name in self._replaced:
-            t = w(self._replaced[name])
-            return t if rows is None or not t.shape else t[rows[0]:rows[1]].clone()
+            return w(self._replaced[name])
         pre = self.pretrained.get(name) if rows is None else self.pretrained.get_rows(name, *rows)
-        if name not in self._deltas and name not in self._bias_deltas:
+        if name not in self._touched:
             return pre
         out = pre.to(torch.float32, copy=True)
         if name in self._deltas:
             d = self._deltas[name]
-            A, B = w(d.A), w(d.B)
-            B2 = B.reshape(B.shape[0], B.shape[1])
             if d.transpose:  # ΔW = (B·A)ᵀ: rows of ΔW are columns of A
-                Ar = A if rows is None else A[:, rows[0]:rows[1]]
-                delta = (B2 @ Ar).T
-            else:
-                Br = B2 if rows is None else B2[rows[0]:rows[1]]
-                delta = (Br @ A.reshape(A.shape[0], -1)).reshape(Br.shape[0], *A.shape[1:])
+                A, B = w(d.A, row_slice=False), w(d.B, row_slice=False)
+                delta = (B.reshape(B.shape[0], -1) @ (A if rows is None else A[:, rows[0]:rows[1]])).T
+            else:  # rows of ΔW are rows of B
+                A, B = w(d.A, row_slice=False), w(d.B)
+                delta = (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
             out.add_(delta, alpha=d.scale)
         if name in self._bias_deltas:
             key, scale = self._bias_deltas[name]
-            b = w(key)
-            out.add_(b if rows is None else b[rows[0]:rows[1]], alpha=scale)
+            out.add_(w(key), alpha=scale)
         return out
 
     def _get(self, name: str) -> torch.Tensor:
@@ -213,9 +210,9 @@ class LoraCheckpoint(Checkpoint):
     def metadata(self) -> dict[str, str]:
         return {"adapter": str(self.path), "base_model": str(self.config.get("base_model_name_or_path") or "")}
 
-    def adapted(self) -> list[str]:
+    def changed_tensors(self) -> frozenset[str]:
         """Names of the pretrained tensors this adapter changes."""
-        return [n for n in self._specs if n in self._deltas or n in self._bias_deltas or n in self._replaced]
+        return self._touched
 
     def close(self) -> None:
         self.weights.close()

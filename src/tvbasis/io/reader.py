@@ -92,6 +92,11 @@ class Checkpoint(ABC):
     def metadata(self) -> dict[str, str]:
         return {}
 
+    def changed_tensors(self) -> frozenset[str] | None:
+        """For a fine-tune defined over a base model (a LoRA adapter): the names of the tensors it can change,
+        every other one being the base's exactly. None when unknown (a full checkpoint: any tensor may differ)."""
+        return None
+
     @abstractmethod
     def _get(self, name: str) -> torch.Tensor: ...
 
