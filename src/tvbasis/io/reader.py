@@ -17,11 +17,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from tvbasis.errors import CheckpointError
+from tvbasis.io.paths import confined_file
 from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -103,14 +104,14 @@ class Checkpoint(ABC):
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._get(name)[start:stop]
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # optional hook
         pass
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         # pickles as its path: a worker process (Ray) reopens the checkpoint from shared storage
         return (open_checkpoint, (str(self.path),))
 
-    def __enter__(self) -> Checkpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,6 +119,107 @@ class Checkpoint(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+#: the official safetensors library refuses headers above this size (safetensors/src/tensor.rs MAX_HEADER_SIZE)
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def parse_safetensors_header(f: Path) -> tuple[list[tuple[TensorSpec, int]], dict[str, str], int]:
+    """Read and validate the header of the safetensors file ``f``, by the rules of the official library
+    (``Metadata::validate`` and ``read_metadata`` in safetensors/src/tensor.rs) plus a refusal of duplicate keys:
+
+    - the header length is at most 100 MB and fits in the file; the header is UTF-8 JSON, an object;
+    - ``__metadata__``, when present, maps strings to strings;
+    - every tensor has a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` [start, end] of
+      two non-negative integers with end >= start and end - start = numel * itemsize;
+    - sorted by offsets (the header's own order is free), the tensors tile the data region exactly: the first starts
+      at 0, each starts where the previous ends (no gap, no overlap), and the last ends at the end of the file.
+
+    Returns ([(spec, start offset within the data region)] in file order, metadata, data region start). Any
+    violation is one CheckpointError naming the file (and the tensor, when one is at fault)."""
+    if not f.is_file():
+        raise CheckpointError(f"{f}: shard file does not exist")
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: truncated safetensors file (no header)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{f}: not a valid safetensors file (header length {n} bytes exceeds the format's "
+                                  f"limit of {MAX_HEADER_BYTES}; corrupt or not safetensors)")
+        if n > size - 8:
+            raise CheckpointError(f"{f}: not a valid safetensors file (header length {n} exceeds the file size; "
+                                  "truncated or not safetensors)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        if not isinstance(header, dict):
+            raise TypeError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header: {e})") from None
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{f}: not a valid safetensors file (__metadata__ must map strings to strings)")
+    entries: list[tuple[int, int, TensorSpec]] = []
+    for name, info in header.items():
+        where = f"{f}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        code = info.get("dtype")
+        if not isinstance(code, str) or code not in ST_TO_TORCH:
+            raise CheckpointError(f"{where} has unsupported dtype {code!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        offsets = info.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(x) for x in offsets):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+        a, b = offsets
+        if b < a:
+            raise CheckpointError(f"{where}: data_offsets [{a}, {b}] end before they start")
+        spec = TensorSpec(name, tuple(shape), ST_TO_TORCH[code])
+        if b - a != spec.nbytes:
+            raise CheckpointError(f"{where} spans {b - a} bytes, its shape and dtype need {spec.nbytes}")
+        entries.append((a, b, spec))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    pos, prev = 0, None
+    for a, b, spec in entries:
+        if a != pos:
+            if a < pos:
+                problem = f"overlap tensor {prev!r} (which ends at byte {pos})"
+            elif prev is None:
+                problem = "leave a gap: the first tensor must start at byte 0"
+            else:
+                problem = f"leave a gap after tensor {prev!r} (which ends at byte {pos})"
+            raise CheckpointError(f"{f}: tensor {spec.name!r}: data_offsets [{a}, {b}] {problem}; the offsets must "
+                                  "tile the data region contiguously")
+        pos, prev = b, spec.name
+    data_start = 8 + n
+    if data_start + pos > size:
+        where = f" (tensor {prev!r} ends past the end of the file)" if prev is not None else ""
+        raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, header promises "
+                              f"{data_start + pos}){where}")
+    if data_start + pos < size:
+        raise CheckpointError(f"{f}: not a valid safetensors file ({size - data_start - pos} byte(s) after the last "
+                              "tensor's data; the offsets must cover the data region exactly)")
+    return [(spec, a) for a, _b, spec in entries], meta, data_start
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -134,54 +236,19 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         for f in files:
-            header, data_start = self._parse(f)
-            self._meta.update(header.pop("__metadata__", None) or {})
-            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-            for name, info in entries:
-                code = info.get("dtype")
-                if code not in ST_TO_TORCH:
-                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {code}")
-                spec = TensorSpec(name, tuple(int(x) for x in info["shape"]), ST_TO_TORCH[code])
-                a, b = (int(x) for x in info["data_offsets"])
-                if b - a != spec.nbytes:
-                    raise CheckpointError(f"{f}: tensor {name!r} spans {b - a} bytes, its shape and dtype need "
-                                          f"{spec.nbytes}")
-                self._specs[name] = spec
-                self._where[name] = f
-                self._offset[name] = data_start + a
+            entries, meta, data_start = parse_safetensors_header(f)
+            self._meta.update(meta)
+            for spec, start in entries:
+                if spec.name in self._specs:
+                    raise CheckpointError(f"{f}: tensor {spec.name!r} is also in shard {self._where[spec.name]}")
+                self._specs[spec.name] = spec
+                self._where[spec.name] = f
+                self._offset[spec.name] = data_start + start
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._specs))
             if missing:
                 raise CheckpointError(
                     f"{path}: index lists {len(missing)} tensor(s) absent from the shards, e.g. {missing[:3]}")
-
-    @staticmethod
-    def _parse(f: Path) -> tuple[dict[str, Any], int]:
-        """The header of a safetensors file, checked against the file's size (truncation, corruption)."""
-        if not f.is_file():
-            raise CheckpointError(f"{f}: shard file does not exist")
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{f}: truncated safetensors file (no header)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise CheckpointError(f"{f}: not a valid safetensors file (header length {n} exceeds the file size; "
-                                      "truncated or not safetensors)")
-            try:
-                header = json.loads(fh.read(n))
-                if not isinstance(header, dict):
-                    raise ValueError("header is not an object")
-                end = 0
-                for k, v in header.items():
-                    if k != "__metadata__":
-                        end = max(end, int(v["data_offsets"][1]))
-            except Exception as e:
-                raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header: {e})") from None
-        if 8 + n + end > size:
-            raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
-        return header, 8 + n
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -244,7 +311,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
             pass
 
 
@@ -271,7 +338,7 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
             f"does not allow them ({first})") from None
     except CheckpointError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of torch.load is a bad file
         raise CheckpointError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -322,19 +389,29 @@ class TorchCheckpoint(Checkpoint):
 
 
 def _read_index(index: Path) -> dict[str, str]:
+    if index.stat().st_size > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{index}: not a valid shard index (over {MAX_HEADER_BYTES} bytes)")
     try:
         data = json.loads(index.read_text())
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-        return {str(k): str(v) for k, v in weight_map.items()}
-    except Exception as e:
+        for k, v in weight_map.items():
+            if not isinstance(v, str):
+                raise TypeError(f"weight_map entry {k!r} -> {v!r} is not a file name")
+        return dict(weight_map)
+    except Exception as e:  # noqa: BLE001 - any malformed index
         raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
 
 
 def _from_index(path: Path, index: Path, kind: str) -> Checkpoint:
     weight_map = _read_index(index)
-    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    first_tensor = {}
+    for tensor, fname in weight_map.items():
+        first_tensor.setdefault(fname, tensor)
+    # every shard must be a plain file name in the index's directory (or a symlink resolving inside it)
+    files = [confined_file(index.parent, fname, f"{index}: weight_map entry {tensor!r} -> shard")
+             for fname, tensor in first_tensor.items()]
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{index}: shard {f.name} listed in the index does not exist")
@@ -381,12 +458,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     raise CheckpointError(
         f"{p}: no model weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, one *.safetensors, "
         f"{TORCH_INDEX}, {TORCH_SINGLE}, one .pt/.pth); the directory holds: {found}")
-
-
-def iter_rows(ckpt: Checkpoint, name: str, max_elements: int) -> Iterator[tuple[int, int]]:
-    """Row ranges [start, stop) splitting tensor ``name`` into chunks of at most ~max_elements elements."""
-    spec = ckpt.spec(name)
-    yield from row_chunks(spec, max_elements)
 
 
 def row_chunks(spec: TensorSpec, max_elements: int) -> Iterator[tuple[int, int]]:

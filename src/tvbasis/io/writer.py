@@ -2,25 +2,46 @@
 
 Shapes and dtypes of every output tensor are known before any data is computed (they come from the pretrained
 model), so the safetensors header is written first and tensor bytes are streamed after it one tensor at a time:
-writing never holds more than one tensor, however large the shard. Outputs appear atomically: everything is
-written under a temporary sibling path and renamed into place at the end; on error the temporary is removed.
+writing never holds more than one tensor, however large the shard. Outputs appear atomically (``io.atomic``):
+everything is written under a temporary sibling and swapped into place at the end; on error, or when a tensor
+turns out NaN/Inf once cast to its output dtype (``NonFiniteError``), the temporary is removed and the previous
+output, if any, is left as it was.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import uuid
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import torch
 
-from tvbasis.errors import CheckpointError, ConfigError, OutputExistsError
+from tvbasis.errors import CheckpointError, ConfigError
+from tvbasis.io.atomic import (  # check_output, replace_atomically: re-exported, other modules import them from here
+    AtomicOutput,
+    atomic_output,
+    check_output,
+    cleanup_stale_temps,
+    replace_atomically,
+    temp_path,
+)
+from tvbasis.io.finite import check_finite
+from tvbasis.io.paths import allowed_roots, confined_file, within
 from tvbasis.io.specs import TORCH_TO_ST, TensorSpec, parse_size
+
+__all__ = [
+    "COPY_DIRS", "COPY_FILES", "MAX_COPY_DEPTH", "ModelWriter", "PositionalShard", "SafetensorsStreamWriter",
+    "check_output", "copy_model_files", "header_for", "model_card", "plan_shards", "replace_atomically",
+    "shard_names", "temp_sibling", "write_index", "write_safetensors_file", "write_single_file_atomic",
+]
+
+log = logging.getLogger(__name__)
 
 #: files copied from the pretrained model directory into every written model
 COPY_FILES = (
@@ -30,34 +51,16 @@ COPY_FILES = (
     "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
 )
 COPY_DIRS = ("1_Pooling", "2_Normalize")
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless force; check the parent is writable. Raises before any work."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists (pass --force to overwrite)")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{parent}: directory is not writable")
+#: folder levels copied below a COPY_DIRS folder (sentence-transformers modules are flat; deeper trees are skipped)
+MAX_COPY_DEPTH = 4
 
 
 def temp_sibling(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def replace_atomically(tmp: Path, out: Path) -> None:
-    """Move tmp onto out; an existing out (allowed by --force) is removed only after tmp is complete."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        if trash.is_dir():
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            trash.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out)
+    """A fresh temporary sibling path of ``out`` (``.{name}.tvbasis-tmp-{pid}-{random}``, not created), after
+    removing the temporaries of ``out`` that dead processes left behind. Prefer ``io.atomic.atomic_output``."""
+    out = Path(out)
+    cleanup_stale_temps(out.parent, out.name)
+    return temp_path(out)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -86,23 +89,30 @@ def header_for(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = No
 class SafetensorsStreamWriter:
     """Write one safetensors file whose tensors (names, shapes, dtypes, order) are fixed up front."""
 
-    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None,
+                 label: str | Path | None = None) -> None:
         self.path = path
+        #: the name errors give (the final output, not the temporary being written)
+        self.label = str(label if label is not None else path)
         self.specs = list(specs)
         self._next = 0
         self._fh: BinaryIO = path.open("wb")
         self._fh.write(header_for(self.specs, metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor, cast to its planned dtype; NonFiniteError if it holds NaN/Inf once cast (e.g. a
+        float32 value beyond 65504 written as float16)."""
         if self._next >= len(self.specs):
-            raise CheckpointError(f"{self.path}: unexpected extra tensor {name!r}")
+            raise CheckpointError(f"{self.label}: unexpected extra tensor {name!r}")
         spec = self.specs[self._next]
         if name != spec.name:
-            raise CheckpointError(f"{self.path}: expected tensor {spec.name!r} next, got {name!r}")
+            raise CheckpointError(f"{self.label}: expected tensor {spec.name!r} next, got {name!r}")
         if tuple(tensor.shape) != spec.shape:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+            raise CheckpointError(f"{self.label}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"planned {spec.shape}")
         if tensor.dtype != spec.dtype:
             tensor = tensor.to(spec.dtype)
+        check_finite(tensor, self.label, name)
         self._fh.write(_tensor_bytes(tensor))
         self._next += 1
 
@@ -117,7 +127,7 @@ class SafetensorsStreamWriter:
             self._fh.close()
         if not self.complete:
             missing = [s.name for s in self.specs[self._next:]][:3]
-            raise CheckpointError(f"{self.path}: closed before all tensors were written (next: {missing})")
+            raise CheckpointError(f"{self.label}: closed before all tensors were written (next: {missing})")
 
     def abort(self) -> None:
         if not self._fh.closed:
@@ -126,9 +136,10 @@ class SafetensorsStreamWriter:
 
 def write_safetensors_file(path: Path, specs: Sequence[TensorSpec],
                            tensors: Iterable[tuple[str, torch.Tensor]],
-                           metadata: dict[str, str] | None = None) -> None:
-    """Stream (name, tensor) pairs, in the order of specs, into a new safetensors file at path."""
-    w = SafetensorsStreamWriter(path, specs, metadata)
+                           metadata: dict[str, str] | None = None, label: str | Path | None = None) -> None:
+    """Stream (name, tensor) pairs, in the order of specs, into a new safetensors file at path (not atomic: see
+    write_single_file_atomic). Every tensor is checked finite once cast to its planned dtype."""
+    w = SafetensorsStreamWriter(path, specs, metadata, label)
     try:
         for name, t in tensors:
             w.write(name, t)
@@ -168,21 +179,76 @@ def write_index(directory: Path, prefix: str, shards: list[list[TensorSpec]], na
     (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _regular_source(path: Path, roots: list[Path]) -> Path | None:
+    """The regular file to copy for ``path``: itself, or for a symlink its target when that resolves (no loop) to a
+    regular file inside ``roots``; None for anything else (a symlink out of the tree, dangling or looping, a FIFO,
+    a device, a directory)."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISLNK(mode):
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if within(target, roots) and stat.S_ISREG(target.lstat().st_mode):
+            return target
+    return None
+
+
+def _copy_tree(src: Path, dst: Path, roots: list[Path], depth: int, skipped: list[str]) -> None:
+    dst.mkdir()
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            if depth < MAX_COPY_DEPTH:
+                _copy_tree(path, dst / entry.name, roots, depth + 1, skipped)
+            else:
+                skipped.append(f"{path} (deeper than {MAX_COPY_DEPTH} levels)")
+            continue
+        source = _regular_source(path, roots)
+        if source is None:
+            skipped.append(f"{path} (a symlinked folder, a symlink out of the model directory, or not a file)")
+            continue
+        shutil.copy2(source, dst / entry.name)
+
+
 def copy_model_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy config/tokenizer/generation files from the pretrained model directory, when present."""
+    """Copy config/tokenizer/generation files (COPY_FILES) and sentence-transformers folders (COPY_DIRS) from the
+    pretrained model directory, when present. Returns the names copied.
+
+    The source is untrusted, so symlinks are never followed out of it: a symlinked file is copied (as a regular
+    file holding its content) only when it resolves to a regular file inside ``src`` (or, for a Hugging Face
+    cache snapshot, inside that repository's ``blobs/``); a symlinked folder is skipped whatever its target, so a
+    symlink loop is never entered; folders deeper than MAX_COPY_DEPTH and special files are skipped. Skipped
+    entries are logged."""
     copied: list[str] = []
     if src is None or not src.is_dir():
         return copied
+    roots = allowed_roots(src)
+    skipped: list[str] = []
     for name in COPY_FILES:
         f = src / name
-        if f.is_file():
-            shutil.copy2(f, dst / name)
-            copied.append(name)
+        if not os.path.lexists(f):
+            continue
+        source = _regular_source(f, roots)
+        if source is None:
+            skipped.append(f"{f} (a symlink out of the model directory, or not a regular file)")
+            continue
+        shutil.copy2(source, dst / name)
+        copied.append(name)
     for name in COPY_DIRS:
         d = src / name
-        if d.is_dir():
-            shutil.copytree(d, dst / name)
+        if d.is_symlink():
+            skipped.append(f"{d} (a symlinked folder)")
+        elif d.is_dir():
+            _copy_tree(d, dst / name, roots, 1, skipped)
             copied.append(name)
+    for what in skipped:
+        log.warning("not copying %s", what)
     return copied
 
 
@@ -206,23 +272,24 @@ class ModelWriter:
 
     Usage::
 
-        with ModelWriter(out, specs, max_shard_size="5GB", force=False) as w:
+        with ModelWriter(out, specs, max_shard_size="5GB", force=False, inputs=[pretrained_dir]) as w:
             for spec in specs: w.write(spec.name, tensor)
             w.finalize(copy_from=pretrained_dir, card=text)
 
-    Tensors must be written in the order of ``specs``; ``shards``/``shard_paths`` expose the plan so that
-    workers can write whole shards independently (``write_shard``).
+    Tensors must be written in the order of ``specs``. Checks before any work: an existing ``out`` without force
+    (OutputExistsError), ``out`` overlapping one of ``inputs`` (ConfigError). Every tensor is checked finite once
+    cast to its planned dtype (NonFiniteError). Nothing appears at ``out`` until ``finalize`` succeeds; an error
+    anywhere, or leaving the ``with`` block without finalize, removes the temporary directory.
     """
 
     def __init__(self, out: str | Path, specs: Sequence[TensorSpec], max_shard_size: int | str = "5GB",
-                 force: bool = False, prefix: str = "model") -> None:
+                 force: bool = False, prefix: str = "model", inputs: Sequence[str | Path] = ()) -> None:
         self.out = Path(out)
-        check_output(self.out, force)
         self.prefix = prefix
         self.shards = plan_shards(specs, max_shard_size)
         self.names = shard_names(prefix, len(self.shards))
-        self.tmp = temp_sibling(self.out)
-        self.tmp.mkdir(parents=True)
+        self._atomic = AtomicOutput(self.out, force, inputs)
+        self.tmp = self._atomic.tmp
         self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
         self._writers: dict[int, SafetensorsStreamWriter] = {}
         self._done = False
@@ -238,39 +305,42 @@ class ModelWriter:
             raise CheckpointError(f"{self.out}: tensor {name!r} is not in the output plan") from None
         w = self._writers.get(i)
         if w is None:
-            w = self._writers[i] = SafetensorsStreamWriter(self.shard_paths[i], self.shards[i], {"format": "pt"})
+            w = self._writers[i] = SafetensorsStreamWriter(self.shard_paths[i], self.shards[i], {"format": "pt"},
+                                                           label=self.out / self.names[i])
         w.write(name, tensor)
         if w.complete:
             w.close()
 
-    def write_shard(self, i: int, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        write_safetensors_file(self.shard_paths[i], self.shards[i], tensors, {"format": "pt"})
-
     def finalize(self, copy_from: Path | None = None, card: str | None = None,
                  extra_files: dict[str, str] | None = None) -> Path:
-        for i, shard in enumerate(self.shards):
-            if not self.shard_paths[i].is_file():
-                if shard:
+        """Check every shard is complete, add the index, copied model files, card and extra files, and swap the
+        directory into place. On any error the temporary is removed (and ``out`` left as it was)."""
+        try:
+            for i, shard in enumerate(self.shards):
+                if shard and not self.shard_paths[i].is_file():
                     raise CheckpointError(f"{self.out}: shard {self.names[i]} was never written")
-        for w in self._writers.values():
-            if not w.complete:
-                w.close()  # raises with the missing tensor names
-        write_index(self.tmp, self.prefix, self.shards, self.names)
-        copy_model_files(copy_from, self.tmp)
-        if card is not None:
-            (self.tmp / "README.md").write_text(card)
-        for name, text in (extra_files or {}).items():
-            (self.tmp / name).write_text(text)
-        replace_atomically(self.tmp, self.out)
+            for w in self._writers.values():
+                if not w.complete:
+                    w.close()  # raises with the missing tensor names
+            write_index(self.tmp, self.prefix, self.shards, self.names)
+            copy_model_files(copy_from, self.tmp)
+            if card is not None:
+                (self.tmp / "README.md").write_text(card)
+            for name, text in (extra_files or {}).items():
+                confined_file(self.tmp, name, f"{self.out}: extra file", ConfigError).write_text(text)
+            self._atomic.commit()
+        except BaseException:
+            self.abort()
+            raise
         self._done = True
         return self.out
 
     def abort(self) -> None:
         for w in self._writers.values():
             w.abort()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._atomic.abort()
 
-    def __enter__(self) -> ModelWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -279,16 +349,13 @@ class ModelWriter:
 
 
 def write_single_file_atomic(out: Path, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                             metadata: dict[str, str] | None = None, force: bool = False) -> Path:
-    """One safetensors file (e.g. a saved task vector), streamed, then renamed into place."""
-    check_output(out, force)
-    tmp = temp_sibling(out)
-    try:
-        write_safetensors_file(tmp, specs, tensors, metadata)
-        replace_atomically(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                             metadata: dict[str, str] | None = None, force: bool = False,
+                             inputs: Sequence[str | Path] = ()) -> Path:
+    """One safetensors file (e.g. a saved task vector), streamed under a temporary name and swapped into place
+    (``atomic_output``: same checks as ModelWriter, every tensor checked finite)."""
+    out = Path(out)
+    with atomic_output(out, force, inputs, directory=False) as tmp:
+        write_safetensors_file(tmp, specs, tensors, metadata, label=out)
     return out
 
 
