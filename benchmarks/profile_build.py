@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results  # noqa: E402
 
 from tvbasis.engine import LocalEngine  # noqa: E402
-from tvbasis.gram import compute_gram  # noqa: E402
+from tvbasis.passes import compute_gram  # noqa: E402
 from tvbasis.store import build_store  # noqa: E402
 from tvbasis.taskset import TaskSet  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
         out = a.work / f"profile-store-{v}"
         cache.prepare(files)
         c1, w1 = cpu_s(), time.perf_counter()
-        build_store(fam.pretrained, fam.subset(a.T), a.method, a.M, out, force=True, engine=eng)
+        build_store(fam.pretrained, fam.subset(a.T), a.method, a.M, out, force=True, run=eng)
         t_build = time.perf_counter() - w1
         c_build = cpu_s() - c1
         if prof:

@@ -96,7 +96,7 @@ def ray_engine():
     import sys
 
     from ray import cloudpickle
-    from tvbasis.ray_engine import RayEngine
+    from tvbasis.engine.ray import RayEngine
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     eng = RayEngine(workers=2, progress=False, object_store_memory=256 * 2**20)
     yield eng
@@ -220,7 +220,7 @@ class _Square:
 
 @pytest.mark.ray
 def test_ray_engine_map_contract(ray_engine):
-    from tvbasis.ray_engine import plan_groups
+    from tvbasis.engine.ray import plan_groups
     items = list(range(203))
     sizes = [random.Random(i).randint(1, 5000) for i in items]
     assert list(ray_engine.map(_Square(), items, sizes=sizes)) == [i * i for i in items]

@@ -222,7 +222,7 @@ def test_global_trim_scope_over_two_tensors_equals_dense_over_the_concatenation(
 def test_streaming_global_ties_equals_dense_over_whole_vector(tmp_path):
     from tinymodels import dense_vector, flat, make_family
 
-    from tvbasis.merging import merge_task_vectors
+    from tvbasis.passes import merge_task_vectors
 
     pre_p, fts, pre, sds = make_family(tmp_path, T=3)
     tv = merge_task_vectors(pre_p, fts, MergeSpec("ties", {"density": 0.2, "trim_scope": "global"}),
@@ -343,7 +343,8 @@ def test_bad_parameters_raise_config_errors(x):
 
 def test_registry_and_parsing():
     assert set(available_methods()) == set(MERGE_METHODS) == {
-        "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus"}
+        "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus",
+        "tsv_merge", "iso_c", "iso_cts"}
     m = get_merger(MergeSpec("ties", {"density": 1}))
     assert m.density == 1.0 and not m.needs_global_thresholds and not m.needs_fisher
     assert get_merger(MergeSpec("task_arithmetic")).density is None
@@ -360,7 +361,7 @@ def test_registry_and_parsing():
                                            ("task_arithmetic", {})])
 def test_big_tensors_merged_in_chunks_match_whole_tensor_merge(method, params):
     from tvbasis.io import TensorSpec
-    from tvbasis.merging import merge_tensor
+    from tvbasis.passes import merge_tensor
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, 300, 20, generator=g)

@@ -11,9 +11,9 @@ import torch
 from tinymodels import dense_vector, flat, make_family, pretrained_state, save_hf
 from tvbasis.bases import get_basis_method
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
-from tvbasis.gram import compute_gram
+from tvbasis.passes import compute_gram
 from tvbasis.io import open_checkpoint
-from tvbasis.store import BasisStore, build_store
+from tvbasis.store import BasisStore, add_task, build_store
 from tvbasis.taskset import TaskSet, layer_group
 
 
@@ -43,7 +43,7 @@ def test_streaming_gram_equals_dense(fam):
 
 @pytest.mark.parametrize("n", [100, 1024 * 70 + 333])  # tail only; 70 blocks (> one batch of 32) + tail
 def test_block_products_match_float64(n):
-    from tvbasis.gram import cross_of, gram_of, row_sq_norms
+    from tvbasis.passes import cross_of, gram_of, row_sq_norms
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, n, generator=gen) * torch.logspace(-4, 0, 7).unsqueeze(1)  # rows of very different norms
     u = torch.randn(3, n, generator=gen)
@@ -179,13 +179,13 @@ def test_add_task(tmp_path, method):
     pre_p, fts, pre, sds = make_family(tmp_path, T=7, clusters=3)
     first = {k: fts[k] for k in list(fts)[:6]}
     store = build_store(pre_p, first, method, 3, tmp_path / "s")
-    new = store.add_task("task6", fts["task6"], pre_p)
+    new = add_task(store, "task6", fts["task6"], pre_p)
     assert new.T == 7 and new.task_names[-1] == "task6"
     ref = flat(dense_vector(pre, sds[6]))
     measured = float((flat(new.reconstruct("task6").to_state_dict()) - ref).norm() / ref.norm())
     assert abs(measured - new.rel_errors["task6"]) < 1e-4
     if method == "cluster":
-        assert new.manifest["tasks"][-1]["cluster"] == new.labels[0]  # task6 is planted with task0 (6 % 3 == 0)
+        assert new.manifest.tasks[-1].cluster == new.labels[0]  # task6 is planted with task0 (6 % 3 == 0)
         assert measured < 0.2
 
 
@@ -210,7 +210,7 @@ def test_autoencoder_gradients_match_autograd(encoder, decoder):
 
 
 def test_nonlinear_cluster_bases_chunked_equal_whole(fam, tmp_path, monkeypatch):
-    import tvbasis.store as st
+    import tvbasis.passes.materialise as st
     pre_p, fts, pre, sds = fam
     opts = {"inner": "ties", "inner_params": {"density": 0.3}}
     whole = build_store(pre_p, fts, "cluster", 3, tmp_path / "w", opts)

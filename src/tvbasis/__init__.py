@@ -1,3 +1,27 @@
-"""tvbasis: task vector bases — compress T task vectors into M < T basis vectors and keep task arithmetic working."""
+"""tvbasis: task vector bases — compress T task vectors into M < T basis vectors and keep task arithmetic working.
 
-__version__ = "0.1.0"
+The public face::
+
+    from tvbasis import TaskVector, merge_task_vectors, MergeSpec, build_store, open_store, RunOptions
+"""
+
+from tvbasis._version import __version__
+from tvbasis.engine import RunOptions
+from tvbasis.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteError,
+    OutputExistsError,
+    StoreError,
+    TensorMismatchError,
+    TvbasisError,
+    UnknownTaskError,
+)
+from tvbasis.merge import MergeSpec
+from tvbasis.passes import merge_task_vectors
+from tvbasis.store import BasisStore, add_task, build_store, open_store
+from tvbasis.vectors import TaskVector
+
+__all__ = ["BasisStore", "CheckpointError", "ConfigError", "MergeSpec", "NonFiniteError", "OutputExistsError",
+           "RunOptions", "StoreError", "TaskVector", "TensorMismatchError", "TvbasisError", "UnknownTaskError",
+           "__version__", "add_task", "build_store", "merge_task_vectors", "open_store"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tvbasis import __version__
+from tvbasis._version import __version__
 from tvbasis.errors import ConfigError, TvbasisError
 
 log = logging.getLogger("tvbasis")
@@ -85,12 +85,15 @@ def _filters(p: argparse.ArgumentParser) -> None:
                    help="leave out tensors matching this glob (or re:REGEX), e.g. '*classifier*'; repeatable")
 
 
-def _engine_flags(p: argparse.ArgumentParser) -> None:
+def _engine_flags(p: argparse.ArgumentParser, device: bool = False) -> None:
+    """--engine/--workers/--ray-address; --device only where the command does its arithmetic on a device."""
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="where per-tensor work runs (default local threads; ray needs tvbasis[ray])")
     p.add_argument("--workers", type=int, help="threads (local) or parallel tasks (ray)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--device", default="cpu", help="torch device for the arithmetic, e.g. cuda (default cpu)")
+    if device:
+        p.add_argument("--device", default="cpu",
+                       help="torch device for the Gram / merge arithmetic, e.g. cuda (default cpu)")
 
 
 def _merge_flags(p: argparse.ArgumentParser, default: str | None = "task_arithmetic") -> None:
@@ -104,18 +107,17 @@ def _merge_flags(p: argparse.ArgumentParser, default: str | None = "task_arithme
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other merge parameter; repeatable")
 
 
-#: engines opened by this command, closed when it ends (a Ray engine that started Ray shuts it down)
-_OPEN_ENGINES: list[Any] = []
+#: run options of this command (engine and device, resolved once), closed when it ends (a Ray engine that
+#: started Ray shuts it down)
+_OPEN_RUNS: list[Any] = []
 
 
-def _engine(args: argparse.Namespace) -> Any:
-    from tvbasis.engine import get_engine, resolve_device
-    if hasattr(args, "device"):
-        args.device = resolve_device(args.device)
-    eng = get_engine(args.engine, workers=args.workers, address=args.ray_address,
-                     progress=not getattr(args, "quiet", False))
-    _OPEN_ENGINES.append(eng)
-    return eng
+def _run(args: argparse.Namespace) -> Any:
+    from tvbasis.engine import RunOptions
+    if not _OPEN_RUNS:
+        _OPEN_RUNS.append(RunOptions(args.engine, args.workers, args.ray_address, getattr(args, "device", "cpu"),
+                                     progress=not getattr(args, "quiet", False)))
+    return _OPEN_RUNS[0]
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -132,25 +134,25 @@ def cmd_vector(args: argparse.Namespace) -> int:
     from tvbasis.io import parse_dtype
     from tvbasis.vectors import TaskVector
     tv = TaskVector.from_checkpoints(args.pretrained, args.finetuned, args.include, args.exclude)
-    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, engine=_engine(args))
+    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=_run(args))
     print(f"wrote task vector {out} ({len(tv)} tensors, {tv.num_parameters:,} parameters)")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from tvbasis.io import parse_dtype
-    from tvbasis.merging import merge_task_vectors
+    from tvbasis.passes import merge_task_vectors
     ft = _finetuned(args.finetuned)
     spec = _merge_spec(args)
     weights = _floats(_pairs(args.weight, "--weight"), "--weight")
     fisher = _pairs(args.fisher, "--fisher") or None
     from tvbasis.io import check_output
     check_output(Path(args.out), args.force)
-    eng = _engine(args)
-    tv = merge_task_vectors(args.pretrained, ft, spec, weights, fisher, args.include, args.exclude, eng, args.device)
+    run = _run(args)
+    tv = merge_task_vectors(args.pretrained, ft, spec, weights, fisher, args.include, args.exclude, run)
     params = {"method": spec.method, **spec.params, "models": ", ".join(ft), **({"weights": weights} if weights else {})}
     out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
-                      max_shard_size=args.max_shard_size, force=args.force, engine=eng, method=spec.method,
+                      max_shard_size=args.max_shard_size, force=args.force, run=run, method=spec.method,
                       parameters=params)
     print(f"wrote merged model {out} ({spec.method}, {len(ft)} models, scaling_coef {args.scaling_coef})")
     return 0
@@ -172,7 +174,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         coefs.append(c)
     tv = TaskVector.linear_combination(vectors, coefs)
     out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
-                      max_shard_size=args.max_shard_size, force=args.force, engine=_engine(args),
+                      max_shard_size=args.max_shard_size, force=args.force, run=_run(args),
                       method="task_arithmetic", parameters={"vectors": ", ".join(args.vector)})
     print(f"wrote {out} (θ₀ + {args.scaling_coef}·Σ coef·τ over {len(vectors)} vector(s))")
     return 0
@@ -238,8 +240,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tvbasis.store import build_store
     ft = _finetuned(args.finetuned)
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
-                        args.dtype, args.include, args.exclude, args.max_shard_size, args.force, _engine(args),
-                        args.device, fisher=_pairs(args.fisher, "--fisher") or None)
+                        args.dtype, args.include, args.exclude, args.max_shard_size, args.force, _run(args),
+                        fisher=_pairs(args.fisher, "--fisher") or None)
     s = store.summary()
     print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
           f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
@@ -287,7 +289,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore
     store = BasisStore.open(args.store)
     tv = store.reconstruct(args.task)
-    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, engine=_engine(args))
+    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=_run(args))
     print(f"wrote reconstructed task vector {args.task} to {out} "
           f"(relative reconstruction error {store.rel_errors[args.task]:.4f})")
     return 0
@@ -319,22 +321,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
         tv = store.combine(_combo(args.combine))
         what = f"combine {args.combine}"
     out = tv.apply_to(pre, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
-                      max_shard_size=args.max_shard_size, force=args.force, engine=_engine(args),
+                      max_shard_size=args.max_shard_size, force=args.force, run=_run(args),
                       method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, "store": str(store.root)})
     print(f"wrote {out}: {what}, scaling_coef {args.scaling_coef}")
     return 0
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
-    from tvbasis.store import BasisStore
+    from tvbasis.store import BasisStore, add_task
     pair = _pairs([args.task], "NAME=PATH")
     (name, path), = pair.items()
-    store = BasisStore.open(args.store)
-    new = store.add_task(name, path, args.pretrained, engine=_engine(args))
-    task = new.manifest["tasks"][-1]
-    where = f", joined cluster {task['cluster']}" if "cluster" in task else ""
+    new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=_run(args))
+    task = new.manifest.tasks[-1]
+    where = f", joined cluster {task.cluster}" if task.cluster is not None else ""
     print(f"added task {name} to {new.root} (T = {new.T}{where}); "
-          f"relative reconstruction error {task['rel_error']:.4f}")
+          f"relative reconstruction error {task.rel_error:.4f}")
     return 0
 
 
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_flags(s)
     _common_io(s)
     _filters(s)
-    _engine_flags(s)
+    _engine_flags(s, device=True)
     s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("apply", help="apply saved task vectors with signed coefficients (add, negate, analogy)",
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _common_io(s)
     _filters(s)
-    _engine_flags(s)
+    _engine_flags(s, device=True)
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")
@@ -479,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tvbasis: interrupted; no output was written", file=sys.stderr)
         return 130
     finally:
-        while _OPEN_ENGINES:
-            _OPEN_ENGINES.pop().close()
+        while _OPEN_RUNS:
+            _OPEN_RUNS.pop().close()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -12,8 +10,15 @@ from pathlib import Path
 import torch
 
 from tvbasis.errors import ConfigError
-from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, open_finetuned, row_chunks
-from tvbasis.vectors import DiffSource, KeyFilter, TaskVector, all_finite, changed_specs, vector_specs
+from tvbasis.io import (
+    Checkpoint,
+    TensorSpec,
+    all_finite,
+    open_checkpoint,
+    open_finetuned,
+    row_chunks,
+)
+from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
 #: input bytes of one work item (the T + 1 float32 slices of one row chunk): keeps a pass's memory flat in T.
 #: 16 MB rather than more: the stacked float32 deltas of an item then stay under glibc's mmap threshold, so
@@ -75,13 +80,6 @@ class TaskSet:
     def T(self) -> int:
         return len(self.names)
 
-    def vector(self, i: int) -> TaskVector:
-        return TaskVector(self.specs, [(1.0, DiffSource(self.pretrained, self.finetuned[i]))], self.pretrained,
-                          self.names[i])
-
-    def vectors(self) -> list[TaskVector]:
-        return [self.vector(i) for i in range(self.T)]
-
     def deltas(self, name: str, rows: tuple[int, int] | None = None,
                tasks: list[int] | None = None) -> torch.Tensor:
         """The task-vector slices of one tensor (or rows of it), stacked: (T, *shape) float32 — or only those of
@@ -124,48 +122,3 @@ class TaskSet:
         rows = (item[2] - item[1]) if s.shape else 1
         per_row = s.numel // max(1, s.shape[0]) if s.shape else 1
         return (self.T + 1) * rows * per_row * self.pretrained.spec(item[0]).dtype.itemsize
-
-    def input_bytes(self) -> int:
-        return sum(c.nbytes for c in [self.pretrained, *self.finetuned])
-
-
-def tensor_digest(name: str, t: torch.Tensor) -> bytes:
-    """Content digest of one tensor: blake2b of (name, dtype, shape) and CRC-32 of its bytes.
-
-    The checksum guards against applying a store to the wrong pretrained model, not against an adversary, so
-    the bytes go through CRC-32 (~4x faster than blake2b here); a different model differs in almost every
-    chunk, and the per-chunk digests are combined with SHA-256."""
-    h = hashlib.blake2b(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), digest_size=12)
-    flat = t.detach().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    crc = zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
-    return h.digest() + crc.to_bytes(4, "little")
-
-
-def chunk_key(name: str, a: int, b: int) -> str:
-    return f"{name}[{a}:{b}]"
-
-
-def chunk_digests(spec: TensorSpec, t: torch.Tensor, chunk_elements: int) -> list[tuple[str, bytes]]:
-    """Digests of a whole tensor cut into the same row chunks the Gram pass used (see ``GramTask``)."""
-    out = []
-    for a, b in row_chunks(spec, chunk_elements):
-        out.append((chunk_key(spec.name, a, b), tensor_digest(chunk_key(spec.name, a, b), t[a:b] if spec.shape else t)))
-    return out
-
-
-def combine_digests(digests: Iterable[tuple[str, bytes]]) -> str:
-    h = hashlib.sha256()
-    for name, d in sorted(digests):
-        h.update(name.encode())
-        h.update(d)
-    return h.hexdigest()
-
-
-def structure_fingerprint(ckpt: Checkpoint) -> str:
-    """Hash of tensor names, shapes and dtypes: a free first check that a store matches a model."""
-    h = hashlib.sha256()
-    for s in sorted(ckpt.specs(), key=lambda s: s.name):
-        h.update(f"{s.name}|{tuple(s.shape)}|{s.dtype};".encode())
-    return h.hexdigest()

@@ -9,6 +9,7 @@ one streaming pass; ``apply_to`` streams θ₀ + λ·τ into a Hugging Face mode
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 from abc import ABC, abstractmethod
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from tvbasis.engine import Engine, get_engine
+from tvbasis.engine import Run, as_run
 from tvbasis.errors import CheckpointError, ConfigError, NonFiniteError, TensorMismatchError
 from tvbasis.io import (
     Checkpoint,
+    all_finite,
+    check_finite,
     ModelWriter,
     TensorSpec,
     dtype_name,
@@ -30,6 +33,7 @@ from tvbasis.io import (
     open_finetuned,
     write_single_file_atomic,
 )
+from tvbasis.io.checksum import check_pretrained_checksum, check_pretrained_structure, chunk_digests
 
 VECTOR_FORMAT = "tvbasis.task_vector"
 
@@ -62,22 +66,6 @@ def _few(names: Iterable[str], n: int = 5) -> str:
     names = sorted(names)
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
     return ", ".join(repr(x) for x in names[:n]) + more
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in t. A sum is ~10x cheaper than an elementwise isfinite and is NaN/Inf whenever an element
-    is; only when the sum itself overflows is the exact elementwise check needed."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def check_finite(t: torch.Tensor, where: str, name: str) -> None:
-    if not all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{where}: tensor {name!r} contains {bad} NaN/Inf value(s)")
 
 
 def vector_specs(pretrained: Checkpoint, finetuned: Checkpoint | None, keep: KeyFilter) -> dict[str, TensorSpec]:
@@ -223,7 +211,6 @@ class TaskVector:
         meta = ckpt.metadata()
         dtypes = {}
         if "dtypes" in meta:
-            import json
             dtypes = json.loads(meta["dtypes"])
         specs = {}
         for s in ckpt.specs():
@@ -342,31 +329,30 @@ class TaskVector:
         return TaskVector.sum([float(c) * v for v, c in zip(vectors, coefs)])
 
     # -- reductions (float64) --------------------------------------------------------------------------
-    def dot(self, other: TaskVector, engine: Engine | str | None = None) -> float:
+    def dot(self, other: TaskVector, run: Run = None) -> float:
         self._check_compatible(other)
-        eng = get_engine(engine, progress=False)
+        eng = as_run(run).quiet().get_engine()
         return math.fsum(eng.map(_DotTask(self, other), self.keys()))
 
-    def norm(self, engine: Engine | str | None = None) -> float:
-        eng = get_engine(engine, progress=False)
+    def norm(self, run: Run = None) -> float:
+        eng = as_run(run).quiet().get_engine()
         return math.sqrt(math.fsum(eng.map(_DotTask(self, None), self.keys())))
 
-    def cosine(self, other: TaskVector, engine: Engine | str | None = None) -> float:
-        d = self.dot(other, engine)
-        n = self.norm(engine) * other.norm(engine)
+    def cosine(self, other: TaskVector, run: Run = None) -> float:
+        d = self.dot(other, run)
+        n = self.norm(run) * other.norm(run)
         return d / n if n > 0 else 0.0
 
     # -- outputs ---------------------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype | None = None, force: bool = False,
-             engine: Engine | str | None = None) -> Path:
+             run: Run = None) -> Path:
         """Save as one safetensors file of deltas (float32 unless ``dtype``); metadata records the format."""
-        import json
         out_dtype = dtype or torch.float32
         specs = [s.with_dtype(out_dtype) for s in self.specs.values()]
         meta = {"format": "pt", "tvbasis": VECTOR_FORMAT, "name": self.name,
                 "pretrained": str(self.pretrained.path) if self.pretrained else "",
                 "dtypes": json.dumps({n: dtype_name(s.dtype) for n, s in self.specs.items()})}
-        eng = get_engine(engine)
+        eng = as_run(run).get_engine()
         names = self.keys()
         stream = zip(names, eng.map(_GetTask(self), names, desc="task vector",
                                     sizes=[self.specs[n].numel * 4 for n in names]))
@@ -374,7 +360,7 @@ class TaskVector:
 
     def apply_to(self, pretrained: str | Path | Checkpoint, scaling_coef: float = 1.0, out: str | Path | None = None,
                  dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB", force: bool = False,
-                 engine: Engine | str | None = None, method: str = "task_arithmetic",
+                 run: Run = None, method: str = "task_arithmetic",
                  parameters: dict[str, object] | None = None) -> Path:
         """Write θ₀ + scaling_coef·τ as a Hugging Face model directory at ``out``.
 
@@ -386,7 +372,6 @@ class TaskVector:
         pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
         expected = self.expected_pretrained
         if expected is not None:
-            from tvbasis.store import check_pretrained_structure
             check_pretrained_structure(expected, pre, Path(str(expected.get("path", "store"))))
         for n, s in self.specs.items():
             if n not in pre:
@@ -397,7 +382,7 @@ class TaskVector:
         out_specs = [s.with_dtype(dtype) if (dtype is not None and s.is_float) else s for s in pre.specs()]
         base = str(pre.root_dir or pre.path)
         params = {"scaling_coef": scaling_coef, **(parameters or {})}
-        eng = get_engine(engine)
+        eng = as_run(run).get_engine()
         names = [s.name for s in out_specs]
         chunk = int(expected["checksum_chunk_elements"]) if expected and expected.get("checksum") else None  # type: ignore[call-overload]
         task = _ApplyTask(self, pre, float(scaling_coef), chunk)
@@ -408,11 +393,7 @@ class TaskVector:
                 w.write(name, t)
                 digests.extend(d)
             if chunk is not None and expected is not None:
-                from tvbasis.errors import StoreError
-                from tvbasis.taskset import combine_digests
-                if combine_digests(digests) != expected["checksum"]:
-                    raise StoreError(f"{pre.path}: is not the pretrained model the store was built from "
-                                     f"({expected.get('path')}): the weights differ (checksum mismatch); nothing written")
+                check_pretrained_checksum(digests, expected, pre.path, "; nothing written")
             return w.finalize(copy_from=pre.root_dir, card=model_card(base, method, params))
 
 
@@ -444,15 +425,9 @@ class _ApplyTask:
             return base, []
         digests: list[tuple[str, bytes]] = []
         if self.checksum_chunk is not None:
-            from tvbasis.taskset import chunk_digests
             digests = chunk_digests(self.tv.specs[name], base, self.checksum_chunk)
         check_finite(base, str(self.pre.path), name)
         out = base.to(torch.float32, copy=True)
         out.add_(self.tv.get(name), alpha=self.coef)
         return out, digests
 
-
-def merge_task_vectors(*args: object, **kwargs: object) -> TaskVector:
-    """See ``tvbasis.merging.merge_task_vectors`` (re-exported here for convenience)."""
-    from tvbasis.merging import merge_task_vectors as impl
-    return impl(*args, **kwargs)  # type: ignore[arg-type]

@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from tvbasis.bases.autoencoder import AutoencoderBasis
-from tvbasis.bases.base import BasisFit, BasisMethod, eckart_young_bound, least_squares_W, reconstruction_loss
+from tvbasis.bases.base import (
+    BasisFit,
+    BasisMethod,
+    check_M,
+    cosine_from_gram,
+    eckart_young_bound,
+    least_squares_W,
+    reconstruction_loss,
+    ridge_solve,
+)
 from tvbasis.bases.cluster import ClusterBasis, eigengap_k, spectral_clusters
 from tvbasis.bases.pca import PCABasis
 from tvbasis.bases.random import RandomBasis, RandomSampleBasis
+from tvbasis.bases.random_rows import random_rows
 from tvbasis.errors import ConfigError
 
 BASIS_METHODS: dict[str, type[BasisMethod]] = {
@@ -24,5 +34,5 @@ def get_basis_method(name: str, **options: Any) -> BasisMethod:
     return cls(**options)
 
 
-__all__ = ["BASIS_METHODS", "BasisFit", "BasisMethod", "eckart_young_bound", "eigengap_k", "get_basis_method",
-           "least_squares_W", "reconstruction_loss", "spectral_clusters"]
+__all__ = ["BASIS_METHODS", "BasisFit", "BasisMethod", "check_M", "cosine_from_gram", "eckart_young_bound", "eigengap_k", "get_basis_method",
+           "least_squares_W", "random_rows", "reconstruction_loss", "ridge_solve", "spectral_clusters"]

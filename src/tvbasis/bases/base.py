@@ -3,7 +3,9 @@
 A method *fits* from the Gram matrix alone (a T×T problem, whatever the model size) and returns a
 ``BasisFit``: how each basis vector is formed from the task vectors (a linear map B, a per-cluster inner
 merge, or a seeded random generator) and how each task is reconstructed from the bases (W, plus the mean for
-PCA). A second streaming pass (``tvbasis.store.build_store``) then materialises the bases tensor by tensor.
+PCA). A second streaming pass (``tvbasis.passes.materialise``) then materialises the bases tensor by tensor,
+asking the fit — not a list of method names — how each stored row is made (``stored_rows``), how tasks are
+reconstructed (``coef_matrix``) and whether the coefficients are refit from the pass's cross-Grams (``refit_from``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
+import torch
+
+from tvbasis.bases.random_rows import random_rows
 from tvbasis.errors import ConfigError
-from tvbasis.merge import MergeSpec
+from tvbasis.merge import MergeSpec, get_merger
 
 
 @dataclass
@@ -33,13 +38,94 @@ class BasisFit:
     mean_coef: np.ndarray | None = None
     #: cluster label per task (cluster bases), or None
     labels: list[int] | None = None
-    #: non-linear inner merge producing each cluster's basis per tensor (cluster with ties/topk/dare/...)
+    #: the inner merge of a cluster basis. With B set it is linear (mean, task_arithmetic) and B holds it; with
+    #: B None it is non-linear (ties/topk/dare/...) and produces each cluster's basis per tensor in the pass
     inner: MergeSpec | None = None
     #: seed of a random basis regenerated per tensor (random): the bases are not stored
     random_seed: int | None = None
     #: after materialisation, recompute W by least squares from the exact cross-Grams
     refit: str | None = None  # None | "full" | "cluster_scale"
     stats: dict[str, Any] = field(default_factory=dict)
+
+    # -- what the stored vectors are ---------------------------------------------------------------------
+    @property
+    def has_mean(self) -> bool:
+        """True when a mean vector μ is stored after the M bases (PCA)."""
+        return self.mean_weights is not None
+
+    @property
+    def stores_bases(self) -> bool:
+        """False for a random basis, which is regenerated from its seed instead of stored."""
+        return self.random_seed is None
+
+    @property
+    def is_merged(self) -> bool:
+        """True when each basis is made per tensor by a non-linear inner merge of its cluster's members."""
+        return self.inner is not None and self.B is None
+
+    @property
+    def n_stored(self) -> int:
+        """Rows of U, the stored vectors: the M bases, then μ when there is one."""
+        return self.M + (1 if self.has_mean else 0)
+
+    def stored_rows(self, x: torch.Tensor | None, name: str, shape: tuple[int, ...], a: int, b: int,
+                    total_params: int) -> torch.Tensor:
+        """Rows [a, b) of the stored vectors U of one tensor, (n_stored, b − a, *shape[1:]) float32, from the
+        task-vector slices ``x`` (T, b − a, ...) — linear bases: U = [Bᵀ; mean weights]·X in one product —
+        or from the seed (random bases; ``x`` unused). Merged bases are made by the merge pass instead."""
+        if self.random_seed is not None:
+            s = random_rows(self.random_seed, name, shape, self.M, total_params, a, b)
+            return s if x is None else s.to(x.device)
+        if self.B is None or x is None:
+            raise ValueError("stored_rows: bases made by a non-linear inner merge come from the merge pass")
+        coef = self.B.T if self.mean_weights is None else np.vstack([self.B.T, np.asarray(self.mean_weights)[None]])
+        Ct = torch.as_tensor(coef, dtype=torch.float32, device=x.device)
+        return (Ct @ x.reshape(x.shape[0], -1)).reshape(Ct.shape[0], *x.shape[1:])
+
+    # -- how tasks are reconstructed ---------------------------------------------------------------------
+    def coef_matrix(self) -> np.ndarray:
+        """(n_stored, T) coefficients of each task on the stored vectors U = [bases; μ]."""
+        if self.mean_coef is None:
+            return self.W
+        return np.vstack([self.W, self.mean_coef[None, :]])
+
+    @property
+    def residuals_known_in_pass(self) -> bool:
+        """True when W does not depend on the materialised bases, so each task's residual can be measured
+        directly in the pass: fixed W (autoencoder, PCA) or cluster scales that G already gives exactly."""
+        return self.refit is None or (self.refit == "cluster_scale" and self.B is not None)
+
+    def refit_from(self, C: np.ndarray, K: np.ndarray) -> None:
+        """Least-squares coefficients from the exact cross-Grams C = UᵀV and K = UᵀU (in place)."""
+        M = self.M
+        if self.refit == "full":
+            self.W = ridge_solve(K[:M, :M], C[:M])
+        elif self.refit == "cluster_scale":
+            assert self.labels is not None
+            W = np.zeros((M, len(self.labels)))
+            for t, m in enumerate(self.labels):
+                W[m, t] = C[m, t] / K[m, m] if K[m, m] > 0 else 0.0
+            self.W = W
+
+    def squared_errors(self, G: np.ndarray, C: np.ndarray, K: np.ndarray) -> np.ndarray:
+        """‖v_t − v̂_t‖² of every task: G_tt − 2·w_tᵀC_t + w_tᵀKw_t (exact, float64)."""
+        Wf = self.coef_matrix()
+        return np.diag(G) - 2 * np.einsum("mt,mt->t", Wf, C) + np.einsum("mt,mn,nt->t", Wf, K, Wf)
+
+    def cluster_sizes(self) -> list[int]:
+        """Members per cluster (recorded at fit time and kept up to date by add-task)."""
+        assert self.labels is not None
+        sizes = self.stats.get("cluster_sizes")
+        if isinstance(sizes, list) and len(sizes) == self.M:
+            return [int(n) for n in sizes]
+        return np.bincount(self.labels, minlength=self.M).tolist()
+
+    def inner_is_mean(self) -> bool:
+        """Whether the cluster's inner merge averages its members (else it sums them)."""
+        if self.inner is not None:
+            return get_merger(self.inner).normalizes
+        # stores written before the inner merge of linear clusters was recorded: a mean has unit column sums
+        return self.B is None or bool(np.allclose(self.B.sum(0), 1.0))
 
     def to_json(self) -> dict[str, Any]:
         def arr(x: np.ndarray | None) -> list[Any] | None:
@@ -82,6 +168,7 @@ class BasisMethod(ABC):
 
 
 def check_M(M: int | None, T: int, method: str) -> int:
+    """M itself, when 1 <= M < T; ConfigError otherwise (the one range check of every method and of a build)."""
     if M is None:
         raise ConfigError(f"basis method {method!r} needs -M (number of bases)")
     if M < 1 or M >= T:
@@ -101,8 +188,21 @@ def reconstruction_loss(G: np.ndarray, R: np.ndarray) -> float:
     return float(np.trace(E.T @ G @ E)) / G.shape[0] ** 2
 
 
-def least_squares_W(G: np.ndarray, B: np.ndarray, ridge: float = 1e-12) -> np.ndarray:
+def ridge_solve(K: np.ndarray, rhs: np.ndarray, ridge: float = 1e-12) -> np.ndarray:
+    """Least-squares coefficients K⁻¹·rhs for a Gram K of stored vectors, with a tiny ridge relative to K's mean
+    diagonal (so a rank-deficient K — e.g. two identical bases — still gives the minimum-norm-like answer)."""
+    n = max(1, K.shape[0])
+    return np.linalg.solve(K + ridge * max(float(np.trace(K)), 1e-300) / n * np.eye(K.shape[0]), rhs)
+
+
+def least_squares_W(G: np.ndarray, B: np.ndarray) -> np.ndarray:
     """The W minimising ‖V − V·B·W‖ given B: (BᵀGB)⁻¹·BᵀG."""
-    K = B.T @ G @ B
-    K = K + ridge * np.trace(K) / max(1, K.shape[0]) * np.eye(K.shape[0])
-    return np.linalg.solve(K, B.T @ G)
+    return ridge_solve(B.T @ G @ B, B.T @ G)
+
+
+def cosine_from_gram(G: np.ndarray) -> np.ndarray:
+    """C_ij = G_ij / sqrt(G_ii·G_jj) (0 where a norm is 0)."""
+    n = np.sqrt(np.clip(np.diag(G), 0.0, None))
+    denom = np.outer(n, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, G / denom, 0.0)

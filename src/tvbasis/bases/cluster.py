@@ -14,12 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from tvbasis.bases.base import BasisFit, BasisMethod, eckart_young_bound, reconstruction_loss
+from tvbasis.bases.base import BasisFit, BasisMethod, check_M, cosine_from_gram, eckart_young_bound, reconstruction_loss
 from tvbasis.errors import ConfigError
-from tvbasis.gram import cosine_from_gram
-from tvbasis.merge import MergeSpec
-
-LINEAR_INNER = ("mean", "task_arithmetic")
+from tvbasis.merge import MergeSpec, get_merger
 
 
 def normalized_laplacian(affinity: np.ndarray) -> np.ndarray:
@@ -93,26 +90,24 @@ class ClusterBasis(BasisMethod):
         A = np.clip(C, 0.0, None)
         np.fill_diagonal(A, 0.0)
         k_gap, spectrum = eigengap_k(A)
-        if M is None:
-            M = k_gap
-        if M < 1 or M >= T:
-            raise ConfigError(f"-M must satisfy 1 <= M < T = {T} (got M = {M})")
+        M = check_M(k_gap if M is None else M, T, self.name)
         labels = [0] * T if M == 1 else spectral_clusters(C, M, int(self.params["seed"]))
         inner = str(self.params["inner"])
         params = dict(self.params["inner_params"] or {})
+        merger = get_merger(MergeSpec(inner, params))  # validates the inner merge and its parameters up front
         W = np.zeros((M, T))
         W[labels, np.arange(T)] = 1.0
         sizes = np.bincount(labels, minlength=M)
         stats: dict[str, Any] = {"eigengap_M": k_gap, "laplacian_spectrum": spectrum, "cluster_sizes": sizes.tolist(),
                                  "lower_bound": eckart_young_bound(G, M)}
         refit = "cluster_scale" if self.params["rescale"] else None
-        if inner in LINEAR_INNER:
+        if merger.linear:
             B = np.zeros((T, M))
             w = params.get("weight")
             weights = np.ones(T) if w is None else np.asarray(w, dtype=float)
             for t, m in enumerate(labels):
                 B[t, m] = weights[t]
-            if inner == "mean" or params.get("normalize"):
+            if merger.normalizes:
                 B = B / np.maximum(B.sum(axis=0, keepdims=True), 1e-300)
             if self.params["rescale"]:
                 # exact least-squares scale of each task onto its cluster's basis, from G alone
@@ -122,5 +117,7 @@ class ClusterBasis(BasisMethod):
                 for t, m in enumerate(labels):
                     W[m, t] = S[t, m] / K[m] if K[m] > 0 else 0.0
             stats["loss"] = reconstruction_loss(G, B @ W)
-            return BasisFit(M=M, B=B, W=W, labels=labels, refit=refit, stats=stats)
-        return BasisFit(M=M, B=None, W=W, labels=labels, inner=MergeSpec(inner, params), refit=refit, stats=stats)
+            return BasisFit(M=M, B=B, W=W, labels=labels, inner=MergeSpec(inner, merger.params), refit=refit,
+                            stats=stats)
+        return BasisFit(M=M, B=None, W=W, labels=labels, inner=MergeSpec(inner, merger.params), refit=refit,
+                        stats=stats)

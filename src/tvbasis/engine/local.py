@@ -1,47 +1,19 @@
-"""Executes per-tensor work units: ``local`` (threads overlapping reads with compute) or ``ray`` (a cluster).
-
-Every streaming pass in tvbasis (Gram, merges, basis materialisation, reconstruction, apply) is a map of a
-pure function over work items (groups of tensor names) followed by a reduction on the driver. Work functions
-and their arguments must be picklable (checkpoints pickle as their paths and are reopened by the worker), so
-the same pass runs on threads or on Ray workers unchanged. Results come back in item order.
-"""
+"""The ``local`` engine: a small thread pool that overlaps reads with compute, a bounded number of items in flight."""
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
-from tvbasis.errors import ConfigError
+from tvbasis.engine.base import Engine, progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def _progress(total: int, desc: str | None, enabled: bool, unit_scale: bool, unit: str) -> Any:
-    return tqdm(total=total, desc=desc, disable=not enabled or desc is None, unit=unit,
-                unit_scale=unit_scale, unit_divisor=1000, dynamic_ncols=True, leave=False)
-
-
-class Engine(ABC):
-    """Maps a picklable function over work items; results are yielded in item order."""
-
-    name: str = "engine"
-    workers: int = 1
-
-    @abstractmethod
-    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str | None = None,
-            sizes: Sequence[int] | None = None) -> Iterator[R]:
-        """Yield fn(item) for each item, in order. ``sizes`` (bytes per item) drive the progress bar."""
-
-    def close(self) -> None:  # noqa: B027 - optional
-        pass
 
 
 class LocalEngine(Engine):
@@ -59,7 +31,7 @@ class LocalEngine(Engine):
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str | None = None,
             sizes: Sequence[int] | None = None) -> Iterator[R]:
         total = int(sum(sizes)) if sizes is not None else len(items)
-        bar = _progress(total, desc, self.progress, sizes is not None, "B" if sizes is not None else "it")
+        bar = progress_bar(total, desc, self.progress, sizes is not None, "B" if sizes is not None else "it")
         try:
             if self.workers == 1:
                 for i, item in enumerate(items):
@@ -90,59 +62,3 @@ class LocalEngine(Engine):
             bar.close()
 
 
-_ENGINES: dict[str, Callable[..., Engine]] = {"local": LocalEngine}
-
-
-def register_engine(name: str, factory: Callable[..., Engine]) -> None:
-    _ENGINES[name] = factory
-
-
-def get_engine(name: str | Engine | None = "local", workers: int | None = None, address: str | None = None,
-               progress: bool = True) -> Engine:
-    """``local`` (default) or ``ray`` (needs the ``tvbasis[ray]`` extra)."""
-    if isinstance(name, Engine):
-        return name
-    name = name or "local"
-    if name == "ray" and "ray" not in _ENGINES:
-        try:
-            from tvbasis import ray_engine  # noqa: F401  (registers itself)
-        except ImportError as e:
-            raise ConfigError(f"--engine ray needs Ray: pip install 'tvbasis[ray]' ({e})") from None
-    try:
-        factory = _ENGINES[name]
-    except KeyError:
-        raise ConfigError(f"unknown engine {name!r}; expected one of {sorted(set(_ENGINES) | {'ray'})}") from None
-    if name == "local":
-        return factory(workers=workers, progress=progress)
-    return factory(workers=workers, address=address, progress=progress)
-
-
-def group_by_size(names: Sequence[str], sizes: Sequence[int], target: int) -> list[list[str]]:
-    """Consecutive groups of tensor names of about ``target`` bytes each (one big tensor is its own group)."""
-    groups: list[list[str]] = [[]]
-    acc = 0
-    for n, s in zip(names, sizes):
-        if groups[-1] and acc + s > target:
-            groups.append([])
-            acc = 0
-        groups[-1].append(n)
-        acc += s
-    return groups if groups[0] else []
-
-
-def resolve_device(device: str | None) -> str:
-    """Validate a torch device string for the arithmetic ('cpu', 'cuda', 'cuda:1', 'mps')."""
-    import torch
-    dev = (device or "cpu").strip()
-    try:
-        d = torch.device(dev)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {dev!r}: not a torch device (expected cpu, cuda, cuda:N)") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {dev}: CUDA is not available on this machine (use --device cpu)")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif d.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {dev}: MPS is not available on this machine")
-    return str(d)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import RayTaskError
 
-from tvbasis.engine import Engine, _progress, register_engine
+from tvbasis.engine.base import Engine, progress_bar
 from tvbasis.errors import ConfigError
 
 T = TypeVar("T")
@@ -149,7 +149,7 @@ class RayEngine(Engine):
         if sizes is not None and len(sizes) != len(items):
             raise ValueError(f"{len(sizes)} sizes for {len(items)} items")
         total = int(sum(sizes)) if sizes is not None else len(items)
-        bar = _progress(total, desc, self.progress, sizes is not None, "B" if sizes is not None else "it")
+        bar = progress_bar(total, desc, self.progress, sizes is not None, "B" if sizes is not None else "it")
         groups = iter(plan_groups(len(items), sizes, self.group_bytes, self.group_items, self.workers))
         pending: deque[tuple[range, ray.ObjectRef]] = deque()
         box: list[ray.ObjectRef] | None = None
@@ -204,4 +204,4 @@ class RayEngine(Engine):
         return f"RayEngine(workers={self.workers}, max_in_flight={self.max_in_flight}, owns_ray={self._owns})"
 
 
-register_engine("ray", RayEngine)
+

@@ -172,7 +172,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
     from tvbasis.merge import MergeSpec
     from tvbasis.store import build_store
-    from tvbasis.vectors import TaskVector, merge_task_vectors
+    from tvbasis.passes import merge_task_vectors
+    from tvbasis.vectors import TaskVector
 
     cfg = config.resolved()
     t_start = time.time()

@@ -10,6 +10,9 @@ defaults):
 - dare_linear (density=0.5, seed=0, rescale=True, normalize=False), dare_ties (… sign=total, normalize=True).
 - fisher (fisher_floor=0.0), needs ``ctx.fisher``.
 - consensus (k=2, mask_lambda=0.4): TALL-mask consensus.
+- tsv_merge (rank_fraction=0.0, i.e. 1/T): Task Singular Vectors merge (TSV-M); whole 2-D tensors only.
+- iso_c: Iso-C, the summed task matrix with a flat (isotropic) singular spectrum; whole 2-D tensors only.
+- iso_cts (common_fraction=0.8): Iso-CTS, common + task-specific subspaces, flat spectrum; whole 2-D tensors only.
 
 Per-tensor trims (``trim_scope=tensor``) rank the whole tensor: pass whole tensors. ``trim_scope=global`` ranks
 each task over the whole vector: the caller computes ``global_thresholds`` (two streaming passes) and passes
@@ -18,10 +21,10 @@ them in ``MergeContext.thresholds``; these merges, DARE and the linear ones may 
 
 from __future__ import annotations
 
-from tvbasis.merge.base import MergeContext, Merger, MergeSpec
+from tvbasis.merge.base import BaseMerger, MergeContext, MergeSpec
 from tvbasis.merge.params import parse_merge_params
 from tvbasis.merge.registry import MERGE_METHODS, available_methods, get_merger
 from tvbasis.merge.threshold import global_thresholds
 
-__all__ = ["MERGE_METHODS", "MergeContext", "MergeSpec", "Merger", "available_methods", "get_merger",
+__all__ = ["MERGE_METHODS", "MergeContext", "MergeSpec", "BaseMerger", "available_methods", "get_merger",
            "global_thresholds", "parse_merge_params"]

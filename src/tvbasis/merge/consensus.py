@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from tvbasis.errors import ConfigError
-from tvbasis.merge.base import MergeContext
-from tvbasis.merge.params import BaseMerger, bcast
+from tvbasis.merge.base import BaseMerger, MergeContext
+from tvbasis.merge.ops import bcast
 
 
 class Consensus(BaseMerger):

@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tvbasis.merge.base import MergeContext
-from tvbasis.merge.params import BaseMerger
+from tvbasis.merge.base import BaseMerger, MergeContext
 from tvbasis.merge.sign import disjoint_merge, elect_sign
 
 BLOCK_ELEMENTS = 1 << 20

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import torch
 
 from tvbasis.errors import ConfigError
-from tvbasis.merge.base import MergeContext
-from tvbasis.merge.params import BaseMerger, bcast, weighted_sum
+from tvbasis.merge.base import BaseMerger, MergeContext
+from tvbasis.merge.ops import bcast, weighted_sum
 
 
 class Fisher(BaseMerger):

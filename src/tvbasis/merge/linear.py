@@ -6,14 +6,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from tvbasis.merge.base import MergeContext
-from tvbasis.merge.params import BaseMerger, weighted_sum
+from tvbasis.merge.base import BaseMerger, MergeContext
+from tvbasis.merge.ops import weighted_sum
 
 
 class TaskArithmetic(BaseMerger):
     """Σ_t w_t·δ_t; ``normalize`` divides by Σ_t w_t (the weighted mean)."""
 
     name = "task_arithmetic"
+    linear = True
     defaults: ClassVar[dict[str, Any]] = {"normalize": False}
 
     def _merge(self, x: torch.Tensor, w: torch.Tensor, ctx: MergeContext) -> torch.Tensor:

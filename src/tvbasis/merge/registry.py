@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from tvbasis.errors import ConfigError
-from tvbasis.merge.base import Merger, MergeSpec
+from tvbasis.merge.base import BaseMerger, MergeSpec
 from tvbasis.merge.consensus import Consensus
 from tvbasis.merge.dare import DareLinear, DareTies
 from tvbasis.merge.fisher import Fisher
 from tvbasis.merge.linear import Mean, TaskArithmetic
-from tvbasis.merge.params import BaseMerger
+from tvbasis.merge.svd import IsoC, IsoCTS, TSVMerge
 from tvbasis.merge.ties import Ties, TopK
 
 MERGE_METHODS: dict[str, type[BaseMerger]] = {
-    cls.name: cls for cls in (TaskArithmetic, Mean, Ties, TopK, DareLinear, DareTies, Fisher, Consensus)
+    cls.name: cls for cls in (TaskArithmetic, Mean, Ties, TopK, DareLinear, DareTies, Fisher, Consensus,
+                              TSVMerge, IsoC, IsoCTS)
 }
 
 
@@ -20,7 +21,7 @@ def available_methods() -> list[str]:
     return sorted(MERGE_METHODS)
 
 
-def get_merger(spec: MergeSpec) -> Merger:
+def get_merger(spec: MergeSpec) -> BaseMerger:
     """The configured merger for ``spec``; ConfigError for an unknown method or a bad parameter."""
     cls = MERGE_METHODS.get(spec.method)
     if cls is None:

@@ -6,14 +6,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from tvbasis.merge.base import MergeContext
-from tvbasis.merge.params import BaseMerger, bcast, weighted_sum
+from tvbasis.merge.base import BaseMerger, MergeContext
+from tvbasis.merge.ops import bcast, weighted_sum
 from tvbasis.merge.sign import disjoint_merge, elect_sign
 from tvbasis.merge.trim import magnitude_mask
 
 
 class _Trimming(BaseMerger):
     trims = True
+    ranks_per_tensor = True
 
     def _trimmed(self, x: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         assert self.density is not None

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tvbasis.engine import Engine, get_engine
-from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, chunk_for, TaskSet, chunk_key, combine_digests, tensor_digest
+from tvbasis.bases import cosine_from_gram
+from tvbasis.engine import Run, as_run
+from tvbasis.io.checksum import chunk_key, combine_digests, tensor_digest
+from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, Item, TaskSet, chunk_for
 
 #: elements per task of one float32 partial product; the partial products are summed in float64. Blocks this
 #: small keep float32 rounding at ~1e-8 of sqrt(G_ii G_jj) (tested against a float64 Gram), at the speed of
@@ -41,14 +43,6 @@ class GramResult:
     @property
     def cosine(self) -> np.ndarray:
         return cosine_from_gram(self.G)
-
-
-def cosine_from_gram(G: np.ndarray) -> np.ndarray:
-    n = np.sqrt(np.clip(np.diag(G), 0.0, None))
-    denom = np.outer(n, n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        C = np.where(denom > 0, G / denom, 0.0)
-    return C
 
 
 def gram_of(x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +102,12 @@ class GramTask:
         return item, g.cpu().numpy(), digest
 
 
-def compute_gram(taskset: TaskSet, engine: Engine | str | None = None,
-                 groups: Callable[[str], str] | None = None, device: str = "cpu",
+def compute_gram(taskset: TaskSet, run: Run = None, groups: Callable[[str], str] | None = None,
                  chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS, checksum: bool = True) -> GramResult:
-    eng = get_engine(engine)
+    """G = VᵀV of the task set (float64), per layer group too when ``groups`` maps a tensor name to its group,
+    and the pretrained model's content checksum, in one streaming pass."""
+    opts = as_run(run)
+    eng, device = opts.get_engine(), opts.device
     chunk_elements = chunk_for(taskset.T, chunk_elements)
     items = taskset.items(chunk_elements)
     G = np.zeros((taskset.T, taskset.T))

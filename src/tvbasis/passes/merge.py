@@ -1,19 +1,22 @@
-"""Merging fine-tunes: any merge method applied tensor by tensor to the T task-vector slices (lazy)."""
+"""The merge pass: any merge method applied tensor by tensor to the T task-vector slices (lazy).
+
+``merge_tensor`` merges the slices of one tensor, in row chunks when it is big (the per-tensor kernels live in
+``tvbasis.merge``); ``merge_task_vectors`` is the lazy merged task vector of a set of fine-tunes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from tvbasis.engine import Engine, get_engine
+from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError, TensorMismatchError
-from tvbasis.io import Checkpoint, TensorSpec, open_checkpoint, row_chunks
+from tvbasis.io import Checkpoint, TensorSpec, check_finite, open_checkpoint, row_chunks
 from tvbasis.merge import MergeContext, MergeSpec, get_merger, global_thresholds
+from tvbasis.passes.thresholds import taskset_thresholds
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, chunk_for
-from tvbasis.vectors import Producer, TaskVector, check_finite
-
+from tvbasis.vectors import Producer, TaskVector
 
 #: per-task elements of one row chunk when a big tensor is merged in pieces; None derives it from T
 #: (taskset.chunk_for: ITEM_BYTES over the T + 1 slices), which keeps a merge's memory flat in T
@@ -35,15 +38,14 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
     merger = get_merger(spec)
     chunk_elements = chunk_for(num_tasks, chunk_elements)
     rows_total = tensor.shape[0] if tensor.shape else 1
-    if not tensor.shape or tensor.numel <= chunk_elements:
+    if not tensor.shape or tensor.numel <= chunk_elements or merger.whole_tensor:
         x = read(0, rows_total).to(device)
         fisher = fisher_read(0, rows_total).to(device) if fisher_read is not None else None
         return merger.merge(x, weights.to(device), MergeContext(name=tensor.name, thresholds=thresholds,
                                                                 fisher=fisher)).cpu()
     chunks = list(row_chunks(tensor, chunk_elements))
     chunk_merger = merger
-    if merger.density is not None and not merger.needs_global_thresholds and spec.method in TRIMMING:
-        assert merger.density is not None
+    if merger.density is not None and not merger.needs_global_thresholds and merger.ranks_per_tensor:
 
         def factory() -> Iterator[torch.Tensor]:
             for a, b in chunks:
@@ -57,6 +59,14 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
         out[a:b] = chunk_merger.merge(x, weights.to(device), MergeContext(name=tensor.name, offset=a,
                                                                           thresholds=thresholds, fisher=fisher)).cpu()
     return out
+
+
+def open_fisher(fisher: Mapping[str, str | Path] | None, names: Sequence[str], what: str) -> list[Checkpoint]:
+    """One diagonal-Fisher checkpoint per task, in task order; ConfigError unless exactly one per task is given."""
+    if not fisher or set(fisher) != set(names):
+        raise ConfigError(f"{what} needs one Fisher file per task (--fisher NAME=FILE for each of "
+                          f"{sorted(names)}); got {sorted(fisher or {})}")
+    return [open_checkpoint(fisher[n]) for n in names]
 
 
 def fisher_rows(files: list[Checkpoint], spec: TensorSpec, a: int, b: int) -> torch.Tensor:
@@ -73,10 +83,6 @@ def fisher_rows(files: list[Checkpoint], spec: TensorSpec, a: int, b: int) -> to
         check_finite(t, str(f.path), name)
         parts.append(t.to(torch.float32))
     return torch.stack(parts)
-
-
-#: methods whose per-tensor trim ranks magnitudes (and so needs thresholds to be merged in chunks)
-TRIMMING = ("ties", "topk")
 
 
 class MergeProducer(Producer):
@@ -109,22 +115,13 @@ class MergeProducer(Producer):
         return out if rows is None or not out.dim() else out[rows[0]:rows[1]]
 
 
-class _Chunk:
-    def __init__(self, taskset: TaskSet) -> None:
-        self.taskset = taskset
-
-    def __call__(self, item: tuple[str, int, int]) -> torch.Tensor:
-        name, a, b = item
-        x = self.taskset.deltas(name, (a, b) if self.taskset.specs[name].shape else None)
-        return x.reshape(x.shape[0], -1)
-
-
 def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
                        spec: MergeSpec, weights: Mapping[str, float] | None = None,
                        fisher: Mapping[str, str | Path] | None = None, include: Iterable[str] | None = None,
-                       exclude: Iterable[str] | None = None, engine: Engine | str | None = None,
-                       device: str = "cpu", chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> TaskVector:
+                       exclude: Iterable[str] | None = None, run: Run = None,
+                       chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> TaskVector:
     """The merged task vector of the fine-tunes (lazy; global trim thresholds are found up front)."""
+    opts = as_run(run)
     merger = get_merger(spec)
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
     w = dict(weights or {})
@@ -132,21 +129,11 @@ def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     if unknown:
         raise ConfigError(f"--weight given for unknown model(s) {sorted(unknown)}; models: {taskset.names}")
     wt = torch.tensor([float(w.get(n, 1.0)) for n in taskset.names], dtype=torch.float32)
-    fisher_ckpts = None
-    if merger.needs_fisher:
-        if not fisher or set(fisher) != set(taskset.names):
-            raise ConfigError(f"fisher merge needs one Fisher file per model (--fisher NAME=FILE for each of "
-                              f"{taskset.names}); got {sorted(fisher or {})}")
-        fisher_ckpts = [open_checkpoint(fisher[n]) for n in taskset.names]
+    fisher_ckpts = open_fisher(fisher, taskset.names, "fisher merge") if merger.needs_fisher else None
     thresholds = None
     if merger.needs_global_thresholds:
-        eng = get_engine(engine)
-        items = taskset.items(chunk_elements)
-
-        def factory() -> Iterator[torch.Tensor]:
-            yield from eng.map(_Chunk(taskset), items, desc="global trim thresholds",
-                               sizes=[taskset.item_bytes(i) for i in items])
         assert merger.density is not None
-        thresholds = global_thresholds(factory, taskset.T, merger.density)
-    return TaskVector.from_producer(taskset.specs, MergeProducer(taskset, spec, wt, thresholds, fisher_ckpts, device),
+        thresholds = taskset_thresholds(taskset, opts.get_engine(), merger.density, chunk_elements=chunk_elements)
+    return TaskVector.from_producer(taskset.specs, MergeProducer(taskset, spec, wt, thresholds, fisher_ckpts,
+                                                                 opts.device),
                                     taskset.pretrained, f"{spec.method} merge")

@@ -1,0 +1,201 @@
+"""Building a store: the Gram pass, a fit from G per layer group, the materialisation pass, the manifest.
+
+Two streaming reads of the checkpoints in all (plus two more per global trim of an inner merge). The output is
+written to a temporary directory next to ``out`` and swapped into place when everything, manifest included, is
+on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvbasis.bases import BasisFit, BasisMethod, check_M, get_basis_method
+from tvbasis.engine import Engine, Run, as_run
+from tvbasis.errors import ConfigError
+from tvbasis.io import (
+    Checkpoint,
+    TensorSpec,
+    check_output,
+    dtype_name,
+    parse_dtype,
+    plan_shards,
+    replace_atomically,
+    temp_sibling,
+)
+from tvbasis.io.checksum import structure_fingerprint
+from tvbasis.io.writer import PositionalShard, shard_names, write_index
+from tvbasis.merge import MergeSpec, get_merger
+from tvbasis.passes import ALL, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
+from tvbasis.store.format import Cross, Manifest, PretrainedRef, StoreFiles, TaskEntry
+from tvbasis.store.store import BasisStore
+from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, layer_group
+
+
+class StoreLayout:
+    """Where each parameter's stacked bases (and PCA mean) live in the shard files."""
+
+    def __init__(self, specs: list[TensorSpec], M: int, dtype_of: Mapping[str, torch.dtype],
+                 with_bases: bool, with_mean: bool, max_shard_size: int | str) -> None:
+        self.bases = plan_shards([TensorSpec(s.name, (M, *s.shape), dtype_of[s.name]) for s in specs],
+                                 max_shard_size) if with_bases else []
+        self.means = plan_shards([s.with_dtype(dtype_of[s.name]) for s in specs], max_shard_size) if with_mean else []
+        self.bases_files = shard_names("bases", len(self.bases)) if self.bases else []
+        self.mean_files = shard_names("mean", len(self.means)) if self.means else []
+
+    def shards(self, root: Path) -> tuple[dict[str, PositionalShard], dict[str, PositionalShard]]:
+        b = {s.name: sh for specs, f in zip(self.bases, self.bases_files)
+             for sh in [PositionalShard(root / f, specs)] for s in specs}
+        m = {s.name: sh for specs, f in zip(self.means, self.mean_files)
+             for sh in [PositionalShard(root / f, specs)] for s in specs}
+        return b, m
+
+    def create(self, root: Path) -> tuple[dict[str, PositionalShard], dict[str, PositionalShard]]:
+        bases, means = self.shards(root)
+        for sh in {id(v): v for v in [*bases.values(), *means.values()]}.values():
+            sh.create()
+        return bases, means
+
+    def finish(self, root: Path, bases: Mapping[str, PositionalShard], means: Mapping[str, PositionalShard]) -> None:
+        for path in {str(v.path): v.path for v in [*bases.values(), *means.values()]}.values():
+            PositionalShard.fsync(path)
+        write_index(root, "bases", self.bases, self.bases_files)
+        write_index(root, "mean", self.means, self.mean_files)
+
+
+def fit_groups(basis: BasisMethod, groups: Mapping[str, np.ndarray], M: int | None) -> dict[str, BasisFit]:
+    """One fit per layer group; one M for all (the eigengap may choose different M per group: the store needs
+    one M per parameter, so it is fixed at the first group's)."""
+    fits = {g: basis.fit(Gg, M) for g, Gg in groups.items()}
+    first = next(iter(fits.values()))
+    if any(f.M != first.M for f in fits.values()):
+        fits = {g: basis.fit(Gg, first.M) for g, Gg in groups.items()}
+    return fits
+
+
+def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint], method: str,
+                M: int | None, out: str | Path, options: Mapping[str, Any] | None = None, layerwise: bool = False,
+                dtype: str | torch.dtype | None = None, include: Iterable[str] | None = None,
+                exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
+                run: Run = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+                fisher: Mapping[str, str | Path] | None = None) -> BasisStore:
+    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically).
+
+    ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``."""
+    out = Path(out)
+    opts = as_run(run)
+    basis = get_basis_method(method, **dict(options or {}))
+    fisher_ckpts = None
+    if method == "cluster" and get_merger_needs_fisher(basis):
+        fisher_ckpts = open_fisher(fisher, list(finetuned), "--inner fisher")
+    elif fisher:
+        raise ConfigError("--fisher is only used by --method cluster --inner fisher")
+    check_output(out, force)
+    taskset = TaskSet.open(pretrained, finetuned, include, exclude)
+    if M is not None:
+        check_M(M, taskset.T, method)
+    eng = opts.get_engine()
+    gram = compute_gram(taskset, opts, layer_group if layerwise else None, chunk_elements)
+    zero = [taskset.names[t] for t in range(taskset.T) if gram.G[t, t] == 0]
+    if zero:
+        raise ConfigError(f"fine-tune(s) {zero} equal the pretrained model (zero task vector)")
+    groups = dict(gram.group_grams) if layerwise else {ALL: gram.G}
+    group_of = dict(gram.group_of) if layerwise else {}
+    fits = fit_groups(basis, groups, M)
+    first = next(iter(fits.values()))
+    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    dtype_of = {n: (out_dtype or s.dtype) for n, s in taskset.specs.items()}
+    specs = list(taskset.specs.values())
+    layout = StoreLayout(specs, first.M, dtype_of, with_bases=first.stores_bases, with_mean=first.has_mean,
+                         max_shard_size=max_shard_size)
+    tmp = temp_sibling(out)
+    tmp.mkdir(parents=True)
+    try:
+        bases, means = layout.create(tmp)
+        thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
+        # merged bases are merged whole per tensor (chunked inside the work unit when big)
+        items = ([(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if first.is_merged
+                 else taskset.items(chunk_elements))
+        total = sum(s.numel for s in specs)
+        task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, thresholds,
+                               fisher_ckpts)
+        T, nU = taskset.T, first.n_stored
+        C = {g: np.zeros((nU, T)) for g in fits}
+        K = {g: np.zeros((nU, nU)) for g in fits}
+        direct = {g: np.zeros(T) for g in fits}
+        for g, c, k, e in eng.map(task, items, desc="materialise bases", sizes=[taskset.item_bytes(i) for i in items]):
+            C[g] += c
+            K[g] += k
+            if e.size:
+                direct[g] += e
+        layout.finish(tmp, bases, means)
+        err2 = np.zeros(T)
+        for g, fit in fits.items():
+            if fit.residuals_known_in_pass:
+                err2 += direct[g]
+            else:
+                fit.refit_from(C[g], K[g])
+                err2 += fit.squared_errors(groups[g], C[g], K[g])
+        norms = gram.norms
+        rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
+        manifest = _manifest(basis, method, first.M, layerwise, taskset, finetuned, gram, fits, group_of, C, K,
+                             norms, rel, dtype_of, layout, include, exclude)
+        manifest.write(tmp)
+        replace_atomically(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BasisStore.open(out)
+
+
+def get_merger_needs_fisher(basis: BasisMethod) -> bool:
+    """True when a cluster basis's inner merge needs per-task Fisher weights."""
+    return get_merger(MergeSpec(str(basis.params["inner"]), dict(basis.params["inner_params"] or {}))).needs_fisher
+
+
+def _inner_thresholds(taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: Mapping[str, str], eng: Engine,
+                      chunk_elements: int | None) -> dict[str, torch.Tensor]:
+    """Per-task global trim thresholds for inner merges with trim_scope=global (two extra streaming passes)."""
+    out: dict[str, torch.Tensor] = {}
+    for g, fit in fits.items():
+        if not fit.is_merged:
+            continue
+        assert fit.inner is not None
+        merger = get_merger(fit.inner)
+        if not merger.needs_global_thresholds:
+            continue
+        assert merger.density is not None
+        names = {n for n in taskset.specs if group_of.get(n, ALL) == g}
+        out[g] = taskset_thresholds(taskset, eng, merger.density, names, chunk_elements, desc="trim thresholds")
+    return out
+
+
+def _manifest(basis: BasisMethod, method: str, M: int, layerwise: bool, taskset: TaskSet,
+              finetuned: Mapping[str, Any], gram: GramResult, fits: Mapping[str, BasisFit],
+              group_of: Mapping[str, str], C: Mapping[str, np.ndarray], K: Mapping[str, np.ndarray],
+              norms: np.ndarray, rel: np.ndarray, dtype_of: Mapping[str, torch.dtype], layout: StoreLayout,
+              include: Iterable[str] | None, exclude: Iterable[str] | None) -> Manifest:
+    pre = taskset.pretrained
+    T = taskset.T
+    tasks = [TaskEntry(n, str(getattr(finetuned[n], "path", finetuned[n])), float(norms[t]), float(rel[t]))
+             for t, n in enumerate(taskset.names)]
+    first = next(iter(fits.values()))
+    assert gram.pretrained_checksum is not None
+    return Manifest(
+        method=method, options=dict(basis.params), M=M, T=T, layerwise=layerwise, task_like=bool(basis.task_like),
+        tasks=tasks, member_counts=first.cluster_sizes() if first.labels is not None else None,
+        groups=dict(fits), group_of=dict(group_of),
+        cross={g: Cross(C[g], K[g]) for g in fits}, gram=gram.G,
+        group_grams=dict(gram.group_grams) if layerwise else {},
+        pretrained=PretrainedRef(str(pre.root_dir or pre.path), structure_fingerprint(pre), gram.pretrained_checksum,
+                                 gram.chunk_elements),
+        tensors=list(taskset.specs.values()),
+        store_dtypes={n: dtype_name(d) for n, d in dtype_of.items()},
+        files=StoreFiles(layout.bases_files, layout.mean_files),
+        task_vectors_bytes=T * sum(s.numel * dtype_of[s.name].itemsize for s in taskset.specs.values()),
+        include=list(include or []), exclude=list(exclude or []))
