@@ -1,0 +1,70 @@
+"""Bit packing: 1-, 2-, 4- and 8-bit unsigned codes into ``uint8`` bytes (vectorised torch).
+
+Layout (little-endian within a byte): with ``w`` bits per code and ``p = 8 // w`` codes per byte, code ``i``
+goes to byte ``i // p`` at bit offset ``w · (i mod p)``. So ``n`` codes take exactly ``ceil(n·w / 8)`` bytes,
+and a slice of codes starting at a multiple of ``p`` packs to the matching slice of bytes (which is what lets
+the codecs pack row chunk by row chunk into one preallocated buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+WIDTHS: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def packed_size(n: int, width: int) -> int:
+    """Bytes needed for ``n`` codes of ``width`` bits: ``ceil(n·width / 8)``."""
+    _check_width(width)
+    return -(-n * width // 8)
+
+
+def pack_uint(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack unsigned integer codes in ``[0, 2**width)`` (any shape, read flattened) into a 1-d ``uint8`` tensor."""
+    _check_width(width)
+    v = codes.reshape(-1)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << width):
+        raise ValueError(f"pack_uint: codes must lie in [0, {1 << width}) for width {width}")
+    v = v.to(torch.uint8)
+    if width == 8:
+        return v.clone()
+    per = 8 // width
+    n = v.numel()
+    m = -(-n // per)
+    if m * per != n:
+        v = torch.cat([v, v.new_zeros(m * per - n)])
+    v = v.view(m, per)
+    out = v[:, 0].clone()
+    for i in range(1, per):
+        out |= v[:, i] << (i * width)
+    return out
+
+
+def unpack_uint(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: the first ``n`` codes, as a 1-d ``uint8`` tensor."""
+    _check_width(width)
+    p = packed.reshape(-1)
+    if p.dtype != torch.uint8:
+        raise ValueError(f"unpack_uint: packed tensor must be uint8, got {p.dtype}")
+    if p.numel() < packed_size(n, width):
+        raise ValueError(f"unpack_uint: {p.numel()} bytes hold fewer than {n} codes of {width} bits")
+    if width == 8:
+        return p[:n].clone()
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=p.device)
+    mask = (1 << width) - 1
+    return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean (or 0/1) tensor, read flattened, into ``ceil(n/8)`` bytes."""
+    return pack_uint(bits.reshape(-1).to(torch.uint8), 1)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a 1-d ``bool`` tensor of ``n`` elements."""
+    return unpack_uint(packed, 1, n).bool()
+
+
+def _check_width(width: int) -> None:
+    if width not in WIDTHS:
+        raise ValueError(f"bit width must be one of {WIDTHS}, got {width}")

@@ -1,0 +1,147 @@
+"""Group-wise round-to-nearest integer quantisation: ``int8``, ``int4``, ``int2``.
+
+The tensor is read flattened and cut into consecutive groups of ``group`` elements (the last one may be
+shorter). With ``b`` bits:
+
+* ``scheme=symmetric``: Q = 2^(b−1) − 1, scale s = max|x_g| / Q (rounded *up* to float16), codes
+  q = round(x/s) ∈ [−Q, Q], x̂ = s·q. Every element has |x − x̂| ≤ s/2.
+* ``scheme=affine``: L = 2^b − 1, m = min x_g (rounded *down* to float16), s = (max x_g − m) / L (rounded up),
+  q = round((x − m)/s) ∈ [0, L], x̂ = m + s·q. Every element has |x − x̂| ≤ s/2.
+
+Rounding the float16 scale up (and the minimum down) keeps every code inside its range, so the half-step bound
+holds for the stored float16 parameters, not just for the exact ones.
+
+Stored: ``q`` (int8 for symmetric int8, else uint8 codes; int4/int2 bit-packed two/four per byte) and
+``scale`` (float16, one per group), plus ``min`` (float16 per group) for affine. Bytes:
+ceil(n·b/8) + 2·ceil(n/group) (symmetric), + another 2·ceil(n/group) (affine).
+
+Encoding and decoding run in chunks of whole groups (about ``CHUNK_ELEMENTS`` elements), so temporaries stay
+a small multiple of one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from tvbasis.codecs import base
+from tvbasis.codecs.base import Codec, to_fp16
+from tvbasis.codecs.bits import pack_uint, packed_size, unpack_uint
+from tvbasis.codecs.encoded import Encoded
+from tvbasis.codecs.params import Param
+
+SCHEMES = ("symmetric", "affine")
+
+
+class _IntQuant(Codec):
+    bits: ClassVar[int]
+    params = (Param("group", int, 128, "an integer >= 1", lambda v: v >= 1),
+              Param("scheme", str, "symmetric", choices=SCHEMES))
+
+    @property
+    def group(self) -> int:
+        return int(self.values["group"])
+
+    @property
+    def affine(self) -> bool:
+        return self.values["scheme"] == "affine"
+
+    def _groups_per_chunk(self) -> int:
+        # a multiple of 8 groups, so every chunk starts on a byte boundary of the packed codes
+        g = max(1, base.CHUNK_ELEMENTS // self.group)
+        return max(8, g // 8 * 8)
+
+    def _encode(self, x: torch.Tensor) -> Encoded:
+        flat = x.reshape(-1)
+        n, group, bits = flat.numel(), self.group, self.bits
+        n_groups = -(-n // group)
+        width = 8 if bits == 8 else bits
+        q = torch.empty(packed_size(n, width), dtype=torch.uint8, device=x.device)
+        scale = torch.empty(n_groups, dtype=torch.float16, device=x.device)
+        mins = torch.empty(n_groups, dtype=torch.float16, device=x.device) if self.affine else None
+        gpc = self._groups_per_chunk()
+        for g0 in range(0, n_groups, gpc):
+            g1 = min(g0 + gpc, n_groups)
+            e0, e1 = g0 * group, min(g1 * group, n)
+            v = _padded_groups(flat[e0:e1], group)
+            if mins is None:
+                qmax = (1 << (bits - 1)) - 1
+                s16 = to_fp16(v.abs().amax(dim=1) / qmax, self.name, "a group scale", "ceil")
+                s = _safe(s16.float())
+                codes = torch.round(v / s[:, None]).clamp_(-qmax, qmax) + qmax
+            else:
+                levels = (1 << bits) - 1
+                m16 = to_fp16(v.amin(dim=1), self.name, "a group minimum", "floor")
+                m = m16.float()
+                s16 = to_fp16((v.amax(dim=1) - m) / levels, self.name, "a group scale", "ceil")
+                s = _safe(s16.float())
+                codes = torch.round((v - m[:, None]) / s[:, None]).clamp_(0, levels)
+                mins[g0:g1] = m16
+            scale[g0:g1] = s16
+            packed = pack_uint(codes.reshape(-1)[: e1 - e0].to(torch.uint8), width)
+            b0 = e0 * width // 8
+            q[b0:b0 + packed.numel()] = packed
+        if bits == 8 and mins is None:
+            q = (q.to(torch.int16) - 127).to(torch.int8)  # symmetric int8 stores the signed code itself
+        tensors = {"q": q, "scale": scale}
+        if mins is not None:
+            tensors["min"] = mins
+        return self._make(x, tensors)
+
+    def _decode(self, enc: Encoded) -> torch.Tensor:
+        n, group, bits = enc.numel, self.group, self.bits
+        width = 8 if bits == 8 else bits
+        q, scale, mins = enc.tensors["q"], enc.tensors["scale"], enc.tensors.get("min")
+        if bits == 8 and mins is None:
+            q = (q.to(torch.int16) + 127).to(torch.uint8)
+        n_groups = scale.numel()
+        out = torch.empty(n, dtype=torch.float32, device=q.device)
+        gpc = self._groups_per_chunk()
+        for g0 in range(0, n_groups, gpc):
+            g1 = min(g0 + gpc, n_groups)
+            e0, e1 = g0 * group, min(g1 * group, n)
+            b0 = e0 * width // 8
+            codes = unpack_uint(q[b0:b0 + packed_size(e1 - e0, width)], width, e1 - e0).float()
+            codes = torch.nn.functional.pad(codes, (0, (g1 - g0) * group - (e1 - e0))).view(-1, group)
+            s = scale[g0:g1].float()[:, None]
+            if mins is None:
+                v = (codes - ((1 << (bits - 1)) - 1)) * s
+            else:
+                v = codes * s + mins[g0:g1].float()[:, None]
+            out[e0:e1] = v.reshape(-1)[: e1 - e0]
+        return out
+
+
+def _padded_groups(seg: torch.Tensor, group: int) -> torch.Tensor:
+    """``seg`` as (groups, group), the last group padded by repeating its last element (keeps min/max/max|x|)."""
+    pad = -seg.numel() % group
+    if pad:
+        seg = torch.cat([seg, seg[-1:].expand(pad)])
+    return seg.view(-1, group)
+
+
+def _safe(s: torch.Tensor) -> torch.Tensor:
+    """Scale with zeros replaced by 1 (an all-zero / constant group has codes 0 whatever the divisor)."""
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+class Int8(_IntQuant):
+    """8-bit group-wise quantisation (1 byte per element)."""
+
+    name = "int8"
+    bits = 8
+
+
+class Int4(_IntQuant):
+    """4-bit group-wise quantisation, two codes per byte."""
+
+    name = "int4"
+    bits = 4
+
+
+class Int2(_IntQuant):
+    """2-bit group-wise quantisation, four codes per byte (symmetric: levels {−s, 0, s})."""
+
+    name = "int2"
+    bits = 2

@@ -1,0 +1,50 @@
+"""The codec registry and spec parsing: ``CODECS``, ``parse_codec``, ``get_codec``, ``decode``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tvbasis.codecs.auto import Auto
+from tvbasis.codecs.base import Codec
+from tvbasis.codecs.cast import BFloat16, Float16, Float32
+from tvbasis.codecs.encoded import Encoded
+from tvbasis.codecs.lowrank import LowRank
+from tvbasis.codecs.params import split_spec
+from tvbasis.codecs.quant import Int2, Int4, Int8
+from tvbasis.codecs.sign import Sign
+from tvbasis.codecs.sparse_rows import SparseRows
+from tvbasis.codecs.topk import Ternary, TopK
+from tvbasis.errors import ConfigError
+
+#: codec name -> class
+CODECS: dict[str, type[Codec]] = {
+    cls.name: cls
+    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Auto)
+}
+
+
+def get_codec(name: str, next: Codec | str | None = None, **params: Any) -> Codec:
+    """Codec ``name`` with typed (or text) parameters; ``next`` a codec or a spec. ConfigError if invalid."""
+    try:
+        cls = CODECS[name]
+    except KeyError:
+        raise ConfigError(f"unknown codec {name!r}; expected one of {sorted(CODECS)}") from None
+    if isinstance(next, str):
+        next = parse_codec(next)
+    return cls(next=next, **params)
+
+
+def parse_codec(spec: str) -> Codec:
+    """Parse ``NAME[:key=value,...][+NEXT]`` (see ``tvbasis.codecs.params``); ConfigError if invalid."""
+    codec: Codec | None = None
+    for name, kv in reversed(split_spec(spec)):
+        codec = get_codec(name, codec, **kv)
+    assert codec is not None
+    return codec
+
+
+def decode(enc: Encoded) -> torch.Tensor:
+    """Decode with the codec recorded in ``enc.codec`` (no codec object needed)."""
+    return parse_codec(enc.codec).decode(enc)

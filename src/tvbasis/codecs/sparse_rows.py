@@ -1,0 +1,49 @@
+"""``sparse-rows``: keep only the rows of the 2-D view that hold a nonzero entry.
+
+For an embedding matrix where fine-tuning changed k of m rows: stored ``index`` (int32, the k row numbers,
+ascending) and the k rows, as float32 ``rows`` (k, n) — lossless — or as child ``rows`` of the NEXT codec
+(``sparse-rows+int8``). Bytes: 4·k + (4·k·n, or the NEXT codec's bytes for a (k, n) tensor). Decoding scatters
+the rows into zeros. Rows are those of ``as_matrix`` (a 1-d tensor is one row). The nonzero scan runs in row
+chunks; the gathered rows are the only copy the size of the kept part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tvbasis.codecs.base import Codec, as_matrix, row_chunk
+from tvbasis.codecs.encoded import Encoded
+
+
+class SparseRows(Codec):
+    """Nonzero rows only, with their int32 row indices; rows raw float32 or through the NEXT codec."""
+
+    name = "sparse-rows"
+    takes_next = True
+
+    def _encode(self, x: torch.Tensor) -> Encoded:
+        m = as_matrix(x)
+        rows, cols = m.shape
+        if rows > torch.iinfo(torch.int32).max:
+            raise ValueError(f"codec {self.name!r}: {rows} rows do not fit int32 indices")
+        step = row_chunk(cols, 1)
+        nonzero = torch.cat([(m[r0:r0 + step] != 0).any(dim=1) for r0 in range(0, rows, step)])
+        index = torch.nonzero(nonzero).reshape(-1)
+        kept = m.index_select(0, index)
+        meta = {"rows_kept": int(index.numel()), "rows": rows}
+        tensors = {"index": index.to(torch.int32)}
+        if self.next is None:
+            tensors["rows"] = kept
+            return self._make(x, tensors, meta)
+        return self._make(x, tensors, meta, {"rows": self.next.encode(kept)})
+
+    def _decode(self, enc: Encoded) -> torch.Tensor:
+        shape = enc.shape
+        rows = shape[0] if len(shape) >= 2 else 1
+        cols = enc.numel // rows
+        index = enc.tensors["index"].long()
+        kept = enc.tensors["rows"].float() if self.next is None else self.next.decode(enc.children["rows"])
+        out = torch.zeros(rows, cols, dtype=torch.float32, device=index.device)
+        if index.numel():
+            out.index_copy_(0, index, kept.reshape(index.numel(), cols).to(out.device))
+        return out
