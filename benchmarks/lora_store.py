@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     CacheMode,
     _gen,
     _write_model,
@@ -36,9 +36,8 @@ from common import (  # noqa: E402
     save_results,
     tvbasis_cmd,
 )
-
-from tvbasis.io import open_checkpoint, open_finetuned  # noqa: E402
-from tvbasis.store import BasisStore  # noqa: E402
+from tvbasis.io import open_checkpoint, open_finetuned
+from tvbasis.store import BasisStore
 
 TARGETS = ("attention.self.query", "attention.self.value")
 

@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_scale import run_builds  # noqa: E402
-from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results  # noqa: E402
-
-from tvbasis.io import parse_size  # noqa: E402
+from build_scale import run_builds
+from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results
+from tvbasis.io import parse_size
 
 
 def main() -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results  # noqa: E402
+from common import CacheMode, common_args, gb, log, make_family, markdown_table, save_results
+from tvbasis.engine import LocalEngine
+from tvbasis.passes import compute_gram
+from tvbasis.store import build_store
+from tvbasis.taskset import TaskSet
 
-from tvbasis.engine import LocalEngine  # noqa: E402
-from tvbasis.passes import compute_gram  # noqa: E402
-from tvbasis.store import build_store  # noqa: E402
-from tvbasis.taskset import TaskSet  # noqa: E402
 
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -60,7 +60,7 @@ def main() -> None:
         c0, w0 = cpu_s(), time.perf_counter()
         if prof:
             prof.enable()
-        g = compute_gram(ts, eng)
+        compute_gram(ts, eng)
         t_gram = time.perf_counter() - w0
         c_gram = cpu_s() - c0
         out = a.work / f"profile-store-{v}"
@@ -88,7 +88,7 @@ def main() -> None:
              f"method {a.method}, M = {a.M}, {a.workers} threads, page cache {cache.mode}; one sequential read of all "
              f"inputs {read['seconds']:.1f} s ({read['gb_per_s']:.2f} GB/s).\n\n"
              + markdown_table(["load avg", "Gram pass s", "Gram CPU s", "build s", "build CPU s"], rows))
-    for v, top in profiles.items():
+    for top in profiles.values():
         table += f"\n\ncProfile (Gram pass + whole build, {a.workers} worker(s), torch threads " \
                  f"{torch.get_num_threads()}):\n\n```\n{top}\n```"
     save_results(a.name or f"profile_build_T{a.T}_{a.size}_{a.dtype}",

@@ -96,6 +96,7 @@ def ray_engine():
     import sys
 
     from ray import cloudpickle
+
     from tvbasis.engine.ray import RayEngine
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     eng = RayEngine(workers=2, progress=False, object_store_memory=256 * 2**20)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tvbasis.errors import ConfigError, UnknownTaskError
-from tvbasis.eval import Encoder, Evaluator, lambda_grid, label_text, load_task, parse_grid
+from tvbasis.eval import Encoder, Evaluator, label_text, lambda_grid, load_task, parse_grid
 from tvbasis.eval.finetune import (
     FINETUNE_META,
     WEIGHTS,

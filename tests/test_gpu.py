@@ -9,9 +9,8 @@ import torch
 from tinymodels import make_family
 from tvbasis.engine import RunOptions, resolve_device
 from tvbasis.errors import ConfigError
-from tvbasis.passes import compute_gram
 from tvbasis.merge import MergeSpec
-from tvbasis.passes import merge_task_vectors
+from tvbasis.passes import compute_gram, merge_task_vectors
 from tvbasis.store import build_store
 from tvbasis.taskset import TaskSet
 

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
-from tinymodels import pretrained_state, save_hf
 
+from tinymodels import pretrained_state, save_hf
 from tvbasis.errors import CheckpointError, OutputExistsError
 from tvbasis.io import ModelWriter, TensorSpec, open_checkpoint, parse_size, plan_shards
 

@@ -19,8 +19,11 @@ transformers = pytest.importorskip("transformers")
 from tvbasis.cli import main  # noqa: E402
 from tvbasis.errors import CheckpointError, StoreError, TensorMismatchError  # noqa: E402
 from tvbasis.io import LoraCheckpoint, is_adapter, open_checkpoint, open_finetuned  # noqa: E402
-from tvbasis.store import BasisStore, build_store  # noqa: E402
-from tvbasis.store import add_task  # noqa: E402
+from tvbasis.store import (  # noqa: E402
+    BasisStore,
+    add_task,
+    build_store,
+)
 from tvbasis.vectors import TaskVector  # noqa: E402
 
 

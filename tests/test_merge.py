@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 
 import tvbasis.merge.dare as dare_mod
 from tvbasis.errors import ConfigError
-from tvbasis.merge import (MERGE_METHODS, MergeContext, MergeSpec, available_methods, get_merger, global_thresholds,
-                           parse_merge_params)
+from tvbasis.merge import (
+    MERGE_METHODS,
+    MergeContext,
+    MergeSpec,
+    available_methods,
+    get_merger,
+    global_thresholds,
+    parse_merge_params,
+)
 
 W4 = np.array([1.0, 0.5, 2.0, 1.5])
 
@@ -221,7 +228,6 @@ def test_global_trim_scope_over_two_tensors_equals_dense_over_the_concatenation(
 
 def test_streaming_global_ties_equals_dense_over_whole_vector(tmp_path):
     from tinymodels import dense_vector, flat, make_family
-
     from tvbasis.passes import merge_task_vectors
 
     pre_p, fts, pre, sds = make_family(tmp_path, T=3)

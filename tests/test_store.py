@@ -11,8 +11,8 @@ import torch
 from tinymodels import dense_vector, flat, make_family, pretrained_state, save_hf
 from tvbasis.bases import get_basis_method
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
-from tvbasis.passes import compute_gram
 from tvbasis.io import open_checkpoint
+from tvbasis.passes import compute_gram
 from tvbasis.store import BasisStore, add_task, build_store
 from tvbasis.taskset import TaskSet, layer_group
 

@@ -66,7 +66,7 @@ class TaskSet:
         keep = KeyFilter.of(include, exclude)
         fts = []
         specs: dict[str, TensorSpec] = {}
-        for name, p in finetuned.items():
+        for p in finetuned.values():
             ft = open_finetuned(p, pre)
             specs = vector_specs(pre, ft, keep)
             fts.append(ft)

@@ -23,10 +23,10 @@ from tvbasis.engine import Run, as_run
 from tvbasis.errors import CheckpointError, ConfigError, NonFiniteError, TensorMismatchError
 from tvbasis.io import (
     Checkpoint,
-    all_finite,
-    check_finite,
     ModelWriter,
     TensorSpec,
+    all_finite,
+    check_finite,
     dtype_name,
     model_card,
     open_checkpoint,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from tvbasis.bases.random_rows import random_rows

@@ -17,6 +17,7 @@ import torch
 from tvbasis.codecs.base import Codec, relative_error
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
+from tvbasis.codecs.registry import parse_codec, register_codec
 from tvbasis.errors import NonFiniteError
 
 #: the candidates, in canonical-enough spec form (each is parsed; ``chosen`` records the canonical spec)
@@ -46,8 +47,6 @@ AUTO_LADDER: tuple[str, ...] = (
 
 
 def _parse(spec: str) -> Codec:
-    from tvbasis.codecs.registry import parse_codec  # the registry imports this module
-
     return parse_codec(spec)
 
 
@@ -85,3 +84,6 @@ class Auto(Codec):
     def _decode(self, enc: Encoded) -> torch.Tensor:
         child = enc.children["value"]
         return _parse(child.codec).decode(child)
+
+
+register_codec(Auto)

@@ -52,7 +52,7 @@ class Codec(ABC):
         self.next = next
         self._validate()
 
-    def _validate(self) -> None:
+    def _validate(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Cross-parameter checks (override); raise ConfigError."""
 
     # ----------------------------------------------------------------------------------------------- spec

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from tvbasis.codecs.auto import Auto
 from tvbasis.codecs.base import Codec
 from tvbasis.codecs.cast import BFloat16, Float16, Float32
 from tvbasis.codecs.encoded import Encoded
@@ -21,8 +20,15 @@ from tvbasis.errors import ConfigError
 #: codec name -> class
 CODECS: dict[str, type[Codec]] = {
     cls.name: cls
-    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Auto)
+    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary)
 }
+# ``auto`` picks among the codecs above through ``parse_codec``: it sits one level up and adds itself with
+# ``register_codec`` when ``tvbasis.codecs.auto`` is imported (``tvbasis.codecs`` imports it).
+
+
+def register_codec(cls: type[Codec]) -> None:
+    """Make codec ``cls`` available by its name in specs."""
+    CODECS[cls.name] = cls
 
 
 def get_codec(name: str, next: Codec | str | None = None, **params: Any) -> Codec:

@@ -184,7 +184,7 @@ class RayEngine(Engine):
             for _, ref in pending:  # an error or an abandoned generator: stop what is still queued
                 try:
                     ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - best effort
+                except Exception:
                     pass
             pending.clear()
             bar.close()

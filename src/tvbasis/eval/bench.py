@@ -171,8 +171,8 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
     from tvbasis.merge import MergeSpec
-    from tvbasis.store import build_store
     from tvbasis.passes import merge_task_vectors
+    from tvbasis.store import build_store
     from tvbasis.vectors import TaskVector
 
     cfg = config.resolved()

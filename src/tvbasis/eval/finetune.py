@@ -32,8 +32,14 @@ from pathlib import Path
 
 import torch
 
+from tvbasis._version import __version__
 from tvbasis.errors import CheckpointError, ConfigError
-from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder, check_encoder_dir, default_model_dir
+from tvbasis.eval.encoder import (
+    EVAL_BATCH_SIZE,
+    Encoder,
+    check_encoder_dir,
+    default_model_dir,
+)
 from tvbasis.eval.heads import LOGIT_SCALE, build_head
 from tvbasis.eval.tasks import Task, load_task
 from tvbasis.io.writer import replace_atomically, temp_sibling
@@ -174,8 +180,7 @@ def _write_model_dir(out: Path, model: torch.nn.Module, tokenizer: object, meta_
 def _versions() -> dict[str, str]:
     import transformers
 
-    import tvbasis
-    return {"tvbasis": tvbasis.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"tvbasis": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # --------------------------------------------------------------------------- pretrained
@@ -266,7 +271,7 @@ def _fused_if_available() -> dict[str, bool]:
         return {}
 
 
-def _lr_lambda(warmup_steps: int, total_steps: int):  # noqa: ANN202
+def _lr_lambda(warmup_steps: int, total_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)

@@ -104,7 +104,7 @@ class Checkpoint(ABC):
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._get(name)[start:stop]
 
-    def close(self) -> None:  # optional hook
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         pass
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
@@ -311,7 +311,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
+        except Exception:
             pass
 
 
@@ -338,7 +338,7 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
             f"does not allow them ({first})") from None
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of torch.load is a bad file
+    except Exception as e:
         raise CheckpointError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -400,7 +400,7 @@ def _read_index(index: Path) -> dict[str, str]:
             if not isinstance(v, str):
                 raise TypeError(f"weight_map entry {k!r} -> {v!r} is not a file name")
         return dict(weight_map)
-    except Exception as e:  # noqa: BLE001 - any malformed index
+    except Exception as e:
         raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
 
 

@@ -9,8 +9,8 @@ tensor along dim 0) at a time, so a merge over K checkpoints holds about K slice
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch

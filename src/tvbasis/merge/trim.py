@@ -18,7 +18,6 @@ import torch
 
 from tvbasis.merge.threshold import abs_bits, kth_largest
 
-
 #: per-task slice size from which the cut is found by radix selection instead of torch.kthvalue
 RADIX_MIN = 1 << 16
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ from tvbasis.merge import MergeContext, MergeSpec, get_merger
 from tvbasis.passes import ALL, operand_thresholds
 from tvbasis.store.format import Manifest
 from tvbasis.vectors import Producer, TaskVector
-
-if TYPE_CHECKING:
-    from tvbasis.engine import Run
 
 
 # --------------------------------------------------------------------------------------------------- store
@@ -57,7 +54,7 @@ class BasisStore:
         target = self.root / (files[0] if len(files) == 1 else f"{prefix}.safetensors.index.json")
         try:
             return open_checkpoint(target)
-        except Exception as e:  # noqa: BLE001 - any failure to open a shard is a broken store
+        except Exception as e:
             raise StoreError(f"{self.root}: cannot open the store's {prefix} shards: {e}") from None
 
     def _check_shards(self) -> None:

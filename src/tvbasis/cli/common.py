@@ -1,0 +1,118 @@
+"""Shared pieces of the ``tvbasis`` subcommands: NAME=VALUE parsing, common flags, run options, tables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from tvbasis.engine import RunOptions
+from tvbasis.errors import ConfigError
+from tvbasis.merge import MergeSpec, parse_merge_params
+
+FT_HELP = ("a fine-tuned model (any layout the pretrained may have) or a PEFT LoRA adapter directory "
+           "(adapter_config.json + adapter_model.safetensors) of the pretrained model")
+
+
+def pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        if not k or not v:
+            raise ConfigError(f"{what} expects NAME=VALUE, got {item!r}")
+        if k in out:
+            raise ConfigError(f"{what}: name {k!r} given twice")
+        out[k] = v
+    return out
+
+
+def finetuned(items: Sequence[str] | None) -> dict[str, str]:
+    ft = pairs(items, "--finetuned")
+    if not ft:
+        raise ConfigError("give at least one --finetuned NAME=PATH")
+    return ft
+
+
+def floats(items: dict[str, str], what: str) -> dict[str, float]:
+    out = {}
+    for k, v in items.items():
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise ConfigError(f"{what} {k}={v!r}: not a number") from None
+    return out
+
+
+def combo(text: str) -> dict[str, float]:
+    return floats(pairs([p for p in text.split(",") if p], "--combine"), "--combine")
+
+
+def merge_spec(args: argparse.Namespace, method: str | None = None) -> MergeSpec:
+    params: dict[str, Any] = parse_merge_params(list(getattr(args, "param", None) or []))
+    for flag in ("density", "sign", "trim_scope", "seed", "k"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            params[flag] = v
+    if getattr(args, "mean", False):
+        params["normalize"] = True
+    return MergeSpec(method or args.method, params)
+
+
+def common_io(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    if dtype:
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of written tensors "
+                       "(default: the pretrained model's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="only tensors matching this glob (or re:REGEX); repeatable")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="leave out tensors matching this glob (or re:REGEX), e.g. '*classifier*'; repeatable")
+
+
+def engine_flags(p: argparse.ArgumentParser, device: bool = False) -> None:
+    """--engine/--workers/--ray-address; --device only where the command does its arithmetic on a device."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where per-tensor work runs (default local threads; ray needs tvbasis[ray])")
+    p.add_argument("--workers", type=int, help="threads (local) or parallel tasks (ray)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    if device:
+        p.add_argument("--device", default="cpu",
+                       help="torch device for the Gram / merge arithmetic, e.g. cuda (default cpu)")
+
+
+def merge_flags(p: argparse.ArgumentParser, default: str | None = "task_arithmetic") -> None:
+    p.add_argument("--density", type=float, help="fraction of each task vector kept by trimming (ties, topk, dare)")
+    p.add_argument("--sign", choices=["total", "frequency"], help="TIES sign election (default total)")
+    p.add_argument("--trim-scope", choices=["tensor", "global"],
+                   help="trim per tensor (default) or against each task's threshold over the whole vector")
+    p.add_argument("--seed", type=int, help="seed of random drops (dare)")
+    p.add_argument("--k", type=int, help="consensus: keep coordinates selected by at least k task masks")
+    p.add_argument("--mean", action="store_true", help="task_arithmetic: weighted mean instead of sum")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="any other merge parameter; repeatable")
+
+
+#: run options of this command (engine and device, resolved once), closed when it ends (a Ray engine that
+#: started Ray shuts it down)
+OPEN_RUNS: list[RunOptions] = []
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    if not OPEN_RUNS:
+        OPEN_RUNS.append(RunOptions(args.engine, args.workers, args.ray_address, getattr(args, "device", "cpu"),
+                                     progress=not getattr(args, "quiet", False)))
+    return OPEN_RUNS[0]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")

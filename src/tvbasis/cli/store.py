@@ -1,0 +1,212 @@
+"""Subcommands on basis stores: ``build``, ``inspect``, ``reconstruct``, ``edit``, ``add-task``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvbasis.cli.common import (
+    FT_HELP,
+    combo,
+    common_io,
+    engine_flags,
+    filters,
+    finetuned,
+    merge_flags,
+    merge_spec,
+    pairs,
+    print_table,
+    run_options,
+)
+from tvbasis.errors import ConfigError
+
+
+def _basis_options(args: argparse.Namespace) -> dict[str, Any]:
+    from tvbasis.merge import parse_merge_params
+    opts: dict[str, Any] = parse_merge_params(list(args.option or []))
+    if args.method == "cluster":
+        if args.inner:
+            opts["inner"] = args.inner
+        inner_params = parse_merge_params(list(args.inner_param or []))
+        if args.density is not None:
+            inner_params["density"] = args.density
+        if inner_params:
+            opts["inner_params"] = inner_params
+    elif args.inner or args.inner_param:
+        raise ConfigError("--inner/--inner-param only apply to --method cluster")
+    if args.seed is not None:
+        opts["seed"] = args.seed
+    if args.steps is not None:
+        opts["steps"] = args.steps
+    return opts
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tvbasis.io import human_bytes
+    from tvbasis.store import build_store
+    ft = finetuned(args.finetuned)
+    store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
+                        args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
+                        fisher=pairs(args.fisher, "--fisher") or None)
+    s = store.summary()
+    print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
+          f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
+          f"({s['compression']:.2f}x)")
+    _print_errors(s)
+    return 0
+
+
+def _print_errors(s: dict[str, Any]) -> None:
+    labels = s.get("labels")
+    rows = []
+    for i, t in enumerate(s["tasks"]):
+        exact = s["errors_exact"].get(t, True)
+        rows.append([t, f"{s['norms'][t]:.4g}", f"{s['rel_errors'][t]:.4f}" + ("" if exact else " (est.)"),
+                     *([labels[i]] if labels else [])])
+    print_table(["task", "‖v‖", "rel. error", *(["cluster"] if labels else [])], rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tvbasis.io import human_bytes
+    from tvbasis.store import BasisStore
+    store = BasisStore.open(args.store)
+    s = store.summary()
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(f"store {store.root}  (method {s['method']}, M = {s['M']}, T = {s['T']}"
+          f"{', layerwise' if s['layerwise'] else ''})")
+    print(f"bytes on disk: {human_bytes(s['bytes_on_disk'])}; the T task vectors: "
+          f"{human_bytes(s['task_vectors_bytes'])} (compression {s['compression']:.2f}x)")
+    if s.get("loss") is not None:
+        print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   Eckart–Young lower bound: {s['lower_bound']:.6g}")
+    elif s.get("lower_bound") is not None:
+        print(f"Eckart–Young lower bound tr(EᵀGE)/T²: {s['lower_bound']:.6g}")
+    _print_errors(s)
+    print("cosine similarity:")
+    C = np.asarray(s["cosine"])
+    names = [t[:10] for t in s["tasks"]]
+    print_table(["", *names], [[names[i], *[f"{C[i, j]:+.3f}" for j in range(len(names))]] for i in range(len(names))])
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from tvbasis.io import parse_dtype
+    from tvbasis.store import BasisStore
+    store = BasisStore.open(args.store)
+    tv = store.reconstruct(args.task)
+    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=run_options(args))
+    print(f"wrote reconstructed task vector {args.task} to {out} "
+          f"(relative reconstruction error {store.rel_errors[args.task]:.4f})")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from tvbasis.io import check_output, open_checkpoint, parse_dtype
+    from tvbasis.store import BasisStore
+    store = BasisStore.open(args.store)
+    chosen = [x for x in (args.add, args.negate, args.combine) if x]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one of --add all|a,b, --negate TASK, --combine a=1,b=-0.5")
+    pre = open_checkpoint(args.pretrained)
+    store.check_pretrained(pre)
+    check_output(Path(args.out), args.force)
+    outer = merge_spec(args, args.outer) if args.outer else None
+    if args.add:
+        tasks = None if args.add == "all" else [t for t in args.add.split(",") if t]
+        tv = store.addition(outer, tasks)
+        what = f"add {args.add}" + (f" (outer {args.outer})" if outer else "")
+    elif args.negate:
+        if outer:
+            raise ConfigError("--outer applies to --add only")
+        tv = -store.reconstruct(args.negate)
+        what = f"negate {args.negate}"
+    else:
+        if outer:
+            raise ConfigError("--outer applies to --add only")
+        tv = store.combine(combo(args.combine))
+        what = f"combine {args.combine}"
+    out = tv.apply_to(pre, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
+                      max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
+                      method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, "store": str(store.root)})
+    print(f"wrote {out}: {what}, scaling_coef {args.scaling_coef}")
+    return 0
+
+
+def cmd_add_task(args: argparse.Namespace) -> int:
+    from tvbasis.store import BasisStore, add_task
+    pair = pairs([args.task], "NAME=PATH")
+    (name, path), = pair.items()
+    new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=run_options(args))
+    task = new.manifest.tasks[-1]
+    where = f", joined cluster {task.cluster}" if task.cluster is not None else ""
+    print(f"added task {name} to {new.root} (T = {new.T}{where}); "
+          f"relative reconstruction error {task.rel_error:.4f}")
+    return 0
+
+
+
+def register(sub: Any) -> None:
+    from tvbasis.bases import BASIS_METHODS
+    s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
+                       description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
+                   help="task name and " + FT_HELP + "; repeat per task")
+    s.add_argument("--method", required=True, choices=sorted(BASIS_METHODS))
+    s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap)")
+    s.add_argument("--layerwise", action="store_true", help="fit bases and coefficients per layer group")
+    s.add_argument("--inner", help="cluster: inner merge per cluster (mean, task_arithmetic, ties, topk, dare_ties, ...)")
+    s.add_argument("--inner-param", action="append", metavar="KEY=VALUE", help="parameter of the inner merge")
+    s.add_argument("--density", type=float, help="shortcut for --inner-param density=...")
+    s.add_argument("--fisher", action="append", metavar="NAME=FILE",
+                   help="diagonal Fisher safetensors per task (for --inner fisher)")
+    s.add_argument("--seed", type=int, help="seed (autoencoder init, clustering, random bases)")
+    s.add_argument("--steps", type=int, help="autoencoder: Adam steps (default 6000)")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any basis-method option (e.g. temperature=5, lr=0.01, encoder=linear, rescale=false)")
+    s.add_argument("--out", required=True)
+    common_io(s)
+    filters(s)
+    engine_flags(s, device=True)
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("reconstruct", help="reconstruct one task vector from a store (reads only the store)")
+    s.add_argument("store")
+    s.add_argument("task")
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    common_io(s)
+    engine_flags(s)
+    s.set_defaults(fn=cmd_reconstruct)
+
+    s = sub.add_parser("edit", help="write an edited model from a store: addition, negation, any combination",
+                       description="θ₀ + scaling_coef·τ with τ from the store: --add (sum of bases, or an --outer "
+                       "merge), --negate TASK, or --combine a=1,b=-0.5 (analogy and any linear combination).")
+    s.add_argument("store")
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--add", metavar="all|a,b")
+    s.add_argument("--negate", metavar="TASK")
+    s.add_argument("--combine", metavar="a=1,b=-0.5")
+    s.add_argument("--outer", help="merge method over the bases for --add (default: their sum, as the paper)")
+    s.add_argument("--scaling-coef", type=float, required=True)
+    s.add_argument("--out", required=True)
+    merge_flags(s, None)
+    common_io(s)
+    engine_flags(s)
+    s.set_defaults(fn=cmd_edit)
+
+    s = sub.add_parser("add-task", help="fold a new fine-tune into a store without the old checkpoints")
+    s.add_argument("store")
+    s.add_argument("task", metavar="NAME=PATH", help="task name and " + FT_HELP)
+    s.add_argument("--pretrained", required=True)
+    engine_flags(s)
+    s.set_defaults(fn=cmd_add_task)

@@ -1,0 +1,158 @@
+"""Subcommands on checkpoints and task vectors: ``vector``, ``merge``, ``apply``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tvbasis.cli.common import (
+    FT_HELP,
+    common_io,
+    engine_flags,
+    filters,
+    finetuned,
+    floats,
+    merge_flags,
+    merge_spec,
+    pairs,
+    print_table,
+    run_options,
+)
+from tvbasis.errors import ConfigError
+
+
+def cmd_vector(args: argparse.Namespace) -> int:
+    from tvbasis.io import parse_dtype
+    from tvbasis.vectors import TaskVector
+    tv = TaskVector.from_checkpoints(args.pretrained, args.finetuned, args.include, args.exclude)
+    out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=run_options(args))
+    print(f"wrote task vector {out} ({len(tv)} tensors, {tv.num_parameters:,} parameters)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tvbasis.io import parse_dtype
+    from tvbasis.passes import merge_task_vectors
+    ft = finetuned(args.finetuned)
+    spec = merge_spec(args)
+    weights = floats(pairs(args.weight, "--weight"), "--weight")
+    fisher = pairs(args.fisher, "--fisher") or None
+    from tvbasis.io import check_output
+    check_output(Path(args.out), args.force)
+    run = run_options(args)
+    tv = merge_task_vectors(args.pretrained, ft, spec, weights, fisher, args.include, args.exclude, run)
+    params = {"method": spec.method, **spec.params, "models": ", ".join(ft), **({"weights": weights} if weights else {})}
+    out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
+                      max_shard_size=args.max_shard_size, force=args.force, run=run, method=spec.method,
+                      parameters=params)
+    print(f"wrote merged model {out} ({spec.method}, {len(ft)} models, scaling_coef {args.scaling_coef})")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from tvbasis.io import parse_dtype
+    from tvbasis.vectors import TaskVector
+    if not args.vector:
+        raise ConfigError("give at least one --vector FILE[=COEF]")
+    vectors, coefs = [], []
+    for item in args.vector:
+        path, _, coef = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            c = float(coef)
+        except ValueError:
+            raise ConfigError(f"--vector {item!r}: coefficient {coef!r} is not a number") from None
+        vectors.append(TaskVector.load(path, args.include, args.exclude))
+        coefs.append(c)
+    tv = TaskVector.linear_combination(vectors, coefs)
+    out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
+                      max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
+                      method="task_arithmetic", parameters={"vectors": ", ".join(args.vector)})
+    print(f"wrote {out} (θ₀ + {args.scaling_coef}·Σ coef·τ over {len(vectors)} vector(s))")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tvbasis.io import dtype_name, human_bytes, open_checkpoint
+    ckpt = open_checkpoint(args.path)
+    rows = []
+    total_sq = 0.0
+    dtypes: dict[str, int] = {}
+    for s in ckpt.specs():
+        dtypes[dtype_name(s.dtype)] = dtypes.get(dtype_name(s.dtype), 0) + s.numel
+        norm = None
+        if args.norms and s.is_float:
+            t = ckpt.get(s.name).double()
+            sq = float((t * t).sum())
+            total_sq += sq
+            norm = sq**0.5
+        rows.append({"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "numel": s.numel,
+                     **({"norm": norm} if norm is not None else {})})
+    summary = {"path": str(ckpt.path), "tensors": len(rows), "parameters": ckpt.num_parameters,
+               "bytes": ckpt.nbytes, "dtypes": dtypes, **({"norm": total_sq**0.5} if args.norms else {}),
+               "metadata": ckpt.metadata()}
+    if args.json:
+        print(json.dumps({**summary, "tensor_list": rows}, indent=1))
+        return 0
+    print(f"{ckpt.path}: {len(rows)} tensors, {ckpt.num_parameters:,} parameters, {human_bytes(ckpt.nbytes)}")
+    print("dtypes: " + ", ".join(f"{k} ({v:,})" for k, v in dtypes.items()))
+    if args.norms:
+        print(f"global L2 norm: {total_sq**0.5:.6g}")
+    shown = rows if args.all else rows[:40]
+    print_table(["tensor", "shape", "dtype", *(["norm"] if args.norms else [])],
+                 [[r["name"], "×".join(map(str, r["shape"])) or "scalar", r["dtype"],
+                   *([f"{r['norm']:.5g}" if "norm" in r else "–"] if args.norms else [])] for r in shown])
+    if len(rows) > len(shown):
+        print(f"... {len(rows) - len(shown)} more (use --all)")
+    return 0
+
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("vector", help="extract a task vector (fine-tuned − pretrained) and save it",
+                       description="Extract the task vector of one fine-tune and save it as safetensors.")
+    s.add_argument("--pretrained", required=True, help="pretrained model (HF dir, .safetensors, .bin/.pt)")
+    s.add_argument("--finetuned", required=True, help=FT_HELP)
+    s.add_argument("--out", required=True, help="output .safetensors file")
+    common_io(s)
+    filters(s)
+    engine_flags(s)
+    s.set_defaults(fn=cmd_vector)
+
+    s = sub.add_parser("merge", help="merge fine-tunes into one model directory",
+                       description="Merge fine-tunes of one pretrained model with a merge method and write a Hugging "
+                       "Face model directory: θ₀ + scaling_coef · merge(τ_1..τ_T).")
+    from tvbasis.merge import available_methods
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
+                   help="task name and " + FT_HELP + "; repeat per task")
+    s.add_argument("--method", default="task_arithmetic", choices=available_methods())
+    s.add_argument("--scaling-coef", type=float, default=1.0, help="λ in θ₀ + λ·τ (default 1.0)")
+    s.add_argument("--weight", action="append", metavar="NAME=W", help="per-model weight (default 1)")
+    s.add_argument("--fisher", action="append", metavar="NAME=FILE", help="diagonal Fisher safetensors per model")
+    s.add_argument("--out", required=True)
+    merge_flags(s)
+    common_io(s)
+    filters(s)
+    engine_flags(s, device=True)
+    s.set_defaults(fn=cmd_merge)
+
+    s = sub.add_parser("apply", help="apply saved task vectors with signed coefficients (add, negate, analogy)",
+                       description="Write θ₀ + scaling_coef · Σ coef_i·τ_i for saved task vectors; negative "
+                       "coefficients negate (unlearn), c + b − a is an analogy.")
+    s.add_argument("--pretrained", required=True)
+    s.add_argument("--vector", action="append", metavar="FILE[=COEF]", help="a saved task vector and its coefficient")
+    s.add_argument("--scaling-coef", type=float, default=1.0)
+    s.add_argument("--out", required=True)
+    common_io(s)
+    filters(s)
+    engine_flags(s)
+    s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser("info", help="tensors, parameter count, dtypes and norms of a checkpoint or task vector")
+    s.add_argument("path")
+    s.add_argument("--norms", action="store_true", help="compute per-tensor L2 norms (reads the data)")
+    s.add_argument("--all", action="store_true", help="list every tensor")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_info)
