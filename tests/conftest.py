@@ -1,4 +1,14 @@
-import sys
-from pathlib import Path
+"""Fixtures shared by the test modules."""
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tinymodels.py
+from __future__ import annotations
+
+import pytest
+
+from tests.tinymodels import make_family
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """A pretrained model and 6 fine-tunes in 3 planted clusters (safetensors HF directories), per module:
+    (pretrained path, {task: path}, pretrained state, fine-tuned states)."""
+    return make_family(tmp_path_factory.mktemp("fam"), T=6, clusters=3)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tinymodels import make_family, pretrained_state, save_hf
+from tests.tinymodels import make_family, pretrained_state, save_hf
 from tvbasis.cli import main
 from tvbasis.io import open_checkpoint
 

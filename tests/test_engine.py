@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinymodels import make_family, pretrained_state, save_hf
+from tests.tinymodels import ft_args, pretrained_state, save_hf
 from tvbasis.cli import main
 from tvbasis.engine import LocalEngine, get_engine
 from tvbasis.errors import ConfigError, NonFiniteError
@@ -104,15 +104,6 @@ def ray_engine():
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("fam"), T=6, clusters=3)
-
-
-def _ft_args(fts):
-    return [a for n, p in fts.items() for a in ("--finetuned", f"{n}={p}")]
-
-
 def _close(a, b, path: str = "") -> None:
     """JSON-like values equal; floats up to GRAM_RTOL (relative to the scale of the array they sit in)."""
     if isinstance(a, dict):
@@ -160,7 +151,7 @@ def test_ray_same_answers_as_local(ray_engine, fam, tmp_path, capsys, method, ex
     for engine in ("local", "ray"):
         d = tmp_path / engine
         eng = ["--engine", engine, "--workers", "2"]
-        _run(["build", "--pretrained", str(pre_p), *_ft_args(fts), "--method", method, *extra,
+        _run(["build", "--pretrained", str(pre_p), *ft_args(fts), "--method", method, *extra,
               "--out", str(d / "store"), *eng])
         capsys.readouterr()
         summary = json.loads(_run(["inspect", str(d / "store"), "--json"], capsys))
@@ -189,7 +180,7 @@ def test_ray_merge_and_vector_same_as_local(ray_engine, fam, tmp_path):
     pre_p, fts, *_ = fam
     for engine in ("local", "ray"):
         eng = ["--engine", engine]
-        _run(["merge", "--pretrained", str(pre_p), *_ft_args(fts), "--method", "ties", "--density", "0.3",
+        _run(["merge", "--pretrained", str(pre_p), *ft_args(fts), "--method", "ties", "--density", "0.3",
               "--trim-scope", "global", "--out", str(tmp_path / engine / "merged"), *eng])
         _run(["vector", "--pretrained", str(pre_p), "--finetuned", str(fts["task3"]),
               "--out", str(tmp_path / engine / "v.safetensors"), *eng])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinymodels import make_family
+from tests.tinymodels import make_family
 from tvbasis.engine import RunOptions, resolve_device
 from tvbasis.errors import ConfigError
 from tvbasis.merge import MergeSpec

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinymodels import pretrained_state, save_hf
+from tests.tinymodels import pretrained_state, save_hf
 from tvbasis.errors import CheckpointError, OutputExistsError
 from tvbasis.io import ModelWriter, TensorSpec, open_checkpoint, parse_size, plan_shards
 

@@ -227,7 +227,7 @@ def test_global_trim_scope_over_two_tensors_equals_dense_over_the_concatenation(
 
 
 def test_streaming_global_ties_equals_dense_over_whole_vector(tmp_path):
-    from tinymodels import dense_vector, flat, make_family
+    from tests.tinymodels import dense_vector, flat, make_family
     from tvbasis.passes import merge_task_vectors
 
     pre_p, fts, pre, sds = make_family(tmp_path, T=3)

@@ -8,52 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tinymodels import dense_vector, flat, make_family, pretrained_state, save_hf
-from tvbasis.bases import get_basis_method
+from tests.tinymodels import dense_vector, flat, pretrained_state, save_hf
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
 from tvbasis.io import open_checkpoint
-from tvbasis.passes import compute_gram
-from tvbasis.store import BasisStore, add_task, build_store
-from tvbasis.taskset import TaskSet, layer_group
-
-
-def dense_V(pre, sds):
-    vs = [dense_vector(pre, sd) for sd in sds]
-    keys = sorted(vs[0])
-    return torch.stack([flat(v, keys) for v in vs], 1), keys
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("fam"), T=6, clusters=3)
-
-
-def test_streaming_gram_equals_dense(fam):
-    pre_p, fts, pre, sds = fam
-    ts = TaskSet.open(pre_p, fts)
-    g = compute_gram(ts, chunk_elements=37, groups=layer_group)  # tiny chunks: exercises row chunking
-    V, _ = dense_V(pre, sds)
-    np.testing.assert_allclose(g.G, (V.T @ V).numpy(), rtol=1e-6)
-    assert np.allclose(sum(g.group_grams.values()), g.G)
-    assert set(g.group_grams) >= {"encoder.layer.0", "encoder.layer.1", "embeddings", "pooler"}
-    np.testing.assert_allclose(np.diag(g.cosine), 1.0)
-    again = compute_gram(ts, chunk_elements=10**9)  # whole tensors: same G up to float summation order
-    np.testing.assert_allclose(again.G, g.G, rtol=1e-6)
-
-
-@pytest.mark.parametrize("n", [100, 1024 * 70 + 333])  # tail only; 70 blocks (> one batch of 32) + tail
-def test_block_products_match_float64(n):
-    from tvbasis.passes import cross_of, gram_of, row_sq_norms
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(7, n, generator=gen) * torch.logspace(-4, 0, 7).unsqueeze(1)  # rows of very different norms
-    u = torch.randn(3, n, generator=gen)
-    X, U = x.double(), u.double()
-    scale = np.sqrt(np.outer((U * U).sum(1).numpy(), (X * X).sum(1).numpy()))
-    np.testing.assert_allclose(np.abs(cross_of(u, x).numpy() - (U @ X.T).numpy()) / scale, 0, atol=1e-6)
-    G = (X @ X.T).numpy()
-    d = np.sqrt(np.diag(G))
-    np.testing.assert_allclose((gram_of(x).numpy() - G) / np.outer(d, d), 0, atol=1e-6)
-    np.testing.assert_allclose(row_sq_norms(x).numpy(), (X * X).sum(1).numpy(), rtol=1e-6)
+from tvbasis.store import BasisStore, build_store
 
 
 def test_pca_with_M_T_minus_1_is_exact(fam, tmp_path):
@@ -87,28 +45,6 @@ def test_layerwise_never_worse(fam, tmp_path):
     ea, eb = np.array(list(a.rel_errors.values())), np.array(list(b.rel_errors.values()))
     assert (eb**2).sum() <= (ea**2).sum() + 1e-9
     assert len(b.fits) > 1
-
-
-def test_autoencoder_loss_above_bound_and_falls(fam):
-    pre_p, fts, pre, sds = fam
-    V, _ = dense_V(pre, sds)
-    G = (V.T @ V).numpy()
-    fit = get_basis_method("autoencoder", steps=1500).fit(G, 2)
-    hist = fit.stats["loss_history"]
-    assert fit.stats["loss"] >= fit.stats["lower_bound"] - 1e-12
-    assert hist[-1] < 0.5 * fit.stats["initial_loss"]
-    assert hist[-1] <= hist[1]
-    assert np.allclose(fit.B.sum(0), 1.0) and (fit.B >= 0).all()  # convex combinations
-
-
-def test_cluster_recovers_planted_clusters_and_eigengap(fam):
-    pre_p, fts, pre, sds = fam
-    V, _ = dense_V(pre, sds)
-    G = (V.T @ V).numpy()
-    fit = get_basis_method("cluster").fit(G, None)
-    assert fit.M == 3
-    truth = [t % 3 for t in range(6)]
-    assert all((fit.labels[i] == fit.labels[j]) == (truth[i] == truth[j]) for i in range(6) for j in range(6))
 
 
 def test_combine_equals_dense_reference(fam, tmp_path):
@@ -172,41 +108,6 @@ def test_bad_inputs(fam, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(StoreError, match="truncated"):
         BasisStore.open(tmp_path / "t")
-
-
-@pytest.mark.parametrize("method", ["cluster", "pca"])
-def test_add_task(tmp_path, method):
-    pre_p, fts, pre, sds = make_family(tmp_path, T=7, clusters=3)
-    first = {k: fts[k] for k in list(fts)[:6]}
-    store = build_store(pre_p, first, method, 3, tmp_path / "s")
-    new = add_task(store, "task6", fts["task6"], pre_p)
-    assert new.T == 7 and new.task_names[-1] == "task6"
-    ref = flat(dense_vector(pre, sds[6]))
-    measured = float((flat(new.reconstruct("task6").to_state_dict()) - ref).norm() / ref.norm())
-    assert abs(measured - new.rel_errors["task6"]) < 1e-4
-    if method == "cluster":
-        assert new.manifest.tasks[-1].cluster == new.labels[0]  # task6 is planted with task0 (6 % 3 == 0)
-        assert measured < 0.2
-
-
-@pytest.mark.parametrize("encoder,decoder", [("softmax", "linear"), ("linear", "softmax")])
-def test_autoencoder_gradients_match_autograd(encoder, decoder):
-    from tvbasis.bases.autoencoder import loss_and_grads
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((20, 5))
-    G = X.T @ X
-    A, Wp = rng.standard_normal((5, 2)), rng.standard_normal((2, 5))
-    loss, dA, dW, _, _ = loss_and_grads(A, Wp, G, 5.0, encoder, decoder)
-    a = torch.tensor(A, requires_grad=True)
-    w = torch.tensor(Wp, requires_grad=True)
-    B = torch.softmax(a / 5.0, 0) if encoder == "softmax" else a
-    W = torch.softmax(w, 0) if decoder == "softmax" else w
-    E = B @ W - torch.eye(5, dtype=torch.float64)
-    ref = torch.trace(E.T @ torch.tensor(G) @ E) / 25
-    ref.backward()
-    assert abs(loss - float(ref.detach())) < 1e-10
-    np.testing.assert_allclose(dA, a.grad.numpy(), rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(dW, w.grad.numpy(), rtol=1e-8, atol=1e-12)
 
 
 def test_nonlinear_cluster_bases_chunked_equal_whole(fam, tmp_path, monkeypatch):

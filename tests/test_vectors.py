@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinymodels import dense_vector, flat, make_family, pretrained_state, save_hf
+from tests.tinymodels import dense_vector, flat, make_family, pretrained_state, save_hf
 from tvbasis.errors import NonFiniteError, TensorMismatchError
 from tvbasis.io import open_checkpoint
 from tvbasis.vectors import TaskVector

@@ -105,3 +105,15 @@ def dense_vector(pre: dict, ft: dict) -> dict[str, torch.Tensor]:
 def flat(sd: dict[str, torch.Tensor], keys: list[str] | None = None) -> torch.Tensor:
     keys = keys or sorted(sd)
     return torch.cat([sd[k].reshape(-1).double() for k in keys])
+
+
+def dense_V(pre: dict, sds: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    """The task vectors as the columns of a dense float64 matrix V (D, T), and the tensor order used."""
+    vs = [dense_vector(pre, sd) for sd in sds]
+    keys = sorted(vs[0])
+    return torch.stack([flat(v, keys) for v in vs], 1), keys
+
+
+def ft_args(fts: dict[str, Path]) -> list[str]:
+    """--finetuned NAME=PATH arguments for the CLI."""
+    return [a for n, p in fts.items() for a in ("--finetuned", f"{n}={p}")]
