@@ -1,5 +1,5 @@
 """Evaluation harness: the eight bundled text tasks, an encoder adapter with in-memory editing, frozen
-zero-shot heads, accuracy / λ search, and real fine-tuning (see BENCHMARK.md for the protocol)."""
+zero-shot heads, accuracy / λ search, and real fine-tuning (docs/benchmark.md has the protocol)."""
 
 from tvbasis.eval.encoder import Encoder, default_model_dir
 from tvbasis.eval.heads import LOGIT_SCALE, Head, build_head

@@ -6,7 +6,7 @@ random sample) at each M. For each row: bytes stored, addition (absolute and nor
 λ chosen on dev) and negation of target/control pairs from unrelated domains — through the store
 (reconstruct the target, negate it) next to negating the true task vector.
 
-Two sizes (both follow BENCHMARK.md's protocol; they differ in how much data and how many λ):
+Two sizes (both follow the protocol in docs/benchmark.md; they differ in how much data and how many λ):
 
 * default (quick, ~4 min cold on 2 cores): 6 tasks (DBPedia, stackoverflow, banking, clinc, hwu, mcid),
   500 training examples per task, 32 dev / 128 test examples per task, λ grid 0.2 … 1.0 step 0.2,

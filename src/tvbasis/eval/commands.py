@@ -121,7 +121,7 @@ def register(subparsers: Any) -> None:
                     "bench.json, bench.md and PNG plots. Default: a quick run (6 tasks, 500 training examples, "
                     "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 500 test examples, "
                     "λ grid 0.05..1.0; ≤ 20 min).")
-    b.add_argument("--full", action="store_true", help="the whole protocol of BENCHMARK.md")
+    b.add_argument("--full", action="store_true", help="the whole protocol of docs/benchmark.md")
     b.add_argument("--tasks", help="comma-separated task names (default: 6 tasks; --full: all 8)")
     _model_flags(b)
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
