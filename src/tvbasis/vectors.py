@@ -119,6 +119,26 @@ class Source(ABC):
     @abstractmethod
     def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
 
+    def paths(self) -> list[Path]:
+        """The files or directories this source reads (an output must not overwrite them)."""
+        return []
+
+
+def _ckpt_paths(*ckpts: Checkpoint) -> list[Path]:
+    out = []
+    for c in ckpts:
+        out.append(Path(str(c.path)))
+        if c.root_dir is not None:
+            out.append(Path(str(c.root_dir)))
+    return out
+
+
+def finite_coefficient(k: object, what: str) -> float:
+    """``k`` as a float; ConfigError for NaN, ±Inf or a non-number (they would turn every output value NaN)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k):
+        raise ConfigError(f"{what} must be a finite number, got {k!r}")
+    return float(k)
+
 
 class DiffSource(Source):
     """v = θ_ft − θ₀, read tensor by tensor (float32), with NaN/Inf checks on both inputs."""
@@ -143,6 +163,9 @@ class DiffSource(Source):
             raise NonFiniteError(f"{self.finetuned.path}: tensor {name!r} minus the pretrained overflows float32")
         return out
 
+    def paths(self) -> list[Path]:
+        return _ckpt_paths(self.pretrained, self.finetuned)
+
 
 class FileSource(Source):
     """A saved task vector (safetensors of deltas)."""
@@ -154,6 +177,9 @@ class FileSource(Source):
         t = _read(self.ckpt, name, rows)
         check_finite(t, str(self.ckpt.path), name)
         return t.to(torch.float32)
+
+    def paths(self) -> list[Path]:
+        return _ckpt_paths(self.ckpt)
 
 
 class Producer(ABC):
@@ -170,6 +196,9 @@ class FnSource(Source):
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         return self.fn(name, rows).to(torch.float32)
+
+    def paths(self) -> list[Path]:
+        return [Path(str(p)) for p in getattr(self.fn, "inputs", ())]
 
 
 # ----------------------------------------------------------------------------------------------- vector
@@ -305,6 +334,7 @@ class TaskVector:
     def __mul__(self, k: float) -> TaskVector:
         if not isinstance(k, (int, float)):
             return NotImplemented
+        finite_coefficient(k, f"coefficient of task vector {self.name!r}")
         out = TaskVector(self.specs, [(c * float(k), s) for c, s in self.terms], self.pretrained,
                          f"{k}*{self.name}")
         out.expected_pretrained = self.expected_pretrained
@@ -344,9 +374,19 @@ class TaskVector:
         return d / n if n > 0 else 0.0
 
     # -- outputs ---------------------------------------------------------------------------------------
+    def input_paths(self) -> list[Path]:
+        """Every file or directory this vector reads (checkpoints, saved vectors, stores)."""
+        out: list[Path] = []
+        for _c, src in self.terms:
+            out.extend(src.paths())
+        if self.pretrained is not None:
+            out.extend(_ckpt_paths(self.pretrained))
+        return out
+
     def save(self, path: str | Path, dtype: torch.dtype | None = None, force: bool = False,
              run: Run = None) -> Path:
-        """Save as one safetensors file of deltas (float32 unless ``dtype``); metadata records the format."""
+        """Save as one safetensors file of deltas (float32 unless ``dtype``); metadata records the format. The
+        output may not be, contain or lie inside an input of the vector."""
         out_dtype = dtype or torch.float32
         specs = [s.with_dtype(out_dtype) for s in self.specs.values()]
         meta = {"format": "pt", "tvbasis": VECTOR_FORMAT, "name": self.name,
@@ -356,12 +396,12 @@ class TaskVector:
         names = self.keys()
         stream = zip(names, eng.map(_GetTask(self), names, desc="task vector",
                                     sizes=[self.specs[n].numel * 4 for n in names]))
-        return write_single_file_atomic(Path(path), specs, stream, meta, force=force)
+        return write_single_file_atomic(Path(path), specs, stream, meta, force=force, inputs=self.input_paths())
 
     def apply_to(self, pretrained: str | Path | Checkpoint, scaling_coef: float = 1.0, out: str | Path | None = None,
                  dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                  run: Run = None, method: str = "task_arithmetic",
-                 parameters: dict[str, object] | None = None) -> Path:
+                 parameters: dict[str, object] | None = None, inputs: Sequence[str | Path] = ()) -> Path:
         """Write θ₀ + scaling_coef·τ as a Hugging Face model directory at ``out``.
 
         Floating tensors of the vector are computed in float32 and written in the pretrained dtype (or
@@ -369,6 +409,7 @@ class TaskVector:
         """
         if out is None:
             raise ConfigError("apply_to needs an output directory")
+        finite_coefficient(scaling_coef, "scaling_coef")
         pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
         expected = self.expected_pretrained
         if expected is not None:
@@ -387,7 +428,8 @@ class TaskVector:
         chunk = int(expected["checksum_chunk_elements"]) if expected and expected.get("checksum") else None  # type: ignore[call-overload]
         task = _ApplyTask(self, pre, float(scaling_coef), chunk)
         digests: list[tuple[str, bytes]] = []
-        with ModelWriter(out, out_specs, max_shard_size=max_shard_size, force=force) as w:
+        all_inputs = [*_ckpt_paths(pre), *self.input_paths(), *(Path(str(p)) for p in inputs)]
+        with ModelWriter(out, out_specs, max_shard_size=max_shard_size, force=force, inputs=all_inputs) as w:
             for name, (t, d) in zip(names, eng.map(task, names, desc="apply",
                                                     sizes=[pre.spec(n).nbytes for n in names])):
                 w.write(name, t)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from tvbasis.engine import RunOptions
 from tvbasis.errors import ConfigError
 from tvbasis.merge import MergeSpec, parse_merge_params
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT
 
 FT_HELP = ("a fine-tuned model (any layout the pretrained may have) or a PEFT LoRA adapter directory "
            "(adapter_config.json + adapter_model.safetensors) of the pretrained model")
@@ -35,13 +37,32 @@ def finetuned(items: Sequence[str] | None) -> dict[str, str]:
     return ft
 
 
+def finite(text: str, what: str) -> float:
+    """``text`` as a finite float; ConfigError for anything else (nan/inf would make every output value NaN)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"{what} {text!r} is not a finite number")
+    return x
+
+
+def finite_float(text: str) -> float:
+    """argparse type of coefficients: a finite float (``--scaling-coef nan`` is refused before any work)."""
+    try:
+        return finite(text, "value")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def floats(items: dict[str, str], what: str) -> dict[str, float]:
     out = {}
     for k, v in items.items():
         try:
-            out[k] = float(v)
-        except ValueError:
-            raise ConfigError(f"{what} {k}={v!r}: not a number") from None
+            out[k] = finite(v, "")
+        except ConfigError:
+            raise ConfigError(f"{what} {k}={v!r}: not a finite number") from None
     return out
 
 
@@ -66,6 +87,12 @@ def common_io(p: argparse.ArgumentParser, dtype: bool = True) -> None:
                        "(default: the pretrained model's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def lock_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for another process writing the same store (default "
+                   f"{DEFAULT_LOCK_TIMEOUT:g}; 0: fail at once; negative: forever)")
 
 
 def filters(p: argparse.ArgumentParser) -> None:

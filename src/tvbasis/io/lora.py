@@ -16,6 +16,8 @@ Every tensor the adapter touches is returned in float32 whatever the pretrained 
 would bury a LoRA delta (typically 10⁻³ of W) in rounding error, while float32 keeps the difference from the
 pretrained tensor exact to ~10⁻⁷ of W. Untouched tensors read straight from the pretrained model (zero delta).
 Reads stay lazy and per row range: a row slice of W + s·B·A needs only the same rows of B.
+``LoraCheckpoint.factors(name)`` gives a product-shaped ΔW as its two float32 factors instead (scale and layout
+folded in; ``tvbasis.lora`` computes Grams and joint compressions from them without forming ΔW).
 
 Refused with a clear error: other PEFT types (IA³, LoHa, ...), DoRA (its magnitude vector rescales whole
 columns: merge it with PEFT first), trainable-token adapters, and adapters naming tensors the pretrained model
@@ -71,11 +73,41 @@ class _Delta:
     transpose: bool  # ΔW = (B·A)ᵀ (fan_in_fan_out, embeddings)
 
 
-def _scale(config: dict[str, Any], module: str, r: int) -> float:
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_config(config: dict[str, Any], cfg_path: Path) -> dict[str, re.Pattern[str]]:
+    """Refuse malformed values of the fields the scale depends on; returns the compiled ``alpha_pattern``."""
+    _number(config.get("lora_alpha", 8), f"{cfg_path}: lora_alpha")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) not in (None, True, False):
+            raise CheckpointError(f"{cfg_path}: {key} must be true or false, got {config[key]!r}")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{cfg_path}: alpha_pattern must be an object (module pattern -> alpha), "
+                              f"got {type(patterns).__name__}")
+    compiled = {}
+    for pattern, value in patterns.items():
+        _number(value, f"{cfg_path}: alpha_pattern[{pattern!r}]")
+        try:
+            compiled[pattern] = re.compile(rf"(.*\.)?({pattern})$")  # PEFT's get_pattern_key
+        except re.error as e:
+            raise CheckpointError(f"{cfg_path}: alpha_pattern key {pattern!r} is not a valid regular expression "
+                                  f"({e})") from None
+    return compiled
+
+
+def _scale(config: dict[str, Any], module: str, r: int,
+           patterns: dict[str, re.Pattern[str]] | None = None) -> float:
     alpha = float(config.get("lora_alpha", 8))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):  # PEFT's get_pattern_key
-            alpha = float(value)
+    alphas = config.get("alpha_pattern") or {}
+    for pattern, rx in (patterns if patterns is not None else
+                        {p: re.compile(rf"(.*\.)?({p})$") for p in alphas}).items():
+        if rx.match(module):
+            alpha = float(alphas[pattern])
             break
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
@@ -94,6 +126,7 @@ class LoraCheckpoint(Checkpoint):
         except Exception as e:
             raise CheckpointError(f"{cfg_path}: not a valid adapter config ({e})") from None
         self.config = config
+        self._patterns = _check_config(config, cfg_path)
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise CheckpointError(f"{cfg_path}: peft_type {peft_type} is not supported (LoRA adapters only); "
@@ -153,7 +186,10 @@ class LoraCheckpoint(Checkpoint):
             if a_key not in kinds or b_key not in kinds:
                 raise CheckpointError(f"{self.weights.path}: module {module!r} has only one of {a_key}/{b_key}")
             A, B = self.weights.spec(kinds[a_key]), self.weights.spec(kinds[b_key])
-            r = A.shape[0]
+            r = A.shape[0] if A.shape else 0
+            if r < 1 or len(A.shape) < 2:
+                raise CheckpointError(f"{self.weights.path}: {kinds[a_key]!r} has shape {tuple(A.shape)}: a LoRA A "
+                                      "matrix needs rank >= 1 rows (r, in)")
             if len(B.shape) < 2 or B.shape[1] != r or any(d != 1 for d in B.shape[2:]):
                 raise CheckpointError(f"{self.weights.path}: {kinds[b_key]!r} has shape {tuple(B.shape)}, expected "
                                       f"(out, {r}) or (out, {r}, 1, 1) to match {kinds[a_key]!r} {tuple(A.shape)}")
@@ -162,7 +198,7 @@ class LoraCheckpoint(Checkpoint):
             inner = tuple(A.shape[1:])
             shape = (inner[0], B.shape[0]) if transpose else (B.shape[0], *inner)
             self._check_shape(kinds[a_key], target, shape)
-            scale = _scale(config, module, r)
+            scale = _scale(config, module, r, self._patterns)
             self._deltas[target] = _Delta(kinds[a_key], kinds[b_key], scale, transpose)
             if "lora_B.bias" in kinds:
                 bias = self._target(kinds["lora_B.bias"], module + ".bias")
@@ -206,6 +242,30 @@ class LoraCheckpoint(Checkpoint):
 
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._value(name, (start, stop))
+
+    def factored(self) -> frozenset[str]:
+        """Names of the pretrained tensors this adapter changes by a low-rank product (``factors`` gives them)."""
+        return frozenset(n for n in self._deltas if n not in self._replaced)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ΔW of tensor ``name`` as two float32 factors ``(B_eff, A_eff)``, (rows × r) and (r × cols) with
+        ΔW[name].reshape(rows, -1) == B_eff @ A_eff (rows = the stored tensor's first dimension): the scale s is
+        folded into one factor and the layout transposes are applied — linear (s·B, A), ``fan_in_fan_out`` and
+        embeddings (Aᵀ, s·Bᵀ), a 1×1-kernel convolution (s·B, A flattened to (r, in·kh·kw)). Equal to the
+        difference ``get(name)`` − pretrained up to float32 rounding of the product.
+
+        None for a tensor that is not a low-rank product: one replaced whole (``modules_to_save``, trained
+        biases), one shifted by ``lora_bias`` (a bias vector), or one the adapter leaves alone (zero delta).
+        """
+        d = self._deltas.get(name)
+        if d is None or name in self._replaced:
+            return None
+        A = self.weights.get(d.A).to(torch.float32)
+        B = self.weights.get(d.B).to(torch.float32)
+        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+        if d.transpose:  # ΔW = s·(B·A)ᵀ = Aᵀ·(s·Bᵀ)
+            return A.T.contiguous(), (B.T * d.scale).contiguous()
+        return B * d.scale, A.contiguous()
 
     def metadata(self) -> dict[str, str]:
         return {"adapter": str(self.path), "base_model": str(self.config.get("base_model_name_or_path") or "")}

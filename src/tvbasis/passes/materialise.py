@@ -1,7 +1,9 @@
 """The materialisation pass of a build: per work item (one tensor, or a row chunk of a big one) form the stored
 vectors U (the M bases, then μ for PCA), write them into the preallocated shards, and return the float64
 cross-Grams C = U·Vᵀ and K = U·Uᵀ of exactly what was stored (after rounding to the stored dtype). From those the
-least-squares coefficients and every task's exact reconstruction error follow without another pass.
+least-squares coefficients and every task's exact reconstruction error follow without another pass. Every
+row is checked finite once rounded to the stored dtype (a float16 store overflows past 65504) before it is
+written: a NaN/Inf never reaches a shard.
 
 How each stored row is made is the fit's business (``BasisFit.stored_rows``); bases made by a non-linear inner
 merge (TIES, top-k, DARE, Fisher, consensus per cluster) are merged over the whole tensor by the merge pass's
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from tvbasis.bases import BasisFit
-from tvbasis.io import Checkpoint, row_chunks
+from tvbasis.io import Checkpoint, check_finite, row_chunks
 from tvbasis.io.writer import PositionalShard
 from tvbasis.passes.gram import cross_of, gram_of, row_sq_norms
 from tvbasis.passes.merge import fisher_rows, merge_tensor
@@ -38,11 +40,13 @@ class MaterialiseTask:
                  dtype_of: Mapping[str, torch.dtype], bases: Mapping[str, PositionalShard],
                  means: Mapping[str, PositionalShard], device: str, total_params: int,
                  thresholds: Mapping[str, torch.Tensor] | None = None,
-                 fisher: list[Checkpoint] | None = None) -> None:
+                 fisher: list[Checkpoint] | None = None, label: str = "store") -> None:
         self.taskset, self.fits, self.group_of, self.dtype_of = taskset, dict(fits), dict(group_of), dict(dtype_of)
         self.bases, self.means, self.device, self.total_params = dict(bases), dict(means), device, total_params
         self.thresholds = dict(thresholds or {})
         self.fisher = fisher
+        #: how errors name the output (the final store path, not the temporary being written)
+        self.label = label
 
     def __call__(self, item: Item) -> Measured:
         name, a, b = item
@@ -60,7 +64,9 @@ class MaterialiseTask:
         spec = self.taskset.specs[name]
         group = self.group_of.get(name, ALL)
         dtype = self.dtype_of[name]
-        u = s.to(dtype).to(torch.float32)  # exactly what is stored
+        stored = s.to(dtype)
+        check_finite(stored, f"{self.label} ({'bases' if fit.stores_bases else 'random bases'})", name)
+        u = stored.to(torch.float32)  # exactly what is stored
         row_elems = spec.numel // spec.shape[0] if spec.shape else 1
         start = a * row_elems if spec.shape else 0
         if fit.stores_bases:
@@ -97,7 +103,7 @@ class MaterialiseTask:
 
                 def fisher_read(a: int, b: int, members: list[Checkpoint] = members) -> torch.Tensor:
                     return fisher_rows(members, spec, a, b)
-            bases.append(merge_tensor(fit.inner, read, spec, len(idx), torch.ones(len(idx)),
+            bases.append(merge_tensor(fit.inner_for(m), read, spec, len(idx), torch.ones(len(idx)),
                                       None if th is None else th[idx], fisher_read, self.device, MERGE_ROWS_ELEMENTS))
         S = torch.stack(bases)
         C, K = np.zeros((fit.M, self.taskset.T)), np.zeros((fit.M, fit.M))

@@ -1,12 +1,14 @@
-"""Basis stores: the typed on-disk format (``format``), reading and arithmetic (``store``), building (``build``)
-and folding in a new task (``update``)."""
+"""Basis stores: the typed on-disk format (``format``), file layout and digests (``layout``, ``integrity``),
+reading and arithmetic (``store``), building (``build``), safe writes (``commit``: lock, generations) and folding
+in a new task (``update``)."""
 
 from pathlib import Path
 
 from tvbasis.store.build import build_store
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, collect_garbage, foreign_entries, store_lock
 from tvbasis.store.format import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, manifest_fields
 from tvbasis.store.store import BasisStore
-from tvbasis.store.update import add_task
+from tvbasis.store.update import add_task, upgrade_store
 
 
 def open_store(path: str | Path) -> BasisStore:
@@ -14,5 +16,6 @@ def open_store(path: str | Path) -> BasisStore:
     return BasisStore.open(path)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "BasisStore", "Manifest", "add_task", "build_store",
-           "manifest_fields", "open_store"]
+__all__ = ["DEFAULT_LOCK_TIMEOUT", "FORMAT", "FORMAT_VERSION", "MANIFEST", "BasisStore", "Manifest", "add_task",
+           "build_store", "collect_garbage", "foreign_entries", "manifest_fields", "open_store", "store_lock",
+           "upgrade_store"]

@@ -1,14 +1,19 @@
 """Building a store: the Gram pass, a fit from G per layer group, the materialisation pass, the manifest.
 
-Two streaming reads of the checkpoints in all (plus two more per global trim of an inner merge). The output is
-written to a temporary directory next to ``out`` and swapped into place when everything, manifest included, is
-on disk.
+Two streaming reads of the checkpoints in all (plus two more per global trim of an inner merge), and one read
+back of the written data files (from the page cache) for their digests. The output is written to a temporary
+directory next to ``out`` and moved into place when everything, manifest included, is on disk (``store.commit``):
+a new ``out`` by a no-replace rename (a second build racing for the same new ``out`` fails unless ``force``), an
+existing store (``force``) as a new generation inside it, under its writer lock. ``out`` may not be, contain or lie
+inside an input.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +27,21 @@ from tvbasis.io import (
     Checkpoint,
     TensorSpec,
     check_output,
+    cleanup_stale_temps,
     dtype_name,
     parse_dtype,
     plan_shards,
-    replace_atomically,
-    temp_sibling,
 )
+from tvbasis.io.atomic import check_not_input, temp_path
 from tvbasis.io.checksum import structure_fingerprint
-from tvbasis.io.writer import PositionalShard, shard_names, write_index
+from tvbasis.io.writer import PositionalShard
 from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
-from tvbasis.store.format import Cross, Manifest, PretrainedRef, StoreFiles, TaskEntry
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
+from tvbasis.store.faults import fault_point
+from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry
+from tvbasis.store.integrity import digest_file
+from tvbasis.store.layout import file_names
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, layer_group
 
@@ -45,8 +54,8 @@ class StoreLayout:
         self.bases = plan_shards([TensorSpec(s.name, (M, *s.shape), dtype_of[s.name]) for s in specs],
                                  max_shard_size) if with_bases else []
         self.means = plan_shards([s.with_dtype(dtype_of[s.name]) for s in specs], max_shard_size) if with_mean else []
-        self.bases_files = shard_names("bases", len(self.bases)) if self.bases else []
-        self.mean_files = shard_names("mean", len(self.means)) if self.means else []
+        self.bases_files = file_names("bases", len(self.bases)) if self.bases else []
+        self.mean_files = file_names("mean", len(self.means)) if self.means else []
 
     def shards(self, root: Path) -> tuple[dict[str, PositionalShard], dict[str, PositionalShard]]:
         b = {s.name: sh for specs, f in zip(self.bases, self.bases_files)
@@ -62,10 +71,18 @@ class StoreLayout:
         return bases, means
 
     def finish(self, root: Path, bases: Mapping[str, PositionalShard], means: Mapping[str, PositionalShard]) -> None:
+        """fsync every data file (no index files: the manifest lists the files and their tensors)."""
         for path in {str(v.path): v.path for v in [*bases.values(), *means.values()]}.values():
             PositionalShard.fsync(path)
-        write_index(root, "bases", self.bases, self.bases_files)
-        write_index(root, "mean", self.means, self.mean_files)
+            fault_point(f"data file {path.name} written")
+
+    def digests(self, root: Path, manifest: Manifest, chunk_elements: int) -> Digests:
+        """Read the written files back (page cache) for their size, SHA-256 and per-chunk digests."""
+        files = {}
+        for part, shards, names in (("bases", self.bases, self.bases_files), ("mean", self.means, self.mean_files)):
+            for specs, f in zip(shards, names):
+                files[f] = digest_file(root / f, manifest, part, [s.name for s in specs], chunk_elements)
+        return Digests(chunk_elements, files)
 
 
 def fit_groups(basis: BasisMethod, groups: Mapping[str, np.ndarray], M: int | None) -> dict[str, BasisFit]:
@@ -78,16 +95,38 @@ def fit_groups(basis: BasisMethod, groups: Mapping[str, np.ndarray], M: int | No
     return fits
 
 
+def output_path(out: str | Path) -> Path:
+    """``out`` made absolute (``.`` and ``..`` resolved lexically, symlinks kept); refuses a path with no name."""
+    p = Path(os.path.abspath(os.path.expanduser(str(out))))
+    if not p.name:
+        raise ConfigError(f"--out {out}: not a usable output path")
+    return p
+
+
+def _input_paths(*items: object) -> list[Path]:
+    out = []
+    for x in items:
+        if isinstance(x, Checkpoint):
+            out.append(Path(str(x.path)))
+            if x.root_dir is not None:
+                out.append(Path(str(x.root_dir)))
+        elif x is not None:
+            out.append(Path(str(x)))
+    return out
+
+
 def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint], method: str,
                 M: int | None, out: str | Path, options: Mapping[str, Any] | None = None, layerwise: bool = False,
                 dtype: str | torch.dtype | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                 run: Run = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
-                fisher: Mapping[str, str | Path] | None = None) -> BasisStore:
-    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically).
+                fisher: Mapping[str, str | Path] | None = None,
+                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
+    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically; see the module docstring).
 
-    ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``."""
-    out = Path(out)
+    ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``.
+    ``lock_timeout``: seconds to wait for another writer of an existing store at ``out`` (``force``)."""
+    out = output_path(out)
     opts = as_run(run)
     basis = get_basis_method(method, **dict(options or {}))
     fisher_ckpts = None
@@ -95,10 +134,22 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
         fisher_ckpts = open_fisher(fisher, list(finetuned), "--inner fisher")
     elif fisher:
         raise ConfigError("--fisher is only used by --method cluster --inner fisher")
-    check_output(out, force)
+    check_not_input(out, _input_paths(pretrained, *finetuned.values(), *(fisher or {}).values()))
+    kind = output_kind(out, force)
+    check_output(out, True)  # the parent exists and is writable
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
     if M is not None:
         check_M(M, taskset.T, method)
+    with store_lock(out, lock_timeout) if kind == "store" else nullcontext():
+        return _build(taskset, basis, method, M, out, kind, force, layerwise, dtype, include, exclude, max_shard_size,
+                      opts, chunk_elements, fisher_ckpts, finetuned, lock_timeout)
+
+
+def _build(taskset: TaskSet, basis: BasisMethod, method: str, M: int | None, out: Path, kind: str, force: bool,
+           layerwise: bool, dtype: str | torch.dtype | None, include: Iterable[str] | None,
+           exclude: Iterable[str] | None, max_shard_size: int | str, opts: Any, chunk_elements: int | None,
+           fisher_ckpts: list[Checkpoint] | None, finetuned: Mapping[str, Any],
+           lock_timeout: float | None) -> BasisStore:
     eng = opts.get_engine()
     gram = compute_gram(taskset, opts, layer_group if layerwise else None, chunk_elements)
     zero = [taskset.names[t] for t in range(taskset.T) if gram.G[t, t] == 0]
@@ -113,17 +164,18 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
     specs = list(taskset.specs.values())
     layout = StoreLayout(specs, first.M, dtype_of, with_bases=first.stores_bases, with_mean=first.has_mean,
                          max_shard_size=max_shard_size)
-    tmp = temp_sibling(out)
-    tmp.mkdir(parents=True)
+    cleanup_stale_temps(out.parent, out.name)
+    tmp = temp_path(out)
+    tmp.mkdir()
     try:
         bases, means = layout.create(tmp)
         thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
         # merged bases are merged whole per tensor (chunked inside the work unit when big)
         items = ([(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if first.is_merged
-                 else taskset.items(chunk_elements))
+                 else taskset.items(gram.chunk_elements))
         total = sum(s.numel for s in specs)
         task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, thresholds,
-                               fisher_ckpts)
+                               fisher_ckpts, label=str(out))
         T, nU = taskset.T, first.n_stored
         C = {g: np.zeros((nU, T)) for g in fits}
         K = {g: np.zeros((nU, nU)) for g in fits}
@@ -145,8 +197,9 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
         rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
         manifest = _manifest(basis, method, first.M, layerwise, taskset, finetuned, gram, fits, group_of, C, K,
                              norms, rel, dtype_of, layout, include, exclude)
+        manifest.digests = layout.digests(tmp, manifest, gram.chunk_elements)
         manifest.write(tmp)
-        replace_atomically(tmp, out)
+        commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -186,6 +239,9 @@ def _manifest(basis: BasisMethod, method: str, M: int, layerwise: bool, taskset:
              for t, n in enumerate(taskset.names)]
     first = next(iter(fits.values()))
     assert gram.pretrained_checksum is not None
+    for fit in fits.values():  # record every parameter of an inner merge, defaults included
+        if fit.inner is not None:
+            fit.inner = MergeSpec(fit.inner.method, dict(get_merger(fit.inner).params))
     return Manifest(
         method=method, options=dict(basis.params), M=M, T=T, layerwise=layerwise, task_like=bool(basis.task_like),
         tasks=tasks, member_counts=first.cluster_sizes() if first.labels is not None else None,

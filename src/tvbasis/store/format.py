@@ -4,20 +4,28 @@ A store is a directory::
 
     tvbasis.json                         the manifest below
     bases-00001-of-0000N.safetensors     per parameter name one tensor of shape (M, *param_shape)
-    bases.safetensors.index.json         (when sharded)
     mean-….safetensors                   PCA only: the mean task vector μ, one tensor per parameter
+    .tvbasis.lock                        taken by writers (add-task, --force build, upgrade, gc)
 
-Every field is checked when a store is opened (types, shapes against T and M, finite numbers, dtypes, file
-names confined to the store directory); anything else is a ``StoreError`` naming the field. ``docs/store-format.md``
-describes each field; a test keeps the two in step.
+(later generations name their files ``bases.g{N}…``: see ``store.layout``). Every field is checked when a store
+is opened (types; shapes of B, W, mean coefficients, labels and cross-Grams against T and M; finite numbers;
+dtypes; task names; file names confined to the store directory; the digests of every data file and of the
+manifest itself); anything else is a ``StoreError`` naming the field. ``docs/store-format.md`` describes each
+field; a test keeps the two in step.
+
+Format version 2 adds ``generation``, ``digests`` (per data file its size, SHA-256 and an XXH3-64 digest per row chunk
+of every tensor, checked on every read) and ``manifest_sha256``. Version-1 stores (no digests) still open and read;
+commands that write a store refuse them until ``tvbasis upgrade`` has added the digests.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,19 +35,46 @@ import numpy as np
 import torch
 
 from tvbasis._version import __version__
-from tvbasis.bases import BASIS_METHODS, BasisFit
-from tvbasis.errors import StoreError
-from tvbasis.io import TensorSpec, dtype_name
-from tvbasis.merge import MergeSpec
+from tvbasis.bases import BASIS_METHODS, BasisFit, get_basis_method
+from tvbasis.errors import StoreError, TvbasisError
+from tvbasis.io import TensorSpec, dtype_name, fsync_dir
+from tvbasis.io.atomic import temp_path
+from tvbasis.io.paths import plain_name_problem
+from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL
+from tvbasis.store.faults import fault_point
+from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
 
 FORMAT = "tvbasis.basis_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the oldest format version this tvbasis reads
+MIN_FORMAT_VERSION = 1
 MANIFEST = "tvbasis.json"
+#: a manifest larger than this is refused before it is parsed
+MAX_MANIFEST_BYTES = 256 * 2**20
 #: dtypes a store may hold its bases in
 STORE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: task names a store may not use (``--add all`` means every task)
 RESERVED_TASK_NAMES = ("all",)
+#: the per-chunk digest of data files
+DIGEST_ALGORITHM = "xxh3_64"
+#: hex digits of one chunk's digest
+CHUNK_HEX = 16
+_HEX = re.compile(r"^[0-9a-f]*$")
+
+
+def task_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a task (None when it can): not empty, no ``=`` or ``,``, no control characters,
+    not ``all``."""
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if "=" in name or "," in name or any(ord(ch) < 32 for ch in name):
+        return f"{name!r} contains '=', ',' or a control character"
+    if name in RESERVED_TASK_NAMES:
+        return f"{name!r} is reserved"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -64,22 +99,33 @@ class _Check:
             return default
         return d[key]
 
-    def int_(self, v: Any, path: str, lo: int | None = None) -> int:
+    def int_(self, v: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.fail(path, f"must be an integer, got {v!r}")
         if lo is not None and v < lo:
             raise self.fail(path, f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise self.fail(path, f"must be <= {hi}, got {v}")
         return v
 
-    def num(self, v: Any, path: str) -> float:
+    def num(self, v: Any, path: str, lo: float | None = None) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise self.fail(path, f"must be a finite number, got {v!r}")
+        if lo is not None and v < lo:
+            raise self.fail(path, f"must be >= {lo}, got {v!r}")
         return float(v)
 
     def str_(self, v: Any, path: str) -> str:
         if not isinstance(v, str):
             raise self.fail(path, f"must be a string, got {type(v).__name__}")
         return v
+
+    def hex_(self, v: Any, path: str, length: int | None = None) -> str:
+        s = self.str_(v, path)
+        if not _HEX.match(s) or (length is not None and len(s) != length):
+            what = f"{length} lowercase hex digits" if length is not None else "lowercase hex digits"
+            raise self.fail(path, f"must be {what}, got {s[:80]!r}" + ("..." if len(s) > 80 else ""))
+        return s
 
     def bool_(self, v: Any, path: str) -> bool:
         if not isinstance(v, bool):
@@ -92,21 +138,61 @@ class _Check:
         return [self.str_(x, f"{path}[{i}]") for i, x in enumerate(v)]
 
     def array(self, v: Any, path: str, shape: tuple[int, ...]) -> np.ndarray:
+        if not isinstance(v, list) and shape:
+            raise self.fail(path, f"must be a numeric array of shape {shape}, got {type(v).__name__}")
         try:
             a = np.asarray(v, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise self.fail(path, f"must be a numeric array of shape {shape}") from None
         if a.shape != shape:
             raise self.fail(path, f"has shape {a.shape}, expected {shape}")
+        if not _only_numbers(v):
+            raise self.fail(path, "must hold numbers only (no booleans or strings)")
         if not np.isfinite(a).all():
             raise self.fail(path, "holds NaN or Inf")
         return a
 
-    def file_name(self, v: Any, path: str) -> str:
+    def file_name(self, v: Any, path: str, part: str) -> str:
         name = self.str_(v, path)
-        if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or "\0" in name:
-            raise self.fail(path, f"must be a plain file name inside the store, got {name!r}")
+        problem = plain_name_problem(name)
+        if problem is not None:
+            raise self.fail(path, f"must be a plain file name inside the store: {name!r} {problem}")
+        m = SHARD_RE.match(name)
+        if m is None or m["part"] != part:
+            raise self.fail(path, f"must be a {part} data file name ({part}[.gN][-0000i-of-0000n].safetensors), "
+                                  f"got {name!r}")
         return name
+
+
+def _only_numbers(v: Any) -> bool:
+    if isinstance(v, list):
+        return all(_only_numbers(x) for x in v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strict_json(raw: bytes, where: str) -> Any:
+    """Parse untrusted JSON: UTF-8, no NaN/Infinity literals, no repeated keys."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"key {k!r} appears twice in one object")
+            out[k] = v
+        return out
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StoreError(f"{where}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def manifest_digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of a manifest without its ``manifest_sha256``."""
+    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -167,6 +253,43 @@ class StoreFiles:
     def to_json(self) -> dict[str, Any]:
         return {"bases": list(self.bases), "mean": list(self.mean)}
 
+    def all(self) -> list[str]:
+        return [*self.bases, *self.mean]
+
+    def part_of(self, name: str) -> str:
+        return "bases" if name in self.bases else "mean"
+
+
+@dataclass
+class FileDigest:
+    """What a data file must hold: its size, the SHA-256 of its content, its tensors in order and per tensor the
+    XXH3-64 digest of each chunk (16 hex digits per chunk, chunks m-major: see ``store.layout``)."""
+
+    size: int
+    sha256: str
+    tensors: list[str]
+    chunks: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256, "tensors": list(self.tensors), "chunks": dict(self.chunks)}
+
+    def chunk_digests(self, name: str) -> list[int]:
+        s = self.chunks[name]
+        return [int(s[i:i + CHUNK_HEX], 16) for i in range(0, len(s), CHUNK_HEX)]
+
+
+@dataclass
+class Digests:
+    """Digests of every data file (format version 2)."""
+
+    chunk_elements: int
+    files: dict[str, FileDigest]
+    algorithm: str = DIGEST_ALGORITHM
+
+    def to_json(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "chunk_elements": self.chunk_elements,
+                "files": {f: d.to_json() for f, d in self.files.items()}}
+
 
 @dataclass
 class Manifest:
@@ -197,6 +320,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     tool: str = f"tvbasis {__version__}"
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    generation: int = 1
+    digests: Digests | None = None
+    manifest_sha256: str = ""
 
     # -- derived ---------------------------------------------------------------------------------------
     @property
@@ -206,10 +332,19 @@ class Manifest:
     def gram_of_group(self, group: str) -> np.ndarray:
         return self.group_grams[group] if group in self.group_grams else self.gram
 
+    def specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.tensors}
+
+    def stacked_specs(self, part: str, names: list[str]) -> list[TensorSpec]:
+        """The tensors a data file of ``part`` holding parameters ``names`` (in order) has, in stored dtypes."""
+        specs = self.specs()
+        return [stacked_spec(part, specs[n], self.M, getattr(torch, self.store_dtypes[n])) for n in names]
+
     # -- JSON ------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": self.format, "format_version": self.format_version, "tool": self.tool, "created": self.created,
+            "generation": self.generation,
             "method": self.method, "options": self.options, "M": self.M, "T": self.T, "layerwise": self.layerwise,
             "task_like": self.task_like, "tasks": [t.to_json() for t in self.tasks],
             "member_counts": self.member_counts,
@@ -223,9 +358,12 @@ class Manifest:
             "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype)} for s in self.tensors],
             "store_dtypes": dict(self.store_dtypes),
             "files": self.files.to_json(),
+            "digests": None if self.digests is None else self.digests.to_json(),
             "task_vectors_bytes": self.task_vectors_bytes,
             "include": list(self.include), "exclude": list(self.exclude),
         }
+        d["manifest_sha256"] = manifest_digest(d)
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> Manifest:
@@ -233,97 +371,143 @@ class Manifest:
         c = _Check(where)
         d = c.obj(d, "(manifest)")
         if d.get("format") != FORMAT:
-            raise StoreError(f"{where}: not a tvbasis basis store manifest (format {d.get('format')!r})")
+            raise StoreError(f"{where}: not a tvbasis basis store manifest (format {str(d.get('format'))[:80]!r})")
         version = c.get(d, "format_version", "")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise c.fail("format_version", f"must be an integer >= 1, got {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < MIN_FORMAT_VERSION:
+            raise c.fail("format_version", f"must be an integer >= {MIN_FORMAT_VERSION}, got {version!r}")
         if version > FORMAT_VERSION:
             raise StoreError(f"{where}: store format version {version} is newer than this tvbasis "
                              f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade tvbasis")
+        if version >= 2:
+            recorded = c.hex_(c.get(d, "manifest_sha256", ""), "manifest_sha256", 64)
+            if recorded != manifest_digest(d):
+                raise StoreError(f"{where}: the manifest does not match its recorded digest (field "
+                                 "'manifest_sha256'): it was edited or is corrupt")
         method = c.str_(c.get(d, "method", ""), "method")
         if method not in BASIS_METHODS:
-            raise StoreError(f"{where}: unknown basis method {method!r}")
+            raise c.fail("method", f"names an unknown basis method {method[:80]!r}")
+        options = c.obj(c.get(d, "options", "") if version >= 2 else (d.get("options") or {}), "options")
+        try:
+            get_basis_method(method, **options)
+        except (TvbasisError, TypeError, ValueError) as e:
+            raise c.fail("options", f"are not valid options of {method!r}: {e}") from None
         M = c.int_(c.get(d, "M", ""), "M", 1)
         tasks = [_task(c, t, i) for i, t in enumerate(_list(c, c.get(d, "tasks", ""), "tasks"))]
         T = len(tasks)
-        if c.int_(d.get("T", T), "T") != T:
+        if T < 1:
+            raise c.fail("tasks", "is empty")
+        if c.int_(c.get(d, "T", ""), "T") != T:
             raise c.fail("T", f"is {d.get('T')}, but 'tasks' lists {T} tasks")
         names = [t.name for t in tasks]
         if len(set(names)) != T:
-            raise c.fail("tasks", f"repeats a task name: {names}")
+            raise c.fail("tasks", f"repeats a task name: {sorted(n for n in set(names) if names.count(n) > 1)}")
         groups_raw = c.obj(c.get(d, "groups", ""), "groups")
         if not groups_raw:
             raise c.fail("groups", "is empty")
-        groups = {c.str_(g, "groups"): _fit(c, f, f"groups.{g}", M, T) for g, f in groups_raw.items()}
+        groups = {g: _fit(c, f, f"groups.{g}", M, T) for g, f in groups_raw.items()}
         first = next(iter(groups.values()))
         for g, f in groups.items():
-            if (f.stores_bases, f.has_mean) != (first.stores_bases, first.has_mean):
+            if (f.stores_bases, f.has_mean, f.labels is None) != (first.stores_bases, first.has_mean,
+                                                                   first.labels is None):
                 raise c.fail(f"groups.{g}", "stores other vectors than the first group")
+        for i, t in enumerate(tasks):
+            if t.cluster is not None and t.cluster >= M:
+                raise c.fail(f"tasks[{i}].cluster", f"must be < M = {M}, got {t.cluster}")
         nU = first.n_stored
         cross_raw = c.obj(c.get(d, "cross", ""), "cross")
+        if set(cross_raw) != set(groups):
+            raise c.fail("cross", f"must have exactly the groups of 'groups' ({sorted(groups)[:5]})")
         cross = {}
         for g in groups:
             x = c.obj(c.get(cross_raw, g, "cross."), f"cross.{g}")
             cross[g] = Cross(c.array(c.get(x, "C", f"cross.{g}."), f"cross.{g}.C", (nU, T)),
                              c.array(c.get(x, "K", f"cross.{g}."), f"cross.{g}.K", (nU, nU)))
-        gram = c.array(c.get(d, "gram", ""), "gram", (T, T))
+        gram = _gram(c, c.get(d, "gram", ""), "gram", T)
         gg_raw = c.obj(d.get("group_grams") or {}, "group_grams")
-        group_grams = {g: c.array(v, f"group_grams.{g}", (T, T)) for g, v in gg_raw.items()}
-        layerwise = c.bool_(d.get("layerwise", False), "layerwise")
-        group_of = {c.str_(k, "group_of"): c.str_(v, f"group_of.{k}") for k, v in
-                    c.obj(d.get("group_of") or {}, "group_of").items()}
+        group_grams = {}
+        for g, v in gg_raw.items():
+            if g not in groups:
+                raise c.fail(f"group_grams.{g}", "names a group that 'groups' does not have")
+            group_grams[g] = _gram(c, v, f"group_grams.{g}", T)
+        layerwise = c.bool_(c.get(d, "layerwise", ""), "layerwise")
+        group_of = {k: c.str_(v, f"group_of.{k}") for k, v in c.obj(d.get("group_of") or {}, "group_of").items()}
         for k, g in group_of.items():
             if g not in groups:
-                raise c.fail(f"group_of.{k}", f"names group {g!r} that 'groups' does not have")
-        if not group_of and ALL not in groups:
-            raise c.fail("groups", f"has no group {ALL!r} and 'group_of' is empty")
+                raise c.fail(f"group_of.{k}", f"names group {g[:80]!r} that 'groups' does not have")
+        if layerwise and set(group_grams) != set(groups):
+            raise c.fail("group_grams", "must hold the Gram matrix of every group of a layer-wise store")
         pre = c.obj(c.get(d, "pretrained", ""), "pretrained")
         pretrained = PretrainedRef(
             path=c.str_(pre.get("path", ""), "pretrained.path"),
-            fingerprint=c.str_(c.get(pre, "fingerprint", "pretrained."), "pretrained.fingerprint"),
-            checksum=c.str_(c.get(pre, "checksum", "pretrained."), "pretrained.checksum"),
-            checksum_chunk_elements=c.int_(pre.get("checksum_chunk_elements", 0), "pretrained.checksum_chunk_elements",
-                                           0))
-        if pretrained.checksum is not None and pretrained.checksum_chunk_elements < 1:
-            raise c.fail("pretrained.checksum_chunk_elements", "must be >= 1 when a checksum is recorded")
+            fingerprint=c.hex_(c.get(pre, "fingerprint", "pretrained."), "pretrained.fingerprint", 64),
+            checksum=c.hex_(c.get(pre, "checksum", "pretrained."), "pretrained.checksum", 64),
+            checksum_chunk_elements=c.int_(c.get(pre, "checksum_chunk_elements", "pretrained."),
+                                           "pretrained.checksum_chunk_elements", 1))
         tensors = [_spec(c, s, i) for i, s in enumerate(_list(c, c.get(d, "tensors", ""), "tensors"))]
         if not tensors:
             raise c.fail("tensors", "is empty")
         if len({s.name for s in tensors}) != len(tensors):
             raise c.fail("tensors", "repeats a tensor name")
+        specs = {s.name: s for s in tensors}
+        for name in specs:
+            if group_of.get(name, ALL) not in groups:
+                raise c.fail("group_of", f"gives tensor {name[:80]!r} no group of 'groups'")
+        for name in group_of:
+            if name not in specs:
+                raise c.fail(f"group_of.{name}", "names a tensor that 'tensors' does not list")
         sd = c.obj(c.get(d, "store_dtypes", ""), "store_dtypes")
+        if set(sd) - set(specs):
+            raise c.fail("store_dtypes", f"names tensors that 'tensors' does not list: {sorted(set(sd) - set(specs))[:3]}")
         store_dtypes = {}
         for s in tensors:
             dt = c.str_(c.get(sd, s.name, "store_dtypes."), f"store_dtypes.{s.name}")
             if dt not in STORE_DTYPES:
-                raise c.fail(f"store_dtypes.{s.name}", f"must be one of {STORE_DTYPES}, got {dt!r}")
+                raise c.fail(f"store_dtypes.{s.name}", f"must be one of {STORE_DTYPES}, got {dt[:80]!r}")
             store_dtypes[s.name] = dt
-        for name in group_of:
-            if name not in store_dtypes:
-                raise c.fail(f"group_of.{name}", "names a tensor that 'tensors' does not list")
-        fr = c.obj(d.get("files") or {}, "files")
-        files = StoreFiles([c.file_name(x, f"files.bases[{i}]") for i, x in enumerate(_list(c, fr.get("bases", []),
-                                                                                               "files.bases"))],
-                           [c.file_name(x, f"files.mean[{i}]") for i, x in enumerate(_list(c, fr.get("mean", []),
-                                                                                             "files.mean"))])
-        if first.stores_bases and not files.bases:
-            raise c.fail("files.bases", "is empty, but the bases are stored")
-        if first.has_mean and not files.mean:
-            raise c.fail("files.mean", "is empty, but the basis has a stored mean")
+        fr = c.obj(c.get(d, "files", ""), "files")
+        files = StoreFiles(
+            [c.file_name(x, f"files.bases[{i}]", "bases") for i, x in enumerate(_list(c, fr.get("bases", []),
+                                                                                      "files.bases"))],
+            [c.file_name(x, f"files.mean[{i}]", "mean") for i, x in enumerate(_list(c, fr.get("mean", []),
+                                                                                   "files.mean"))])
+        if len(set(files.all())) != len(files.all()):
+            raise c.fail("files", "names a file twice")
+        if first.stores_bases != bool(files.bases):
+            raise c.fail("files.bases", "is empty, but the bases are stored" if first.stores_bases else
+                         "lists files, but the bases are regenerated from a seed")
+        if first.has_mean != bool(files.mean):
+            raise c.fail("files.mean", "is empty, but the basis has a stored mean" if first.has_mean else
+                         "lists files, but the basis has no mean")
         counts = d.get("member_counts")
         if counts is not None:
             counts = [c.int_(x, f"member_counts[{i}]", 0) for i, x in enumerate(_list(c, counts, "member_counts"))]
+            if first.labels is None or len(counts) != M or sum(counts) != T:
+                raise c.fail("member_counts", f"must be M = {M} cluster sizes summing to T = {T} (cluster stores only)"
+                             f", got {counts[:8]}")
+        digests = None
+        if version >= 2:
+            digests = _digests(c, c.get(d, "digests", ""), files, specs, store_dtypes, M)
         return cls(
-            method=method, options=c.obj(d.get("options") or {}, "options"), M=M, T=T, layerwise=layerwise,
-            task_like=c.bool_(d.get("task_like", True), "task_like"), tasks=tasks, groups=groups, group_of=group_of,
-            cross=cross, gram=gram, group_grams=group_grams, pretrained=pretrained, tensors=tensors,
-            store_dtypes=store_dtypes, files=files,
+            method=method, options=options, M=M, T=T, layerwise=layerwise,
+            task_like=c.bool_(c.get(d, "task_like", ""), "task_like"), tasks=tasks, groups=groups,
+            group_of=group_of, cross=cross, gram=gram, group_grams=group_grams, pretrained=pretrained,
+            tensors=tensors, store_dtypes=store_dtypes, files=files,
             task_vectors_bytes=c.int_(d.get("task_vectors_bytes", 0), "task_vectors_bytes", 0),
             include=c.strs(d.get("include") or [], "include"), exclude=c.strs(d.get("exclude") or [], "exclude"),
             member_counts=counts, gram_estimated_rows=c.strs(d.get("gram_estimated_rows") or [], "gram_estimated_rows"),
-            format_version=version, tool=str(d.get("tool", "")), created=str(d.get("created", "")))
+            format_version=version, tool=c.str_(d.get("tool", ""), "tool"),
+            created=c.str_(d.get("created", ""), "created"),
+            generation=c.int_(d.get("generation", 1), "generation", 1), digests=digests,
+            manifest_sha256=str(d.get("manifest_sha256", "")))
 
     # -- files -----------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, raw: bytes, where: str) -> Manifest:
+        """Validate the bytes of a manifest file."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise StoreError(f"{where}: manifest of {len(raw)} bytes exceeds the limit of {MAX_MANIFEST_BYTES}")
+        return cls.from_json(_strict_json(raw, where), where)
+
     @classmethod
     def read(cls, root: Path) -> Manifest:
         mf = root / MANIFEST
@@ -332,22 +516,36 @@ class Manifest:
         if not mf.is_file():
             raise StoreError(f"{root}: not a tvbasis store (no {MANIFEST})")
         try:
-            data = json.loads(mf.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{mf}: unreadable manifest ({e})") from None
-        return cls.from_json(data, str(mf))
+            with open(mf, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
+            raise StoreError(f"{mf}: unreadable manifest ({e.strerror})") from None
+        return cls.parse(raw, str(mf))
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1) + "\n"
+        return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
 
     def write(self, root: Path) -> None:
-        """Write the manifest into ``root`` through a temporary file renamed over the old one."""
-        tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.dumps())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / MANIFEST)
+        """Write the manifest into ``root`` durably and atomically: a temporary file (the one temp pattern,
+        ``.tvbasis.json.tvbasis-tmp-{pid}-{random}``), fsynced, renamed over the old manifest in one step, then the
+        directory fsynced."""
+        text = self.dumps()
+        tmp = temp_path(root / MANIFEST)
+        try:
+            with open(tmp, "x") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point("manifest written")
+            os.replace(tmp, root / MANIFEST)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fault_point("manifest switched")
+        fsync_dir(root)
 
 
 def manifest_fields() -> list[str]:
@@ -361,15 +559,27 @@ def _list(c: _Check, v: Any, path: str) -> list[Any]:
     return v
 
 
+def _gram(c: _Check, v: Any, path: str, T: int) -> np.ndarray:
+    G = c.array(v, path, (T, T))
+    if (np.diag(G) < 0).any():
+        raise c.fail(path, "has a negative diagonal entry (squared norms are >= 0)")
+    scale = max(1.0, float(np.abs(G).max()))
+    if not np.allclose(G, G.T, rtol=1e-6, atol=1e-9 * scale):
+        raise c.fail(path, "is not symmetric")
+    return G
+
+
 def _task(c: _Check, t: Any, i: int) -> TaskEntry:
     p = f"tasks[{i}]"
     t = c.obj(t, p)
     name = c.str_(c.get(t, "name", f"{p}."), f"{p}.name")
-    if not name or "=" in name or "," in name or name in RESERVED_TASK_NAMES:
-        raise c.fail(f"{p}.name", f"is not a valid task name: {name!r}")
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise c.fail(f"{p}.name", f"is not a valid task name: {problem}")
     cluster = t.get("cluster")
-    return TaskEntry(name=name, source=str(t.get("source", "")), norm=c.num(c.get(t, "norm", f"{p}."), f"{p}.norm"),
-                     rel_error=c.num(c.get(t, "rel_error", f"{p}."), f"{p}.rel_error"),
+    return TaskEntry(name=name, source=c.str_(t.get("source", ""), f"{p}.source"),
+                     norm=c.num(c.get(t, "norm", f"{p}."), f"{p}.norm", 0.0),
+                     rel_error=c.num(c.get(t, "rel_error", f"{p}."), f"{p}.rel_error", 0.0),
                      error_exact=c.bool_(t.get("error_exact", True), f"{p}.error_exact"),
                      added=c.bool_(t.get("added", False), f"{p}.added"),
                      cluster=None if cluster is None else c.int_(cluster, f"{p}.cluster", 0))
@@ -379,11 +589,15 @@ def _spec(c: _Check, s: Any, i: int) -> TensorSpec:
     p = f"tensors[{i}]"
     s = c.obj(s, p)
     name = c.str_(c.get(s, "name", f"{p}."), f"{p}.name")
-    shape = tuple(c.int_(x, f"{p}.shape", 1) for x in _list(c, c.get(s, "shape", f"{p}."), f"{p}.shape"))
+    if not name:
+        raise c.fail(f"{p}.name", "is empty")
+    shape = tuple(c.int_(x, f"{p}.shape", 1, 2**40) for x in _list(c, c.get(s, "shape", f"{p}."), f"{p}.shape"))
+    if len(shape) > 8 or math.prod(shape) > 2**42:
+        raise c.fail(f"{p}.shape", f"is not a plausible tensor shape: {shape}")
     dt = c.str_(c.get(s, "dtype", f"{p}."), f"{p}.dtype")
-    dtype = getattr(torch, dt, None)
+    dtype = getattr(torch, dt, None) if dt.isidentifier() and not dt.startswith("_") else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise c.fail(f"{p}.dtype", f"must be a floating-point torch dtype, got {dt!r}")
+        raise c.fail(f"{p}.dtype", f"must be a floating-point torch dtype, got {dt[:80]!r}")
     return TensorSpec(name, shape, dtype)
 
 
@@ -400,25 +614,84 @@ def _fit(c: _Check, f: Any, p: str, M: int, T: int) -> BasisFit:
     if labels is not None:
         labels = [c.int_(x, f"{p}.labels[{i}]", 0) for i, x in enumerate(_list(c, labels, f"{p}.labels"))]
         if len(labels) != T or any(x >= M for x in labels):
-            raise c.fail(f"{p}.labels", f"must be {T} cluster indices in [0, {M}), got {labels}")
+            raise c.fail(f"{p}.labels", f"must be {T} cluster indices in [0, {M}), got {labels[:12]}")
     inner = f.get("inner")
     spec = None
     if inner is not None:
         inner = c.obj(inner, f"{p}.inner")
         spec = MergeSpec(c.str_(c.get(inner, "method", f"{p}.inner."), f"{p}.inner.method"),
                          c.obj(inner.get("params") or {}, f"{p}.inner.params"))
+        try:
+            get_merger(spec)
+        except (TvbasisError, TypeError, ValueError) as e:
+            raise c.fail(f"{p}.inner", f"is not a valid merge: {e}") from None
     seed = f.get("random_seed")
     refit = f.get("refit")
     if refit not in (None, "full", "cluster_scale"):
         raise c.fail(f"{p}.refit", f"must be null, 'full' or 'cluster_scale', got {refit!r}")
+    stats = c.obj(f.get("stats") or {}, f"{p}.stats")
+    sizes = stats.get("cluster_sizes")
+    if sizes is not None:
+        sizes = [c.int_(x, f"{p}.stats.cluster_sizes[{i}]", 0)
+                 for i, x in enumerate(_list(c, sizes, f"{p}.stats.cluster_sizes"))]
+        if labels is None or len(sizes) != M or sum(sizes) != T:
+            raise c.fail(f"{p}.stats.cluster_sizes", f"must be M = {M} cluster sizes summing to T = {T}")
     fit = BasisFit(M=M, B=opt("B", (T, M)), W=W, mean_weights=opt("mean_weights", (T,)),
                    mean_coef=opt("mean_coef", (T,)), labels=labels, inner=spec,
-                   random_seed=None if seed is None else c.int_(seed, f"{p}.random_seed", 0), refit=refit,
-                   stats=c.obj(f.get("stats") or {}, f"{p}.stats"))
+                   random_seed=None if seed is None else c.int_(seed, f"{p}.random_seed", 0, 2**63 - 1), refit=refit,
+                   stats=stats)
     if (fit.mean_weights is None) != (fit.mean_coef is None):
         raise c.fail(p, "must have both or neither of 'mean_weights' and 'mean_coef'")
     if fit.B is None and fit.random_seed is None and fit.inner is None:
         raise c.fail(p, "must say how its bases are made: 'B', 'inner' or 'random_seed'")
+    if fit.random_seed is not None and (fit.B is not None or fit.has_mean):
+        raise c.fail(p, "has a 'random_seed' and 'B' or a mean: a random basis is made from its seed alone")
     if fit.is_merged and fit.labels is None:
         raise c.fail(f"{p}.labels", "are required for bases made by an inner merge")
+    if fit.refit == "cluster_scale" and fit.labels is None:
+        raise c.fail(f"{p}.refit", "'cluster_scale' needs cluster 'labels'")
     return fit
+
+
+def _digests(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec], store_dtypes: dict[str, str],
+             M: int) -> Digests:
+    p = "digests"
+    d = c.obj(v, p)
+    algorithm = c.str_(c.get(d, "algorithm", f"{p}."), f"{p}.algorithm")
+    if algorithm != DIGEST_ALGORITHM:
+        raise c.fail(f"{p}.algorithm", f"must be {DIGEST_ALGORITHM!r}, got {algorithm[:40]!r}")
+    chunk = c.int_(c.get(d, "chunk_elements", f"{p}."), f"{p}.chunk_elements", 1)
+    raw = c.obj(c.get(d, "files", f"{p}."), f"{p}.files")
+    if set(raw) != set(files.all()):
+        raise c.fail(f"{p}.files", "must have one entry per data file of 'files', and no other")
+    out: dict[str, FileDigest] = {}
+    for part, names in (("bases", files.bases), ("mean", files.mean)):
+        seen: dict[str, str] = {}
+        for fname in names:
+            q = f"{p}.files.{fname}"
+            e = c.obj(raw[fname], q)
+            tensors = c.strs(c.get(e, "tensors", f"{q}."), f"{q}.tensors")
+            if not tensors:
+                raise c.fail(f"{q}.tensors", "is empty")
+            for t in tensors:
+                if t not in specs:
+                    raise c.fail(f"{q}.tensors", f"names a tensor that 'tensors' does not list: {t[:80]!r}")
+                if t in seen:
+                    raise c.fail(f"{q}.tensors", f"lists {t[:80]!r}, which {seen[t]} holds too")
+                seen[t] = fname
+            crc = c.obj(c.get(e, "chunks", f"{q}."), f"{q}.chunks")
+            if set(crc) != set(tensors):
+                raise c.fail(f"{q}.chunks", "must have one entry per tensor of the file")
+            stacked = [stacked_spec(part, specs[t], M, getattr(torch, store_dtypes[t])) for t in tensors]
+            for t in tensors:
+                n = chunk_count(specs[t], chunk) * (M if part == "bases" else 1)
+                c.hex_(crc[t], f"{q}.chunks.{t}", CHUNK_HEX * n)
+            size = len(expected_header(stacked)) + sum(s.nbytes for s in stacked)
+            if c.int_(c.get(e, "size", f"{q}."), f"{q}.size", 0) != size:
+                raise c.fail(f"{q}.size", f"is {e['size']}, but the tensors it lists take {size} bytes")
+            out[fname] = FileDigest(size, c.hex_(c.get(e, "sha256", f"{q}."), f"{q}.sha256", 64), tensors,
+                                    {t: crc[t] for t in tensors})
+        if names and set(seen) != set(specs):
+            missing = sorted(set(specs) - set(seen))
+            raise c.fail(f"{p}.files", f"gives {len(missing)} tensor(s) no {part} file, e.g. {missing[0][:80]!r}")
+    return Digests(chunk, out, algorithm)

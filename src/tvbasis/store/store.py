@@ -7,6 +7,8 @@ reads the pretrained checkpoint, whose structure and content are checked against
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,21 +16,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.bases import cosine_from_gram, random_rows
+from tvbasis.bases import addition_weights, cosine_from_gram, orthonormal_sum_coefficients, random_rows
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
-from tvbasis.io import Checkpoint, open_checkpoint
+from tvbasis.io import Checkpoint, confined_file
 from tvbasis.io.checksum import check_pretrained_structure
 from tvbasis.merge import MergeContext, MergeSpec, get_merger
 from tvbasis.passes import ALL, operand_thresholds
-from tvbasis.store.format import Manifest
+from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from tvbasis.store.integrity import MissingFile, StoreData
 from tvbasis.vectors import Producer, TaskVector
 
-
 # --------------------------------------------------------------------------------------------------- store
-class BasisStore:
-    """A basis store on disk. Cheap to open (reads the manifest and shard headers)."""
+#: attempts to open a store whose generation a concurrent writer switches meanwhile
+OPEN_ATTEMPTS = 5
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+
+class BasisStore:
+    """A basis store on disk. Cheap to open (reads the manifest, checks each data file's size and header) and
+    consistent: the data files are opened once, so a concurrent writer's new generation never mixes in."""
+
+    def __init__(self, root: Path, manifest: Manifest, data: StoreData | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.M: int = manifest.M
@@ -38,37 +45,43 @@ class BasisStore:
         self.group_of: dict[str, str] = manifest.group_of
         self.specs = {s.name: s for s in manifest.tensors}
         self.total_params = sum(s.numel for s in self.specs.values())
-        self._bases = self._open_part("bases", manifest.files.bases)
-        self._mean = self._open_part("mean", manifest.files.mean)
-        self._check_shards()
+        if data is None:
+            dfd = _open_dir(root)
+            try:
+                data = StoreData(root, dfd, manifest)
+            finally:
+                os.close(dfd)
+        self.data = data
 
     # -- open --------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> BasisStore:
+        """Open and validate the store at ``path`` (manifest fields and digest, each data file's size and header).
+        The manifest and the files are read through one descriptor of the directory, and a generation switched by
+        a concurrent writer while opening is retried, so the store opened is one committed state."""
         root = Path(path)
-        return cls(root, Manifest.read(root))
+        for attempt in range(OPEN_ATTEMPTS):
+            dfd = _open_dir(root)
+            try:
+                raw = _read_manifest(root, dfd)
+                manifest = Manifest.parse(raw, str(root / MANIFEST))
+                try:
+                    data = StoreData(root, dfd, manifest)
+                except MissingFile:
+                    if attempt + 1 < OPEN_ATTEMPTS and _read_manifest(root, dfd) != raw:
+                        continue  # a writer switched generations meanwhile: open the new one
+                    raise
+            finally:
+                os.close(dfd)
+            return cls(root, manifest, data)
+        raise StoreError(f"{root}: the store kept changing while being opened")  # pragma: no cover
 
-    def _open_part(self, prefix: str, files: list[str]) -> Checkpoint | None:
-        if not files:
-            return None
-        target = self.root / (files[0] if len(files) == 1 else f"{prefix}.safetensors.index.json")
-        try:
-            return open_checkpoint(target)
-        except Exception as e:
-            raise StoreError(f"{self.root}: cannot open the store's {prefix} shards: {e}") from None
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # a worker process (Ray) reopens the store and checks it is the same committed state
+        return (_reopen, (str(self.root), self.manifest.manifest_sha256))
 
-    def _check_shards(self) -> None:
-        for name, s in self.specs.items():
-            if self._bases is not None:
-                want = (self.M, *s.shape)
-                if name not in self._bases or self._bases.spec(name).shape != want:
-                    got = self._bases.spec(name).shape if name in self._bases else "missing"
-                    raise StoreError(f"{self.root}: bases tensor {name!r} is {got}, expected shape {want}")
-            if self._mean is not None and (name not in self._mean or self._mean.spec(name).shape != s.shape):
-                raise StoreError(f"{self.root}: mean tensor {name!r} missing or of the wrong shape")
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (BasisStore.open, (str(self.root),))
+    def close(self) -> None:
+        self.data.close()
 
     # -- facts -------------------------------------------------------------------------------------------
     @property
@@ -77,8 +90,14 @@ class BasisStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk (all files of the store, manifest included)."""
-        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+        """Bytes on disk of the store's own files (manifest and data files; foreign entries not counted)."""
+        total = 0
+        for name in [MANIFEST, *self.manifest.files.all()]:
+            try:
+                total += (self.root / name).stat().st_size
+            except OSError:
+                pass
+        return total
 
     @property
     def task_vectors_bytes(self) -> int:
@@ -116,24 +135,34 @@ class BasisStore:
         a, b = rows if rows is not None else (0, spec.shape[0] if spec.shape else 1)
         if fit.random_seed is not None:
             return random_rows(fit.random_seed, name, spec.shape, self.M, self.total_params, a, b)
-        assert self._bases is not None
-        if rows is None or not spec.shape:
-            t = self._bases.get(name)
-        else:
-            t = self._bases.get_inner_rows(name, a, b)
-        return t.to(torch.float32)
+        return self.data.read("bases", name, rows if spec.shape else None).to(torch.float32)
 
     def mean_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
-        if self._mean is None:
+        if not self.data.has("mean"):
             return None
-        t = self._mean.get(name) if rows is None else self._mean.get_rows(name, *rows)
-        return t.to(torch.float32)
+        return self.data.read("mean", name, rows).to(torch.float32)
+
+    # -- integrity ---------------------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Re-read every data file (header, every chunk's digest, finite values, size, SHA-256) against the
+        manifest; the problems found, one line each (empty: intact). A version-1 store has no digests to check
+        (reported as a problem: ``tvbasis upgrade`` adds them)."""
+        problems: list[str] = []
+        if self.manifest.digests is None:
+            problems.append(f"{self.root}: store format version {self.manifest.format_version} records no digests "
+                            "of its data, so corruption cannot be detected; run `tvbasis upgrade STORE`")
+        for f in self.manifest.files.all():
+            problems.extend(self.data.verify_file(f))
+        return problems
 
     # -- arithmetic --------------------------------------------------------------------------------------
     def _coefficients(self, alpha: Mapping[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         a = np.zeros(self.T)
         for task, c in alpha.items():
-            a[self.task_index(task)] += float(c)
+            i = self.task_index(task)
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise ConfigError(f"coefficient of task {task!r} must be a finite number, got {c!r}")
+            a[i] += float(c)
         coefs = {g: f.W @ a for g, f in self.fits.items()}
         means = {g: float(f.mean_coef @ a) if f.mean_coef is not None else 0.0 for g, f in self.fits.items()}
         return coefs, means
@@ -151,19 +180,42 @@ class BasisStore:
         self.task_index(task)
         return self.combine({task: 1.0}, name=f"reconstructed {task}")
 
-    def addition(self, outer: MergeSpec | None = None, tasks: Sequence[str] | None = None) -> TaskVector:
-        """The multi-task vector. Without ``outer``: as the paper, the sum of the bases (for task-like bases;
-        PCA and random bases, which are not task vectors themselves, sum the reconstructions). With ``outer``:
-        that merge method over the bases (task-like) or over the reconstructions of ``tasks``."""
+    def addition(self, outer: MergeSpec | None = None, tasks: Sequence[str] | None = None,
+                 mode: str | None = None) -> TaskVector:
+        """The multi-task vector. Without ``outer``, by ``mode``: ``"paper"`` sums the bases Σ_m s_m, as the paper
+        (a random store's directions orthonormalised first unless built with orthonormal=false);
+        ``"reconstructions"`` sums the reconstructions Σ_t v̂_t of ``tasks``; None: the store's default — the
+        paper's sum for task-like bases, and the ``addition`` option the store was built with for PCA and random
+        (default reconstructions). The paper's sum covers all tasks: for a subset the default falls back to the
+        reconstructions. With ``outer``: that merge method over the bases (task-like) or over the reconstructions
+        of ``tasks`` (``mode`` does not apply)."""
         selected = list(tasks) if tasks else list(self.task_names)
         for t in selected:
             self.task_index(t)
         whole = set(selected) == set(self.task_names)
         task_like = self.manifest.task_like
+        if mode not in (None, "paper", "reconstructions"):
+            raise ConfigError(f"addition mode must be 'paper' or 'reconstructions', got {mode!r}")
         if outer is None:
-            if task_like and whole:
-                return self._vector(_SumOfBases(self), "sum of bases")
-            return self.combine({t: 1.0 for t in selected}, name="sum of reconstructions")
+            opts = self.manifest.options
+            chosen = mode or ("paper" if task_like else str(opts.get("addition", "reconstructions")))
+            if chosen == "paper" and not whole:
+                if mode == "paper":
+                    raise ConfigError("the paper's addition sums all the bases, so it covers every task; for "
+                                      "a subset of tasks use mode='reconstructions'")
+                chosen = "reconstructions"
+            if chosen == "reconstructions":
+                return self.combine({t: 1.0 for t in selected}, name="sum of reconstructions")
+            if any(f.random_seed is not None for f in self.fits.values()):
+                ortho = bool(opts.get("orthonormal", True))
+                coefs = {g: orthonormal_sum_coefficients(self.manifest.cross[g].K[:f.M, :f.M]) if ortho
+                         else np.ones(f.M) for g, f in self.fits.items()}
+                return self._vector(_Combination(self, coefs, dict.fromkeys(self.fits, 0.0)),
+                                    "sum of orthonormalised random bases" if ortho else "sum of random bases")
+            return self._vector(_SumOfBases(self), "sum of bases")
+        if mode is not None:
+            raise ConfigError("addition: mode applies to the plain sum; an outer merge runs over the bases of "
+                              "task-like stores and over the reconstructions otherwise")
         merger = get_merger(outer)
         if merger.needs_fisher:
             raise ConfigError("fisher cannot be an outer merge of a store (no Fisher weights for bases)")
@@ -187,6 +239,9 @@ class BasisStore:
     # -- add a task --------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         first = self.fits[next(iter(self.fits))]
+        # r_t = Σ_m B[t, m], v_t's weight in the paper's sum Σ_m s_m (bases linear in V only; layer-wise: the
+        # ‖v_t‖²-weighted mean over groups, and the range)
+        weights = addition_weights(self.fits, self.manifest.group_grams)
         return {
             "path": str(self.root), "method": self.method, "options": self.manifest.options,
             "M": self.M, "T": self.T, "layerwise": self.manifest.layerwise,
@@ -196,6 +251,9 @@ class BasisStore:
             "errors_exact": {t.name: t.error_exact for t in self.manifest.tasks},
             "norms": {t.name: t.norm for t in self.manifest.tasks},
             "cosine": self.cosine.tolist(), "labels": first.labels,
+            "addition_weights": None if weights is None else dict(zip(self.task_names, weights[0].tolist())),
+            "addition_weights_range": (None if weights is None or len(self.fits) == 1 else
+                                       dict(zip(self.task_names, weights[1].tolist()))),
             "loss": first.stats.get("loss"), "lower_bound": first.stats.get("lower_bound"),
             "stats": {g: {k: v for k, v in f.stats.items() if k not in ("loss_history", "laplacian_spectrum")}
                       for g, f in self.fits.items()} if len(self.fits) <= 4 else {},
@@ -208,6 +266,7 @@ class _Combination(Producer):
 
     def __init__(self, store: BasisStore, coefs: Mapping[str, np.ndarray], means: Mapping[str, float]) -> None:
         self.store, self.coefs, self.means = store, dict(coefs), dict(means)
+        self.inputs = (store.root,)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         g = self.store.group_of.get(name, ALL)
@@ -226,6 +285,7 @@ class _SumOfBases(Producer):
 
     def __init__(self, store: BasisStore) -> None:
         self.store = store
+        self.inputs = (store.root,)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         return self.store.bases_rows(name, rows).sum(0)
@@ -258,8 +318,56 @@ class _OuterMerge(Producer):
 
     def __init__(self, operands: _Operands, spec: MergeSpec, thresholds: torch.Tensor | None) -> None:
         self.operands, self.spec, self.thresholds = operands, spec, thresholds
+        self.inputs = (operands.store.root,)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         x = self.operands(name)
         merged = get_merger(self.spec).merge(x, torch.ones(x.shape[0]), MergeContext(name=name, thresholds=self.thresholds))
         return merged if rows is None or not merged.dim() else merged[rows[0]:rows[1]]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _open_dir(root: Path) -> int:
+    if not root.exists():
+        raise StoreError(f"{root}: no such store")
+    if not root.is_dir():
+        raise StoreError(f"{root}: not a tvbasis store (not a directory)")
+    try:
+        return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise StoreError(f"{root}: cannot open the store directory ({e.strerror})") from None
+
+
+def _read_manifest(root: Path, dfd: int) -> bytes:
+    """The manifest's bytes, read through the directory descriptor (no symlink out of the store followed)."""
+    confined_file(root, MANIFEST, f"{root}: manifest", StoreError)
+    try:
+        fd = os.open(MANIFEST, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+    except FileNotFoundError:
+        raise StoreError(f"{root}: not a tvbasis store (no {MANIFEST})") from None
+    except OSError as e:
+        raise StoreError(f"{root / MANIFEST}: unreadable manifest ({e.strerror})") from None
+    try:
+        chunks = []
+        total = 0
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+            total += len(b)
+            if total > MAX_MANIFEST_BYTES:
+                raise StoreError(f"{root / MANIFEST}: manifest exceeds {MAX_MANIFEST_BYTES} bytes")
+        return b"".join(chunks)
+    except IsADirectoryError:
+        raise StoreError(f"{root / MANIFEST}: is not a file") from None
+    finally:
+        os.close(fd)
+
+
+def _reopen(root: str, manifest_sha256: str) -> BasisStore:
+    store = BasisStore.open(root)
+    if store.manifest.manifest_sha256 != manifest_sha256:
+        raise StoreError(f"{root}: the store changed while it was being read (another process wrote a new "
+                         "generation); run the command again")
+    return store

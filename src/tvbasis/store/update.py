@@ -1,9 +1,12 @@
-"""Fold a new task into an existing store without the original fine-tunes.
+"""Fold a new task into an existing store without the original fine-tunes; add digests to a version-1 store.
 
-One streaming pass over (pretrained, new fine-tune, store) gives, per layer group, the inner products c = U·v of
-the new task vector v with the stored vectors U and ‖v‖²; ``tvbasis.bases.extend`` turns them into the fit for
-T + 1 tasks. Cluster stores then rewrite their bases (one more pass) into a copy of the store that is swapped
-in; every other store only rewrites its manifest.
+One streaming pass over (pretrained, new fine-tune, store), in the row chunks of the pretrained checksum (which
+are the chunks of the store's digests, so every read is whole chunks), gives per layer group the inner products
+c = U·v of the new task vector v with the stored vectors U and ‖v‖²; memory stays flat in the tensor size.
+``tvbasis.bases.extend`` turns them into the fit for T + 1 tasks. Cluster stores then rewrite their bases (one
+more pass, again in row chunks) into new data files of the next generation; every other store only switches to
+a new manifest (``store.commit``). The whole update runs under the store's writer lock, on the state read under
+it: two add-tasks on one store both land, one after the other.
 
 The new task's reconstruction error is exact. Inner products between the new task and the old ones are not
 available without the old checkpoints; where they are needed (the Gram/cosine matrix, the errors of old tasks
@@ -22,30 +25,48 @@ import torch
 from tvbasis.bases.extend import Extension, extend_fit
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError, StoreError
-from tvbasis.io import Checkpoint, open_checkpoint, open_finetuned, replace_atomically, temp_sibling
-from tvbasis.io.checksum import check_pretrained_checksum, chunk_digests
+from tvbasis.io import Checkpoint, check_finite, open_checkpoint, open_finetuned, row_chunks
+from tvbasis.io.atomic import temp_path
+from tvbasis.io.checksum import check_pretrained_checksum, chunk_key, tensor_digest
 from tvbasis.io.writer import PositionalShard
 from tvbasis.passes import ALL
-from tvbasis.store.format import MANIFEST, Cross, Manifest, TaskEntry
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_generation, remove_leftovers, store_lock
+from tvbasis.store.faults import fault_point
+from tvbasis.store.format import FORMAT_VERSION, Cross, Digests, Manifest, TaskEntry, task_name_problem
+from tvbasis.store.integrity import digest_fd, digest_file
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
+Item = tuple[str, int, int]
+
+
+def _items(store: BasisStore, chunk: int) -> list[Item]:
+    return [(s.name, a, b) for s in store.specs.values() for a, b in row_chunks(s, chunk)]
+
+
+def _rows(store: BasisStore, item: Item) -> tuple[int, int] | None:
+    name, a, b = item
+    return (a, b) if store.specs[name].shape else None
+
 
 class _Project:
-    """Work unit: per tensor, U·v and ‖v‖² in float64 (and the pretrained's digests for the checksum)."""
+    """Work unit: per row chunk, U·v and ‖v‖² in float64, and the pretrained chunk's checksum digest."""
 
-    def __init__(self, store: BasisStore, pre: Checkpoint, ft: Checkpoint, chunk: int | None) -> None:
-        self.store, self.pre, self.ft, self.chunk = store, pre, ft, chunk
+    def __init__(self, store: BasisStore, pre: Checkpoint, ft: Checkpoint) -> None:
+        self.store, self.pre, self.ft = store, pre, ft
 
-    def __call__(self, name: str) -> tuple[str, np.ndarray, float, list[tuple[str, bytes]]]:
-        v = DiffSource(self.pre, self.ft).get(name).reshape(-1).to(torch.float64)
-        rows = [self.store.bases_rows(name).reshape(self.store.M, -1)]
-        mu = self.store.mean_rows(name)
+    def __call__(self, item: Item) -> tuple[str, np.ndarray, float, tuple[str, bytes]]:
+        name, a, b = item
+        rows = _rows(self.store, item)
+        pre = self.pre.get(name) if rows is None else self.pre.get_rows(name, a, b)
+        digest = (chunk_key(name, a, b), tensor_digest(chunk_key(name, a, b), pre))
+        v = DiffSource(self.pre, self.ft).get_with(pre, name, rows).reshape(-1).to(torch.float64)
+        parts = [self.store.bases_rows(name, rows).reshape(self.store.M, -1)]
+        mu = self.store.mean_rows(name, rows)
         if mu is not None:
-            rows.append(mu.reshape(1, -1))
-        U = torch.cat(rows).to(torch.float64)
-        digests = chunk_digests(self.store.specs[name], self.pre.get(name), self.chunk) if self.chunk else []
-        return self.store.group_of.get(name, ALL), (U @ v).numpy(), float(v @ v), digests
+            parts.append(mu.reshape(1, -1))
+        U = torch.cat(parts).to(torch.float64)
+        return self.store.group_of.get(name, ALL), (U @ v).numpy(), float(v @ v), digest
 
 
 def _check_covers(store: BasisStore, pre: Checkpoint, ft: Checkpoint) -> None:
@@ -62,33 +83,56 @@ def _check_covers(store: BasisStore, pre: Checkpoint, ft: Checkpoint) -> None:
                             if len(store.specs) < len(specs) else ""))
 
 
-def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, pretrained: str | Path | Checkpoint,
-             run: Run = None) -> BasisStore:
-    """Add task ``name`` (a fine-tune or LoRA adapter of ``pretrained``) to ``store``; returns the reopened store."""
-    if name in store.task_names:
-        raise ConfigError(f"{store.root}: already has a task named {name!r}")
-    if not name or "=" in name or "," in name or name == "all":
-        raise ConfigError(f"invalid task name {name!r}")
+def needs_digests(store: BasisStore, what: str) -> None:
+    """StoreError for a store without digests (format version 1): writes need them to carry integrity forward."""
+    if store.manifest.digests is None:
+        raise StoreError(f"{store.root}: store format version {store.manifest.format_version} has no digests of its "
+                         f"data; {what} needs version {FORMAT_VERSION}: run `tvbasis upgrade {store.root}` first "
+                         "(reading the store works as it is)")
+
+
+def add_task(store: BasisStore | str | Path, name: str, finetuned: str | Path | Checkpoint,
+             pretrained: str | Path | Checkpoint, run: Run = None,
+             lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
+    """Add task ``name`` (a fine-tune or LoRA adapter of ``pretrained``) to the store; returns the reopened store.
+
+    Holds the store's writer lock (waiting up to ``lock_timeout`` seconds) and works on the state read under it,
+    so ``store`` may be stale: a task another process added meanwhile is kept."""
+    problem = task_name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"invalid task name: {problem}")
+    root = store.root if isinstance(store, BasisStore) else Path(store)
     pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
     ft = open_finetuned(finetuned, pre)
+    with store_lock(root, lock_timeout):
+        current = BasisStore.open(root)
+        try:
+            return _add_task(current, name, pre, ft, run)
+        finally:
+            current.close()
+
+
+def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run: Run) -> BasisStore:
+    if name in store.task_names:
+        raise ConfigError(f"{store.root}: already has a task named {name!r}")
+    needs_digests(store, "add-task")
     store.check_pretrained(pre)
     _check_covers(store, pre, ft)
+    remove_leftovers(store.root, store.manifest)
     mf = store.manifest
     ref = mf.pretrained
-    chunk = ref.checksum_chunk_elements if ref.checksum else None
     eng = as_run(run).get_engine()
-    names = list(store.specs)
+    items = _items(store, ref.checksum_chunk_elements)
     nU = next(iter(store.fits.values())).n_stored
     c = {g: np.zeros(nU) for g in store.fits}
     vv = {g: 0.0 for g in store.fits}
     digests: list[tuple[str, bytes]] = []
-    for g, ci, vi, d in eng.map(_Project(store, pre, ft, chunk), names, desc=f"project {name}",
-                                sizes=[2 * pre.spec(n).nbytes for n in names]):
+    sizes = [2 * _item_bytes(store, pre, it) for it in items]
+    for g, ci, vi, d in eng.map(_Project(store, pre, ft), items, desc=f"project {name}", sizes=sizes):
         c[g] += ci
         vv[g] += vi
-        digests.extend(d)
-    if chunk is not None:
-        check_pretrained_checksum(digests, ref.to_json(), pre.path)
+        digests.append(d)
+    check_pretrained_checksum(digests, ref.to_json(), pre.path, "; the store is unchanged")
     if sum(vv.values()) == 0:
         raise ConfigError(f"{ft.path}: equals the pretrained model (zero task vector)")
     new = copy.deepcopy(mf)
@@ -119,9 +163,10 @@ def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, p
     new.T = T + 1
     entry = TaskEntry(name, str(ft.path), norm, float(np.sqrt(max(err2, 0.0))) / norm, added=True)
     new.tasks.append(entry)
+    _check_finite_fit(new)
     updates = {g: e.update for g, e in ext.items() if e.update is not None}
     if not updates:
-        new.write(store.root)
+        commit_generation(store.root, new, {})
         return BasisStore.open(store.root)
     first = next(iter(ext.values()))
     assert first.update is not None
@@ -129,7 +174,26 @@ def add_task(store: BasisStore, name: str, finetuned: str | Path | Checkpoint, p
     if new.member_counts is not None:
         new.member_counts = first.fit.cluster_sizes()
     _update_old_errors(new, {g: e.update[0] for g, e in ext.items() if e.update is not None})
-    return _rewrite_cluster_store(store, new, pre, ft, updates, eng)  # type: ignore[arg-type]
+    _check_finite_fit(new)
+    return _rewrite_cluster_store(store, new, pre, ft, updates, eng, items)  # type: ignore[arg-type]
+
+
+def _item_bytes(store: BasisStore, pre: Checkpoint, item: Item) -> int:
+    name, a, b = item
+    s = store.specs[name]
+    per_row = s.numel // s.shape[0] if s.shape else 1
+    return (b - a if s.shape else 1) * per_row * pre.spec(name).dtype.itemsize
+
+
+def _check_finite_fit(mf: Manifest) -> None:
+    """The new manifest's numbers must be finite (they are validated when the store is next opened)."""
+    arrays = [mf.gram, *mf.group_grams.values(), *(x for c in mf.cross.values() for x in (c.C, c.K))]
+    for f in mf.groups.values():
+        arrays += [a for a in (f.W, f.B, f.mean_coef, f.mean_weights) if a is not None]
+    if not all(np.isfinite(a).all() for a in arrays) or not all(np.isfinite([t.norm, t.rel_error]).all()
+                                                               for t in mf.tasks):
+        raise StoreError(f"{mf.tasks[-1].source}: adding this task gives non-finite coefficients (NaN/Inf); the "
+                         "store is unchanged")
 
 
 def _update_old_errors(manifest: Manifest, chosen: dict[str, int]) -> None:
@@ -147,41 +211,84 @@ def _update_old_errors(manifest: Manifest, chosen: dict[str, int]) -> None:
 
 
 class _Rewrite:
+    """Work unit: rows [a, b) of every basis of one tensor, basis m ← α·s_m + β·v, written to the new shard."""
+
     def __init__(self, store: BasisStore, pre: Checkpoint, ft: Checkpoint, ab: dict[str, tuple[int, float, float]],
                  shards: dict[str, PositionalShard], dtype_of: dict[str, torch.dtype]) -> None:
         self.store, self.pre, self.ft, self.ab, self.shards, self.dtype_of = store, pre, ft, ab, shards, dtype_of
 
-    def __call__(self, name: str) -> None:
-        m, a, b = self.ab[self.store.group_of.get(name, ALL)]
-        S = self.store.bases_rows(name)
-        S[m] = a * S[m] + b * DiffSource(self.pre, self.ft).get(name)
+    def __call__(self, item: Item) -> None:
+        name, a, _b = item
+        rows = _rows(self.store, item)
+        m, alpha, beta = self.ab[self.store.group_of.get(name, ALL)]
+        S = self.store.bases_rows(name, rows)
+        S[m] = alpha * S[m] + beta * DiffSource(self.pre, self.ft).get(name, rows)
         spec = self.store.specs[name]
+        dtype = self.dtype_of[name]
+        stored = S.to(dtype)
+        check_finite(stored, f"{self.store.root} (updated bases)", name)
+        start = a * (spec.numel // spec.shape[0]) if spec.shape else 0
         for i in range(self.store.M):
-            self.shards[name].write_elements(name, i * spec.numel, S[i], self.dtype_of[name])
+            self.shards[name].write_elements(name, i * spec.numel + start, stored[i], dtype)
 
 
 def _rewrite_cluster_store(store: BasisStore, manifest: Manifest, pre: Checkpoint, ft: Checkpoint,
-                           updates: dict[str, tuple[int, float, float]], eng: Engine) -> BasisStore:
-    """Write the updated bases into a copy of the store (same shard files and order), then swap it in."""
+                           updates: dict[str, tuple[int, float, float]], eng: Engine, items: list[Item]) -> BasisStore:
+    """Write the updated bases into new data files (same layout), staged in a temporary directory inside the
+    store, then commit them as the next generation."""
+    assert manifest.digests is not None
     dtype_of = {n: getattr(torch, d) for n, d in manifest.store_dtypes.items()}
-    tmp = temp_sibling(store.root)
-    tmp.mkdir()
+    stage = temp_path(store.root / "bases")
+    stage.mkdir()
     try:
         shards: dict[str, PositionalShard] = {}
         for f in manifest.files.bases:
-            sh = PositionalShard(tmp / f, open_checkpoint(store.root / f).specs())
+            names = manifest.digests.files[f].tensors
+            sh = PositionalShard(stage / f, manifest.stacked_specs("bases", names))
             sh.create()
             shards.update({s.name: sh for s in sh.specs})
-        for _ in eng.map(_Rewrite(store, pre, ft, updates, shards, dtype_of), list(store.specs), desc="update bases"):
+        for _ in eng.map(_Rewrite(store, pre, ft, updates, shards, dtype_of), items, desc="update bases"):
             pass
-        for path in {str(v.path): v.path for v in shards.values()}.values():
-            PositionalShard.fsync(path)
-        for f in store.root.iterdir():
-            if f.is_file() and f.name != MANIFEST and f.name not in manifest.files.bases:
-                shutil.copy2(f, tmp / f.name)  # index, mean shards
-        manifest.write(tmp)
-        replace_atomically(tmp, store.root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = dict(manifest.digests.files)
+        for f in manifest.files.bases:
+            PositionalShard.fsync(stage / f)
+            files[f] = digest_file(stage / f, manifest, "bases", manifest.digests.files[f].tensors,
+                                   manifest.digests.chunk_elements)
+            fault_point(f"staged {f}")
+        manifest.digests = Digests(manifest.digests.chunk_elements, files, manifest.digests.algorithm)
+        commit_generation(store.root, manifest, {f: stage / f for f in manifest.files.bases})
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return BasisStore.open(store.root)
+
+
+# ---------------------------------------------------------------------------------------------------- upgrade
+def upgrade_store(root: str | Path, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> tuple[BasisStore, bool]:
+    """Bring a version-1 store to the current format: read every data file once (checking that it is exactly
+    what tvbasis writes and holds finite values), record its digests, switch to a version-2 manifest. The data
+    files are not rewritten. Returns (the store, whether anything changed)."""
+    root = Path(root)
+    with store_lock(root, lock_timeout):
+        store = BasisStore.open(root)
+        try:
+            mf = store.manifest
+            if mf.digests is not None and mf.format_version == FORMAT_VERSION:
+                return store, False
+            new = copy.deepcopy(mf)
+            new.format_version = FORMAT_VERSION
+            chunk = mf.pretrained.checksum_chunk_elements
+            files = {}
+            for part, names in (("bases", mf.files.bases), ("mean", mf.files.mean)):
+                for f in names:
+                    tensors = [n for n, pl in store.data.places[part].items() if pl.file == f]
+                    tensors.sort(key=lambda n: store.data.places[part][n].offset)
+                    d, bad = digest_fd(store.data.fd_of(f), mf, part, tensors, chunk, f"{root}: {part} file {f}")
+                    if bad:
+                        raise StoreError(f"{root}: {part} file {f}: tensor {sorted(bad)[0]!r} holds NaN/Inf values; "
+                                         "the store is corrupt and cannot be upgraded (rebuild it)")
+                    files[f] = d
+            new.digests = Digests(chunk, files)
+            commit_generation(root, new, {})
+        finally:
+            store.close()
+    return BasisStore.open(root), True

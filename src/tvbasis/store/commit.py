@@ -1,0 +1,239 @@
+"""Writing a store safely: one exclusive writer at a time, and every change switched in by one atomic step.
+
+- **Lock.** Every writer of an existing store (add-task, ``build --force`` onto it, upgrade, gc) holds an exclusive
+  ``filelock`` on ``STORE/.tvbasis.lock`` for its whole run and re-reads the manifest under it, so two writers
+  never both update the same old state (no lost update). A second writer waits up to ``lock_timeout`` seconds and
+  then fails with one clear line.
+- **Generations.** The store directory itself is never replaced. A change writes its new data files completely
+  (fsynced) under new, generation-specific names (``bases.g{N}…``) next to the old ones, then switches the
+  manifest (``tvbasis.json``) in one ``rename`` — the single commit point — and only then removes the old
+  generation's files. Killed anywhere (``kill -9`` included), the store is in its old state or its new one; the
+  leftovers (a temporary, new files no manifest names) are removed by the next writer or ``tvbasis gc``. An open
+  store holds descriptors of its files, so readers see the old state or the new one, never a mix.
+- **Foreign entries** (anything that is not the manifest, the lock, a tvbasis data file name or a tvbasis
+  temporary) are never touched: a user's notes or subdirectory inside a store survive every write.
+- **A new store** is written into a temporary sibling directory and moved into place with
+  ``renameat2(RENAME_NOREPLACE)``: when two builds race for one new ``--out``, the second fails unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import filelock
+
+from tvbasis.errors import ConfigError, OutputExistsError, StoreError
+from tvbasis.io import cleanup_stale_temps, fsync_dir, rename_noreplace
+from tvbasis.io.atomic import _TEMP_RE, fsync_tree, replace_atomically, temp_path
+from tvbasis.store.faults import fault_point, interrupts_deferred
+from tvbasis.store.format import MANIFEST, Digests, Manifest
+from tvbasis.store.layout import generation_of, is_store_file, renamed
+
+LOCK_NAME = ".tvbasis.lock"
+#: seconds a writer waits for another writer of the same store by default
+DEFAULT_LOCK_TIMEOUT = 300.0
+
+
+# ---------------------------------------------------------------------------------------------------- lock
+@contextmanager
+def store_lock(root: Path, timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the store's exclusive writer lock; wait up to ``timeout`` seconds (None or < 0: forever; 0: fail at
+    once when another writer holds it)."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file():  # never leave a lock file in a directory that is not a store
+        raise StoreError(f"{root}: not a tvbasis store (no {MANIFEST})")
+    path = root / LOCK_NAME
+    wait = -1.0 if timeout is None or timeout < 0 else float(timeout)
+    lock = filelock.FileLock(str(path), timeout=wait)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise StoreError(f"{root}: another tvbasis process is writing this store (lock {LOCK_NAME} held); gave up "
+                         f"after {wait:g} s (--lock-timeout SECONDS waits longer)") from None
+    except OSError as e:
+        raise StoreError(f"{root}: cannot take the store's writer lock ({e.strerror}); is the store writable?") \
+            from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------- entries
+def is_tvbasis_entry(name: str) -> bool:
+    """Names tvbasis creates in a store directory: the manifest, the lock, data/index files, temporaries."""
+    return name in (MANIFEST, LOCK_NAME) or is_store_file(name) or _TEMP_RE.match(name) is not None
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Entries of the store directory tvbasis did not create (left alone by every write)."""
+    try:
+        return sorted(e.name for e in os.scandir(root) if not is_tvbasis_entry(e.name))
+    except OSError:
+        return []
+
+
+def unreferenced_files(root: Path, manifest: Manifest | None) -> list[str]:
+    """tvbasis data/index files in ``root`` that ``manifest`` does not name (leftovers of an interrupted write or
+    of an older generation)."""
+    keep = set(manifest.files.all()) if manifest is not None else set()
+    try:
+        return sorted(e.name for e in os.scandir(root)
+                      if is_store_file(e.name) and e.name not in keep and not e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def remove_leftovers(root: Path, manifest: Manifest | None) -> list[Path]:
+    """Under the lock: remove temporaries of dead processes and data files no manifest names."""
+    removed = cleanup_stale_temps(root)
+    for name in unreferenced_files(root, manifest):
+        fault_point(f"remove {name}")
+        try:
+            os.unlink(root / name)
+        except FileNotFoundError:
+            continue
+        removed.append(root / name)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+def next_generation(root: Path, manifest: Manifest | None) -> int:
+    """A generation no file in ``root`` uses yet."""
+    used = [generation_of(e.name) for e in os.scandir(root)] if root.is_dir() else []
+    if manifest is not None:
+        used.append(manifest.generation)
+    return max([0, *used]) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- commits
+def _move(src: Path, dst: Path) -> None:
+    try:
+        rename_noreplace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = temp_path(dst)  # another filesystem: copy under a temporary name, then move in
+        shutil.copyfile(src, tmp)
+        fsync_tree(tmp)
+        rename_noreplace(tmp, dst)
+        os.unlink(src)
+
+
+def commit_generation(root: Path, manifest: Manifest, staged: Mapping[str, Path]) -> Manifest:
+    """Under the store lock: switch the store at ``root`` to ``manifest``.
+
+    ``staged`` maps data file names of ``manifest`` to complete, fsynced files (on the same filesystem); they are
+    moved in under the names of a new generation (``manifest.files`` and ``manifest.digests`` renamed to match),
+    then the manifest is replaced in one rename, then every tvbasis data file it does not name is removed. Returns
+    the manifest as written."""
+    gen = next_generation(root, manifest)
+    names = {old: renamed(old, gen) for old in staged}
+    manifest.generation = gen
+    manifest.files.bases = [names.get(f, f) for f in manifest.files.bases]
+    manifest.files.mean = [names.get(f, f) for f in manifest.files.mean]
+    if manifest.digests is not None:
+        manifest.digests = Digests(manifest.digests.chunk_elements,
+                                   {names.get(f, f): d for f, d in manifest.digests.files.items()},
+                                   manifest.digests.algorithm)
+    for f in manifest.files.all():
+        if f not in names.values() and not (root / f).is_file():
+            raise StoreError(f"{root}: data file {f} is gone; nothing committed")
+    with interrupts_deferred():
+        for old, src in staged.items():
+            fault_point(f"move {names[old]}")
+            _move(src, root / names[old])
+        fsync_dir(root)
+        fault_point("data files in place")
+        manifest.write(root)  # the commit point
+        for name in unreferenced_files(root, manifest):
+            fault_point(f"remove old {name}")
+            try:
+                os.unlink(root / name)
+            except FileNotFoundError:
+                pass
+        fsync_dir(root)
+    fault_point("committed")
+    return manifest
+
+
+def output_kind(out: Path, force: bool) -> str:
+    """What a build to ``out`` will do: ``new`` (nothing there), ``store`` (a tvbasis store, updated in place
+    with --force), ``replace`` (an empty directory or a file, replaced with --force). Refuses an existing output
+    without force, and a non-empty directory that is not a store (tvbasis does not delete what it did not
+    write)."""
+    if not os.path.lexists(out):
+        return "new"
+    if not force:
+        raise OutputExistsError(f"{out}: already exists (pass --force to overwrite)")
+    if out.is_dir() and not out.is_symlink():
+        if (out / MANIFEST).is_file():
+            return "store"
+        if any(True for _ in os.scandir(out)):
+            raise ConfigError(f"{out}: is a non-empty directory that is not a tvbasis store; refusing to replace it "
+                              "(remove it yourself, or choose another --out)")
+    return "replace"
+
+
+def commit_new_store(tmp: Path, out: Path, manifest: Manifest, kind: str, force: bool,
+                     lock_timeout: float | None) -> None:
+    """Move the complete store in ``tmp`` (manifest and data files) to ``out``: a new path by a no-replace rename
+    (another build that got there first wins unless ``force``), an existing store by a new generation inside it
+    (``kind == "store"``; the caller holds its lock), an empty directory or a file by one exchange."""
+    fault_point("store written")
+    if kind == "new":
+        fsync_tree(tmp)
+        try:
+            rename_noreplace(tmp, out)
+        except FileExistsError:
+            if not force:
+                raise OutputExistsError(f"{out}: was created by another process while this store was being built; "
+                                        "left untouched (pass --force to overwrite)") from None
+            kind = output_kind(out, force)
+            if kind == "store":
+                with store_lock(out, lock_timeout):
+                    commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
+                return
+        else:
+            fsync_dir(out.parent)
+            fault_point("committed")
+            return
+    if kind == "store":
+        cleanup_stale_temps(out)
+        commit_generation(out, manifest, {f: tmp / f for f in manifest.files.all()})
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    with interrupts_deferred():
+        replace_atomically(tmp, out)
+    fault_point("committed")
+
+
+def collect_garbage(directory: Path, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> list[Path]:
+    """``tvbasis gc``: remove what killed tvbasis runs left behind in ``directory`` — temporaries of dead
+    processes (any output's), and, in ``directory`` itself and in each store directly inside it, under that
+    store's writer lock, data files its manifest does not name. Foreign entries are never touched."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory")
+    removed = cleanup_stale_temps(directory)
+    stores = [directory] if (directory / MANIFEST).is_file() else []
+    try:
+        stores += sorted(Path(e.path) for e in os.scandir(directory)
+                         if e.is_dir(follow_symlinks=False) and (Path(e.path) / MANIFEST).is_file())
+    except OSError:
+        pass
+    for root in stores:
+        with store_lock(root, lock_timeout):
+            try:
+                manifest = Manifest.read(root)
+            except StoreError:
+                removed += cleanup_stale_temps(root)  # an unreadable manifest: keep every data file
+                continue
+            removed += remove_leftovers(root, manifest)
+    return removed
