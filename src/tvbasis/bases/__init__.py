@@ -8,6 +8,7 @@ from tvbasis.bases.autoencoder import AutoencoderBasis
 from tvbasis.bases.base import (
     BasisFit,
     BasisMethod,
+    addition_weights,
     check_M,
     cosine_from_gram,
     eckart_young_bound,
@@ -15,9 +16,9 @@ from tvbasis.bases.base import (
     reconstruction_loss,
     ridge_solve,
 )
-from tvbasis.bases.cluster import ClusterBasis, eigengap_k, spectral_clusters
+from tvbasis.bases.cluster import ClusterBasis, eigengap_k, paper_eigengap_k, spectral_clusters
 from tvbasis.bases.pca import PCABasis
-from tvbasis.bases.random import RandomBasis, RandomSampleBasis
+from tvbasis.bases.random import RandomBasis, RandomSampleBasis, orthonormal_sum_coefficients
 from tvbasis.bases.random_rows import random_rows
 from tvbasis.errors import ConfigError
 
@@ -34,5 +35,6 @@ def get_basis_method(name: str, **options: Any) -> BasisMethod:
     return cls(**options)
 
 
-__all__ = ["BASIS_METHODS", "BasisFit", "BasisMethod", "check_M", "cosine_from_gram", "eckart_young_bound", "eigengap_k", "get_basis_method",
-           "least_squares_W", "random_rows", "reconstruction_loss", "ridge_solve", "spectral_clusters"]
+__all__ = ["BASIS_METHODS", "BasisFit", "BasisMethod", "addition_weights", "check_M", "cosine_from_gram",
+           "eckart_young_bound", "eigengap_k", "get_basis_method", "least_squares_W", "orthonormal_sum_coefficients",
+           "paper_eigengap_k", "random_rows", "reconstruction_loss", "ridge_solve", "spectral_clusters"]

@@ -11,6 +11,7 @@ reconstructed (``coef_matrix``) and whether the coefficients are refit from the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,19 @@ class BasisFit:
         # stores written before the inner merge of linear clusters was recorded: a mean has unit column sums
         return self.B is None or bool(np.allclose(self.B.sum(0), 1.0))
 
+    def inner_for(self, m: int) -> MergeSpec:
+        """The merge that makes basis m of a merged cluster basis from its members: the inner merge, except for a
+        one-member cluster kept as it is (option ``singletons=keep``, the paper), made by the identity merge."""
+        assert self.inner is not None
+        if self.stats.get("singletons") == "keep" and self.cluster_sizes()[m] == 1:
+            return MergeSpec("task_arithmetic", {})
+        return self.inner
+
+    def sum_weights(self) -> np.ndarray | None:
+        """(T,) r_t = Σ_m B[t, m]: the weight of v_t in the paper's addition Σ_m s_m = Σ_t r_t·v_t; None when the
+        bases are not linear in V (random bases, non-linear inner merges)."""
+        return None if self.B is None else np.asarray(self.B, dtype=np.float64).sum(axis=1)
+
     def to_json(self) -> dict[str, Any]:
         def arr(x: np.ndarray | None) -> list[Any] | None:
             return None if x is None else np.asarray(x, dtype=np.float64).tolist()
@@ -154,6 +168,8 @@ class BasisMethod(ABC):
     #: True when the bases are themselves task-vector-like (addition may sum them, as in the paper)
     task_like: bool = True
     options: dict[str, Any] = {}
+    #: string options and their accepted values
+    choices: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.options)
@@ -161,6 +177,10 @@ class BasisMethod(ABC):
             raise ConfigError(f"basis method {self.name!r}: unknown option(s) {sorted(unknown)}; "
                               f"accepted: {sorted(self.options)}")
         self.params = {**self.options, **options}
+        for key, accepted in self.choices.items():
+            if self.params[key] not in accepted:
+                raise ConfigError(f"basis method {self.name!r}: {key} must be one of {list(accepted)}, "
+                                  f"got {self.params[key]!r}")
 
     @abstractmethod
     def fit(self, G: np.ndarray, M: int | None) -> BasisFit: ...
@@ -179,6 +199,26 @@ def eckart_young_bound(G: np.ndarray, M: int) -> float:
     """Σ_{k>M} λ_k(G) / T²: no rank-M reconstruction of V has a smaller mean squared error."""
     ev = np.sort(np.clip(np.linalg.eigvalsh(G), 0.0, None))[::-1]
     return float(ev[M:].sum()) / G.shape[0] ** 2
+
+
+def addition_weights(fits: Mapping[str, BasisFit],
+                     group_grams: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each task's weight r_t = Σ_m B[t, m] in the paper's addition Σ_m s_m (None unless every fit's bases are
+    linear in V), and its (min, max) over the fits, (T, 2). One fit: its r_t. Several (a layer-wise store): r_t of
+    each group averaged with weights ‖v_t‖² in that group (``group_grams`` diagonals; plain mean without them)."""
+    rs = [f.sum_weights() for f in fits.values()]
+    if not rs or any(r is None for r in rs):
+        return None
+    R = np.stack([r for r in rs if r is not None])  # (groups, T)
+    if len(fits) == 1:
+        return R[0], np.stack([R[0], R[0]], axis=1)
+    if set(group_grams) >= set(fits):
+        wt = np.stack([np.clip(np.diag(np.asarray(group_grams[g], dtype=np.float64)), 0.0, None) for g in fits])
+    else:
+        wt = np.ones_like(R)
+    total = wt.sum(axis=0)
+    mean = np.where(total > 0, (R * wt).sum(axis=0) / np.where(total > 0, total, 1.0), R.mean(axis=0))
+    return mean, np.stack([R.min(axis=0), R.max(axis=0)], axis=1)
 
 
 def reconstruction_loss(G: np.ndarray, R: np.ndarray) -> float:

@@ -6,6 +6,19 @@ Laplacian. Linear inner merges (mean, task_arithmetic) give B as the (normalised
 inner merges (ties, topk, dare_*, fisher, consensus) form each basis per tensor during materialisation. W maps
 each task to its cluster's basis, scaled by the least-squares coefficient ⟨v_t, s_m⟩/‖s_m‖² (exact, from the
 cross-Grams of the materialisation pass) unless ``rescale`` is off.
+
+Options where tvbasis and the paper differ (docs/paper-options.md):
+
+* ``eigengap`` — how M is chosen without -M. ``tvbasis`` (default): the largest gap among the eigenvalues of the
+  normalised Laplacian I − D^{-1/2}AD^{-1/2} of A = max(C, 0) with a zero diagonal, the graph the clustering itself
+  uses. ``paper``: the paper's code (v1 src/nlp_merge.py ``spectral_clustering_from_cosine``): the unnormalised
+  L = diag(S·1) − S of the raw cosine matrix S (negative cosines kept; S's unit diagonal cancels in L), k =
+  argmax(diff(eigenvalues)) + 1 over all T − 1 gaps.
+* ``singletons`` — the basis of a one-member cluster under a non-linear inner merge. ``keep`` (default, the
+  paper's MERS_exp.ipynb ``compute_cluster_centroids``: a cluster of one point is its own centroid): the basis is
+  the member's task vector, unmerged. ``merge``: the inner merge applied to the one member (TIES/top-k trim it to
+  ``density``, DARE drops and rescales), which loses part of the vector with no interference to resolve.
+  Linear inner merges are unaffected (their singleton basis is the member, times its weight).
 """
 
 from __future__ import annotations
@@ -20,9 +33,12 @@ from tvbasis.merge import MergeSpec, get_merger
 
 
 def normalized_laplacian(affinity: np.ndarray) -> np.ndarray:
+    """I − D^{-1/2}·A·D^{-1/2}, with a zero row and column for a vertex of degree 0 (as scipy's
+    ``csgraph.laplacian(normed=True)``, which sklearn's spectral clustering uses): an isolated task is its own
+    connected component, so it adds an eigenvalue 0 — one more cluster for the eigengap — not an eigenvalue 1."""
     d = affinity.sum(axis=1)
     inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
-    return np.eye(len(d)) - inv[:, None] * affinity * inv[None, :]
+    return np.diag((d > 0).astype(float)) - inv[:, None] * affinity * inv[None, :]
 
 
 def eigengap_k(affinity: np.ndarray) -> tuple[int, list[float]]:
@@ -33,6 +49,18 @@ def eigengap_k(affinity: np.ndarray) -> tuple[int, list[float]]:
         return 1, ev.tolist()
     gaps = np.diff(ev[:T])  # gaps[k-1] = λ_{k+1} − λ_k
     k = int(np.argmax(gaps[: T - 1])) + 1
+    return max(1, min(k, T - 1)), ev.tolist()
+
+
+def paper_eigengap_k(S: np.ndarray) -> tuple[int, list[float]]:
+    """The paper's eigengap rule on the raw cosine matrix S: eigenvalues of L = diag(S·1) − S, ascending;
+    k = argmax of their T − 1 successive gaps, plus one (clipped to 1 ≤ k ≤ T − 1)."""
+    S = np.asarray(S, dtype=np.float64)
+    T = S.shape[0]
+    ev = np.linalg.eigvalsh(np.diag(S.sum(axis=1)) - S)
+    if T <= 2:
+        return 1, ev.tolist()
+    k = int(np.argmax(np.diff(ev))) + 1
     return max(1, min(k, T - 1)), ev.tolist()
 
 
@@ -82,14 +110,20 @@ def spectral_clusters(C: np.ndarray, k: int, seed: int) -> list[int]:
 
 class ClusterBasis(BasisMethod):
     name = "cluster"
-    options: dict[str, Any] = {"inner": "mean", "inner_params": {}, "rescale": True, "seed": 0}
+    options: dict[str, Any] = {"inner": "mean", "inner_params": {}, "rescale": True, "seed": 0,
+                               "eigengap": "tvbasis",  # tvbasis (normalised Laplacian, clipped) | paper (D − S, raw)
+                               "singletons": "keep"}   # keep (a one-member cluster's basis is its task vector) | merge
+    choices = {"eigengap": ("tvbasis", "paper"), "singletons": ("keep", "merge")}
 
     def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
         T = G.shape[0]
         C = cosine_from_gram(G)
         A = np.clip(C, 0.0, None)
         np.fill_diagonal(A, 0.0)
-        k_gap, spectrum = eigengap_k(A)
+        k_tv, spectrum_tv = eigengap_k(A)
+        k_paper, spectrum_paper = paper_eigengap_k(C)
+        rule = str(self.params["eigengap"])
+        k_gap, spectrum = (k_paper, spectrum_paper) if rule == "paper" else (k_tv, spectrum_tv)
         M = check_M(k_gap if M is None else M, T, self.name)
         labels = [0] * T if M == 1 else spectral_clusters(C, M, int(self.params["seed"]))
         inner = str(self.params["inner"])
@@ -98,7 +132,9 @@ class ClusterBasis(BasisMethod):
         W = np.zeros((M, T))
         W[labels, np.arange(T)] = 1.0
         sizes = np.bincount(labels, minlength=M)
-        stats: dict[str, Any] = {"eigengap_M": k_gap, "laplacian_spectrum": spectrum, "cluster_sizes": sizes.tolist(),
+        stats: dict[str, Any] = {"eigengap_M": k_gap, "eigengap_rule": rule,
+                                 "eigengap_M_by_rule": {"tvbasis": k_tv, "paper": k_paper},
+                                 "laplacian_spectrum": spectrum, "cluster_sizes": sizes.tolist(),
                                  "lower_bound": eckart_young_bound(G, M)}
         refit = "cluster_scale" if self.params["rescale"] else None
         if merger.linear:
@@ -119,5 +155,6 @@ class ClusterBasis(BasisMethod):
             stats["loss"] = reconstruction_loss(G, B @ W)
             return BasisFit(M=M, B=B, W=W, labels=labels, inner=MergeSpec(inner, merger.params), refit=refit,
                             stats=stats)
+        stats["singletons"] = str(self.params["singletons"])
         return BasisFit(M=M, B=None, W=W, labels=labels, inner=MergeSpec(inner, merger.params), refit=refit,
                         stats=stats)

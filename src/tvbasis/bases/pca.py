@@ -1,6 +1,13 @@
 """PCA bases: centre the task vectors (mean μ stored), take the top-M eigenvectors of the centred Gram.
 
 s_m = V_c·r_m, v̂_t = μ + Σ_m r_m[t]·s_m. Exact when M ≥ T − 1 (the centred vectors span at most T − 1 dims).
+
+Option ``addition`` — what ``BasisStore.addition()`` of the store sums. tvbasis default ``reconstructions``:
+Σ_t v̂_t = T·μ + Σ_m (Σ_t r_m[t])·s_m = T·μ (the eigenvectors of the centred Gram sum to zero), i.e. exactly task
+arithmetic Σ_t v_t. ``paper``: the sum of the M components Σ_m s_m without μ, as the paper's code (it saves
+basis_m = U[:, m]·S[m] of the centred SVD, which is s_m, and its addition sums the saved bases). Σ_m s_m depends
+on each component's sign: tvbasis fixes it (largest-magnitude entry of r_m positive); the paper's is whatever
+its eigensolver returns.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from tvbasis.bases.base import BasisFit, BasisMethod, check_M, eckart_young_boun
 class PCABasis(BasisMethod):
     name = "pca"
     task_like = False
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"addition": "reconstructions"}  # reconstructions (Σ_t v̂_t) | paper (Σ_m s_m)
+    choices = {"addition": ("reconstructions", "paper")}
 
     def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
         T = G.shape[0]
