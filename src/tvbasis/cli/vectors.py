@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from tvbasis.cli.common import (
     engine_flags,
     filters,
     finetuned,
+    finite,
+    finite_float,
     floats,
     merge_flags,
     merge_spec,
@@ -32,9 +35,46 @@ def cmd_vector(args: argparse.Namespace) -> int:
     return 0
 
 
+#: flags a mergekit config replaces (it gives the models, the method and its parameters, weights, λ and dtype)
+_CONFIG_EXCLUDES = ("pretrained", "finetuned", "method", "weight", "fisher", "scaling_coef", "dtype", "density",
+                    "sign", "trim_scope", "seed", "k", "mean", "param")
+
+
+def cmd_merge_config(args: argparse.Namespace) -> int:
+    """``merge --config merge.yml``: mergekit's YAML (tvbasis.merge.mergekit) as θ₀ + λ·merge(w_t·τ_t)."""
+    from tvbasis.io import check_output, parse_dtype
+    from tvbasis.merge.mergekit import load_mergekit_config
+    from tvbasis.passes import merge_task_vectors
+    given = [f"--{f.replace('_', '-')}" for f in _CONFIG_EXCLUDES if getattr(args, f, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"--config gives the models, method, parameters, weights, scaling and dtype of the merge; "
+                          f"drop {', '.join(given)}")
+    cfg = load_mergekit_config(args.config)
+    for note in cfg.notes:
+        print(f"note: {args.config}: {note}", file=sys.stderr)
+    check_output(Path(args.out), args.force)
+    run = run_options(args)
+    models = {n: str(p) for n, p in cfg.models.items()}
+    tv = merge_task_vectors(str(cfg.base_model), models, cfg.spec, cfg.weights, None, args.include, args.exclude, run)
+    params = {"method": cfg.method, **cfg.spec.params, "models": ", ".join(models), "weights": cfg.weights,
+              "mergekit_config": str(args.config), "mergekit_method": cfg.mergekit_method}
+    out = tv.apply_to(str(cfg.base_model), cfg.scaling_coef, args.out, dtype=parse_dtype(cfg.dtype),
+                      max_shard_size=args.max_shard_size, force=args.force, run=run, method=cfg.method,
+                      parameters=params, inputs=[str(cfg.base_model), *models.values()])
+    print(f"wrote merged model {out} (mergekit {cfg.mergekit_method} as tvbasis {cfg.method}, {len(models)} models, "
+          f"scaling_coef {cfg.scaling_coef:g}" + (f", {cfg.dtype}" if cfg.dtype else "") + ")")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from tvbasis.io import parse_dtype
     from tvbasis.passes import merge_task_vectors
+    if args.config:
+        return cmd_merge_config(args)
+    if not args.pretrained:
+        raise ConfigError("merge needs --pretrained and --finetuned NAME=PATH (or a mergekit --config merge.yml)")
+    args.method = args.method or "task_arithmetic"
+    args.scaling_coef = 1.0 if args.scaling_coef is None else args.scaling_coef
     ft = finetuned(args.finetuned)
     spec = merge_spec(args)
     weights = floats(pairs(args.weight, "--weight"), "--weight")
@@ -46,7 +86,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     params = {"method": spec.method, **spec.params, "models": ", ".join(ft), **({"weights": weights} if weights else {})}
     out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run, method=spec.method,
-                      parameters=params)
+                      parameters=params, inputs=[args.pretrained, *ft.values(), *(fisher or {}).values()])
     print(f"wrote merged model {out} ({spec.method}, {len(ft)} models, scaling_coef {args.scaling_coef})")
     return 0
 
@@ -59,10 +99,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     vectors, coefs = [], []
     for item in args.vector:
         path, _, coef = item.rpartition("=") if "=" in item else (item, "", "1")
-        try:
-            c = float(coef)
-        except ValueError:
-            raise ConfigError(f"--vector {item!r}: coefficient {coef!r} is not a number") from None
+        c = finite(coef, f"--vector {item!r}: coefficient")
         vectors.append(TaskVector.load(path, args.include, args.exclude))
         coefs.append(c)
     tv = TaskVector.linear_combination(vectors, coefs)
@@ -122,13 +159,17 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser("merge", help="merge fine-tunes into one model directory",
                        description="Merge fine-tunes of one pretrained model with a merge method and write a Hugging "
-                       "Face model directory: θ₀ + scaling_coef · merge(τ_1..τ_T).")
+                       "Face model directory: θ₀ + scaling_coef · merge(τ_1..τ_T). Or read mergekit's YAML "
+                       "(--config merge.yml: linear, task_arithmetic, ties, dare_linear, dare_ties; anything "
+                       "tvbasis cannot reproduce is refused by key).")
     from tvbasis.merge import available_methods
-    s.add_argument("--pretrained", required=True)
-    s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
+    s.add_argument("--config", metavar="MERGE.YML", help="a mergekit config (models: form); replaces --pretrained, "
+                   "--finetuned, --method, the merge parameters, --weight, --scaling-coef and --dtype")
+    s.add_argument("--pretrained")
+    s.add_argument("--finetuned", action="append", metavar="NAME=PATH",
                    help="task name and " + FT_HELP + "; repeat per task")
-    s.add_argument("--method", default="task_arithmetic", choices=available_methods())
-    s.add_argument("--scaling-coef", type=float, default=1.0, help="λ in θ₀ + λ·τ (default 1.0)")
+    s.add_argument("--method", choices=available_methods(), help="merge method (default task_arithmetic)")
+    s.add_argument("--scaling-coef", type=finite_float, help="λ in θ₀ + λ·τ (default 1.0)")
     s.add_argument("--weight", action="append", metavar="NAME=W", help="per-model weight (default 1)")
     s.add_argument("--fisher", action="append", metavar="NAME=FILE", help="diagonal Fisher safetensors per model")
     s.add_argument("--out", required=True)
@@ -143,7 +184,7 @@ def register(sub: Any) -> None:
                        "coefficients negate (unlearn), c + b − a is an analogy.")
     s.add_argument("--pretrained", required=True)
     s.add_argument("--vector", action="append", metavar="FILE[=COEF]", help="a saved task vector and its coefficient")
-    s.add_argument("--scaling-coef", type=float, default=1.0)
+    s.add_argument("--scaling-coef", type=finite_float, default=1.0)
     s.add_argument("--out", required=True)
     common_io(s)
     filters(s)

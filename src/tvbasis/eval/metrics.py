@@ -7,6 +7,8 @@ model's embeddings, so evaluating an edit θ₀ + λ·τ costs only the forward 
   are known, absolute otherwise; the smallest λ wins ties); test accuracy reported at that λ.
 * Negation of target t with a control c: λ minimising target dev accuracy subject to control dev accuracy
   ≥ 95 % of the pretrained model's control dev accuracy (λ = 0, i.e. no edit, when no λ qualifies).
+
+``choose_lambda`` is the one grid / coarse-to-fine search, shared by the benchmark and ``tvbasis tune``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,38 @@ def refine_search(grid: Sequence[float], score: Callable[[float], float], stride
     return grid[best()]
 
 
+#: the λ searches ``choose_lambda`` knows
+SEARCHES = ("grid", "refine")
+
+
+def choose_lambda(grid: Sequence[float], score: Callable[[float], float], search: str = "grid",
+                  iterate: Callable[[Sequence[float]], Iterable[float]] = list) -> tuple[float, dict[float, float]]:
+    """The λ of ``grid`` maximising ``score`` (ties: the smallest λ), and every score computed (λ -> score).
+
+    ``search="grid"`` scores every λ (in the order ``iterate`` yields them: a progress bar, say); ``"refine"``
+    every 4th grid point, then halves the step around the best one (``refine_search``). The one λ search of the
+    benchmark and of ``tvbasis tune``."""
+    values = sorted(set(grid))
+    if not values:
+        raise ConfigError("empty λ grid")
+    if search not in SEARCHES:
+        raise ConfigError(f"unknown λ search {search!r}; expected 'grid' or 'refine'")
+    scores: dict[float, float] = {}
+
+    def f(lam: float) -> float:
+        if lam not in scores:
+            scores[lam] = score(lam)
+        return scores[lam]
+
+    if search == "grid":
+        for lam in iterate(values):
+            f(lam)
+    else:
+        refine_search(values, f, stride=4)
+    best = max(scores, key=lambda lam: (scores[lam], -lam))
+    return best, dict(sorted(scores.items()))
+
+
 def accuracy(predictions: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
     labels = torch.as_tensor(labels)
     if len(labels) == 0:
@@ -96,6 +130,15 @@ def normalized_accuracy(acc: float, finetuned_acc: float) -> float:
 def mean(values: Iterable[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def dev_score(accs: Mapping[str, float], tasks: Sequence[str], finetuned_dev: Mapping[str, float] | None = None
+              ) -> float:
+    """The selection score of an edit on dev: mean normalized accuracy over ``tasks`` when the fine-tuned dev
+    accuracies are known, else mean accuracy."""
+    if finetuned_dev:
+        return mean(normalized_accuracy(accs[t], finetuned_dev[t]) for t in tasks)
+    return mean(accs[t] for t in tasks)
 
 
 @dataclass
@@ -209,6 +252,12 @@ class Evaluator:
         self.encoder.set_delta(delta, scale)
         return self.accuracies(split, tasks)
 
+    def at(self, delta: Mapping[str, torch.Tensor] | None, scale: float, split: str,
+           tasks: Iterable[str] | None = None) -> dict[str, float]:
+        """Accuracies of θ₀ + scale·delta with the edit left in place, for searches of their own (such as
+        ``tune``'s per-task λ); call ``encoder.reset()`` when done."""
+        return self._at(delta, scale, split, list(tasks or self.tasks))
+
     def with_state(self, state: Mapping[str, torch.Tensor], split: str = "test",
                    tasks: Iterable[str] | None = None) -> dict[str, float]:
         """Accuracies of a full model state (e.g. a fine-tuned checkpoint); the encoder is reset after."""
@@ -227,61 +276,48 @@ class Evaluator:
                         tasks: Iterable[str] | None = None,
                         finetuned_dev: Mapping[str, float] | None = None,
                         finetuned_test: Mapping[str, float] | None = None,
-                        search: str = "grid") -> AdditionResult:
-        """Choose λ for θ₀ + λ·delta on dev (mean over ``tasks``), report test at that λ.
+                        search: str = "grid", report: str | None = "test") -> AdditionResult:
+        """Choose λ for θ₀ + λ·delta on dev (mean over ``tasks``), report ``report`` (test) at that λ.
 
         With ``finetuned_dev`` the criterion is the mean normalized dev accuracy, else mean absolute accuracy.
         ``finetuned_test`` adds per-task normalized test accuracy to the result. ``search="grid"`` evaluates
         every λ; ``"refine"`` evaluates every 4th grid point, then halves the step around the best one
         (9 of 20 points for the default grid; exact when the dev curve is unimodal, as it is in practice).
+        ``report=None``: no held-out split (``test`` stays empty), as when tuning on the user's dev files only.
         """
         names = list(tasks or self.tasks)
-        grid = sorted(set(grid))
-        if not grid:
-            raise ConfigError("empty λ grid")
         criterion = "normalized" if finetuned_dev else "accuracy"
-        curve: dict[float, float] = {}
         devs: dict[float, dict[str, float]] = {}
 
         def score(lam: float) -> float:
-            if lam not in curve:
-                accs = self._at(delta, lam, "dev", names)
-                devs[lam] = accs
-                if finetuned_dev:
-                    curve[lam] = mean(normalized_accuracy(accs[t], finetuned_dev[t]) for t in names)
-                else:
-                    curve[lam] = mean(accs.values())
-            return curve[lam]
+            accs = devs[lam] = self._at(delta, lam, "dev", names)
+            return dev_score(accs, names, finetuned_dev)
 
-        if search not in ("grid", "refine"):
-            raise ConfigError(f"unknown λ search {search!r}; expected 'grid' or 'refine'")
         try:
-            if search == "grid":
-                for lam in self._iter(grid, "λ addition"):
-                    score(lam)
-            else:
-                refine_search(grid, score, stride=4)
-            best = max(curve, key=lambda lam: (curve[lam], -lam))
-            test = self._at(delta, best, "test", names)
+            best, curve = choose_lambda(grid, score, search, lambda g: self._iter(g, "λ addition"))
+            test = self._at(delta, best, report, names) if report else {}
         finally:
             self.encoder.reset()
-        norm = ({t: normalized_accuracy(test[t], finetuned_test[t]) for t in names} if finetuned_test else {})
-        return AdditionResult(lam=best, dev=devs[best], test=test, normalized_test=norm,
-                              curve=dict(sorted(curve.items())), criterion=criterion)
+        norm = ({t: normalized_accuracy(test[t], finetuned_test[t]) for t in names} if finetuned_test and test
+                else {})
+        return AdditionResult(lam=best, dev=devs[best], test=test, normalized_test=norm, curve=curve,
+                              criterion=criterion)
 
     def search_negation(self, delta: Mapping[str, torch.Tensor], target: str, control: str,
                         grid: Sequence[float] = DEFAULT_GRID, threshold: float = CONTROL_THRESHOLD,
-                        early_stop: bool = False) -> NegationResult:
+                        early_stop: bool = False, report: str | None = "test") -> NegationResult:
         """Negate ``delta`` (the target's task vector): evaluate θ₀ − λ·delta; λ minimises target dev accuracy
         with control dev accuracy ≥ threshold · pretrained control dev accuracy.
 
         ``early_stop``: walk λ upwards, evaluate the control first and stop at the first λ that breaks the
         constraint (control accuracy falls with λ in practice; saves the evaluations past that point).
+        ``report=None``: no held-out split (the ``*_test`` fields are NaN).
         """
         if target == control:
             raise ConfigError(f"negation control must differ from the target ({target})")
         pre_dev = self.zero_shot("dev", [target, control])
-        pre_test = self.zero_shot("test", [target, control])
+        nan = float("nan")
+        pre_test = self.zero_shot(report, [target, control]) if report else {target: nan, control: nan}
         floor = threshold * pre_dev[control]
         curve: dict[float, tuple[float, float]] = {}
         try:
@@ -298,7 +334,7 @@ class Evaluator:
             ok = [lam for lam, (_, c) in curve.items() if c >= floor]
             if ok:
                 best = min(ok, key=lambda lam: (curve[lam][0], lam))
-                test = self._at(delta, -best, "test", [target, control])
+                test = self._at(delta, -best, report, [target, control]) if report else pre_test
                 t_dev, c_dev = curve[best]
             else:
                 best, test = 0.0, pre_test

@@ -1,0 +1,219 @@
+"""The pictures of the benchmark and of ``tvbasis inspect --plot``, drawn in one place (matplotlib, Agg).
+
+* ``plot_cosine``: the task-vector cosine heatmap, ordered by cluster when there are labels, colour scale of
+  the off-diagonal entries (the diagonal's 1.0 would squash the ~0.01–0.1 rest).
+* ``plot_spectrum``: the eigenvalues of the Gram matrix G = VᵀV in decreasing order, the cut after the M-th
+  and the Eckart–Young bound Σ_{k>M} λ_k / T² (no rank-M reconstruction has a smaller mean squared error),
+  next to the store's own reconstruction loss when it records one.
+* ``plot_rel_errors``: each task's relative reconstruction error ‖v − v̂‖ / ‖v‖ (hatched where estimated).
+* ``make_plots``: the benchmark's cosine.png, accuracy_vs_bytes.png and negation.png from its result dict;
+  ``store_plots``: a store's cosine.png, spectrum.png and rel_errors.png.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvbasis.bases import eckart_young_bound
+from tvbasis.errors import ConfigError
+from tvbasis.store import BasisStore
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plots need matplotlib, part of the eval extra: pip install 'tvbasis[eval]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def cluster_order(names: Sequence[str], labels: Sequence[int] | None) -> list[int]:
+    """Task indices grouped by cluster (then by name); the given order without labels."""
+    if not labels:
+        return list(range(len(names)))
+    return sorted(range(len(names)), key=lambda i: (labels[i], names[i]))
+
+
+def plot_cosine(C: np.ndarray, names: Sequence[str], labels: Sequence[int] | None, path: Path,
+                note: str = "") -> Path:
+    """The cosine heatmap (ordered by cluster [label]) written to ``path``."""
+    plt = _pyplot()
+    names = list(names)
+    order = cluster_order(names, labels)
+    C = np.asarray(C, dtype=float)[np.ix_(order, order)]
+    side = max(4.5, 1.6 + 0.75 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    off = C.copy()
+    np.fill_diagonal(off, np.nan)
+    lim = float(np.nanmax(np.abs(off))) if len(names) > 1 else 1.0
+    lim = lim if lim > 0 else 1.0
+    im = ax.imshow(np.ma.masked_invalid(off), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ticks = [names[i] + (f" [{labels[i]}]" if labels else "") for i in order]
+    ax.set_xticks(range(len(order)), ticks, rotation=45, ha="right")
+    ax.set_yticks(range(len(order)), ticks)
+    for i in range(len(order)):
+        for j in range(len(order)):
+            dark = i != j and abs(C[i, j]) > 0.6 * lim
+            ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    ax.set_title("task vector cosine similarity, off-diagonal colour scale"
+                 + ("\n(ordered by cluster [label])" if labels else "") + (f"\n{note}" if note else ""), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_spectrum(G: np.ndarray, M: int, path: Path, loss: float | None = None, note: str = "") -> Path:
+    """Eigenvalues of G (decreasing, log scale), the cut after the M-th, and the Eckart–Young bound."""
+    plt = _pyplot()
+    G = np.asarray(G, dtype=float)
+    T = G.shape[0]
+    ev = np.sort(np.clip(np.linalg.eigvalsh((G + G.T) / 2), 0.0, None))[::-1]
+    bound = eckart_young_bound(G, M)
+    floor = max(float(ev.max()) * 1e-9, 1e-300) if ev.max() > 0 else 1.0
+    shown = np.maximum(ev, floor)
+    k = np.arange(1, T + 1)
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * T + 3), 4.6))
+    ax.bar(k[:M], shown[:M], color="tab:blue", label=f"kept by a rank-{M} basis (k ≤ M)")
+    ax.bar(k[M:], shown[M:], color="tab:gray", alpha=0.6,
+           label=f"beyond the cut (k > M): Σ = {ev[M:].sum():.3g}")
+    ax.axvline(M + 0.5, color="red", ls="--", lw=1.2, label=f"M = {M}")
+    ax.set_yscale("log")
+    ax.set_xticks(k)
+    ax.set_xlabel("k (eigenvalue index of G = VᵀV)")
+    ax.set_ylabel("λ_k (log scale)")
+    text = f"Eckart–Young bound (Σ over k > M of λ_k) / T² = {bound:.4g}"
+    if loss is not None:
+        text += f"\nthis store's loss tr(EᵀGE) / T² = {loss:.4g}"
+    ax.text(0.98, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.8"})
+    ax.set_ylim(top=float(shown.max()) * 30)  # room for the text above the bars
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.set_title("Gram spectrum and the M cut" + (f"\n{note}" if note else ""), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_rel_errors(names: Sequence[str], errors: Sequence[float], exact: Sequence[bool], path: Path,
+                    labels: Sequence[int] | None = None, note: str = "") -> Path:
+    """One bar per task: ‖v − v̂‖ / ‖v‖ (hatched and marked 'est.' where the error is an estimate)."""
+    plt = _pyplot()
+    names = list(names)
+    fig, ax = plt.subplots(figsize=(7.0, max(2.6, 0.45 * len(names) + 1.4)))
+    cmap = plt.get_cmap("tab10")
+    y = np.arange(len(names))[::-1]
+    for i, (yi, e, ok) in enumerate(zip(y, errors, exact)):
+        color = cmap(labels[i] % 10) if labels else "tab:blue"
+        ax.barh(yi, e, color=color, alpha=0.9 if ok else 0.45, hatch=None if ok else "//", edgecolor="black",
+                linewidth=0.4)
+        label = f" {e:.3f}" if ok else (" unknown (no task vectors)" if e == 0 else f" {e:.3f} (est.)")
+        ax.text(e, yi, label, va="center", fontsize=8)
+    ax.set_yticks(y, [n + (f" [{labels[i]}]" if labels else "") for i, n in enumerate(names)])
+    top = max([float(e) for e in errors] + [0.0])
+    ax.set_xlim(0, top * 1.3 if top > 0 else 1.0)
+    ax.set_xlabel("relative reconstruction error ‖v − v̂‖ / ‖v‖")
+    ax.set_title("per-task reconstruction error" + (" (colour = cluster)" if labels else "")
+                 + (f"\n{note}" if note else ""), fontsize=10)
+    return _save(fig, path)
+
+
+def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
+    """cosine.png, spectrum.png and rel_errors.png of a store into the folder ``out`` (created)."""
+    if not isinstance(store, BasisStore):
+        store = BasisStore.open(store)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    s = store.summary()
+    names, labels = list(s["tasks"]), s.get("labels")
+    estimated = store.manifest.gram_estimated_rows
+    if estimated and len(estimated) == store.T:
+        note = "\nGram of the reconstructions (the store holds no task vectors)"
+    elif estimated:
+        note = f"\nGram rows of {len(estimated)} task(s) estimated from reconstructions"
+    else:
+        note = ""
+    head = f"{store.method} store, M = {store.M}, T = {store.T}"
+    return [
+        plot_cosine(np.asarray(s["cosine"]), names, labels, out / "cosine.png", note=head + note),
+        plot_spectrum(store.gram, store.M, out / "spectrum.png", s.get("loss"), note=head + note),
+        plot_rel_errors(names, [s["rel_errors"][t] for t in names], [s["errors_exact"][t] for t in names],
+                        out / "rel_errors.png", labels, note=head),
+    ]
+
+
+def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
+    """The benchmark's plots from its result dict: cosine.png (ordered by cluster), accuracy_vs_bytes.png,
+    negation.png."""
+    plt = _pyplot()
+    paths = []
+    cos = result["cosine"]
+    if cos.get("matrix") is not None:
+        paths.append(plot_cosine(np.array(cos["matrix"], dtype=float), list(cos["tasks"]), cos.get("cluster_labels"),
+                                 out / "cosine.png"))
+
+    rows = [r for r in result["rows"] if not r["method"].startswith("fine")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    m_marker = {None: "o", 1: "v", 2: "s", 3: "D", 4: "^"}
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for r in rows:
+        add = r["addition"]
+        if not add or r["bytes_stored"] <= 0:
+            continue
+        ax.scatter([r["bytes_stored"] / 1e6], [add["mean_normalized_test"]], color=color[r["method"]],
+                   marker=m_marker.get(r["M"], "P"), s=45,
+                   label=r["method"] + ("" if r["M"] is None else f" M={r['M']}"))
+    zs = next(r for r in result["rows"] if r["method"] == "zero-shot")["addition"]["mean_normalized_test"]
+    ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")
+    ax.axhline(1.0, color="black", ls=":", lw=1, label="fine-tuned")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes stored (MB, log scale)")
+    ax.set_ylabel("addition: mean normalized accuracy")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("task addition vs storage (test)", fontsize=10)
+    paths.append(_save(fig, out / "accuracy_vs_bytes.png"))
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    pair_markers = "os^vD<>"
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for r in rows:
+        if r["method"].startswith("TIES"):
+            continue  # same negation as the task-arithmetic row (both negate the true task vector)
+        label = "true task vector" if r["M"] is None else f"{r['method']} M={r['M']}"
+        for n in r["negation"]:
+            key = (n["target"], n["control"])
+            if key not in pairs:
+                pairs.append(key)
+            true = r["M"] is None  # drawn big and underneath: a store that matches it exactly stays visible
+            ax.scatter([n["control_retained"]], [n["target_test"]], color=color[r["method"]],
+                       marker=pair_markers[pairs.index(key) % len(pair_markers)],
+                       s=150 if true else (28 if r["M"] != 4 else 48), alpha=0.85,
+                       edgecolors="black" if true else "none", zorder=1 if true else 2,
+                       label=None if label in seen else label)
+            seen.add(label)
+    for k, (t, c) in enumerate(pairs):
+        ax.scatter([1.0], [result["zero_shot"]["test"][t]], marker=pair_markers[k % len(pair_markers)], s=90,
+                   facecolors="none", edgecolors="black", label=f"pretrained: {t} (control {c})")
+    ax.axvline(0.95, color="red", ls="--", lw=1, label="control at 95 %")
+    ax.set_xlabel("control accuracy / pretrained control accuracy (test)")
+    ax.set_ylabel("target accuracy after negation (lower is better)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("negation: target vs control; marker = pair, colour = method", fontsize=10)
+    paths.append(_save(fig, out / "negation.png"))
+    return paths
