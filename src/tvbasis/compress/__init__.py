@@ -1,0 +1,41 @@
+"""Per-task compressors: each of T task vectors kept (lossily) on its own, so every task can be given back.
+
+Pure per-tensor functions — a caller streams a model tensor by tensor (or row slice by row slice, where the
+method is elementwise) and sums the byte counts:
+
+==============  ===============================================================================================
+``plan``        ``CodecPlan``: a ``tvbasis.codecs`` codec per tensor kind (embedding → sparse rows, matrix → low
+                rank / quantisation, vector → float16); ``tensor_kind``, ``plan_roundtrip``
+``residual``    bases (a store's, possibly through a plan) + per-task residuals coded with a plan
+``svd``         truncated SVDs via a float64 Gram (fast on CPUs), a cache shared by plans, ``lowrank_encode``
+``tall``        TALL masks: τ_MTL and one bit mask per task (Wang et al. 2024)
+``tsvc``        TSV-C: per 2-D tensor and task, the top 1/T singular triplets (Gargiulo et al. 2025)
+``tvq``         TVQ / RTVQ: b-bit task vectors; shared base + low-bit offsets (Kim et al. 2025)
+``bitdelta``    BitDelta: sign bits + one scale per block linear weight, the rest float16 (Liu et al. 2024)
+==============  ===============================================================================================
+
+Each peer module's docstring states where it follows the paper, where the reference code differs, and what is
+not reproduced. ``tvbasis bench --frontier`` (``tvbasis.eval.frontier``) measures them all on real fine-tunes.
+"""
+
+from tvbasis.compress.bitdelta import bitdelta_tensor, is_block_linear
+from tvbasis.compress.plan import EMBEDDING_MARKERS, KINDS, CodecPlan, plan_roundtrip, tensor_kind
+from tvbasis.compress.residual import code_bases, combine_bases, residual_roundtrip
+from tvbasis.compress.svd import SVDCache, lowrank_encode, truncated_svd
+from tvbasis.compress.tall import (
+    TALL_LAMBDAS,
+    multi_task_vector,
+    tall_mask,
+    tall_masks,
+    tall_nbytes,
+    tall_reconstruct,
+)
+from tvbasis.compress.tsvc import tsvc_compress, tsvc_factors, tsvc_rank, tsvc_tensor
+from tvbasis.compress.tvq import rtvq_tensor, tvq_dequantize, tvq_nbytes, tvq_quantize, tvq_tensor
+
+__all__ = ["EMBEDDING_MARKERS", "KINDS", "TALL_LAMBDAS", "CodecPlan", "SVDCache", "bitdelta_tensor", "code_bases",
+           "combine_bases", "is_block_linear", "lowrank_encode", "multi_task_vector", "plan_roundtrip",
+           "residual_roundtrip", "truncated_svd",
+           "rtvq_tensor", "tall_mask", "tall_masks", "tall_nbytes", "tall_reconstruct", "tensor_kind",
+           "tsvc_compress", "tsvc_factors", "tsvc_rank", "tsvc_tensor", "tvq_dequantize", "tvq_nbytes",
+           "tvq_quantize", "tvq_tensor"]

@@ -1,0 +1,98 @@
+"""Truncated SVDs for the low-rank compressors, fast on CPUs, and shareable between them.
+
+``truncated_svd(x, r)`` eigendecomposes the Gram matrix of the smaller side in float64 (X·Xᵀ when m ≤ n, else
+Xᵀ·X): σᵢ² are its eigenvalues, and the other side's singular vectors follow as Xᵀuᵢ/σᵢ (or X·vᵢ/σᵢ). For the
+leading components this is the SVD to float64 accuracy (the Gram squares the condition number; in float64 that
+leaves ~8 significant digits down to σᵢ/σ₁ = 10⁻⁴, far past any rank a compressor keeps) and, for the
+384 × 1536 matrices of MiniLM on two cores, about 5× faster than LAPACK's ``gesdd`` on the matrix itself.
+Components with σᵢ = 0 get zero vectors (they carry nothing).
+
+``lowrank_encode(codec, x, svd)`` produces exactly the ``Encoded`` of a ``lowrank:rank=r[+NEXT]`` codec (its
+documented layout: ``us`` = (U_r·diag(σ_r))ᵀ, ``vt`` = V_rᵀ, raw or as children of NEXT; meta rank, energy kept,
+relative error) from factors given by ``svd`` — so several plans and TSV-C can share one decomposition of a task
+matrix (``SVDCache``) and the codec still decodes it. Byte counts are the codec's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+from tvbasis.codecs import Encoded, LowRank, as_matrix
+from tvbasis.codecs.base import check_input
+
+#: (u (m, r), s (r,), vh (r, n), all singular values (min(m, n),)) of a 2-D matrix at rank r
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+SVD = Callable[[torch.Tensor, int], Factors]
+
+
+def truncated_svd(x: torch.Tensor, rank: int) -> Factors:
+    """The top-``rank`` singular triplets of a 2-D ``x`` (float32 out), via the float64 Gram of its smaller side."""
+    if x.ndim != 2:
+        raise ValueError(f"truncated_svd: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    m, n = x.shape
+    k = min(m, n)
+    r = max(0, min(int(rank), k))
+    X = x.double()
+    wide = m <= n
+    G = X @ X.T if wide else X.T @ X
+    w, Q = torch.linalg.eigh(G)                      # ascending
+    w, Q = w.flip(0).clamp_min(0.0), Q.flip(1)
+    s_all = w.sqrt()
+    s = s_all[:r]
+    P = Q[:, :r]                                     # u (wide) or v (tall)
+    other = (X.T @ P if wide else X @ P)             # Xᵀu_i = σ_i v_i  /  X v_i = σ_i u_i
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    other = other * inv
+    if wide:
+        u, vh = P, other.T
+    else:
+        u, vh = other, P.T
+    return u.float().contiguous(), s.float(), vh.float().contiguous(), s_all.float()
+
+
+class SVDCache:
+    """Truncated SVDs by key (e.g. (task, tensor name)), kept at the largest rank asked so far (at least
+    ``min_rank``), so lower ranks are slices of one decomposition."""
+
+    def __init__(self, min_rank: int = 64) -> None:
+        self.min_rank = min_rank
+        self._store: dict[Hashable, Factors] = {}
+
+    def get(self, key: Hashable, x: torch.Tensor, rank: int) -> Factors:
+        have = self._store.get(key)
+        if have is None or (have[1].numel() < rank and have[1].numel() < min(x.shape)):
+            have = truncated_svd(x, max(rank, self.min_rank))
+            self._store[key] = have
+        u, s, vh, s_all = have
+        r = min(rank, s.numel())
+        return u[:, :r], s[:r], vh[:r], s_all
+
+    def source(self, key: Hashable) -> SVD:
+        """An ``SVD`` callable bound to one key."""
+        return lambda x, rank: self.get(key, x, rank)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+def lowrank_encode(codec: LowRank, x: torch.Tensor, svd: SVD = truncated_svd) -> Encoded:
+    """``codec.encode(x)`` for a fixed-rank ``lowrank`` codec and a ≥ 2-D ``x``, from the factors ``svd`` gives."""
+    if not isinstance(codec, LowRank) or codec.values["rank"] is None:
+        raise ValueError(f"lowrank_encode: needs a fixed-rank lowrank codec, got {codec.spec}")
+    x = check_input(x, codec.name)
+    if x.ndim < 2 or x.numel() == 0:
+        return codec.encode(x)
+    m = as_matrix(x)
+    r = min(int(codec.values["rank"]), min(m.shape))
+    u, s, vh, s_all = svd(m, r)
+    e = s_all.double() ** 2
+    total, kept = float(e.sum()), float(e[:r].sum())
+    meta = {"rank": r, "energy_kept": kept / total if total else 1.0,
+            "rel_error": (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0}
+    us = (u * s).T.contiguous()
+    vt = vh.contiguous()
+    if codec.next is None:
+        return Encoded(codec.spec, tuple(x.shape), {"us": us, "vt": vt}, meta)
+    return Encoded(codec.spec, tuple(x.shape), {}, meta, {"us": codec.next.encode(us), "vt": codec.next.encode(vt)})

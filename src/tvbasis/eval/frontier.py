@@ -1,0 +1,589 @@
+"""``tvbasis bench --frontier``: the storage–accuracy frontier of compressors that give every task back.
+
+The same fine-tunes, evaluator and protocol as ``tvbasis bench`` (``bench.py``; BENCHMARK.md). For every
+configuration the T task vectors are compressed in memory (float32 state dicts, as ``bench._state``), then:
+
+* **bytes stored** — exact: every stored tensor of every task (and of shared parts: τ_MTL, bases, coefficients),
+  and × = T float32 task vectors / that;
+* **per-task** normalized accuracy — each task's compressed vector alone, applied at λ = 1 on its own task:
+  acc(θ₀ + ṽ_t on t) / acc(θ_t on t); mean and min over tasks;
+* **addition** — θ₀ + λ·Σ_t ṽ_t, λ chosen on dev (``Evaluator.search_addition``), mean normalized test accuracy
+  (TALL: its stored τ_MTL = Σ_t τ_t, i.e. task arithmetic, as the paper — the masks only localise tasks);
+* **negation** — θ₀ − λ·ṽ_target for the two (target, control) pairs (``Evaluator.search_negation``);
+* the relative reconstruction error ‖ṽ_t − v_t‖ / ‖v_t‖ per task.
+
+Configurations (``default_configs``): the full float32 task vectors; the peers — TALL masks (λ_t from the paper's
+grid, chosen per task on dev), TSV-C (1/T of the singular triplets per 2-D tensor), TVQ int4/int3/int2, RTVQ
+B3O2, BitDelta (``tvbasis.compress``); tvbasis at M = 0 — each task through a per-kind codec plan at several
+budgets (``PLANS``) — and at M ∈ {1, 2, 4} — a PCA store (``build_store``) for the shared part, its bases
+through a codec plan, plus per-task residuals r_t = v_t − v̂_t against those coded bases, through a plan; and
+one PCA store alone (no residual), the store as it is today. Families get a Pareto front each in the plots.
+
+Outputs in ``<out>`` (default ``<work>/frontier``): ``frontier.json``, ``frontier.md`` (the table and the goals
+check), ``frontier_per_task.png`` and ``frontier_addition.png`` (accuracy vs bytes, log x, Pareto fronts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvbasis.compress import (
+    TALL_LAMBDAS,
+    CodecPlan,
+    SVDCache,
+    bitdelta_tensor,
+    code_bases,
+    combine_bases,
+    plan_roundtrip,
+    residual_roundtrip,
+    rtvq_tensor,
+    tall_mask,
+    tall_nbytes,
+    tall_reconstruct,
+    truncated_svd,
+    tsvc_compress,
+    tvq_tensor,
+)
+from tvbasis.errors import ConfigError
+from tvbasis.eval.bench import BenchConfig, _bar, _fmt_bytes, _jsonable, _pct, _state, vector_bytes
+from tvbasis.eval.encoder import available_cores
+from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
+from tvbasis.eval.metrics import AdditionResult, Evaluator, NegationResult, mean
+from tvbasis.eval.tasks import load_task
+
+State = dict[str, torch.Tensor]
+
+#: tvbasis per-task codec plans (M = 0 budgets, and the residual plans of the bases rows), cheapest last
+PLANS: dict[str, str] = {
+    "int4": "embedding=sparse-rows+int8;matrix=int4:group=64;vector=float16",
+    "int2": "embedding=sparse-rows+int4;matrix=int2:group=64,scheme=affine;vector=float16",
+    "lr48-int8": "embedding=sparse-rows+int8;matrix=lowrank:rank=48+int8;vector=float16",
+    "sign": "embedding=sparse-rows+int4;matrix=sign;vector=float16",
+    "lr32-int4": "embedding=sparse-rows+lowrank:rank=64+int4;matrix=lowrank:rank=32+int4;vector=float16",
+    "lr24-int2": ("embedding=sparse-rows+lowrank:rank=64+int4;matrix=lowrank:rank=24+int2:group=32,scheme=affine;"
+                  "vector=float16"),
+    "lr16-int2": ("embedding=sparse-rows+lowrank:rank=32+int4;matrix=lowrank:rank=16+int2:group=32,scheme=affine;"
+                  "vector=float16"),
+}
+#: how the bases of the M ≥ 1 rows are coded: embeddings left to the residuals (a basis is not row-sparse)
+BASES_PLAN = "embedding=none;matrix=lowrank:rank=64+int4;vector=float16"
+#: residual plans crossed with M ∈ FRONTIER_MS
+RESIDUAL_PLANS = ("lr32-int4", "lr24-int2")
+FRONTIER_MS = (1, 2, 4)
+#: the per-task goal of the issue: normalized accuracy ≥ 0.99 at ≥ 64× less storage
+GOAL_ACCURACY, GOAL_COMPRESSION = 0.99, 64.0
+NEGATION_POINTS, CONTROL_FLOOR = 0.02, 0.95
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the frontier: how the T task vectors are compressed."""
+
+    label: str
+    family: str       # plot / Pareto group
+    method: str       # full | tall | tsvc | tvq | rtvq | bitdelta | plan | bases
+    params: Mapping[str, Any] = field(default_factory=dict)
+    M: int = 0
+
+    @property
+    def is_tvbasis(self) -> bool:
+        return self.family.startswith("tvbasis")
+
+    @property
+    def is_peer(self) -> bool:
+        return self.family in PEER_FAMILIES
+
+
+PEER_FAMILIES = ("TALL", "TSV-C", "TVQ / RTVQ", "BitDelta")
+
+
+def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca") -> list[Config]:
+    """The frontier's configurations for T tasks (bases rows only for M < T)."""
+    out = [Config("task vectors (fp32)", "task vectors", "full"),
+           Config("TALL masks", "TALL", "tall"),
+           Config("TSV-C (1/T)", "TSV-C", "tsvc"),
+           Config("TVQ int4", "TVQ / RTVQ", "tvq", {"bits": 4}),
+           Config("TVQ int3", "TVQ / RTVQ", "tvq", {"bits": 3}),
+           Config("TVQ int2", "TVQ / RTVQ", "tvq", {"bits": 2}),
+           Config("RTVQ B3O2", "TVQ / RTVQ", "rtvq", {"base_bits": 3, "offset_bits": 2}),
+           Config("BitDelta", "BitDelta", "bitdelta")]
+    out += [Config(f"plan {name}", "tvbasis M=0", "plan", {"plan": spec}) for name, spec in PLANS.items()]
+    Ms = [M for M in Ms if 1 <= M < T]
+    if Ms:
+        M0 = 2 if 2 in Ms else Ms[0]
+        out.append(Config(f"{basis} M={M0} store alone", "basis store", "bases",
+                          {"basis": basis, "bases_plan": None, "residual": None}, M0))
+    out += [Config(f"{basis} M={M} + res {r}", f"tvbasis M={M}", "bases",
+                   {"basis": basis, "bases_plan": BASES_PLAN, "residual": PLANS[r]}, M)
+            for M in Ms for r in RESIDUAL_PLANS]
+    return out
+
+
+@dataclass
+class Compressed:
+    """The T compressed task vectors of one configuration, their stored bytes and facts about them."""
+
+    vectors: dict[str, State]
+    nbytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    exact: bool = False  # the vectors are the task vectors themselves (per-task accuracy is 1 by definition)
+    #: the stored multi-task vector where the method keeps one (TALL's τ_MTL); None: addition sums the ṽ_t
+    addition: State | None = None
+
+
+@dataclass
+class Context:
+    tasks: list[str]
+    tvs: dict[str, State]
+    pre_dir: Path
+    ft_dirs: dict[str, str]
+    stores: Path
+    keep_stores: bool
+    dev_accuracy: Callable[[State, str], float]  # θ₀ + v on the dev split of one task
+    #: SVDs of the task vectors' matrices, shared by TSV-C and the low-rank plans (keys (task, tensor))
+    svd_cache: SVDCache = field(default_factory=SVDCache)
+    progress: bool = False
+
+
+# --------------------------------------------------------------------------------------------- compressors
+def _per_tensor(ctx: Context, fn: Callable[[str, str, torch.Tensor], tuple[torch.Tensor, int]]) -> Compressed:
+    vectors: dict[str, State] = {}
+    total = 0
+    for t in ctx.tasks:
+        vectors[t] = {}
+        for name, x in ctx.tvs[t].items():
+            vectors[t][name], nb = fn(t, name, x)
+            total += nb
+    return Compressed(vectors, total)
+
+
+def _stacked(ctx: Context, name: str) -> torch.Tensor:
+    return torch.stack([ctx.tvs[t][name] for t in ctx.tasks])
+
+
+def compress_tall(ctx: Context, lambdas: Sequence[float] = TALL_LAMBDAS) -> Compressed:
+    """τ_MTL + one mask per task; λ_t chosen per task on dev from ``lambdas`` (ties: the smaller λ)."""
+    names = list(ctx.tvs[ctx.tasks[0]])
+    mtl = {n: sum(ctx.tvs[t][n] for t in ctx.tasks) for n in names}
+    T = len(ctx.tasks)
+
+    def recon(t: str, lam: float) -> State:
+        return {n: tall_reconstruct(tall_mask(ctx.tvs[t][n], mtl[n], lam), mtl[n]) for n in names}
+
+    curves: dict[str, dict[float, float]] = {t: {} for t in ctx.tasks}
+    for lam in sorted(lambdas):
+        for t in ctx.tasks:
+            curves[t][lam] = ctx.dev_accuracy(recon(t, lam), t)
+    chosen = {t: max(sorted(c), key=lambda lam, c=c: (c[lam], -lam)) for t, c in curves.items()}
+    vectors = {t: recon(t, chosen[t]) for t in ctx.tasks}
+    density = {t: mean(float(tall_mask(ctx.tvs[t][n], mtl[n], chosen[t]).float().mean()) for n in names)
+               for t in ctx.tasks}
+    nbytes = sum(tall_nbytes(mtl[n].numel(), T) for n in names)
+    return Compressed(vectors, nbytes, {"lambda": chosen, "dev_curve": curves, "mask_density_mean": density},
+                      addition=mtl)
+
+
+def compress_rtvq(ctx: Context, base_bits: int, offset_bits: int) -> Compressed:
+    names = list(ctx.tvs[ctx.tasks[0]])
+    vectors: dict[str, State] = {t: {} for t in ctx.tasks}
+    total = 0
+    for n in names:
+        xhat, nb = rtvq_tensor(_stacked(ctx, n), base_bits, offset_bits)
+        total += nb
+        for i, t in enumerate(ctx.tasks):
+            vectors[t][n] = xhat[i]
+    return Compressed(vectors, total)
+
+
+def compress_bases(ctx: Context, M: int, basis: str, bases_plan: str | None, residual: str | None,
+                   seed: int = 0) -> Compressed:
+    """A store of M bases (``build_store``), its bases through ``bases_plan`` (None: float32 as stored), and
+    per-task residuals against the reconstructions from those bases through ``residual`` (None: none)."""
+    from tvbasis.engine import RunOptions
+    from tvbasis.store import build_store
+
+    bplan = CodecPlan.parse(bases_plan) if bases_plan else None
+    rplan = CodecPlan.parse(residual) if residual else None
+    options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
+    path = ctx.stores / f"frontier-{basis}-M{M}"
+    t0 = time.time()
+    store = build_store(ctx.pre_dir, ctx.ft_dirs, method=basis, M=M, out=path, options=options, force=True,
+                        run=RunOptions(progress=ctx.progress))
+    build_s = time.time() - t0
+    try:
+        if len(store.fits) != 1:
+            raise ConfigError("the frontier reads whole-model (not layer-wise) stores")
+        fit = store.fits[next(iter(store.fits))]
+        idx = {t: store.task_index(t) for t in ctx.tasks}
+        vectors: dict[str, State] = {t: {} for t in ctx.tasks}
+        base_bytes = res_bytes = 0
+        for name in ctx.tvs[ctx.tasks[0]]:
+            S, mu, nb = code_bases(bplan, name, store.bases_rows(name), store.mean_rows(name), truncated_svd)
+            base_bytes += nb
+            for t in ctx.tasks:
+                j = idx[t]
+                mc = float(fit.mean_coef[j]) if fit.mean_coef is not None else 0.0
+                vhat = combine_bases(S, fit.W[:, j], mu, mc)
+                vectors[t][name], nb = residual_roundtrip(rplan, name, ctx.tvs[t][name], vhat, truncated_svd)
+                res_bytes += nb
+        coef_bytes = 4 * store.T * (fit.M + (1 if fit.mean_coef is not None else 0))
+        extra = {"basis": basis, "M": M, "bases_plan": bplan.spec if bplan else "float32 (as stored)",
+                 "residual_plan": rplan.spec if rplan else None, "bases_bytes": base_bytes,
+                 "residual_bytes": res_bytes, "coefficient_bytes": coef_bytes, "store_bytes_on_disk": store.nbytes,
+                 "store_rel_errors": _jsonable(store.rel_errors), "build_seconds": round(build_s, 2)}
+    finally:
+        del store
+        if not ctx.keep_stores:
+            shutil.rmtree(path, ignore_errors=True)
+    return Compressed(vectors, base_bytes + res_bytes + coef_bytes, extra)
+
+
+def compress(config: Config, ctx: Context, seed: int = 0) -> Compressed:
+    """The T compressed task vectors of one configuration."""
+    p, T = dict(config.params), len(ctx.tasks)
+    if config.method == "full":
+        return Compressed(dict(ctx.tvs), T * vector_bytes(ctx.tvs[ctx.tasks[0]]), exact=True)
+    if config.method == "tall":
+        return compress_tall(ctx, p.get("lambdas", TALL_LAMBDAS))
+    if config.method == "tsvc":
+        return _per_tensor(ctx, lambda t, n, x: tsvc_compress(x, T, ctx.svd_cache.source((t, n))))
+    if config.method == "tvq":
+        return _per_tensor(ctx, lambda t, n, x: tvq_tensor(x, int(p["bits"])))
+    if config.method == "rtvq":
+        return compress_rtvq(ctx, int(p["base_bits"]), int(p["offset_bits"]))
+    if config.method == "bitdelta":
+        return _per_tensor(ctx, lambda t, n, x: bitdelta_tensor(n, x))
+    if config.method == "plan":
+        plan = CodecPlan.parse(p["plan"])
+        vectors, total = {}, 0
+        for t in ctx.tasks:
+            vectors[t], nb = plan_roundtrip(plan, ctx.tvs[t], lambda n, t=t: ctx.svd_cache.source((t, n)))
+            total += nb
+        return Compressed(vectors, total, {"plan": plan.spec})
+    if config.method == "bases":
+        return compress_bases(ctx, config.M, p.get("basis", "pca"), p.get("bases_plan"), p.get("residual"), seed)
+    raise ConfigError(f"unknown frontier method {config.method!r}")
+
+
+def rel_error(v: Mapping[str, torch.Tensor], vhat: Mapping[str, torch.Tensor]) -> float:
+    num = sum(float((vhat[n].double() - x.double()).pow(2).sum()) for n, x in v.items())
+    den = sum(float(x.double().pow(2).sum()) for x in v.values())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- the run
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
+def measure_threads() -> int:
+    """Torch threads for the measurements: ``TVBASIS_THREADS`` if set; else 1 on a machine already busier than
+    its cores (load average ≥ cores: oversubscribed OpenMP threads spin and wait, and one thread measured 3–4×
+    faster there, for forward passes and SVDs alike), else every core, as the bench."""
+    env = os.environ.get("TVBASIS_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ConfigError(f"TVBASIS_THREADS must be an integer, got {env!r}") from None
+    cores = available_cores()
+    load = _load()
+    return 1 if load is not None and cores > 1 and load >= cores else cores
+
+
+def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
+                 Ms: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run the frontier; returns the JSON-able result (also written to <out>/frontier.json, .md, plots)."""
+    from tvbasis.vectors import TaskVector
+
+    n_tasks = len(dict.fromkeys(config.tasks))
+    if Ms is not None:
+        bad = [M for M in Ms if not 1 <= M < n_tasks]
+        if bad:
+            raise ConfigError(f"M must satisfy 1 <= M < T = {n_tasks} tasks; got {bad}")
+    # the bench's own M check is for its basis rows; the frontier's Ms are checked above
+    cfg = replace(config, Ms=(1,)).resolved()
+    t_start = time.time()
+    work = ensure_writable(cfg.work)
+    out = ensure_writable(cfg.out or work / "frontier")
+    settings = cfg.finetune_settings()
+    tasks = {n: load_task(n, max_train=cfg.max_train, max_dev=cfg.max_dev, max_test=cfg.max_test, seed=cfg.seed)
+             for n in cfg.tasks}
+    encoder = pretrained_encoder(work, settings)
+    results = {n: finetune(t, work, settings, encoder=encoder, progress=cfg.progress) for n, t in tasks.items()}
+    t_finetune = time.time() - t_start
+    threads_before = torch.get_num_threads()
+    threads = measure_threads()
+    torch.set_num_threads(threads)
+    try:
+        pre_dir = work / "pretrained"
+        ft_dirs = {n: str(r.path) for n, r in results.items()}
+        ev = Evaluator(encoder, tasks, progress=False)
+        names = list(cfg.tasks)
+        zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
+        tvs = {n: _state(TaskVector.from_checkpoints(pre_dir, d)) for n, d in ft_dirs.items()}
+        ft_dev = {n: ev.with_delta(tvs[n], 1.0, "dev", [n])[n] for n in names}
+        ft_test = {n: ev.with_delta(tvs[n], 1.0, "test", [n])[n] for n in names}
+        one_vector = vector_bytes(tvs[names[0]])
+        all_vectors = one_vector * len(names)
+        ctx = Context(names, tvs, pre_dir, ft_dirs, work / "stores", cfg.keep_stores,
+                      lambda v, t: ev.with_delta(v, 1.0, "dev", [t])[t], progress=cfg.progress)
+        Ms = tuple(Ms) if Ms is not None else tuple(M for M in FRONTIER_MS if M < len(names))
+        todo = list(configs) if configs is not None else default_configs(len(names), Ms)
+
+        rows = measure(todo, ctx, ev, ft_dev, ft_test, cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+    settings_out = {k: v for k, v in asdict(cfg).items() if k not in ("Ms", "methods")}
+    result = {
+        "config": _jsonable({**settings_out, "Ms": list(Ms)}),
+        "tasks": {n: {"classes": t.num_classes, "domain": t.domain, **{s: len(t[s]) for s in ("train", "dev", "test")}}
+                  for n, t in tasks.items()},
+        "model": encoder.describe(), "vector_bytes": one_vector, "all_vectors_bytes": all_vectors,
+        "zero_shot": {"dev": zs_dev, "test": zs_test,
+                      "normalized_test": {t: zs_test[t] / ft_test[t] for t in names}},
+        "finetuned": {"dev": ft_dev, "test": ft_test},
+        "rows": rows,
+        "timings": {"finetune": round(t_finetune, 1), "total": round(time.time() - t_start, 1),
+                    "threads": threads, "load_average": _load()},
+    }
+    result["goals"] = goals(result)
+    (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["markdown"] = markdown_table(result)
+    (out / "frontier.md").write_text(result["markdown"] + "\n")
+    if cfg.plots:
+        result["plots"] = [str(p) for p in make_plots(result, out)]
+    result["out"] = str(out)
+    return result
+
+
+def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, float],
+            ft_test: Mapping[str, float], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """One row per configuration: compress, then per-task / addition / negation through ``ev`` (an
+    ``Evaluator``: ``with_delta``, ``search_addition``, ``search_negation``)."""
+    names, tvs = ctx.tasks, ctx.tvs
+    all_vectors = len(names) * vector_bytes(tvs[names[0]])
+    rows: list[dict[str, Any]] = []
+    bar = _bar(len(todo), "frontier", cfg.progress)
+    for c in todo:
+        bar.set_postfix_str(c.label)
+        t0 = time.time()
+        comp = compress(c, ctx, cfg.seed)
+        t_compress = time.time() - t0
+        if comp.exact:
+            per_task_acc = dict(ft_test)
+        else:
+            per_task_acc = {t: ev.with_delta(comp.vectors[t], 1.0, "test", [t])[t] for t in names}
+        per_task = {t: per_task_acc[t] / ft_test[t] if ft_test[t] > 0 else float("nan") for t in names}
+        total = (comp.addition if comp.addition is not None
+                 else {k: sum(comp.vectors[t][k] for t in names) for k in comp.vectors[names[0]]})
+        add: AdditionResult = ev.search_addition(total, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test,
+                                                 search=cfg.search)
+        del total
+        neg: list[NegationResult] = [ev.search_negation(comp.vectors[t], t, ctrl, cfg.neg_grid, early_stop=True)
+                                     for t, ctrl in cfg.pairs]
+        rows.append({
+            "label": c.label, "family": c.family, "method": c.method, "M": c.M, "params": _jsonable(dict(c.params)),
+            "tvbasis": c.is_tvbasis, "peer": c.is_peer, "bytes_stored": int(comp.nbytes),
+            "compression": all_vectors / max(1, comp.nbytes), "per_task": per_task,
+            "per_task_accuracy": per_task_acc, "per_task_mean": mean(per_task.values()),
+            "per_task_min": min(per_task.values()), "addition": add.to_dict(),
+            "addition_vector": "stored multi-task vector" if comp.addition is not None else "sum of the ṽ_t",
+            "negation": [n.to_dict() for n in neg],
+            "rel_errors": {t: 0.0 if comp.exact else rel_error(tvs[t], comp.vectors[t]) for t in names},
+            "extra": _jsonable(comp.extra), "compress_seconds": round(t_compress, 2),
+            "seconds": round(time.time() - t0, 2)})
+        del comp
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- analysis
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (bytes, accuracy) not beaten by a point with ≤ bytes and ≥ accuracy (one strictly), by bytes."""
+    out: list[tuple[float, float]] = []
+    for b, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if math.isnan(a):
+            continue
+        if not out or a > out[-1][1]:
+            out.append((b, a))
+    return out
+
+
+def _add(r: Mapping[str, Any]) -> float:
+    return float(r["addition"]["mean_normalized_test"])
+
+
+def dominating(peer: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """tvbasis rows at most as big as ``peer`` with per-task and addition accuracy at least as high."""
+    return [r for r in rows if r["tvbasis"] and r["bytes_stored"] <= peer["bytes_stored"]
+            and r["per_task_mean"] >= peer["per_task_mean"] and _add(r) >= _add(peer)]
+
+
+def goals(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's goals, checked on this run's rows."""
+    rows = result["rows"]
+    tv = [r for r in rows if r["tvbasis"]]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    hit = [r["label"] for r in tv if r["per_task_mean"] >= GOAL_ACCURACY and r["compression"] >= GOAL_COMPRESSION]
+    dom = {}
+    for p in (r for r in rows if r["peer"]):
+        d = dominating(p, rows)
+        dom[p["label"]] = min(d, key=lambda r: r["bytes_stored"])["label"] if d else None
+    out: dict[str, Any] = {"per_task_at_64x": hit, "peers_dominated_by": dom}
+    if full is not None:
+        ta = _add(full)
+        out["addition_at_least_task_arithmetic"] = [r["label"] for r in tv if _add(r) >= ta]
+        true = {(n["target"], n["control"]): n for n in full["negation"]}
+        ok = []
+        for r in tv:
+            good = True
+            for n in r["negation"]:
+                ref = true.get((n["target"], n["control"]))
+                if ref is None or n["target_test"] > ref["target_test"] + NEGATION_POINTS or \
+                        not n["control_retained"] >= CONTROL_FLOOR:
+                    good = False
+            if good and r["negation"]:
+                ok.append(r["label"])
+        out["negation_within_2_points"] = ok
+    return out
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    rows = result["rows"]
+    pairs = [(n["target"], n["control"]) for n in next((r["negation"] for r in rows if r["negation"]), [])]
+    head = ["config", "family", "stored", "×", "per-task norm (mean / min)", "rel. err", "λ add", "add norm"]
+    head += [f"neg {t} (ctrl {c} %)" for t, c in pairs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        add = r["addition"]
+        errs = list(r["rel_errors"].values())
+        cells = [r["label"], r["family"], _fmt_bytes(r["bytes_stored"]), f"{r['compression']:.1f}",
+                 f"{_pct(r['per_task_mean'])} / {_pct(r['per_task_min'])}", f"{mean(errs):.3f}",
+                 f"{add['lam']:.2f}", _pct(add["mean_normalized_test"])]
+        for n in r["negation"]:
+            flag = "" if n["feasible"] else "*"
+            cells.append(f"{_pct(n['target_test'])} ({_pct(n['control_retained'])}) λ={n['lam']:.2f}{flag}")
+        lines.append("| " + " | ".join(cells) + " |")
+    zs = result["zero_shot"]
+    tasks = list(zs["test"])
+    per_task = ["", "| task | zero-shot | fine-tuned | zero-shot norm |", "|---|---|---|---|"]
+    for t in tasks:
+        per_task.append(f"| {t} | {_pct(zs['test'][t])} | {_pct(result['finetuned']['test'][t])} | "
+                        f"{_pct(zs['normalized_test'][t])} |")
+    g = result.get("goals") or goals(result)
+    goal_lines = ["", "Goals (this run):",
+                  f"- per-task ≥ {GOAL_ACCURACY:.2f} at ≥ {GOAL_COMPRESSION:.0f}×: "
+                  + (", ".join(g["per_task_at_64x"]) or "not met")]
+    for peer, by in g["peers_dominated_by"].items():
+        goal_lines.append(f"- {peer}: " + (f"dominated by {by} (≤ bytes, ≥ per-task and addition)" if by
+                                           else "not dominated by a tvbasis point"))
+    if "addition_at_least_task_arithmetic" in g:
+        goal_lines.append("- addition ≥ task arithmetic: " + (", ".join(g["addition_at_least_task_arithmetic"])
+                                                              or "none"))
+        goal_lines.append(f"- negation within {100 * NEGATION_POINTS:.0f} points of the true vector, control ≥ "
+                          f"{100 * CONTROL_FLOOR:.0f} %: " + (", ".join(g["negation_within_2_points"]) or "none"))
+    notes = ("", "per-task norm = acc(θ₀ + ṽ_t on t) / acc(fine-tuned t on t) at λ = 1, mean / min over tasks (%); "
+             "rel. err = mean ‖ṽ_t − v_t‖/‖v_t‖; add norm = mean normalized test accuracy of θ₀ + λ·Σ_t ṽ_t (TALL: its "
+             "stored τ_MTL) at the λ chosen on dev; neg = target test accuracy after θ₀ − λ·ṽ_target (control as % of pretrained), "
+             "* = no λ kept the control ≥ 95 %; stored = exact bytes of everything stored; × = T float32 task "
+             "vectors / stored.")
+    return "\n".join(lines + per_task + goal_lines + list(notes))
+
+
+def _short(label: str) -> str:
+    """Plot label: ``plan lr24-int2`` -> ``lr24-int2``, ``pca M=2 + res lr24-int2`` -> ``M2+lr24-int2``."""
+    if label.startswith("plan "):
+        return label[5:]
+    if " + res " in label and " M=" in label:
+        head, res = label.split(" + res ")
+        return f"M{head.split('M=')[1]}+{res}"
+    return label
+
+
+def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
+    """frontier_per_task.png and frontier_addition.png: accuracy vs bytes (log x), a Pareto front per family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    color = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
+    marker = {f: ("*" if f == "task vectors" else "o" if f.startswith("tvbasis") else "s" if f == "basis store"
+                  else "D") for f in families}
+    zs = mean(result["zero_shot"]["normalized_test"].values())
+    paths = []
+    for key, ylabel, fname, value in (
+            ("per_task", "per-task normalized accuracy (each task alone, λ = 1)", "frontier_per_task.png",
+             lambda r: r["per_task_mean"]),
+            ("addition", "addition: mean normalized accuracy (λ on dev)", "frontier_addition.png", _add)):
+        fig, ax = plt.subplots(figsize=(10, 5.6))
+        shown = [value(r) for r in rows if r["bytes_stored"] > 0 and not math.isnan(value(r))]
+        lo, hi = min(shown) - 0.01, max(1.0, max(shown)) + 0.008
+        for f in families:
+            pts = [(r["bytes_stored"] / 1e6, value(r), r["label"]) for r in rows
+                   if r["family"] == f and r["bytes_stored"] > 0]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color[f], marker=marker[f],
+                       s=80 if marker[f] == "*" else 36, label=f, zorder=3)
+            front = pareto_front((p[0], p[1]) for p in pts)
+            if len(front) > 1:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color[f], lw=1.2,
+                        alpha=0.8, zorder=2)
+            on_front = set(front)
+            for x, y, lab in pts:  # tvbasis: label the front only (the rest would pile up)
+                if f.startswith("tvbasis") and (x, y) not in on_front:
+                    continue
+                ax.annotate(_short(lab), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                            color=color[f])
+        ax.axhline(1.0, color="black", ls=":", lw=1, label="fine-tuned")
+        if key == "per_task":
+            ax.axhline(GOAL_ACCURACY, color="green", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:.2f}")
+            ax.axvline(result["all_vectors_bytes"] / GOAL_COMPRESSION / 1e6, color="green", ls="-.", lw=0.8,
+                       label=f"{GOAL_COMPRESSION:.0f}× less storage")
+        if zs >= lo:
+            ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")
+        else:
+            ax.plot([], [], " ", label=f"zero-shot: {zs:.3f} (below)")
+        ax.set_xscale("log")
+        xs = [r["bytes_stored"] / 1e6 for r in rows if r["bytes_stored"] > 0]
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.9)  # room for the labels of the extreme points
+        ax.set_xlabel("bytes stored for all T tasks (MB, log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(lo, hi)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        T = len(result["zero_shot"]["test"])
+        ax.set_title(f"storage vs {'per-task' if key == 'per_task' else 'addition'} accuracy, T = {T} tasks "
+                     "(lines: each family's Pareto front)", fontsize=10)
+        fig.tight_layout()
+        paths.append(out / fname)
+        fig.savefig(paths[-1], dpi=130)
+        plt.close(fig)
+    return paths
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    t = result["timings"]
+    return (f"wrote {result['out']}/frontier.json, frontier.md" + (", plots" if result.get("plots") else "")
+            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min)")
+
+
+__all__ = ["BASES_PLAN", "PLANS", "Compressed", "Config", "compress", "default_configs", "dominating", "goals",
+           "make_plots", "markdown_table", "pareto_front", "run_frontier", "summary_line"]
