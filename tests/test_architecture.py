@@ -14,9 +14,9 @@ PKG = SRC / "tvbasis"
 #: top layer first; components in one layer are independent of each other (neither imports the other)
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"eval"},
-    {"store"},
-    {"passes"},
+    {"eval", "interop"},
+    {"store", "stitch"},
+    {"passes", "compress", "lora"},
     {"bases", "taskset"},
     {"vectors"},
     {"io", "engine", "merge", "codecs"},

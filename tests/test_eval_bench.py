@@ -79,7 +79,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     args = _parser().parse_args([
         "-q", "bench", "--tasks", "mcid,DBPedia,stackoverflow", "--layers", "2", "--max-length", "32",
         "--max-train", "96", "--max-dev", "32", "--max-test", "64", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",
-        "--m", "2", "--methods", "autoencoder,cluster-mean,random-sample", "--work", str(tmp_path / "work")])
+        "--m", "2", "--methods", "autoencoder,cluster-mean,random-sample", "--no-stitch",
+        "--work", str(tmp_path / "work")])
     assert args.fn(args) == 0
     printed = capsys.readouterr().out
     for row in ("zero-shot", "task arithmetic (sum)", "TIES (density 0.2)", "autoencoder | 2", "cluster-mean | 2",

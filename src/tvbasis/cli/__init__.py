@@ -1,17 +1,31 @@
-"""The ``tvbasis`` command: subcommands with kebab-case flags; errors are one clear line and a non-zero exit.
+"""The ``tvbasis`` command: subcommands with kebab-case flags; every failure is one line and a non-zero exit.
 
 Each module registers its subcommands (``register(subparsers)``): ``vectors`` (vector, merge, apply, info),
-``store`` (build, inspect, reconstruct, edit, add-task) and, when the eval extra is installed, the evaluation
-harness's (finetune, bench)."""
+``store`` (build, inspect, reconstruct, edit, add-task, verify, upgrade, gc) and, when the eval extra is
+installed, the evaluation harness's (finetune, bench).
+
+Errors: a ``TvbasisError`` prints ``tvbasis CMD: error: …`` (exit code of its class), an ``OSError`` (disk full,
+permissions) ``tvbasis CMD: error: …`` (exit 1), anything unexpected ``tvbasis CMD: internal error: …
+(run with -v for the traceback)`` (exit 1; with ``-v`` the traceback follows). A usage error is one line
+(exit 2). SIGINT and SIGTERM both clean up (temporaries removed, outputs unchanged or complete) and exit 130 and
+143 with one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tvbasis._version import __version__
+from tvbasis.cli import interop as interop_commands
+from tvbasis.cli import stitch as stitch_commands
 from tvbasis.cli import store as store_commands
 from tvbasis.cli import vectors as vector_commands
 from tvbasis.cli.common import OPEN_RUNS
@@ -20,14 +34,26 @@ from tvbasis.errors import TvbasisError
 log = logging.getLogger("tvbasis")
 
 #: modules whose ``register(subparsers)`` adds subcommands, in --help order
-COMMAND_MODULES = [vector_commands, store_commands]
+COMMAND_MODULES = [vector_commands, store_commands, interop_commands, stitch_commands]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt so that the same clean-up runs."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tvbasis", description="Task vector bases: store many fine-tunes of one model "
-                                "compactly and edit models by arithmetic on their task vectors.")
+    p = _Parser(prog="tvbasis", description="Task vector bases: store many fine-tunes of one model "
+                "compactly and edit models by arithmetic on their task vectors.")
     p.add_argument("--version", action="version", version=f"tvbasis {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output (-vv: debug); tracebacks of unexpected errors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -42,25 +68,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe_os_error(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    where = " -> ".join(str(x) for x in (e.filename, e.filename2) if x is not None)
+    return f"{what}: {where}" if where else what
+
+
+def _on_sigterm(sig: int, frame: object) -> None:
+    raise Terminated()
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed) or --help/--version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     logging.basicConfig(level=logging.WARNING - 10 * min(2, args.verbose), format="%(levelname)s %(message)s")
     if args.quiet:
-        import os
         os.environ["TQDM_DISABLE"] = "1"
+    name = f"tvbasis {args.command}"
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.fn(args) or 0)
     except TvbasisError as e:
-        print(f"tvbasis {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM); temporary files removed, every output is unchanged or complete",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("tvbasis: interrupted; no output was written", file=sys.stderr)
+        print(f"{name}: interrupted; temporary files removed, every output is unchanged or complete",
+              file=sys.stderr)
         return 130
+    except OSError as e:
+        print(f"{name}: error: {_one_line(_describe_os_error(e))}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
+    except Exception as e:
+        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)[:500]} "
+              "(run with tvbasis -v for the traceback)", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
     finally:
         while OPEN_RUNS:
             OPEN_RUNS.pop().close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

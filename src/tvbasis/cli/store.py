@@ -1,9 +1,11 @@
-"""Subcommands on basis stores: ``build``, ``inspect``, ``reconstruct``, ``edit``, ``add-task``."""
+"""Subcommands on basis stores: ``build``, ``inspect``, ``reconstruct``, ``edit``, ``add-task``, ``verify``,
+``upgrade``, ``gc``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from tvbasis.cli.common import (
     engine_flags,
     filters,
     finetuned,
+    finite_float,
+    lock_flag,
     merge_flags,
     merge_spec,
     pairs,
@@ -51,7 +55,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     ft = finetuned(args.finetuned)
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
                         args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
-                        fisher=pairs(args.fisher, "--fisher") or None)
+                        fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout)
     s = store.summary()
     print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
           f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
@@ -60,14 +64,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_errors(s: dict[str, Any]) -> None:
+def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
     labels = s.get("labels")
+    r = s.get("addition_weights") if weights else None
+    r_range = s.get("addition_weights_range") or {}
     rows = []
     for i, t in enumerate(s["tasks"]):
         exact = s["errors_exact"].get(t, True)
-        rows.append([t, f"{s['norms'][t]:.4g}", f"{s['rel_errors'][t]:.4f}" + ("" if exact else " (est.)"),
-                     *([labels[i]] if labels else [])])
-    print_table(["task", "‖v‖", "rel. error", *(["cluster"] if labels else [])], rows)
+        row = [t, f"{s['norms'][t]:.4g}", f"{s['rel_errors'][t]:.4f}" + ("" if exact else " (est.)"),
+               *([labels[i]] if labels else [])]
+        if r is not None:
+            lo_hi = r_range.get(t)
+            row.append(f"{r[t]:.4f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""))
+        rows.append(row)
+    print_table(["task", "‖v‖", "rel. error", *(["cluster"] if labels else []),
+                 *(["r_t (weight in Σ_m s_m)"] if r is not None else [])], rows)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -75,6 +86,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore
     store = BasisStore.open(args.store)
     s = store.summary()
+    if args.plot:  # eval/plots, attached to this parser by the eval extra's registration (eval/commands.py)
+        if getattr(args, "store_plots", None) is None:
+            raise ConfigError("--plot needs the eval extra (matplotlib): pip install 'tvbasis[eval]'")
+        for path in args.store_plots(store, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -86,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   Eckart–Young lower bound: {s['lower_bound']:.6g}")
     elif s.get("lower_bound") is not None:
         print(f"Eckart–Young lower bound tr(EᵀGE)/T²: {s['lower_bound']:.6g}")
-    _print_errors(s)
+    _print_errors(s, weights=True)
     print("cosine similarity:")
     C = np.asarray(s["cosine"])
     names = [t[:10] for t in s["tasks"]]
@@ -116,6 +132,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
     store.check_pretrained(pre)
     check_output(Path(args.out), args.force)
     outer = merge_spec(args, args.outer) if args.outer else None
+    card: dict[str, Any] = {"store": str(store.root), "store_method": store.method,
+                            "store_manifest_sha256": store.manifest.manifest_sha256}
+    if outer is not None:
+        from tvbasis.merge import get_merger
+        card["outer"] = outer.method
+        card["outer_params"] = dict(get_merger(outer).params)  # every parameter used, defaults and seeds included
     if args.add:
         tasks = None if args.add == "all" else [t for t in args.add.split(",") if t]
         tv = store.addition(outer, tasks)
@@ -128,11 +150,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
     else:
         if outer:
             raise ConfigError("--outer applies to --add only")
-        tv = store.combine(combo(args.combine))
+        alpha = combo(args.combine)
+        tv = store.combine(alpha)
         what = f"combine {args.combine}"
+        card["coefficients"] = alpha
     out = tv.apply_to(pre, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
-                      method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, "store": str(store.root)})
+                      method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, **card},
+                      inputs=[store.root])
     print(f"wrote {out}: {what}, scaling_coef {args.scaling_coef}")
     return 0
 
@@ -141,11 +166,52 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore, add_task
     pair = pairs([args.task], "NAME=PATH")
     (name, path), = pair.items()
-    new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=run_options(args))
+    new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=run_options(args),
+                   lock_timeout=args.lock_timeout)
     task = new.manifest.tasks[-1]
     where = f", joined cluster {task.cluster}" if task.cluster is not None else ""
     print(f"added task {name} to {new.root} (T = {new.T}{where}); "
           f"relative reconstruction error {task.rel_error:.4f}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tvbasis.errors import StoreError
+    from tvbasis.store import BasisStore, foreign_entries
+    store = BasisStore.open(args.store)  # the manifest: every field and its digest; each file's size and header
+    problems = store.verify()
+    for line in problems:
+        print(f"problem: {line}")
+    extra = foreign_entries(store.root)
+    if extra:
+        print(f"note: {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} not written by tvbasis (left alone): "
+              + ", ".join(extra[:8]))
+    if problems:
+        raise StoreError(f"{store.root}: {len(problems)} problem(s) found")
+    files = store.manifest.files.all()
+    print(f"{store.root}: OK (format version {store.manifest.format_version}, generation "
+          f"{store.manifest.generation}: manifest digest, {len(files)} data file(s): sizes, headers, SHA-256 and "
+          "every chunk's CRC-32, all values finite)")
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from tvbasis.store import upgrade_store
+    store, changed = upgrade_store(args.store, args.lock_timeout)
+    if changed:
+        print(f"upgraded {store.root} to store format version {store.manifest.format_version} (digests of "
+              f"{len(store.manifest.files.all())} data file(s) recorded; data not rewritten)")
+    else:
+        print(f"{store.root}: already store format version {store.manifest.format_version}; nothing to do")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from tvbasis.store import collect_garbage
+    removed = collect_garbage(Path(args.dir), args.lock_timeout)
+    for p in removed:
+        print(f"removed {p}")
+    print(f"{args.dir}: removed {len(removed)} leftover(s) of interrupted tvbasis runs")
     return 0
 
 
@@ -171,6 +237,7 @@ def register(sub: Any) -> None:
                    help="any basis-method option (e.g. temperature=5, lr=0.01, encoder=linear, rescale=false)")
     s.add_argument("--out", required=True)
     common_io(s)
+    lock_flag(s)
     filters(s)
     engine_flags(s, device=True)
     s.set_defaults(fn=cmd_build)
@@ -178,6 +245,8 @@ def register(sub: Any) -> None:
     s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")
     s.add_argument("store")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", metavar="DIR", help="also write cosine.png, spectrum.png and rel_errors.png into DIR "
+                   "(needs the eval extra)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("reconstruct", help="reconstruct one task vector from a store (reads only the store)")
@@ -197,7 +266,7 @@ def register(sub: Any) -> None:
     s.add_argument("--negate", metavar="TASK")
     s.add_argument("--combine", metavar="a=1,b=-0.5")
     s.add_argument("--outer", help="merge method over the bases for --add (default: their sum, as the paper)")
-    s.add_argument("--scaling-coef", type=float, required=True)
+    s.add_argument("--scaling-coef", type=finite_float, required=True)
     s.add_argument("--out", required=True)
     merge_flags(s, None)
     common_io(s)
@@ -208,5 +277,22 @@ def register(sub: Any) -> None:
     s.add_argument("store")
     s.add_argument("task", metavar="NAME=PATH", help="task name and " + FT_HELP)
     s.add_argument("--pretrained", required=True)
+    lock_flag(s)
     engine_flags(s)
     s.set_defaults(fn=cmd_add_task)
+
+    s = sub.add_parser("verify", help="check a store completely: manifest, every data file's size, header, "
+                       "SHA-256 and per-chunk CRC-32, finite values")
+    s.add_argument("store")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("upgrade", help="bring a version-1 store to the current format (records the digests)")
+    s.add_argument("store")
+    lock_flag(s)
+    s.set_defaults(fn=cmd_upgrade)
+
+    s = sub.add_parser("gc", help="remove leftovers of killed tvbasis runs (stale temporaries, unreferenced "
+                       "store files) in DIR and the stores directly inside it")
+    s.add_argument("dir", nargs="?", default=".", metavar="DIR")
+    lock_flag(s)
+    s.set_defaults(fn=cmd_gc)

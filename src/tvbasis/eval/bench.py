@@ -1,8 +1,8 @@
 """``tvbasis bench``: real fine-tunes → task vectors → merges and basis stores → accuracy, end to end.
 
-Rows: zero-shot, the fine-tuned models, task arithmetic (sum of all task vectors), TIES (density 0.2), and
-the basis methods (autoencoder, PCA, clustering with a mean and with a TIES inner merge, random orthogonal,
-random sample) at each M. For each row: bytes stored, addition (absolute and normalized test accuracy at the
+Rows: zero-shot, the fine-tuned models, task arithmetic (sum of all task vectors), TIES (density 0.2), the SVD
+merges TSV-M, Iso-C and Iso-CTS (``MERGE_ROWS``), and the basis methods (autoencoder, PCA, clustering with a
+mean and with a TIES inner merge, random orthogonal, random sample) at each M. For each row: bytes stored, addition (absolute and normalized test accuracy at the
 λ chosen on dev) and negation of target/control pairs from unrelated domains — through the store
 (reconstruct the target, negate it) next to negating the true task vector.
 
@@ -28,7 +28,6 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,8 @@ from tvbasis.eval.metrics import (
     mean,
     normalized_accuracy,
 )
+from tvbasis.eval.plots import make_plots
+from tvbasis.eval.stitch_rows import stitch_markdown, stitch_rows
 from tvbasis.eval.tasks import DOMAINS, TASK_NAMES, canonical_name, load_task
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ BASIS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("random", {}),
     "random-sample": ("random-sample", {}),
 }
+
+#: merge rows next to task arithmetic and TIES: label -> (merge method, params). The SVD merges' scale is picked
+#: on dev over the bench grid extended to their papers' range (up to 3.0; both codebases search 0.1 … 3.0)
+MERGE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "TSV-M": ("tsv_merge", {}), "Iso-C": ("iso_c", {}), "Iso-CTS": ("iso_cts", {})}
+SVD_MERGE_LAMBDAS = (1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 @dataclass
@@ -88,6 +95,7 @@ class BenchConfig:
     keep_stores: bool = False
     progress: bool = True
     full: bool = False
+    stitch: bool = True  # the Localize-and-Stitch rows (eval/stitch_rows.py)
 
     @classmethod
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
@@ -193,7 +201,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     ft_dirs = {n: str(r.path) for n, r in results.items()}
     ev = Evaluator(encoder, tasks, progress=False)
 
-    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1)
+    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1 + len(MERGE_ROWS))
     bar = _bar(n_steps, "bench", cfg.progress)
     t0 = time.time()
     zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
@@ -236,6 +244,14 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     extra={"negation_vector": "true task vector"}, seconds=time.time() - t0))
     del ties
     bar.update(1)
+    for label, (method, params) in MERGE_ROWS.items():  # SVD merges (merge/svd.py), negation as TA/TIES
+        t0 = time.time()
+        merged = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec(method, params)))
+        add = ev.search_addition(merged, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev,
+                                 finetuned_test=ft_test, search=cfg.search)
+        rows.append(Row(label, None, all_vectors, add, true_neg, extra={"negation_vector": "true task vector",
+                                                                        "merge": method}, seconds=time.time() - t0))
+        bar.update(1)
 
     # 3. basis stores
     cosine = None
@@ -270,6 +286,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             if not cfg.keep_stores:
                 shutil.rmtree(path, ignore_errors=True)
             bar.update(1)
+    if cfg.stitch:
+        rows += [Row(**r) for r in stitch_rows(work, pre_dir, ft_dirs, encoder, ev, tasks, tvs, ft_dev, ft_test,
+                                               all_vectors, cfg.Ms, cfg.full, cfg.max_length, cfg.seed)]
     bar.close()
     timings["total"] = time.time() - t_start
 
@@ -286,7 +305,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    result["markdown"] = markdown_table(result)
+    result["markdown"] = markdown_table(result) + stitch_markdown(result)
     (out / "bench.md").write_text(result["markdown"] + "\n")
     if cfg.plots:
         result["plots"] = [str(p) for p in make_plots(result, out)]
@@ -360,105 +379,6 @@ def markdown_table(result: Mapping[str, Any]) -> str:
              "pretrained accuracy), * = no λ kept the control ≥ 95 %. Basis rows negate the reconstructed "
              "vector; task arithmetic / TIES rows the true task vector.")
     return "\n".join(lines + per_task + list(notes))
-
-
-def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
-    """cosine.png (ordered by cluster), accuracy_vs_bytes.png, negation.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    paths = []
-    cos = result["cosine"]
-    if cos.get("matrix") is not None:
-        names = list(cos["tasks"])
-        C = np.array(cos["matrix"], dtype=float)
-        labels = cos.get("cluster_labels")
-        order = (sorted(range(len(names)), key=lambda i: (labels[i], names[i])) if labels
-                 else list(range(len(names))))
-        C = C[np.ix_(order, order)]
-        side = max(4.5, 1.6 + 0.75 * len(names))
-        fig, ax = plt.subplots(figsize=(side + 0.8, side))
-        off = C.copy()
-        np.fill_diagonal(off, np.nan)  # the diagonal (1.0) would squash the colour scale of the ~0.01-0.1 rest
-        lim = float(np.nanmax(np.abs(off))) if len(names) > 1 else 1.0
-        im = ax.imshow(np.ma.masked_invalid(off), cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ticks = [names[i] + (f" [{labels[i]}]" if labels else "") for i in order]
-        ax.set_xticks(range(len(order)), ticks, rotation=45, ha="right")
-        ax.set_yticks(range(len(order)), ticks)
-        for i in range(len(order)):
-            for j in range(len(order)):
-                dark = i != j and abs(C[i, j]) > 0.6 * lim
-                ax.text(j, i, f"{C[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
-        ax.set_title("task vector cosine similarity, off-diagonal colour scale"
-                     + ("\n(ordered by cluster [label])" if labels else ""), fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        paths.append(out / "cosine.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    rows = [r for r in result["rows"] if not r["method"].startswith("fine")]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-    m_marker = {None: "o", 1: "v", 2: "s", 3: "D", 4: "^"}
-
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    for r in rows:
-        add = r["addition"]
-        if not add or r["bytes_stored"] <= 0:
-            continue
-        ax.scatter([r["bytes_stored"] / 1e6], [add["mean_normalized_test"]], color=color[r["method"]],
-                   marker=m_marker.get(r["M"], "P"), s=45,
-                   label=r["method"] + ("" if r["M"] is None else f" M={r['M']}"))
-    zs = next(r for r in result["rows"] if r["method"] == "zero-shot")["addition"]["mean_normalized_test"]
-    ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")
-    ax.axhline(1.0, color="black", ls=":", lw=1, label="fine-tuned")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes stored (MB, log scale)")
-    ax.set_ylabel("addition: mean normalized accuracy")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("task addition vs storage (test)", fontsize=10)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_bytes.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    pair_markers = "os^vD<>"
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for r in rows:
-        if r["method"].startswith("TIES"):
-            continue  # same negation as the task-arithmetic row (both negate the true task vector)
-        label = "true task vector" if r["M"] is None else f"{r['method']} M={r['M']}"
-        for n in r["negation"]:
-            key = (n["target"], n["control"])
-            if key not in pairs:
-                pairs.append(key)
-            true = r["M"] is None  # drawn big and underneath: a store that matches it exactly stays visible
-            ax.scatter([n["control_retained"]], [n["target_test"]], color=color[r["method"]],
-                       marker=pair_markers[pairs.index(key) % len(pair_markers)],
-                       s=150 if true else (28 if r["M"] != 4 else 48), alpha=0.85,
-                       edgecolors="black" if true else "none", zorder=1 if true else 2,
-                       label=None if label in seen else label)
-            seen.add(label)
-    for k, (t, c) in enumerate(pairs):
-        ax.scatter([1.0], [result["zero_shot"]["test"][t]], marker=pair_markers[k % len(pair_markers)], s=90,
-                   facecolors="none", edgecolors="black", label=f"pretrained: {t} (control {c})")
-    ax.axvline(0.95, color="red", ls="--", lw=1, label="control at 95 %")
-    ax.set_xlabel("control accuracy / pretrained control accuracy (test)")
-    ax.set_ylabel("target accuracy after negation (lower is better)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("negation: target vs control; marker = pair, colour = method", fontsize=10)
-    fig.tight_layout()
-    paths.append(out / "negation.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
 
 
 def summary_line(result: Mapping[str, Any]) -> str:

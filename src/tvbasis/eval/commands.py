@@ -1,4 +1,5 @@
-"""The ``tvbasis finetune`` and ``tvbasis bench`` subcommands; ``register(subparsers)`` is called by cli.py."""
+"""The ``tvbasis finetune`` and ``tvbasis bench`` subcommands, and (from ``user_commands``) ``eval`` and ``tune``;
+``register(subparsers)`` is called by cli.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 from typing import Any
 
 from tvbasis.errors import ConfigError
+from tvbasis.eval import user_commands
+from tvbasis.eval.plots import store_plots
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"work": args.work, "out": args.out, "model_dir": args.model,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
                                  "plots": not args.no_plots, "keep_stores": args.keep_stores,
-                                 "progress": _progress(args)}
+                                 "stitch": not args.no_stitch, "progress": _progress(args)}
     for flag in ("max_train", "max_dev", "max_test", "search"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
@@ -86,11 +89,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.pairs:
         overrides["pairs"] = _pairs(args.pairs)
     cfg = BenchConfig.full_protocol(**overrides) if args.full else BenchConfig(**overrides)
+    if args.frontier:
+        from tvbasis.eval import frontier
+        result = frontier.run_frontier(cfg, Ms=overrides.get("Ms"))
+        print(result["markdown"] + "\n\n" + frontier.summary_line(result))
+        return 0
     result = run_bench(cfg)
     print(result["markdown"])
     print()
     print(summary_line(result))
     return 0
+
+
+def _trained_localizer(**kwargs: Any) -> Any:
+    """``tvbasis localize --data`` (cli/stitch.py): the trained L&S localizer on the harness's encoder."""
+    from tvbasis.eval.localize import TrainedLocalizeSettings, localize_trained
+
+    return localize_trained(settings=TrainedLocalizeSettings(**kwargs.pop("settings")), **kwargs)
 
 
 def register(subparsers: Any) -> None:
@@ -122,6 +137,11 @@ def register(subparsers: Any) -> None:
                     "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 500 test examples, "
                     "λ grid 0.05..1.0; ≤ 20 min).")
     b.add_argument("--full", action="store_true", help="the whole protocol of docs/benchmark.md")
+    b.add_argument("--frontier", action="store_true",
+                   help="instead: the storage-accuracy frontier of per-task compressors (task vectors, TALL, TSV-C, "
+                   "TVQ/RTVQ, BitDelta, tvbasis codec plans, PCA bases + residuals at M=1,2,4 or --m): bytes, "
+                   "per-task and addition accuracy, negation; writes frontier.json/.md/PNGs to <work>/frontier "
+                   "(<= 10 min on 2 cores once fine-tuned; with --full <= 40 min)")
     b.add_argument("--tasks", help="comma-separated task names (default: 6 tasks; --full: all 8)")
     _model_flags(b)
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
@@ -138,6 +158,15 @@ def register(subparsers: Any) -> None:
     b.add_argument("--pairs", help="negation TARGET:CONTROL pairs, comma-separated (default: 2 pairs of tasks "
                    "from different domains)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument("--no-stitch", action="store_true",
+                   help="skip the Localize-and-Stitch rows (dataless / trained L&S, SharedMask, StitchTwice)")
     b.add_argument("--keep-stores", action="store_true",
                    help="keep the basis stores under <work>/stores (default: deleted once evaluated)")
     b.set_defaults(fn=cmd_bench)
+    user_commands.register(subparsers)
+    inspect = getattr(subparsers, "choices", {}).get("inspect")
+    if inspect is not None:  # `tvbasis inspect --plot DIR` (cli/store.py) draws with eval/plots
+        inspect.set_defaults(store_plots=store_plots)
+    localize = getattr(subparsers, "choices", {}).get("localize")
+    if localize is not None:  # registered by cli/stitch.py: its --data path is the trained localizer
+        localize.set_defaults(trained=_trained_localizer)
