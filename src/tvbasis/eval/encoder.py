@@ -9,7 +9,6 @@ previous edit), so a λ search never re-reads files.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -326,10 +325,3 @@ class Encoder:
     def describe(self) -> dict[str, object]:
         return {"model_dir": str(self.model_dir), "layers": self.num_layers, "max_length": self.max_length,
                 "parameters": sum(v.numel() for v in self.pretrained_state.values() if v.is_floating_point())}
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -37,7 +37,3 @@ def build_head(encoder: Encoder, task: Task, scale: float = LOGIT_SCALE) -> Head
     with encoder.at_pretrained():
         weight = encoder.encode(list(task.label_texts))
     return Head(task=task.name, label_texts=task.label_texts, weight=weight.clone(), scale=scale)
-
-
-def build_heads(encoder: Encoder, tasks: dict[str, Task], scale: float = LOGIT_SCALE) -> dict[str, Head]:
-    return {name: build_head(encoder, task, scale) for name, task in tasks.items()}

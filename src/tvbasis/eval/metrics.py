@@ -258,15 +258,6 @@ class Evaluator:
         ``tune``'s per-task λ); call ``encoder.reset()`` when done."""
         return self._at(delta, scale, split, list(tasks or self.tasks))
 
-    def with_state(self, state: Mapping[str, torch.Tensor], split: str = "test",
-                   tasks: Iterable[str] | None = None) -> dict[str, float]:
-        """Accuracies of a full model state (e.g. a fine-tuned checkpoint); the encoder is reset after."""
-        try:
-            self.encoder.set_state(state)
-            return self.accuracies(split, tasks)
-        finally:
-            self.encoder.reset()
-
     def zero_shot(self, split: str = "test", tasks: Iterable[str] | None = None) -> dict[str, float]:
         self.encoder.reset()
         return self.accuracies(split, tasks)
