@@ -74,3 +74,11 @@ def test_names():
         canonical_name("hwu-99")
     with pytest.raises(UnknownTaskError):
         canonical_name("nosuch-1")
+
+
+def test_bench_config_expands_many():
+    from tvbasis.eval.bench import BenchConfig
+    cfg = BenchConfig(tasks=("many",), Ms=(2, 8)).resolved()
+    assert cfg.tasks == subtask_names()
+    a, b = cfg.pairs[0]
+    assert DOMAINS[a] != DOMAINS[b]  # negation controls still come from another domain

@@ -46,7 +46,7 @@ from tvbasis.eval.metrics import (
 )
 from tvbasis.eval.plots import make_plots
 from tvbasis.eval.stitch_rows import stitch_markdown, stitch_rows
-from tvbasis.eval.tasks import DOMAINS, TASK_NAMES, canonical_name, load_task
+from tvbasis.eval.tasks import DOMAINS, TASK_NAMES, canonical_name, expand_task_names, load_task
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class BenchConfig:
         return replace(base, **overrides)
 
     def resolved(self) -> BenchConfig:
-        tasks = tuple(dict.fromkeys(canonical_name(t) for t in self.tasks))
+        tasks = expand_task_names(self.tasks)  # 'many': the 36 sub-tasks of the many-task benchmark
         if len(tasks) < 2:
             raise ConfigError("the benchmark needs at least 2 tasks")
         unknown = [m for m in self.methods if m not in BASIS_METHODS]

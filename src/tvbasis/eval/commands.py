@@ -51,9 +51,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from tvbasis.eval.finetune import FinetuneSettings, finetune_tasks
-    from tvbasis.eval.tasks import TASK_NAMES, canonical_name
+    from tvbasis.eval.tasks import TASK_NAMES, expand_task_names
 
-    tasks = [canonical_name(t) for t in _csv(args.tasks)] or list(TASK_NAMES)
+    tasks = list(expand_task_names(_csv(args.tasks))) or list(TASK_NAMES)
     settings = FinetuneSettings(model_dir=args.model, num_layers=args.layers, max_train=args.max_train,
                                 max_length=args.max_length, lr=args.lr, weight_decay=args.weight_decay,
                                 warmup=args.warmup, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
@@ -142,7 +142,8 @@ def register(subparsers: Any) -> None:
                    "TVQ/RTVQ, BitDelta, tvbasis codec plans, PCA bases + residuals at M=1,2,4 or --m): bytes, "
                    "per-task and addition accuracy, negation; writes frontier.json/.md/PNGs to <work>/frontier "
                    "(<= 10 min on 2 cores once fine-tuned; with --full <= 40 min)")
-    b.add_argument("--tasks", help="comma-separated task names (default: 6 tasks; --full: all 8)")
+    b.add_argument("--tasks", help="comma-separated task names, sub-tasks (hwu-3) or 'many' (the 36 sub-tasks of the many-task "
+                   "benchmark) (default: 6 tasks; --full: all 8)")
     _model_flags(b)
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
     b.add_argument("--max-train", type=int, help="training examples per task (default 500; --full 2000)")
