@@ -191,7 +191,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     files = store.manifest.files.all()
     print(f"{store.root}: OK (format version {store.manifest.format_version}, generation "
           f"{store.manifest.generation}: manifest digest, {len(files)} data file(s): sizes, headers, SHA-256 and "
-          "every chunk's CRC-32, all values finite)")
+          "every chunk's digest, all values finite)")
     return 0
 
 
@@ -282,7 +282,7 @@ def register(sub: Any) -> None:
     s.set_defaults(fn=cmd_add_task)
 
     s = sub.add_parser("verify", help="check a store completely: manifest, every data file's size, header, "
-                       "SHA-256 and per-chunk CRC-32, finite values")
+                       "SHA-256 and per-chunk XXH3-64 digests, finite values")
     s.add_argument("store")
     s.set_defaults(fn=cmd_verify)
 
