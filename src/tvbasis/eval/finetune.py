@@ -279,26 +279,20 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
-def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, progress: bool = True
-                  ) -> tuple[torch.nn.Module, dict[str, object]]:
-    """Fine-tune a copy of the encoder's θ₀ on ``task``; returns (trained module, training stats)."""
+def train_loop(encoder: Encoder, model: torch.nn.Module, params: list[torch.nn.Parameter], lr: float, task: Task,
+               settings: FinetuneSettings, desc: str, progress: bool = True) -> dict[str, object]:
+    """The protocol's training loop on ``task``'s training split, shared by full and LoRA fine-tuning: AdamW over
+    ``params``, warm-up then linear decay, micro-batched steps against the task's frozen zero-shot head; the model
+    is left in eval mode. Returns the training stats."""
     head = build_head(encoder, task)
-    with encoder.at_pretrained():
-        model = copy.deepcopy(encoder.model)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
     train = task["train"]
     tokens = encoder.tokenize(train.texts, settings.max_length)
     labels = torch.tensor(train.labels)
     n = len(tokens)
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    total = math.ceil(n / settings.batch_size) * settings.epochs
     warmup = math.ceil(settings.warmup * total)
-    torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                            **_fused_if_available())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay, **_fused_if_available())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
     weight = head.weight.detach()
     losses: list[float] = []
@@ -306,7 +300,7 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"fine-tune {task.name}", unit="step", leave=False)
+        bar = tqdm(total=total, desc=desc, unit="step", leave=False)
     try:
         for _ in range(settings.epochs):
             perm = torch.randperm(n, generator=gen).tolist()
@@ -331,8 +325,21 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
             bar.close()
     model.eval()
     k = max(1, len(losses) // 10)
-    stats = {"steps": total, "warmup_steps": warmup, "seconds": round(time.time() - t0, 2),
-             "loss_first": mean_or_nan(losses[:k]), "loss_last": mean_or_nan(losses[-k:])}
+    return {"steps": total, "warmup_steps": warmup, "seconds": round(time.time() - t0, 2),
+            "loss_first": mean_or_nan(losses[:k]), "loss_last": mean_or_nan(losses[-k:])}
+
+
+def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, progress: bool = True
+                  ) -> tuple[torch.nn.Module, dict[str, object]]:
+    """Fine-tune a copy of the encoder's θ₀ on ``task``; returns (trained module, training stats)."""
+    with encoder.at_pretrained():
+        model = copy.deepcopy(encoder.model)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(settings.seed)
+    stats = train_loop(encoder, model, list(model.parameters()), settings.lr, task, settings,
+                       f"fine-tune {task.name}", progress)
     return model, stats
 
 

@@ -1,6 +1,6 @@
 """``tvbasis bench --frontier``: the storage–accuracy frontier of compressors that give every task back.
 
-The same fine-tunes, evaluator and protocol as ``tvbasis bench`` (``bench.py``; BENCHMARK.md). For every
+The same fine-tunes, evaluator and protocol as ``tvbasis bench`` (``bench.py``; docs/benchmark.md). For every
 configuration the T task vectors are compressed in memory (float32 state dicts, as ``bench._state``), then:
 
 * **bytes stored** — exact: every stored tensor of every task (and of shared parts: τ_MTL, bases, coefficients),

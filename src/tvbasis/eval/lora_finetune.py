@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 import warnings
@@ -32,24 +31,19 @@ import torch
 from tvbasis.errors import CheckpointError, ConfigError
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.finetune import (
-    MICRO_BATCH_TOKENS,
     PRETRAINED_META,
     FinetuneResult,
     FinetuneSettings,
-    _fused_if_available,
-    _lr_lambda,
     _read_meta,
     _task_record,
     _versions,
     config_hash,
     ensure_writable,
     file_sha256,
-    mean_or_nan,
-    micro_batches,
     prepare_pretrained,
     pretrained_encoder,
+    train_loop,
 )
-from tvbasis.eval.heads import LOGIT_SCALE, build_head
 from tvbasis.eval.tasks import Task, load_task
 from tvbasis.io.writer import replace_atomically, temp_sibling
 
@@ -124,57 +118,14 @@ def train_lora(encoder: Encoder, task: Task, settings: FinetuneSettings, lora: L
     """Train a LoRA adapter of a copy of the encoder's θ₀ on ``task``; returns (PEFT model, training stats)."""
     from peft import get_peft_model
 
-    head = build_head(encoder, task)
     torch.manual_seed(settings.seed)  # the same A init for every task
     with encoder.at_pretrained(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", _PEFT_NOISE, FutureWarning)
         model = get_peft_model(copy.deepcopy(encoder.model), lora.peft_config())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    train = task["train"]
-    tokens = encoder.tokenize(train.texts, settings.max_length)
-    labels = torch.tensor(train.labels)
-    n = len(tokens)
-    total = math.ceil(n / settings.batch_size) * settings.epochs
-    warmup = math.ceil(settings.warmup * total)
-    gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(params, lr=lora.lr, weight_decay=settings.weight_decay, **_fused_if_available())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, total))
-    weight = head.weight.detach()
-    losses: list[float] = []
-    t0 = time.time()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"LoRA {task.name}", unit="step", leave=False)
-    try:
-        for _ in range(settings.epochs):
-            perm = torch.randperm(n, generator=gen).tolist()
-            for s in range(0, n, settings.batch_size):
-                idx = perm[s:s + settings.batch_size]
-                opt.zero_grad(set_to_none=True)
-                total_loss = 0.0
-                for chunk in micro_batches(idx, tokens, MICRO_BATCH_TOKENS):
-                    emb = encoder.forward(encoder.collate(tokens, chunk), model=model)
-                    loss = torch.nn.functional.cross_entropy(LOGIT_SCALE * emb @ weight.T, labels[chunk],
-                                                             reduction="sum") / len(idx)
-                    loss.backward()
-                    total_loss += loss.item()
-                opt.step()
-                sched.step()
-                losses.append(total_loss)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-    model.eval()
-    k = max(1, len(losses) // 10)
-    stats = {"steps": total, "warmup_steps": warmup, "seconds": round(time.time() - t0, 2),
-             "trainable_parameters": sum(p.numel() for p in params),
-             "loss_first": mean_or_nan(losses[:k]), "loss_last": mean_or_nan(losses[-k:])}
-    return model, stats
+    stats = train_loop(encoder, model, params, lora.lr, task, settings, f"LoRA {task.name}", progress)
+    return model, {**stats, "trainable_parameters": sum(p.numel() for p in params)}
 
 
 def _write_adapter_dir(out: Path, model: torch.nn.Module, pre_dir: Path, meta: dict[str, object]) -> None:
