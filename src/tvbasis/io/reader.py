@@ -125,11 +125,12 @@ class Checkpoint(ABC):
 MAX_HEADER_BYTES = 100_000_000
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook refusing a key repeated in one object (untrusted headers and manifests)."""
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"key {k!r} appears twice")
+            raise ValueError(f"key {k!r} appears twice in one object")
         out[k] = v
     return out
 
@@ -167,7 +168,7 @@ def parse_safetensors_header(f: Path) -> tuple[list[tuple[TensorSpec, int]], dic
                                   "truncated or not safetensors)")
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
         if not isinstance(header, dict):
             raise TypeError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError, TypeError) as e:

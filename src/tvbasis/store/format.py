@@ -40,6 +40,7 @@ from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import TensorSpec, dtype_name, fsync_dir
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.paths import plain_name_problem
+from tvbasis.io.reader import no_duplicate_keys
 from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL
 from tvbasis.store.faults import fault_point
@@ -175,15 +176,8 @@ def _strict_json(raw: bytes, where: str) -> Any:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not a number JSON allows")
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"key {k!r} appears twice in one object")
-            out[k] = v
-        return out
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates)
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise StoreError(f"{where}: unreadable manifest ({type(e).__name__}: {e})") from None
 
