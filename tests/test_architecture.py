@@ -149,11 +149,8 @@ def test_core_does_not_need_the_eval_extra(core):
     assert not [m for m in seen if component(m) == "eval"]
 
 
-def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
-    """The reader of imports itself: an import inside a function body is found."""
-    src = "def f():\n    from tvbasis.store import build_store\n    import tvbasis.passes.gram\n"
-    tree = ast.parse(src)
-    found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    found |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert found == {"tvbasis.store", "tvbasis.passes.gram"}
+def test_the_checker_sees_function_level_imports():
+    """The import reader itself: engine/options.py imports the Ray engine inside a function body (an optional
+    dependency), and that import must be in the graph."""
+    assert "tvbasis.engine.ray" in imports_of("tvbasis.engine.options")
     assert resolve("tvbasis.io.reader.Checkpoint") == "tvbasis.io.reader"
