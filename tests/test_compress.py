@@ -203,7 +203,7 @@ def test_tensor_kinds_and_plan_parsing() -> None:
     assert tensor_kind("conv.weight", (4, 3, 3, 3)) == "matrix"
     assert tensor_kind("embeddings.LayerNorm.weight", (8,)) == "vector"
     plan = CodecPlan.parse("matrix=lowrank:rank=2+int8 ; embedding=none")
-    assert plan.spec == ("embedding=none;matrix=lowrank:rank=2,energy=none+int8:group=128,scheme=symmetric;"
+    assert plan.spec == ("embedding=none;matrix=lowrank:rank=2,energy=none,fraction=none+int8:group=128,scheme=symmetric;"
                          "vector=float16")
     assert CodecPlan.parse(plan.spec) == CodecPlan.parse(plan.spec)
     for bad, match in [("weights=int8", "KIND=SPEC"), ("matrix=int9", "matrix"), ("matrix=int8;matrix=int4", "twice"),

@@ -1,8 +1,10 @@
-"""``lowrank``: truncated SVD of the 2-D view, at a fixed ``rank`` or at the smallest rank keeping ``energy``.
+"""``lowrank``: truncated SVD of the 2-D view, at a fixed ``rank``, at the smallest rank keeping ``energy``, or at
+a ``fraction`` of the full rank.
 
 With X = U·diag(σ)·Vᵀ (σ₁ ≥ σ₂ ≥ …), keeping r components gives the best rank-r approximation (Eckart–Young)
 X̂ = Σ_{i≤r} σᵢuᵢvᵢᵀ with ‖X − X̂‖_F² = Σ_{i>r} σᵢ². Energy mode (TSV-C's form) picks the smallest r with
-Σ_{i≤r} σᵢ² ≥ energy · Σᵢ σᵢ². A ``rank`` above min(m, n) is clamped to it.
+Σ_{i≤r} σᵢ² ≥ energy · Σᵢ σᵢ². Fraction mode keeps r = ⌊min(m, n) · fraction⌋ (TSV-C's 1/T of the singular
+components; r may be 0: the tensor then decodes to zeros). A ``rank`` above min(m, n) is clamped to it.
 
 Stored: ``us`` = (U_r·diag(σ_r))ᵀ, shape (r, m), and ``vt`` = V_rᵀ, shape (r, n), each row one component (so
 group-wise quantisation by a chained codec never mixes components of very different size). Without a NEXT codec
@@ -43,13 +45,15 @@ class LowRank(Codec):
 
     name = "lowrank"
     params = (Param("rank", int, None, "an integer >= 1", lambda v: v >= 1, optional=True),
-              Param("energy", float, None, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, optional=True))
+              Param("energy", float, None, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, optional=True),
+              Param("fraction", float, None, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0, optional=True))
     takes_next = True
 
     def _validate(self) -> None:
-        if self.values["rank"] is not None and self.values["energy"] is not None:
-            raise ConfigError(f"codec {self.name!r}: give either rank or energy, not both")
-        if self.values["rank"] is None and self.values["energy"] is None:
+        given = [k for k in ("rank", "energy", "fraction") if self.values[k] is not None]
+        if len(given) > 1:
+            raise ConfigError(f"codec {self.name!r}: give one of rank, energy or fraction, not {' and '.join(given)}")
+        if not given:
             self.values["rank"] = DEFAULT_RANK
 
     def _inner(self) -> Codec:
@@ -63,6 +67,8 @@ class LowRank(Codec):
         U, S, Vh = torch.linalg.svd(m, full_matrices=False)
         if self.values["energy"] is not None:
             r = energy_rank(S, float(self.values["energy"]))
+        elif self.values["fraction"] is not None:
+            r = int(S.numel() * float(self.values["fraction"]))  # as TSV-C's int(len(s) * (1 / T))
         else:
             r = min(int(self.values["rank"]), S.numel())
         e = S.double() ** 2

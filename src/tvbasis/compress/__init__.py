@@ -5,7 +5,8 @@ method is elementwise) and sums the byte counts:
 
 ==============  ===============================================================================================
 ``plan``        ``CodecPlan``: a ``tvbasis.codecs`` codec per tensor kind (embedding → sparse rows, matrix → low
-                rank / quantisation, vector → float16); ``tensor_kind``, ``plan_roundtrip``
+                rank / quantisation, vector → float16); ``tensor_kind``, ``plan_roundtrip``; ``Coder``: a codec,
+                a plan or TSV-C's rule, as a store's ``--residual`` / ``--codec`` take them
 ``residual``    bases (a store's, possibly through a plan) + per-task residuals coded with a plan
 ``svd``         truncated SVDs via a float64 Gram (fast on CPUs), a cache shared by plans, ``lowrank_encode``
 ``tall``        TALL masks: τ_MTL and one bit mask per task (Wang et al. 2024)
@@ -19,7 +20,7 @@ not reproduced. ``tvbasis bench --frontier`` (``tvbasis.eval.frontier``) measure
 """
 
 from tvbasis.compress.bitdelta import bitdelta_tensor, is_block_linear
-from tvbasis.compress.plan import EMBEDDING_MARKERS, KINDS, CodecPlan, plan_roundtrip, tensor_kind
+from tvbasis.compress.plan import EMBEDDING_MARKERS, KINDS, CodecPlan, Coder, plan_roundtrip, tensor_kind
 from tvbasis.compress.residual import code_bases, combine_bases, residual_roundtrip
 from tvbasis.compress.svd import SVDCache, lowrank_encode, truncated_svd
 from tvbasis.compress.tall import (
@@ -30,12 +31,12 @@ from tvbasis.compress.tall import (
     tall_nbytes,
     tall_reconstruct,
 )
-from tvbasis.compress.tsvc import tsvc_compress, tsvc_factors, tsvc_rank, tsvc_tensor
+from tvbasis.compress.tsvc import tsvc_codec, tsvc_compress, tsvc_factors, tsvc_rank, tsvc_tensor
 from tvbasis.compress.tvq import rtvq_tensor, tvq_dequantize, tvq_nbytes, tvq_quantize, tvq_tensor
 
-__all__ = ["EMBEDDING_MARKERS", "KINDS", "TALL_LAMBDAS", "CodecPlan", "SVDCache", "bitdelta_tensor", "code_bases",
+__all__ = ["EMBEDDING_MARKERS", "KINDS", "TALL_LAMBDAS", "CodecPlan", "Coder", "SVDCache", "bitdelta_tensor", "code_bases",
            "combine_bases", "is_block_linear", "lowrank_encode", "multi_task_vector", "plan_roundtrip",
            "residual_roundtrip", "truncated_svd",
            "rtvq_tensor", "tall_mask", "tall_masks", "tall_nbytes", "tall_reconstruct", "tensor_kind",
-           "tsvc_compress", "tsvc_factors", "tsvc_rank", "tsvc_tensor", "tvq_dequantize", "tvq_nbytes",
+           "tsvc_codec", "tsvc_compress", "tsvc_factors", "tsvc_rank", "tsvc_tensor", "tvq_dequantize", "tvq_nbytes",
            "tvq_quantize", "tvq_tensor"]

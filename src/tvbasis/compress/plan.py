@@ -12,13 +12,15 @@ lossy choice for a task, and the way to leave a kind out of coded bases (see ``t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
-from tvbasis.compress.svd import SVD, lowrank_encode
+from tvbasis.compress.svd import SVD, lowrank_encode, truncated_svd
+from tvbasis.compress.tsvc import tsvc_codec
 from tvbasis.errors import ConfigError
 
 KINDS: tuple[str, ...] = ("embedding", "matrix", "vector")
@@ -123,3 +125,47 @@ def plan_roundtrip(plan: CodecPlan, vector: Mapping[str, torch.Tensor],
         out[name], nbytes = plan.roundtrip(name, x, svd(name) if svd is not None else None)
         total += nbytes
     return out, total
+
+
+_PLAN_RE = re.compile(r"^\s*(embedding|matrix|vector)\s*=", re.IGNORECASE)
+
+
+class Coder:
+    """How a store codes each tensor of its bases or residuals: one codec for every tensor, a ``CodecPlan``
+    (``KIND=SPEC;…``), or TSV-C's rule (``tsvc``: 2-D tensors at 1/T of their rank, the rest float32).
+    ``spec`` is canonical (what the store records)."""
+
+    def __init__(self, text: str, T: int | None = None) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"expected a codec spec, a codec plan (KIND=SPEC;...) or 'tsvc', got {text!r}")
+        self._tsvc = None
+        self._plan: CodecPlan | None = None
+        self._codec: Codec | None = None
+        if text.strip().lower() == "tsvc":
+            if T is None:
+                raise ConfigError("the tsvc coder needs the number of tasks")
+            self._tsvc = lambda shape: tsvc_codec(shape, T)
+            self.spec = "tsvc"
+        elif _PLAN_RE.match(text):
+            self._plan = CodecPlan.parse(text)
+            self.spec = self._plan.spec
+        else:
+            self._codec = parse_codec(text)
+            self.spec = self._codec.spec
+
+    def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
+        if self._tsvc is not None:
+            return self._tsvc(tuple(shape))
+        if self._plan is not None:
+            return self._plan.codec_for(name, shape)
+        return self._codec
+
+    def encode(self, name: str, x: torch.Tensor, svd: SVD | None = truncated_svd) -> Encoded | None:
+        """``x`` encoded by its tensor's codec (None: the plan does not store this kind; it decodes to zeros).
+        A fixed-rank ``lowrank`` codec takes its factors from ``svd`` (the float64-Gram SVD, as the benchmark)."""
+        codec = self.codec_for(name, tuple(x.shape))
+        if codec is None:
+            return None
+        if svd is not None and isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
+            return lowrank_encode(codec, x, svd)
+        return codec.encode(x)

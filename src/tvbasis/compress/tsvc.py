@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from tvbasis.codecs import Codec, parse_codec
 from tvbasis.compress.svd import SVD
 
 
@@ -48,3 +49,9 @@ def tsvc_compress(x: torch.Tensor, T: int, svd: SVD | None = None) -> tuple[torc
         u, s, vh, _ = svd(x.float(), k)
         xhat = (u * s) @ vh
     return xhat, 4 * k * (x.shape[0] + x.shape[1] + 1)
+
+
+def tsvc_codec(shape: tuple[int, ...], T: int) -> Codec:
+    """TSV-C as a codec of one tensor: 2-D -> ``lowrank:fraction=1/T`` (the top int(min(m, n)·(1/T)) triplets, 0
+    for a matrix with fewer than T rows or columns); anything else float32."""
+    return parse_codec(f"lowrank:fraction={1 / T!r}" if len(shape) == 2 else "float32")
