@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tvbasis.bases import BasisFit
-from tvbasis.store.format import Cross, Manifest, PretrainedRef, StoreFiles, TaskEntry, manifest_fields
+from tvbasis.store.format import CodedSection, Cross, Manifest, PretrainedRef, StoreFiles, TaskEntry, manifest_fields
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "store-format.md"
 
@@ -30,6 +30,7 @@ def test_nested_fields():
     assert documented("### A task") == {f.name for f in fields(TaskEntry)}
     assert documented("### The pretrained model") == {f.name for f in fields(PretrainedRef)}
     assert documented("### Files") == {f.name for f in fields(StoreFiles)}
+    assert documented("### Coded part") == {f.name for f in fields(CodedSection)}
     fit = BasisFit(M=1, B=np.zeros((2, 1)), W=np.zeros((1, 2)))
     assert documented("### A fit") == set(fit.to_json())
 
@@ -44,4 +45,4 @@ def test_written_manifest_has_exactly_the_documented_keys():
                  store_dtypes={}, files=StoreFiles(["bases.safetensors"]), task_vectors_bytes=0)
     keys = set(m.to_json())
     doc = documented("## Manifest fields")
-    assert keys <= doc and doc - keys <= {"gram_estimated_rows"}
+    assert keys <= doc and doc - keys <= {"gram_estimated_rows", "coded"}

@@ -40,11 +40,32 @@ def join_weights(fit: BasisFit, m: int) -> tuple[float, float]:
     return n / (n + 1.0), 1.0 / (n + 1.0)
 
 
-def extend_fit(fit: BasisFit, c: np.ndarray, vv: float, C: np.ndarray, K: np.ndarray) -> Extension:
+def extend_fit(fit: BasisFit, c: np.ndarray, vv: float, C: np.ndarray, K: np.ndarray,
+               fixed_bases: bool = False) -> Extension:
+    """``fixed_bases``: the stored vectors never change (stores with per-task residuals, whose old residuals are
+    relative to them): a cluster store puts v in its nearest cluster with its least-squares scale on that basis."""
     fit = copy.deepcopy(fit)
     T = fit.W.shape[1]
     old_coef = fit.coef_matrix()
     estimate = old_coef.T @ c
+    if fit.M == 0:
+        fit.W = np.zeros((0, T + 1))
+        if fit.B is not None:
+            fit.B = np.zeros((T + 1, 0))
+        return Extension(fit, np.zeros((0, T + 1)), K, None, estimate)
+    if fit.labels is not None and fixed_bases:
+        cos = [c[m] / np.sqrt(K[m, m] * vv) if K[m, m] > 0 and vv > 0 else -np.inf for m in range(fit.M)]
+        m = int(np.argmax(cos))
+        sizes = fit.cluster_sizes()
+        sizes[m] += 1
+        fit.stats = {**fit.stats, "cluster_sizes": sizes}
+        fit.labels = [*fit.labels, m]
+        w = np.zeros((fit.M, 1))
+        w[m, 0] = c[m] / K[m, m] if K[m, m] > 0 else 0.0
+        fit.W = np.hstack([fit.W, w])
+        if fit.B is not None:
+            fit.B = np.vstack([fit.B, np.zeros((1, fit.M))])
+        return Extension(fit, np.hstack([C, c[:, None]]), K, None, estimate)
     if fit.labels is None:
         M = fit.M
         rhs = c[:M] - (K[:M, M] if fit.has_mean else 0.0)

@@ -55,13 +55,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     ft = finetuned(args.finetuned)
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
                         args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
-                        fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout)
+                        fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout,
+                        residual=args.residual, codec=args.codec)
     s = store.summary()
     print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
           f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
           f"({s['compression']:.2f}x)")
+    _print_coded(s)
     _print_errors(s)
     return 0
+
+
+def _print_coded(s: dict[str, Any]) -> None:
+    from tvbasis.io import human_bytes
+    c = s.get("coded")
+    if not c:
+        return
+    parts = []
+    if c["bases_codec"]:
+        parts.append(f"bases through {c['bases_codec']} ({human_bytes(c['bases_bytes'])})")
+    if c["residual_codec"]:
+        what = "per-task masks" if c["mode"] == "mask" else f"per-task residuals through {c['residual_codec']}"
+        parts.append(f"{what} ({human_bytes(c['per_task_bytes'])})")
+    print("coded: " + "; ".join(parts))
 
 
 def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
@@ -102,6 +118,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   Eckart–Young lower bound: {s['lower_bound']:.6g}")
     elif s.get("lower_bound") is not None:
         print(f"Eckart–Young lower bound tr(EᵀGE)/T²: {s['lower_bound']:.6g}")
+    _print_coded(s)
     _print_errors(s, weights=True)
     print("cosine similarity:")
     C = np.asarray(s["cosine"])
@@ -218,13 +235,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from tvbasis.bases import BASIS_METHODS
+    from tvbasis.store.peers import PEER_METHODS
     s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
                        description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
     s.add_argument("--pretrained", required=True)
     s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
                    help="task name and " + FT_HELP + "; repeat per task")
-    s.add_argument("--method", required=True, choices=sorted(BASIS_METHODS))
-    s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap)")
+    s.add_argument("--method", required=True, choices=[*sorted(BASIS_METHODS), *PEER_METHODS],
+                   help="a basis method, or a per-task compressor as a store: tall (TALL masks; --option "
+                   "lambda=0.4), tsvc (TSV-C: 1/T of each matrix's singular triplets)")
+    s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap); "
+                   "0 with --residual: no bases, every task through the residual codec alone")
+    s.add_argument("--residual", metavar="CODEC",
+                   help="also store every task's residual v_t - v̂_t through CODEC (e.g. int8, lowrank:rank=8+int8, "
+                   "or a plan 'embedding=sparse-rows+int8;matrix=lowrank:rank=16+int4;vector=float16'), so each task "
+                   "comes back as v̂_t + r̂_t")
+    s.add_argument("--codec", metavar="CODEC", help="store the bases (and PCA mean) through CODEC instead of densely")
     s.add_argument("--layerwise", action="store_true", help="fit bases and coefficients per layer group")
     s.add_argument("--inner", help="cluster: inner merge per cluster (mean, task_arithmetic, ties, topk, dare_ties, ...)")
     s.add_argument("--inner-param", action="append", metavar="KEY=VALUE", help="parameter of the inner merge")

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from tvbasis.bases import BasisFit, BasisMethod, check_M, get_basis_method
+from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import (
@@ -37,11 +39,14 @@ from tvbasis.io.checksum import structure_fingerprint
 from tvbasis.io.writer import PositionalShard
 from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
+from tvbasis.store.coded import CodedWriter
+from tvbasis.store.coded_pass import CodedMaterialiseTask
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
 from tvbasis.store.faults import fault_point
-from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry
+from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry, coded_keys
 from tvbasis.store.integrity import digest_file
 from tvbasis.store.layout import file_names
+from tvbasis.store.peers import PEER_METHODS, TSVC_CODER, check_peer_options, tall_fit, tall_lambdas, zero_fit
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, layer_group
 
@@ -121,16 +126,42 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
                 exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                 run: Run = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
                 fisher: Mapping[str, str | Path] | None = None,
-                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
+                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT, residual: str | None = None,
+                codec: str | None = None) -> BasisStore:
     """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically; see the module docstring).
 
     ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``.
-    ``lock_timeout``: seconds to wait for another writer of an existing store at ``out`` (``force``)."""
+    ``lock_timeout``: seconds to wait for another writer of an existing store at ``out`` (``force``).
+    ``residual``: also store every task's residual r_t = v_t − v̂_t through this coder (a codec spec, a codec plan
+    ``KIND=SPEC;…`` or ``tsvc``), so each task comes back as v̂_t + r̂_t; with ``M = 0`` there are no bases and every
+    task lies in its residual alone. ``codec``: store the bases (and mean) through this coder instead of densely.
+    ``method`` may also be ``tall`` (TALL masks) or ``tsvc`` (TSV-C), see ``store.peers``."""
     out = output_path(out)
     opts = as_run(run)
-    basis = get_basis_method(method, **dict(options or {}))
+    T_given = len(finetuned)
+    peer = method in PEER_METHODS
+    if peer:
+        if layerwise:
+            raise ConfigError(f"--method {method} is not layer-wise")
+        if residual is not None:
+            raise ConfigError(f"--method {method} codes every task itself; --residual does not apply")
+        want_M = 1 if method == "tall" else 0
+        if M is not None and M != want_M:
+            raise ConfigError(f"--method {method} stores {want_M} shared vector(s); -M must be {want_M} or omitted")
+        M = want_M
+        basis = None
+        peer_options = check_peer_options(method, dict(options or {}), list(finetuned))
+        if method == "tsvc":
+            residual = TSVC_CODER
+    else:
+        basis = get_basis_method(method, **dict(options or {}))
+        peer_options = {}
+    coders = _coders(residual, codec, T_given, M)
     fisher_ckpts = None
-    if method == "cluster" and get_merger_needs_fisher(basis):
+    if basis is None:
+        if fisher:
+            raise ConfigError("--fisher is only used by --method cluster --inner fisher")
+    elif method == "cluster" and get_merger_needs_fisher(basis):
         fisher_ckpts = open_fisher(fisher, list(finetuned), "--inner fisher")
     elif fisher:
         raise ConfigError("--fisher is only used by --method cluster --inner fisher")
@@ -138,18 +169,63 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
     kind = output_kind(out, force)
     check_output(out, True)  # the parent exists and is writable
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
-    if M is not None:
+    if M is not None and not peer and not (M == 0 and coders.residual is not None):
         check_M(M, taskset.T, method)
     with store_lock(out, lock_timeout) if kind == "store" else nullcontext():
         return _build(taskset, basis, method, M, out, kind, force, layerwise, dtype, include, exclude, max_shard_size,
-                      opts, chunk_elements, fisher_ckpts, finetuned, lock_timeout)
+                      opts, chunk_elements, fisher_ckpts, finetuned, lock_timeout, coders, peer_options)
 
 
-def _build(taskset: TaskSet, basis: BasisMethod, method: str, M: int | None, out: Path, kind: str, force: bool,
-           layerwise: bool, dtype: str | torch.dtype | None, include: Iterable[str] | None,
+@dataclass
+class _Coders:
+    residual: Coder | None = None
+    bases: Coder | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.residual is not None or self.bases is not None
+
+
+def _coders(residual: str | None, codec: str | None, T: int, M: int | None) -> _Coders:
+    try:
+        out = _Coders(None if residual is None else Coder(residual, T), None if codec is None else Coder(codec, T))
+    except ConfigError as e:
+        raise ConfigError(f"--{'residual' if residual is not None else 'codec'}: {e}") from None
+    if M == 0 and out.residual is None:
+        raise ConfigError("-M 0 (no bases) needs --residual CODEC: every task is then stored through that codec")
+    if M == 0 and out.bases is not None:
+        raise ConfigError("-M 0 stores no bases, so --codec (the bases' codec) does not apply")
+    return out
+
+
+def _fits(basis: BasisMethod | None, method: str, groups: Mapping[str, np.ndarray], M: int | None, T: int,
+          coders: _Coders) -> dict[str, BasisFit]:
+    if method == "tall":
+        fits = {g: tall_fit(T) for g in groups}
+    elif M == 0 or basis is None:
+        fits = {g: zero_fit(T) for g in groups}
+    else:
+        fits = fit_groups(basis, groups, M)
+    first = next(iter(fits.values()))
+    if coders.any or method == "tall":
+        what = "--residual" if coders.residual is not None else "--codec"
+        if first.random_seed is not None:
+            raise ConfigError(f"{what}: random bases are regenerated from their seed, not stored, and their "
+                              "coefficients are fitted after the bases are written; use pca, autoencoder or cluster")
+        if first.is_merged:
+            raise ConfigError(f"{what}: bases made by a non-linear inner merge ({first.inner.method if first.inner else ''}) "
+                              "are not supported with coded parts; use a linear inner merge (mean, task_arithmetic)")
+        if coders.residual is not None and not first.residuals_known_in_pass:
+            raise ConfigError("--residual needs coefficients fixed before the bases are written (pca, autoencoder, "
+                              f"cluster with a linear inner merge); this {method} basis refits them afterwards")
+    return fits
+
+
+def _build(taskset: TaskSet, basis: BasisMethod | None, method: str, M: int | None, out: Path, kind: str,
+           force: bool, layerwise: bool, dtype: str | torch.dtype | None, include: Iterable[str] | None,
            exclude: Iterable[str] | None, max_shard_size: int | str, opts: Any, chunk_elements: int | None,
            fisher_ckpts: list[Checkpoint] | None, finetuned: Mapping[str, Any],
-           lock_timeout: float | None) -> BasisStore:
+           lock_timeout: float | None, coders: _Coders, peer_options: dict[str, Any]) -> BasisStore:
     eng = opts.get_engine()
     gram = compute_gram(taskset, opts, layer_group if layerwise else None, chunk_elements)
     zero = [taskset.names[t] for t in range(taskset.T) if gram.G[t, t] == 0]
@@ -157,50 +233,82 @@ def _build(taskset: TaskSet, basis: BasisMethod, method: str, M: int | None, out
         raise ConfigError(f"fine-tune(s) {zero} equal the pretrained model (zero task vector)")
     groups = dict(gram.group_grams) if layerwise else {ALL: gram.G}
     group_of = dict(gram.group_of) if layerwise else {}
-    fits = fit_groups(basis, groups, M)
+    fits = _fits(basis, method, groups, M, taskset.T, coders)
     first = next(iter(fits.values()))
+    coded = coders.any or method == "tall"
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
     dtype_of = {n: (out_dtype or s.dtype) for n, s in taskset.specs.items()}
     specs = list(taskset.specs.values())
-    layout = StoreLayout(specs, first.M, dtype_of, with_bases=first.stores_bases, with_mean=first.has_mean,
-                         max_shard_size=max_shard_size)
+    dense = coders.bases is None
+    layout = StoreLayout(specs, first.M, dtype_of, with_bases=first.stores_bases and first.M > 0 and dense,
+                         with_mean=first.has_mean and dense, max_shard_size=max_shard_size)
     cleanup_stale_temps(out.parent, out.name)
     tmp = temp_path(out)
     tmp.mkdir()
+    writer = None
     try:
         bases, means = layout.create(tmp)
-        thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
-        # merged bases are merged whole per tensor (chunked inside the work unit when big)
-        items = ([(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if first.is_merged
-                 else taskset.items(gram.chunk_elements))
         total = sum(s.numel for s in specs)
-        task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, thresholds,
-                               fisher_ckpts, label=str(out))
         T, nU = taskset.T, first.n_stored
+        if coded:
+            writer = CodedWriter(tmp, max_shard_size)
+            items = [(s.name, 0, s.shape[0] if s.shape else 1) for s in specs]
+            lambdas = tall_lambdas(peer_options, taskset.names) if method == "tall" else None
+            task: Any = CodedMaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, tmp,
+                                             coders.bases, coders.residual, lambdas, gram.chunk_elements,
+                                             label=str(out))
+            sizes = [taskset.T * s.numel * 4 for s in specs]
+        else:
+            thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
+            # merged bases are merged whole per tensor (chunked inside the work unit when big)
+            items = ([(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if first.is_merged
+                     else taskset.items(gram.chunk_elements))
+            task = MaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, thresholds,
+                                   fisher_ckpts, label=str(out))
+            sizes = [taskset.item_bytes(i) for i in items]
         C = {g: np.zeros((nU, T)) for g in fits}
         K = {g: np.zeros((nU, nU)) for g in fits}
         direct = {g: np.zeros(T) for g in fits}
-        for g, c, k, e in eng.map(task, items, desc="materialise bases", sizes=[taskset.item_bytes(i) for i in items]):
+        for g, c, k, e, *rest in eng.map(task, items, desc="materialise bases", sizes=sizes):
             C[g] += c
             K[g] += k
             if e.size:
                 direct[g] += e
+            if writer is not None:
+                name, entries = rest[0]
+                for key, enc in entries.items():
+                    writer.add(key, enc, taskset.specs[name].shape)
         layout.finish(tmp, bases, means)
         err2 = np.zeros(T)
         for g, fit in fits.items():
-            if fit.residuals_known_in_pass:
+            if coded or fit.residuals_known_in_pass:  # coded: measured against the coefficients used
                 err2 += direct[g]
             else:
                 fit.refit_from(C[g], K[g])
                 err2 += fit.squared_errors(groups[g], C[g], K[g])
         norms = gram.norms
         rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
-        manifest = _manifest(basis, method, first.M, layerwise, taskset, finetuned, gram, fits, group_of, C, K,
-                             norms, rel, dtype_of, layout, include, exclude)
+        options = dict(basis.params) if basis is not None else peer_options
+        task_like = bool(basis.task_like) if basis is not None else method == "tall"
+        manifest = _manifest(options, task_like, method, first.M, layerwise, taskset, finetuned, gram, fits,
+                             group_of, C, K, norms, rel, dtype_of, layout, include, exclude)
+        if writer is not None:
+            per_task = method == "tall" or coders.residual is not None
+            order = coded_keys(taskset.names, [s.name for s in specs], first.M, first.has_mean, per_task,
+                               coders.bases is not None)
+            manifest.files.coded, section = writer.finish(order)
+            writer = None
+            section.mode = "mask" if method == "tall" else "add"
+            section.bases_codec = coders.bases.spec if coders.bases is not None else None
+            section.residual_codec = ("mask" if method == "tall" else coders.residual.spec if coders.residual
+                                      else None)
+            manifest.coded = section
         manifest.digests = layout.digests(tmp, manifest, gram.chunk_elements)
         manifest.write(tmp)
         commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BasisStore.open(out)
@@ -228,7 +336,7 @@ def _inner_thresholds(taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: 
     return out
 
 
-def _manifest(basis: BasisMethod, method: str, M: int, layerwise: bool, taskset: TaskSet,
+def _manifest(options: dict[str, Any], task_like: bool, method: str, M: int, layerwise: bool, taskset: TaskSet,
               finetuned: Mapping[str, Any], gram: GramResult, fits: Mapping[str, BasisFit],
               group_of: Mapping[str, str], C: Mapping[str, np.ndarray], K: Mapping[str, np.ndarray],
               norms: np.ndarray, rel: np.ndarray, dtype_of: Mapping[str, torch.dtype], layout: StoreLayout,
@@ -243,7 +351,7 @@ def _manifest(basis: BasisMethod, method: str, M: int, layerwise: bool, taskset:
         if fit.inner is not None:
             fit.inner = MergeSpec(fit.inner.method, dict(get_merger(fit.inner).params))
     return Manifest(
-        method=method, options=dict(basis.params), M=M, T=T, layerwise=layerwise, task_like=bool(basis.task_like),
+        method=method, options=options, M=M, T=T, layerwise=layerwise, task_like=task_like,
         tasks=tasks, member_counts=first.cluster_sizes() if first.labels is not None else None,
         groups=dict(fits), group_of=dict(group_of),
         cross={g: Cross(C[g], K[g]) for g in fits}, gram=gram.G,

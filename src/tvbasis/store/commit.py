@@ -138,6 +138,9 @@ def commit_generation(root: Path, manifest: Manifest, staged: Mapping[str, Path]
     manifest.generation = gen
     manifest.files.bases = [names.get(f, f) for f in manifest.files.bases]
     manifest.files.mean = [names.get(f, f) for f in manifest.files.mean]
+    manifest.files.coded = [names.get(f, f) for f in manifest.files.coded]
+    if manifest.coded is not None:
+        manifest.coded = manifest.coded.renamed(names)
     if manifest.digests is not None:
         manifest.digests = Digests(manifest.digests.chunk_elements,
                                    {names.get(f, f): d for f, d in manifest.digests.files.items()},

@@ -5,6 +5,8 @@ A store is a directory::
     tvbasis.json                         the manifest below
     bases-00001-of-0000N.safetensors     per parameter name one tensor of shape (M, *param_shape)
     mean-….safetensors                   PCA only: the mean task vector μ, one tensor per parameter
+    coded-….safetensors                  codec-encoded tensors (``coded``): per-task residuals r̂_t, TALL masks,
+                                         bases and mean stored through a codec
     .tvbasis.lock                        taken by writers (add-task, --force build, upgrade, gc)
 
 (later generations name their files ``bases.g{N}…``: see ``store.layout``). Every field is checked when a store
@@ -14,7 +16,8 @@ manifest itself); anything else is a ``StoreError`` naming the field. ``docs/sto
 field; a test keeps the two in step.
 
 Format version 2 adds ``generation``, ``digests`` (per data file its size, SHA-256 and an XXH3-64 digest per row chunk
-of every tensor, checked on every read) and ``manifest_sha256``. Version-1 stores (no digests) still open and read;
+of every tensor, checked on every read) and ``manifest_sha256``; ``coded`` (optional) describes the coded files
+and what each coded entry holds (``CodedSection``). Version-1 stores (no digests) still open and read;
 commands that write a store refuse them until ``tvbasis upgrade`` has added the digests.
 """
 
@@ -36,6 +39,7 @@ import torch
 
 from tvbasis._version import __version__
 from tvbasis.bases import BASIS_METHODS, BasisFit, get_basis_method
+from tvbasis.codecs import parse_codec
 from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import TensorSpec, dtype_name, fsync_dir
 from tvbasis.io.atomic import temp_path
@@ -45,6 +49,7 @@ from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL
 from tvbasis.store.faults import fault_point
 from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
+from tvbasis.store.peers import PEER_METHODS, check_peer_options
 
 FORMAT = "tvbasis.basis_store"
 FORMAT_VERSION = 2
@@ -145,6 +150,8 @@ class _Check:
             a = np.asarray(v, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
             raise self.fail(path, f"must be a numeric array of shape {shape}") from None
+        if a.size == 0 and math.prod(shape) == 0 and a.ndim < len(shape):
+            a = a.reshape(shape)  # JSON writes an empty (0, T) array as []
         if a.shape != shape:
             raise self.fail(path, f"has shape {a.shape}, expected {shape}")
         if not _only_numbers(v):
@@ -152,6 +159,7 @@ class _Check:
         if not np.isfinite(a).all():
             raise self.fail(path, "holds NaN or Inf")
         return a
+
 
     def file_name(self, v: Any, path: str, part: str) -> str:
         name = self.str_(v, path)
@@ -243,15 +251,24 @@ class StoreFiles:
 
     bases: list[str] = field(default_factory=list)
     mean: list[str] = field(default_factory=list)
+    #: files of codec-encoded tensors (their digests live in ``Manifest.coded``)
+    coded: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"bases": list(self.bases), "mean": list(self.mean)}
+        d: dict[str, Any] = {"bases": list(self.bases), "mean": list(self.mean)}
+        if self.coded:
+            d["coded"] = list(self.coded)
+        return d
 
     def all(self) -> list[str]:
+        return [*self.bases, *self.mean, *self.coded]
+
+    def dense(self) -> list[str]:
+        """The bases and mean files (positional layout, per-chunk digests in ``Manifest.digests``)."""
         return [*self.bases, *self.mean]
 
     def part_of(self, name: str) -> str:
-        return "bases" if name in self.bases else "mean"
+        return "bases" if name in self.bases else "coded" if name in self.coded else "mean"
 
 
 @dataclass
@@ -285,6 +302,90 @@ class Digests:
                 "files": {f: d.to_json() for f, d in self.files.items()}}
 
 
+#: how a store's coded per-task entries combine with its bases: ``add`` — v_t ≈ v̂_t + r̂_t (residuals);
+#: ``mask`` — v_t ≈ m_t ∘ s_0 (TALL: a 0/1 mask per task over the one stored multi-task vector)
+CODED_MODES = ("add", "mask")
+#: entry kinds of a coded section: ``bases/{m}/{param}``, ``mean/{param}``, ``residual/{task}/{param}``
+ENTRY_KINDS = ("bases", "mean", "residual")
+#: dtypes a coded file may hold
+CODED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def entry_key(kind: str, param: str, index: int | str | None = None) -> str:
+    """Key of one coded entry: ``bases/{m}/{param}``, ``mean/{param}`` or ``residual/{task}/{param}``."""
+    return f"{kind}/{param}" if index is None else f"{kind}/{index}/{param}"
+
+
+@dataclass
+class CodedTensor:
+    """One tensor of a coded file, in file order: its key, dtype, shape and XXH3-64 digest (16 hex digits)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.dtype, list(self.shape), self.digest]
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.key, self.shape, getattr(torch, self.dtype))
+
+
+@dataclass
+class CodedFile:
+    """What a coded data file must hold: its size, SHA-256 and tensors in order."""
+
+    size: int
+    sha256: str
+    tensors: list[CodedTensor]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256, "tensors": [t.to_json() for t in self.tensors]}
+
+
+@dataclass
+class CodedEntry:
+    """One codec-encoded tensor: the file holding it and its ``Encoded`` description (codec spec, shape, the
+    names of its stored tensors, meta, children); stored tensor ``n`` is key ``{entry key}/{n}`` in the file."""
+
+    file: str
+    encoded: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "encoded": self.encoded}
+
+
+@dataclass
+class CodedSection:
+    """The codec-encoded part of a store: per-task residuals (or TALL masks) and/or bases through a codec."""
+
+    mode: str
+    #: canonical spec of the coder the bases (and mean) went through; None: bases stored densely
+    bases_codec: str | None
+    #: canonical spec of the coder of the per-task entries; None: no per-task entries
+    residual_codec: str | None
+    files: dict[str, CodedFile]
+    entries: dict[str, CodedEntry]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "bases_codec": self.bases_codec, "residual_codec": self.residual_codec,
+                "files": {f: d.to_json() for f, d in self.files.items()},
+                "entries": {k: e.to_json() for k, e in self.entries.items()}}
+
+    def renamed(self, names: Mapping[str, str]) -> CodedSection:
+        """The section with its files renamed (``names``: old -> new; others kept)."""
+        return CodedSection(self.mode, self.bases_codec, self.residual_codec,
+                            {names.get(f, f): d for f, d in self.files.items()},
+                            {k: CodedEntry(names.get(e.file, e.file), e.encoded) for k, e in self.entries.items()})
+
+    def nbytes(self, prefix: str = "") -> int:
+        """Stored bytes of the entries whose key starts with ``prefix`` (tensor data, headers excluded)."""
+        sizes = {t.key: t.spec.nbytes for f in self.files.values() for t in f.tensors}
+        return sum(n for k, n in sizes.items() if k.startswith(prefix))
+
+
 @dataclass
 class Manifest:
     """Everything a store knows besides its tensors. ``to_json``/``from_json`` are the on-disk form."""
@@ -316,6 +417,7 @@ class Manifest:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     generation: int = 1
     digests: Digests | None = None
+    coded: CodedSection | None = None
     manifest_sha256: str = ""
 
     # -- derived ---------------------------------------------------------------------------------------
@@ -328,6 +430,14 @@ class Manifest:
 
     def specs(self) -> dict[str, TensorSpec]:
         return {s.name: s for s in self.tensors}
+
+    @property
+    def has_residuals(self) -> bool:
+        return self.coded is not None and self.coded.residual_codec is not None
+
+    @property
+    def bases_coded(self) -> bool:
+        return self.coded is not None and self.coded.bases_codec is not None
 
     def stacked_specs(self, part: str, names: list[str]) -> list[TensorSpec]:
         """The tensors a data file of ``part`` holding parameters ``names`` (in order) has, in stored dtypes."""
@@ -353,6 +463,7 @@ class Manifest:
             "store_dtypes": dict(self.store_dtypes),
             "files": self.files.to_json(),
             "digests": None if self.digests is None else self.digests.to_json(),
+            **({"coded": self.coded.to_json()} if self.coded is not None else {}),
             "task_vectors_bytes": self.task_vectors_bytes,
             "include": list(self.include), "exclude": list(self.exclude),
         }
@@ -378,15 +489,18 @@ class Manifest:
                 raise StoreError(f"{where}: the manifest does not match its recorded digest (field "
                                  "'manifest_sha256'): it was edited or is corrupt")
         method = c.str_(c.get(d, "method", ""), "method")
-        if method not in BASIS_METHODS:
+        if method not in BASIS_METHODS and method not in PEER_METHODS:
             raise c.fail("method", f"names an unknown basis method {method[:80]!r}")
         options = c.obj(c.get(d, "options", "") if version >= 2 else (d.get("options") or {}), "options")
+        M = c.int_(c.get(d, "M", ""), "M", 0)
+        tasks = [_task(c, t, i) for i, t in enumerate(_list(c, c.get(d, "tasks", ""), "tasks"))]
         try:
-            get_basis_method(method, **options)
+            if method in PEER_METHODS:
+                check_peer_options(method, options, [t.name for t in tasks])
+            else:
+                get_basis_method(method, **options)
         except (TvbasisError, TypeError, ValueError) as e:
             raise c.fail("options", f"are not valid options of {method!r}: {e}") from None
-        M = c.int_(c.get(d, "M", ""), "M", 1)
-        tasks = [_task(c, t, i) for i, t in enumerate(_list(c, c.get(d, "tasks", ""), "tasks"))]
         T = len(tasks)
         if T < 1:
             raise c.fail("tasks", "is empty")
@@ -460,18 +574,32 @@ class Manifest:
             store_dtypes[s.name] = dt
         fr = c.obj(c.get(d, "files", ""), "files")
         files = StoreFiles(
-            [c.file_name(x, f"files.bases[{i}]", "bases") for i, x in enumerate(_list(c, fr.get("bases", []),
-                                                                                      "files.bases"))],
-            [c.file_name(x, f"files.mean[{i}]", "mean") for i, x in enumerate(_list(c, fr.get("mean", []),
-                                                                                   "files.mean"))])
+            *[[c.file_name(x, f"files.{part}[{i}]", part) for i, x in enumerate(_list(c, fr.get(part, []),
+                                                                                      f"files.{part}"))]
+              for part in ("bases", "mean", "coded")])
         if len(set(files.all())) != len(files.all()):
             raise c.fail("files", "names a file twice")
-        if first.stores_bases != bool(files.bases):
-            raise c.fail("files.bases", "is empty, but the bases are stored" if first.stores_bases else
-                         "lists files, but the bases are regenerated from a seed")
-        if first.has_mean != bool(files.mean):
-            raise c.fail("files.mean", "is empty, but the basis has a stored mean" if first.has_mean else
-                         "lists files, but the basis has no mean")
+        coded = None
+        if d.get("coded") is not None:
+            if version < 2:
+                raise c.fail("coded", "needs format version 2")
+            coded = _coded(c, d["coded"], files, specs, [t.name for t in tasks], M, first.has_mean)
+        elif files.coded:
+            raise c.fail("files.coded", "lists files, but the manifest has no 'coded' section")
+        if M == 0 and (coded is None or coded.residual_codec is None):
+            raise c.fail("M", "is 0 (no bases), which only a store with per-task coded entries ('coded') can be")
+        if method == "tall" and (M != 1 or coded is None or coded.mode != "mask" or first.has_mean):
+            raise c.fail("coded", "of a tall store must be per-task masks (mode 'mask') over M = 1 stored vector")
+        if coded is not None and coded.mode == "mask" and method != "tall":
+            raise c.fail("coded.mode", "'mask' belongs to tall stores")
+        dense_bases = first.stores_bases and M > 0 and (coded is None or coded.bases_codec is None)
+        if dense_bases != bool(files.bases):
+            raise c.fail("files.bases", "is empty, but the bases are stored" if dense_bases else
+                         "lists files, but the bases are coded, absent or regenerated from a seed")
+        dense_mean = first.has_mean and (coded is None or coded.bases_codec is None)
+        if dense_mean != bool(files.mean):
+            raise c.fail("files.mean", "is empty, but the basis has a stored mean" if dense_mean else
+                         "lists files, but the basis has no mean stored densely")
         counts = d.get("member_counts")
         if counts is not None:
             counts = [c.int_(x, f"member_counts[{i}]", 0) for i, x in enumerate(_list(c, counts, "member_counts"))]
@@ -491,7 +619,7 @@ class Manifest:
             member_counts=counts, gram_estimated_rows=c.strs(d.get("gram_estimated_rows") or [], "gram_estimated_rows"),
             format_version=version, tool=c.str_(d.get("tool", ""), "tool"),
             created=c.str_(d.get("created", ""), "created"),
-            generation=c.int_(d.get("generation", 1), "generation", 1), digests=digests,
+            generation=c.int_(d.get("generation", 1), "generation", 1), digests=digests, coded=coded,
             manifest_sha256=str(d.get("manifest_sha256", "")))
 
     # -- files -----------------------------------------------------------------------------------------
@@ -597,7 +725,7 @@ def _spec(c: _Check, s: Any, i: int) -> TensorSpec:
 
 def _fit(c: _Check, f: Any, p: str, M: int, T: int) -> BasisFit:
     f = c.obj(f, p)
-    if c.int_(c.get(f, "M", f"{p}."), f"{p}.M", 1) != M:
+    if c.int_(c.get(f, "M", f"{p}."), f"{p}.M", 0) != M:
         raise c.fail(f"{p}.M", f"is {f['M']}, but the store's M is {M}")
 
     def opt(key: str, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -656,8 +784,8 @@ def _digests(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec],
         raise c.fail(f"{p}.algorithm", f"must be {DIGEST_ALGORITHM!r}, got {algorithm[:40]!r}")
     chunk = c.int_(c.get(d, "chunk_elements", f"{p}."), f"{p}.chunk_elements", 1)
     raw = c.obj(c.get(d, "files", f"{p}."), f"{p}.files")
-    if set(raw) != set(files.all()):
-        raise c.fail(f"{p}.files", "must have one entry per data file of 'files', and no other")
+    if set(raw) != set(files.dense()):
+        raise c.fail(f"{p}.files", "must have one entry per bases and mean file of 'files', and no other")
     out: dict[str, FileDigest] = {}
     for part, names in (("bases", files.bases), ("mean", files.mean)):
         seen: dict[str, str] = {}
@@ -689,3 +817,126 @@ def _digests(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec],
             missing = sorted(set(specs) - set(seen))
             raise c.fail(f"{p}.files", f"gives {len(missing)} tensor(s) no {part} file, e.g. {missing[0][:80]!r}")
     return Digests(chunk, out, algorithm)
+
+
+#: nesting depth of an encoded description (a codec chain: lowrank+sparse-rows+int8 is 3)
+MAX_CODEC_DEPTH = 6
+NONE_CODEC = "none"
+
+
+def coded_keys(tasks: list[str], params: list[str], M: int, has_mean: bool, residuals: bool,
+               bases: bool) -> dict[str, str]:
+    """Every entry key a coded section must have -> the parameter it codes."""
+    keys: dict[str, str] = {}
+    if bases:
+        keys.update({entry_key("bases", p, m): p for p in params for m in range(M)})
+        if has_mean:
+            keys.update({entry_key("mean", p): p for p in params})
+    if residuals:
+        keys.update({entry_key("residual", p, t): p for t in tasks for p in params})
+    return keys
+
+
+def _coded(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec], tasks: list[str], M: int,
+           has_mean: bool) -> CodedSection:
+    p = "coded"
+    d = c.obj(v, p)
+    mode = c.str_(c.get(d, "mode", f"{p}."), f"{p}.mode")
+    if mode not in CODED_MODES:
+        raise c.fail(f"{p}.mode", f"must be one of {CODED_MODES}, got {mode[:40]!r}")
+    codecs = {}
+    for k in ("bases_codec", "residual_codec"):
+        x = d.get(k)
+        codecs[k] = None if x is None else c.str_(x, f"{p}.{k}")
+    if codecs["bases_codec"] is None and codecs["residual_codec"] is None:
+        raise c.fail(p, "codes neither the bases nor per-task entries")
+    raw = c.obj(c.get(d, "files", f"{p}."), f"{p}.files")
+    if set(raw) != set(files.coded):
+        raise c.fail(f"{p}.files", "must have one entry per file of 'files.coded', and no other")
+    out_files: dict[str, CodedFile] = {}
+    where_key: dict[str, str] = {}
+    for fname in files.coded:
+        q = f"{p}.files.{fname}"
+        e = c.obj(raw[fname], q)
+        tensors = []
+        for i, t in enumerate(_list(c, c.get(e, "tensors", f"{q}."), f"{q}.tensors")):
+            r = f"{q}.tensors[{i}]"
+            if not isinstance(t, list) or len(t) != 4:
+                raise c.fail(r, "must be [key, dtype, shape, digest]")
+            key = c.str_(t[0], f"{r}[0]")
+            dt = c.str_(t[1], f"{r}[1]")
+            if dt not in CODED_DTYPES:
+                raise c.fail(f"{r}[1]", f"must be one of {CODED_DTYPES}, got {dt[:40]!r}")
+            shape = tuple(c.int_(x, f"{r}[2]", 0, 2**40) for x in _list(c, t[2], f"{r}[2]"))
+            if len(shape) > 8 or math.prod(shape) > 2**42:
+                raise c.fail(f"{r}[2]", f"is not a plausible tensor shape: {shape}")
+            if key in where_key:
+                raise c.fail(r, f"repeats key {key[:80]!r} (also in {where_key[key]})")
+            where_key[key] = fname
+            tensors.append(CodedTensor(key, dt, shape, c.hex_(t[3], f"{r}[3]", CHUNK_HEX)))
+        size = len(expected_header([t.spec for t in tensors])) + sum(t.spec.nbytes for t in tensors)
+        if c.int_(c.get(e, "size", f"{q}."), f"{q}.size", 0) != size:
+            raise c.fail(f"{q}.size", f"is {e['size']}, but the tensors it lists take {size} bytes")
+        out_files[fname] = CodedFile(size, c.hex_(c.get(e, "sha256", f"{q}."), f"{q}.sha256", 64), tensors)
+    want = coded_keys(tasks, list(specs), M, has_mean, codecs["residual_codec"] is not None,
+                      codecs["bases_codec"] is not None)
+    er = c.obj(c.get(d, "entries", f"{p}."), f"{p}.entries")
+    if set(er) != set(want):
+        missing = sorted(set(want) - set(er))
+        extra = sorted(set(er) - set(want))
+        raise c.fail(f"{p}.entries", "must have one entry per (task, tensor) coded and no other: "
+                     + (f"missing {missing[0][:80]!r}" if missing else f"unexpected {extra[0][:80]!r}")
+                     + f" ({len(missing)} missing, {len(extra)} unexpected)")
+    entries: dict[str, CodedEntry] = {}
+    for key, param in want.items():
+        q = f"{p}.entries.{key}"
+        e = c.obj(er[key], q)
+        fname = c.str_(c.get(e, "file", f"{q}."), f"{q}.file")
+        if fname not in out_files:
+            raise c.fail(f"{q}.file", f"names {fname[:80]!r}, which 'files.coded' does not list")
+        enc = c.obj(c.get(e, "encoded", f"{q}."), f"{q}.encoded")
+        shape = specs[param].shape
+        if tuple(enc.get("shape", ())) != shape or not isinstance(enc.get("shape"), list):
+            raise c.fail(f"{q}.encoded.shape", f"must be the tensor's shape {list(shape)}")
+        _check_encoded(c, enc, f"{q}.encoded", f"{key}/", {t.key for t in out_files[fname].tensors if
+                                                          where_key[t.key] == fname}, 0)
+        entries[key] = CodedEntry(fname, enc)
+    listed = {t.key for f in out_files.values() for t in f.tensors}
+    stray = listed - {f"{k}/{n}" for k, e in entries.items() for n in encoded_keys(e.encoded, "")}
+    if stray:
+        raise c.fail(f"{p}.files", f"lists tensor {sorted(stray)[0][:80]!r} that no entry uses")
+    return CodedSection(mode, codecs["bases_codec"], codecs["residual_codec"], out_files, entries)
+
+
+def encoded_keys(desc: Mapping[str, Any], prefix: str) -> list[str]:
+    """The stored tensor names of an ``Encoded`` description (children's as ``child.name``), each with ``prefix``."""
+    keys = [prefix + str(n) for n in desc.get("tensors", [])]
+    for cname, child in dict(desc.get("children", {})).items():
+        keys += encoded_keys(child, f"{prefix}{cname}.")
+    return keys
+
+
+def _check_encoded(c: _Check, d: Any, path: str, prefix: str, available: set[str], depth: int) -> None:
+    """An ``Encoded`` description: a known codec spec, a shape, stored tensor names present in its file, meta
+    and children of the same form."""
+    d = c.obj(d, path)
+    if depth > MAX_CODEC_DEPTH:
+        raise c.fail(path, f"nests deeper than {MAX_CODEC_DEPTH} codecs")
+    spec = c.str_(c.get(d, "codec", f"{path}."), f"{path}.codec")
+    if spec != NONE_CODEC:
+        try:
+            parse_codec(spec)
+        except TvbasisError as e:
+            raise c.fail(f"{path}.codec", f"is not a valid codec spec: {e}") from None
+    for x in _list(c, c.get(d, "shape", f"{path}."), f"{path}.shape"):
+        c.int_(x, f"{path}.shape", 0, 2**40)
+    c.obj(d.get("meta", {}), f"{path}.meta")
+    for i, n in enumerate(c.strs(d.get("tensors", []), f"{path}.tensors")):
+        if not n or "." in n:
+            raise c.fail(f"{path}.tensors[{i}]", f"must be a name without '.', got {n[:40]!r}")
+        if prefix + n not in available:
+            raise c.fail(f"{path}.tensors[{i}]", f"names {prefix + n!r}, which its file does not hold")
+    for cname, child in c.obj(d.get("children", {}), f"{path}.children").items():
+        if not cname or "." in cname:
+            raise c.fail(f"{path}.children", f"has a child name with '.' or empty: {cname[:40]!r}")
+        _check_encoded(c, child, f"{path}.children.{cname}", f"{prefix}{cname}.", available, depth + 1)

@@ -70,7 +70,8 @@ def chunk_digest(view: memoryview) -> int:
     return xxhash.xxh3_64_intdigest(view)
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int, what: str) -> None:
+def pread_into(fd: int, buf: memoryview, offset: int, what: str) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; StoreError naming ``what`` if the file ends first."""
     got = 0
     while got < buf.nbytes:
         n = os.preadv(fd, [buf[got:]], offset + got)
@@ -122,7 +123,7 @@ class StoreData:
                 raise StoreError(f"{where}: is {st.st_size} bytes, the manifest records {dg.size} (truncated, "
                                  "extended or another file)")
             buf = bytearray(len(header))
-            _pread_into(fd, memoryview(buf), 0, where)
+            pread_into(fd, memoryview(buf), 0, where)
             if bytes(buf) != header:
                 raise StoreError(f"{where}: its header does not match the manifest (corrupt, or a shard of another "
                                  "store or layout)")
@@ -204,7 +205,7 @@ class StoreData:
             lo, hi = a * pl.row_bytes, b * pl.row_bytes
             out = torch.empty((pl.outer, hi - lo), dtype=torch.uint8)
             for m in range(pl.outer):
-                _pread_into(pl.fd, memoryview(out[m].numpy()), pl.offset + m * basis_bytes + lo, self._what(pl))
+                pread_into(pl.fd, memoryview(out[m].numpy()), pl.offset + m * basis_bytes + lo, self._what(pl))
         else:
             k0, k1 = _chunk_span(pl.chunks, a, b)
             ca, cb = pl.chunks[k0][0], pl.chunks[k1 - 1][1] if k1 > k0 else pl.chunks[k0][0]
@@ -212,7 +213,7 @@ class StoreData:
             buf = torch.empty((pl.outer, span), dtype=torch.uint8)
             for m in range(pl.outer):
                 view = memoryview(buf[m].numpy())
-                _pread_into(pl.fd, view, pl.offset + m * basis_bytes + ca * pl.row_bytes, self._what(pl))
+                pread_into(pl.fd, view, pl.offset + m * basis_bytes + ca * pl.row_bytes, self._what(pl))
                 n = len(pl.chunks)
                 for k in range(k0, k1):
                     r0, r1 = pl.chunks[k]
@@ -297,7 +298,7 @@ def _sha256_of(fd: int, size: int, where: str) -> str:
     pos = 0
     while pos < size:
         view = memoryview(buf)[:min(len(buf), size - pos)]
-        _pread_into(fd, view, pos, where)
+        pread_into(fd, view, pos, where)
         h.update(view)
         pos += view.nbytes
     return h.hexdigest()
@@ -316,7 +317,7 @@ def digest_fd(fd: int, manifest: Manifest, part: str, names: list[str], chunk_el
     if size != want:
         raise StoreError(f"{where}: is {size} bytes, its tensors need {want}")
     head = bytearray(len(header))
-    _pread_into(fd, memoryview(head), 0, where)
+    pread_into(fd, memoryview(head), 0, where)
     if bytes(head) != header:
         raise StoreError(f"{where}: its header is not the one tvbasis writes for the tensors the manifest lists")
     with ThreadPoolExecutor(1, thread_name_prefix="tvbasis-sha") as pool:
@@ -344,7 +345,7 @@ def _chunk_crcs(fd: int, manifest: Manifest, part: str, names: list[str], stacke
                 if len(block) < n:
                     block = bytearray(n)
                 view = memoryview(block)[:n]
-                _pread_into(fd, view, pos, where)
+                pread_into(fd, view, pos, where)
                 pos += n
                 parts.append(f"{chunk_digest(view):016x}")
                 if check_finite and name not in nonfinite and not all_finite(torch.frombuffer(view, dtype=s.dtype)):

@@ -8,8 +8,11 @@ A digest chunk is rows [a, b) (``row_chunks`` of the parameter's shape with ``ch
 chunk (m, k) of a bases tensor covers rows ``chunks[k]`` of basis m, chunks are ordered m-major. Row-chunk reads
 with the same chunking (add-task's) therefore read exactly whole chunks.
 
+A coded file (``coded…``) holds codec-encoded tensors of many entries, each tensor one digest chunk (its layout
+is recorded tensor by tensor in the manifest's ``coded`` section: ``store.coded``).
+
 File names: generation 1 (a fresh build) uses ``bases.safetensors`` / ``bases-00001-of-0000N.safetensors`` (and
-``mean…``); a later generation g writes new files as ``bases.g{g}.safetensors`` / ``bases.g{g}-00001-of-…``.
+``mean…``, ``coded…``); a later generation g writes new files as ``bases.g{g}.safetensors`` / ``bases.g{g}-00001-of-…``.
 Names of this pattern (and ``*.safetensors.index.json`` of version-1 stores) are tvbasis's; anything else in a
 store directory is left alone.
 """
@@ -23,9 +26,9 @@ import torch
 from tvbasis.io import TensorSpec, row_chunks
 from tvbasis.io.writer import header_for, shard_names
 
-PARTS = ("bases", "mean")
+PARTS = ("bases", "mean", "coded")
 SHARD_METADATA = {"format": "pt"}
-SHARD_RE = re.compile(r"^(?P<part>bases|mean)(?:\.g(?P<gen>[1-9][0-9]{0,8}))?(?P<shard>-[0-9]{5}-of-[0-9]{5})?"
+SHARD_RE = re.compile(r"^(?P<part>bases|mean|coded)(?:\.g(?P<gen>[1-9][0-9]{0,8}))?(?P<shard>-[0-9]{5}-of-[0-9]{5})?"
                       r"\.safetensors$")
 INDEX_RE = re.compile(r"^(?P<part>bases|mean)(?:\.g(?P<gen>[1-9][0-9]{0,8}))?\.safetensors\.index\.json$")
 

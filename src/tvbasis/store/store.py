@@ -22,7 +22,8 @@ from tvbasis.io import Checkpoint, confined_file
 from tvbasis.io.checksum import check_pretrained_structure
 from tvbasis.merge import MergeContext, MergeSpec, get_merger
 from tvbasis.passes import ALL, operand_thresholds
-from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from tvbasis.store.coded import CodedData
+from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest, entry_key
 from tvbasis.store.integrity import MissingFile, StoreData
 from tvbasis.vectors import Producer, TaskVector
 
@@ -35,7 +36,8 @@ class BasisStore:
     """A basis store on disk. Cheap to open (reads the manifest, checks each data file's size and header) and
     consistent: the data files are opened once, so a concurrent writer's new generation never mixes in."""
 
-    def __init__(self, root: Path, manifest: Manifest, data: StoreData | None = None) -> None:
+    def __init__(self, root: Path, manifest: Manifest, data: StoreData | None = None,
+                 coded: CodedData | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.M: int = manifest.M
@@ -48,10 +50,12 @@ class BasisStore:
         if data is None:
             dfd = _open_dir(root)
             try:
-                data = StoreData(root, dfd, manifest)
+                data, coded = _open_data(root, dfd, manifest)
             finally:
                 os.close(dfd)
         self.data = data
+        #: the coded files (residuals, TALL masks, coded bases); None for a store without them
+        self.coded = coded
 
     # -- open --------------------------------------------------------------------------------------------
     @classmethod
@@ -66,14 +70,14 @@ class BasisStore:
                 raw = _read_manifest(root, dfd)
                 manifest = Manifest.parse(raw, str(root / MANIFEST))
                 try:
-                    data = StoreData(root, dfd, manifest)
+                    data, coded = _open_data(root, dfd, manifest)
                 except MissingFile:
                     if attempt + 1 < OPEN_ATTEMPTS and _read_manifest(root, dfd) != raw:
                         continue  # a writer switched generations meanwhile: open the new one
                     raise
             finally:
                 os.close(dfd)
-            return cls(root, manifest, data)
+            return cls(root, manifest, data, coded)
         raise StoreError(f"{root}: the store kept changing while being opened")  # pragma: no cover
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
@@ -82,6 +86,8 @@ class BasisStore:
 
     def close(self) -> None:
         self.data.close()
+        if self.coded is not None:
+            self.coded.close()
 
     # -- facts -------------------------------------------------------------------------------------------
     @property
@@ -135,12 +141,38 @@ class BasisStore:
         a, b = rows if rows is not None else (0, spec.shape[0] if spec.shape else 1)
         if fit.random_seed is not None:
             return random_rows(fit.random_seed, name, spec.shape, self.M, self.total_params, a, b)
+        if self.M == 0:
+            return torch.zeros((0, *((b - a,) if spec.shape else ()), *spec.shape[1:]))
+        if self.manifest.bases_coded:
+            assert self.coded is not None
+            S = torch.stack([self.coded.decode(entry_key("bases", name, m)) for m in range(self.M)])
+            return S[:, a:b] if rows is not None and spec.shape else S
         return self.data.read("bases", name, rows if spec.shape else None).to(torch.float32)
 
     def mean_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        if self.manifest.bases_coded:
+            if not self.fits[self.group_of.get(name, ALL)].has_mean:
+                return None
+            assert self.coded is not None
+            mu = self.coded.decode(entry_key("mean", name))
+            return mu[rows[0]:rows[1]] if rows is not None and mu.dim() else mu
         if not self.data.has("mean"):
             return None
         return self.data.read("mean", name, rows).to(torch.float32)
+
+    def task_rows(self, task: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Task ``task``'s coded entry of one tensor (rows [a, b)): its decoded residual r̂_t (mode ``add``) or its
+        0/1 mask m_t (mode ``mask``); None when the store has no per-task entries."""
+        if not self.manifest.has_residuals:
+            return None
+        assert self.coded is not None
+        r = self.coded.decode(entry_key("residual", name, task))
+        return r[rows[0]:rows[1]] if rows is not None and r.dim() else r
+
+    @property
+    def masks(self) -> bool:
+        """True for a TALL store: task t is m_t ∘ s_0, not a linear reconstruction plus a residual."""
+        return self.manifest.coded is not None and self.manifest.coded.mode == "mask"
 
     # -- integrity ---------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
@@ -151,18 +183,24 @@ class BasisStore:
         if self.manifest.digests is None:
             problems.append(f"{self.root}: store format version {self.manifest.format_version} records no digests "
                             "of its data, so corruption cannot be detected; run `tvbasis upgrade STORE`")
-        for f in self.manifest.files.all():
+        for f in self.manifest.files.dense():
             problems.extend(self.data.verify_file(f))
+        if self.coded is not None:
+            for f in self.manifest.files.coded:
+                problems.extend(self.coded.verify_file(f))
         return problems
 
     # -- arithmetic --------------------------------------------------------------------------------------
-    def _coefficients(self, alpha: Mapping[str, float]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def _alpha(self, alpha: Mapping[str, float]) -> np.ndarray:
         a = np.zeros(self.T)
         for task, c in alpha.items():
             i = self.task_index(task)
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
                 raise ConfigError(f"coefficient of task {task!r} must be a finite number, got {c!r}")
             a[i] += float(c)
+        return a
+
+    def _coefficients(self, a: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         coefs = {g: f.W @ a for g, f in self.fits.items()}
         means = {g: float(f.mean_coef @ a) if f.mean_coef is not None else 0.0 for g, f in self.fits.items()}
         return coefs, means
@@ -171,12 +209,14 @@ class BasisStore:
         """Σ_t α_t·v̂_t = S·(W·α) (+ μ·Σ mean_coef·α): addition, negation, analogy in one pass."""
         if not alpha:
             raise ConfigError("combine needs at least one task coefficient")
-        coefs, means = self._coefficients(alpha)
+        a = self._alpha(alpha)
+        coefs, means = self._coefficients(a)
         label = name or " + ".join(f"{c:g}*{t}" for t, c in alpha.items())
-        return self._vector(_Combination(self, coefs, means), label)
+        per_task = {self.task_names[i]: float(a[i]) for i in np.flatnonzero(a)} if self.manifest.has_residuals else {}
+        return self._vector(_Combination(self, coefs, means, per_task), label)
 
     def reconstruct(self, task: str) -> TaskVector:
-        """v̂_t from the store alone."""
+        """v̂_t from the store alone (plus its residual r̂_t, or TALL's m_t ∘ s_0, where the store keeps them)."""
         self.task_index(task)
         return self.combine({task: 1.0}, name=f"reconstructed {task}")
 
@@ -198,7 +238,12 @@ class BasisStore:
             raise ConfigError(f"addition mode must be 'paper' or 'reconstructions', got {mode!r}")
         if outer is None:
             opts = self.manifest.options
-            chosen = mode or ("paper" if task_like else str(opts.get("addition", "reconstructions")))
+            if self.M == 0 and mode == "paper":
+                raise ConfigError(f"{self.root}: has no bases (M = 0), so the paper's sum of bases is empty; use "
+                                  "mode='reconstructions'")
+            residual_store = self.manifest.has_residuals and not self.masks
+            chosen = mode or ("reconstructions" if residual_store or self.M == 0 else "paper" if task_like
+                              else str(opts.get("addition", "reconstructions")))
             if chosen == "paper" and not whole:
                 if mode == "paper":
                     raise ConfigError("the paper's addition sums all the bases, so it covers every task; for "
@@ -258,14 +303,28 @@ class BasisStore:
             "stats": {g: {k: v for k, v in f.stats.items() if k not in ("loss_history", "laplacian_spectrum")}
                       for g, f in self.fits.items()} if len(self.fits) <= 4 else {},
             "pretrained": self.manifest.pretrained.to_json(),
+            "coded": self._coded_summary(),
         }
+
+    def _coded_summary(self) -> dict[str, Any] | None:
+        c = self.manifest.coded
+        if c is None:
+            return None
+        return {"mode": c.mode, "bases_codec": c.bases_codec, "residual_codec": c.residual_codec,
+                "bases_bytes": c.nbytes("bases/") + c.nbytes("mean/"), "per_task_bytes": c.nbytes("residual/"),
+                "per_task_bytes_by_task": {t: c.nbytes(f"residual/{t}/") for t in self.task_names}}
 
 
 class _Combination(Producer):
+    """Σ_t α_t·ṽ_t of one tensor: S·(W·α) (+ μ·Σ mean_coef·α), plus Σ_t α_t·r̂_t where the store keeps residuals;
+    TALL: s_0 ∘ Σ_t α_t·m_t."""
+
     fresh = True
 
-    def __init__(self, store: BasisStore, coefs: Mapping[str, np.ndarray], means: Mapping[str, float]) -> None:
+    def __init__(self, store: BasisStore, coefs: Mapping[str, np.ndarray], means: Mapping[str, float],
+                 per_task: Mapping[str, float] | None = None) -> None:
         self.store, self.coefs, self.means = store, dict(coefs), dict(means)
+        self.per_task = dict(per_task or {})
         self.inputs = (store.root,)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -277,7 +336,26 @@ class _Combination(Producer):
             mu = self.store.mean_rows(name, rows)
             assert mu is not None
             out.add_(mu, alpha=self.means[g])
+        return add_task_terms(self.store, out, S, name, rows, self.per_task)
+
+
+def add_task_terms(store: BasisStore, out: torch.Tensor, S: torch.Tensor, name: str, rows: tuple[int, int] | None,
+                   per_task: Mapping[str, float]) -> torch.Tensor:
+    """``out`` plus the per-task coded terms with coefficients ``per_task``: Σ α_t·r̂_t, or s_0 ∘ Σ α_t·m_t."""
+    if not per_task:
         return out
+    if store.masks:
+        weight = torch.zeros_like(out)
+        for t, a in per_task.items():
+            m = store.task_rows(t, name, rows)
+            assert m is not None
+            weight.add_(m, alpha=a)
+        return out.add_(S[0] * weight)
+    for t, a in per_task.items():
+        r = store.task_rows(t, name, rows)
+        assert r is not None
+        out.add_(r, alpha=a)
+    return out
 
 
 class _SumOfBases(Producer):
@@ -310,6 +388,9 @@ class _Operands:
             mu = self.store.mean_rows(name)
             assert mu is not None
             out += torch.as_tensor(fit.mean_coef[self.idx], dtype=torch.float32).view(-1, *[1] * mu.dim()) * mu
+        if self.store.manifest.has_residuals:
+            for j, i in enumerate(self.idx):
+                out[j] = add_task_terms(self.store, out[j], S, name, None, {self.store.task_names[i]: 1.0})
         return out
 
 
@@ -363,6 +444,16 @@ def _read_manifest(root: Path, dfd: int) -> bytes:
         raise StoreError(f"{root / MANIFEST}: is not a file") from None
     finally:
         os.close(fd)
+
+
+def _open_data(root: Path, dfd: int, manifest: Manifest) -> tuple[StoreData, CodedData | None]:
+    data = StoreData(root, dfd, manifest)
+    try:
+        coded = CodedData(root, dfd, manifest) if manifest.coded is not None else None
+    except BaseException:
+        data.close()
+        raise
+    return data, coded
 
 
 def _reopen(root: str, manifest_sha256: str) -> BasisStore:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from tvbasis.bases.extend import Extension, extend_fit
+from tvbasis.codecs import Encoded, decode
+from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError, StoreError
 from tvbasis.io import Checkpoint, check_finite, open_checkpoint, open_finetuned, row_chunks
@@ -30,14 +32,23 @@ from tvbasis.io.atomic import temp_path
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_key, tensor_digest
 from tvbasis.io.writer import PositionalShard
 from tvbasis.passes import ALL
-from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_generation, remove_leftovers, store_lock
+from tvbasis.store.coded import CodedWriter
+from tvbasis.store.commit import (
+    DEFAULT_LOCK_TIMEOUT,
+    commit_generation,
+    next_generation,
+    remove_leftovers,
+    store_lock,
+)
 from tvbasis.store.faults import fault_point
-from tvbasis.store.format import FORMAT_VERSION, Cross, Digests, Manifest, TaskEntry, task_name_problem
+from tvbasis.store.format import FORMAT_VERSION, Cross, Digests, Manifest, TaskEntry, entry_key, task_name_problem
 from tvbasis.store.integrity import digest_fd, digest_file
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
 Item = tuple[str, int, int]
+#: shard size of the coded files add-task writes
+DEFAULT_CODED_SHARD = "5GB"
 
 
 def _items(store: BasisStore, chunk: int) -> list[Item]:
@@ -61,7 +72,7 @@ class _Project:
         pre = self.pre.get(name) if rows is None else self.pre.get_rows(name, a, b)
         digest = (chunk_key(name, a, b), tensor_digest(chunk_key(name, a, b), pre))
         v = DiffSource(self.pre, self.ft).get_with(pre, name, rows).reshape(-1).to(torch.float64)
-        parts = [self.store.bases_rows(name, rows).reshape(self.store.M, -1)]
+        parts = [self.store.bases_rows(name, rows).reshape(self.store.M, v.numel())]
         mu = self.store.mean_rows(name, rows)
         if mu is not None:
             parts.append(mu.reshape(1, -1))
@@ -115,6 +126,10 @@ def add_task(store: BasisStore | str | Path, name: str, finetuned: str | Path | 
 def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run: Run) -> BasisStore:
     if name in store.task_names:
         raise ConfigError(f"{store.root}: already has a task named {name!r}")
+    if store.masks:
+        raise ConfigError(f"{store.root}: a tall store's multi-task vector τ_MTL sums the tasks it was built from, "
+                          "and a new task's mask would select from a vector that lacks it; rebuild the store with the "
+                          "new fine-tune instead")
     needs_digests(store, "add-task")
     store.check_pretrained(pre)
     _check_covers(store, pre, ft)
@@ -142,7 +157,7 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
     inner = np.zeros(T)  # ⟨v, v̂_t⟩ summed over groups
     for g, fit in store.fits.items():
         cross = mf.cross[g]
-        e = ext[g] = extend_fit(fit, c[g], vv[g], cross.C, cross.K)
+        e = ext[g] = extend_fit(fit, c[g], vv[g], cross.C, cross.K, fixed_bases=mf.coded is not None)
         inner += e.inner_estimate
         Gg = np.zeros((T + 1, T + 1))
         Gg[:T, :T] = mf.gram_of_group(g)
@@ -165,6 +180,14 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
     new.tasks.append(entry)
     _check_finite_fit(new)
     updates = {g: e.update for g, e in ext.items() if e.update is not None}
+    first_fit = next(iter(ext.values())).fit
+    if mf.coded is not None and first_fit.labels is not None:  # joined a cluster; its stored basis is kept
+        entry.cluster = first_fit.labels[-1]
+        if new.member_counts is not None:
+            new.member_counts = first_fit.cluster_sizes()
+    if new.has_residuals:
+        assert not updates
+        return _add_coded_task(store, new, name, pre, ft, eng)
     if not updates:
         commit_generation(store.root, new, {})
         return BasisStore.open(store.root)
@@ -176,6 +199,62 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
     _update_old_errors(new, {g: e.update[0] for g, e in ext.items() if e.update is not None})
     _check_finite_fit(new)
     return _rewrite_cluster_store(store, new, pre, ft, updates, eng, items)  # type: ignore[arg-type]
+
+
+class _Residual:
+    """Work unit (one whole tensor) of add-task on a store with residuals: r = v − v̂ for the new task through the
+    store's residual coder; returns the entry and its exact squared error ‖v − (v̂ + r̂)‖²."""
+
+    def __init__(self, store: BasisStore, new: Manifest, pre: Checkpoint, ft: Checkpoint, coder: Coder) -> None:
+        self.store, self.new, self.pre, self.ft, self.coder = store, new, pre, ft, coder
+
+    def __call__(self, name: str) -> tuple[str, Encoded | None, float]:
+        fit = self.new.groups[self.store.group_of.get(name, ALL)]
+        coef = fit.coef_matrix()[:, -1]
+        v = DiffSource(self.pre, self.ft).get(name)
+        S = self.store.bases_rows(name)
+        vhat = torch.tensordot(torch.as_tensor(coef[:fit.M], dtype=torch.float32), S, dims=1)
+        if fit.has_mean:
+            mu = self.store.mean_rows(name)
+            assert mu is not None
+            vhat.add_(mu, alpha=float(coef[fit.M]))
+        r = v - vhat
+        enc = self.coder.encode(name, r)
+        rhat = decode(enc) if enc is not None else torch.zeros_like(r)
+        return name, enc, float(((r.double() - rhat.double()) ** 2).sum())
+
+
+def _add_coded_task(store: BasisStore, new: Manifest, name: str, pre: Checkpoint, ft: Checkpoint,
+                    eng: Engine) -> BasisStore:
+    """The new task's residual entries, in new coded files of the next generation; the old ones stay as they are
+    (the bases never change in a store with residuals, so the old residuals stay exact)."""
+    assert new.coded is not None and new.coded.residual_codec is not None
+    built_T = sum(not t.added for t in new.tasks[:-1]) or store.T
+    coder = Coder(new.coded.residual_codec, built_T)
+    gen = next_generation(store.root, store.manifest)
+    stage = temp_path(store.root / "coded")
+    stage.mkdir()
+    writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
+    try:
+        names = list(store.specs)
+        err2 = 0.0
+        for tensor, enc, e2 in eng.map(_Residual(store, new, pre, ft, coder), names, desc=f"residual of {name}",
+                                       sizes=[4 * store.specs[n].numel for n in names]):
+            writer.add(entry_key("residual", tensor, name), enc, store.specs[tensor].shape)
+            err2 += e2
+        files, section = writer.finish([entry_key("residual", n, name) for n in names], gen)
+        task = new.tasks[-1]
+        task.rel_error = float(np.sqrt(max(err2, 0.0))) / task.norm if task.norm else 0.0
+        new.coded.files.update(section.files)
+        new.coded.entries.update(section.entries)
+        new.files.coded = [*new.files.coded, *files]
+        commit_generation(store.root, new, {f: stage / f for f in files})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return BasisStore.open(store.root)
 
 
 def _item_bytes(store: BasisStore, pre: Checkpoint, item: Item) -> int:

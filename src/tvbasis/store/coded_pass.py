@@ -1,0 +1,140 @@
+"""The materialisation pass of a store with coded parts: per tensor, the stored vectors U (dense, or through the
+bases coder), the cross-Grams C = U·Vᵀ and K = U·Uᵀ of exactly what a reader rebuilds, and per task its coded
+entry — the residual r_t = v_t − v̂_t through the residual coder (mode ``add``), or TALL's mask
+m_t = 1[|v_t| ≥ λ_t·|s_0 − v_t|] (mode ``mask``) — with every task's exact squared reconstruction error
+‖v_t − ṽ_t‖² (ṽ_t = v̂_t + r̂_t, or m_t ∘ s_0).
+
+Codecs such as low rank need a whole tensor, so work items are whole tensors. The T task-vector slices of one
+tensor are read once, in row chunks, into a (T, *shape) buffer — in memory up to ``SCRATCH_BYTES``, else a
+memory-mapped scratch file in the build's staging directory (the page cache holds what fits: memory stays flat in
+T) — and each task is then coded from its own slice. The inputs are still read once in this pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvbasis.bases import BasisFit
+from tvbasis.codecs import Encoded, Mask, decode
+from tvbasis.compress import Coder, tall_mask
+from tvbasis.io import check_finite, row_chunks
+from tvbasis.io.atomic import temp_path
+from tvbasis.io.writer import PositionalShard
+from tvbasis.passes import ALL
+from tvbasis.store.format import entry_key
+from tvbasis.taskset import TaskSet
+
+#: a (T, *shape) buffer above this many bytes goes to a memory-mapped scratch file
+SCRATCH_BYTES = 256 * 2**20
+#: per item: (group, C, K, squared errors (T,), (tensor name, {entry key: Encoded or None}))
+CodedMeasured = tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple[str, dict[str, Encoded | None]]]
+
+
+class CodedMaterialiseTask:
+    """Work unit (one whole tensor) of the materialisation pass of a store with coded parts."""
+
+    def __init__(self, taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: Mapping[str, str],
+                 dtype_of: Mapping[str, torch.dtype], bases: Mapping[str, PositionalShard],
+                 means: Mapping[str, PositionalShard], device: str, total_params: int, stage: Path,
+                 bases_coder: Coder | None, residual_coder: Coder | None, mask_lambdas: list[float] | None,
+                 chunk_elements: int, label: str = "store") -> None:
+        self.taskset, self.fits, self.group_of, self.dtype_of = taskset, dict(fits), dict(group_of), dict(dtype_of)
+        self.bases, self.means, self.device, self.total_params = dict(bases), dict(means), device, total_params
+        self.stage = stage
+        self.bases_coder, self.residual_coder, self.mask_lambdas = bases_coder, residual_coder, mask_lambdas
+        self.chunk_elements = chunk_elements
+        self.label = label
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def _deltas(self, name: str) -> tuple[torch.Tensor, Path | None]:
+        spec = self.taskset.specs[name]
+        T = self.taskset.T
+        nbytes = T * spec.numel * 4
+        scratch = None
+        if nbytes > SCRATCH_BYTES:
+            scratch = temp_path(self.stage / "scratch")
+            X = torch.from_numpy(np.memmap(scratch, dtype=np.float32, mode="w+", shape=(T, *spec.shape)))
+        else:
+            X = torch.empty((T, *spec.shape), dtype=torch.float32)
+        if not spec.shape:
+            X.copy_(self.taskset.deltas(name, None))
+            return X, scratch
+        for a, b in row_chunks(spec, self.chunk_elements):
+            X[:, a:b] = self.taskset.deltas(name, (a, b))
+        return X, scratch
+
+    # ------------------------------------------------------------------------------------------------ the item
+    def __call__(self, item: tuple[str, int, int]) -> CodedMeasured:
+        name = item[0]
+        X, scratch = self._deltas(name)
+        try:
+            return self._measure(name, X)
+        finally:
+            del X
+            if scratch is not None:
+                os.unlink(scratch)
+
+    def _measure(self, name: str, X: torch.Tensor) -> CodedMeasured:
+        spec = self.taskset.specs[name]
+        group = self.group_of.get(name, ALL)
+        fit = self.fits[group]
+        T, nU = self.taskset.T, fit.n_stored
+        entries: dict[str, Encoded | None] = {}
+        flatX = X.reshape(T, -1)
+        if nU:
+            U = fit.stored_rows(X, name, spec.shape, 0, spec.shape[0] if spec.shape else 1, self.total_params)
+            U = self._store(name, fit, U, entries)
+        else:
+            U = torch.zeros((0, *spec.shape))
+        flatU = U.reshape(nU, spec.numel).to(self.device)
+        U64 = flatU.double()
+        C = np.zeros((nU, T))
+        K = (U64 @ U64.T).cpu().numpy()
+        err2 = np.zeros(T)
+        coef = torch.as_tensor(fit.coef_matrix(), dtype=torch.float32, device=self.device)  # (nU, T)
+        names = self.taskset.names
+        for t in range(T):
+            x = flatX[t].to(self.device)
+            C[:, t] = (U64 @ x.double()).cpu().numpy()
+            vhat = coef[:, t] @ flatU if nU else torch.zeros_like(x)
+            key = entry_key("residual", name, names[t])
+            if self.mask_lambdas is not None:  # TALL: m_t over the one stored vector s_0
+                s0 = flatU[0]
+                m = tall_mask(x, s0, self.mask_lambdas[t])
+                entries[key] = Mask().encode(m.to(torch.float32).reshape(spec.shape))
+                approx = torch.where(m, s0, torch.zeros((), device=s0.device))
+            elif self.residual_coder is not None:
+                r = (x - vhat).reshape(spec.shape).cpu()
+                enc = self.residual_coder.encode(name, r)
+                entries[key] = enc
+                approx = vhat + (decode(enc).reshape(-1).to(self.device) if enc is not None else 0.0)
+            else:
+                approx = vhat
+            err2[t] = float(((x.double() - approx.double()) ** 2).sum())
+        return group, C, K, err2, (name, entries)
+
+    def _store(self, name: str, fit: BasisFit, U: torch.Tensor, entries: dict[str, Encoded | None]) -> torch.Tensor:
+        """Write the stored vectors (dense shards or coded entries); return exactly what a reader rebuilds."""
+        spec = self.taskset.specs[name]
+        if self.bases_coder is not None:
+            out = torch.empty_like(U)
+            for i in range(U.shape[0]):
+                key = entry_key("bases", name, i) if i < fit.M else entry_key("mean", name)
+                enc = self.bases_coder.encode(name, U[i])
+                entries[key] = enc
+                out[i] = decode(enc) if enc is not None else 0.0
+            return out
+        dtype = self.dtype_of[name]
+        stored = U.to(dtype)
+        check_finite(stored, f"{self.label} (bases)", name)
+        if fit.M:
+            for m in range(fit.M):
+                self.bases[name].write_elements(name, m * spec.numel, stored[m].cpu(), dtype)
+        if fit.has_mean:
+            self.means[name].write_elements(name, 0, stored[fit.M].cpu(), dtype)
+        return stored.to(torch.float32)
