@@ -17,6 +17,7 @@ sparse-rows    only the nonzero rows + int32 row indices; rows via +NEXT
 topk           largest-|x| density fraction; support as int32 indices or bit mask, whichever is smaller
 ternary        top-k support as signs × one mean-|x| scale (ComPEFT)
 mask           1 bit per element: nonzero or not (TALL's per-task masks); decodes to 0/1
+minmax         per-tensor asymmetric min-max at 1..8 bits, integer zero point (TVQ), one dense bit stream
 auto           cheapest rung of a fixed ladder meeting a relative-error target
 =============  =====================================================================================
 """
@@ -34,6 +35,7 @@ from tvbasis.codecs.cast import BFloat16, Float16, Float32
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.lowrank import LowRank, energy_rank
 from tvbasis.codecs.mask import Mask
+from tvbasis.codecs.minmax import MinMax, minmax_dequantize, minmax_quantize
 from tvbasis.codecs.params import Param, split_spec
 from tvbasis.codecs.quant import Int2, Int4, Int8
 from tvbasis.codecs.registry import CODECS, decode, get_codec, parse_codec
@@ -42,6 +44,6 @@ from tvbasis.codecs.sparse_rows import SparseRows
 from tvbasis.codecs.topk import Ternary, TopK, keep_count
 
 __all__ = ["AUTO_LADDER", "CODECS", "Auto", "BFloat16", "Codec", "Encoded", "Float16", "Float32", "Int2", "Int4",
-           "Int8", "LowRank", "Mask", "Param", "Sign", "SparseRows", "Ternary", "TopK", "as_matrix", "decode",
-           "energy_rank", "get_codec", "keep_count", "pack_bits", "pack_uint", "packed_size", "parse_codec",
+           "Int8", "LowRank", "Mask", "MinMax", "Param", "Sign", "SparseRows", "Ternary", "TopK", "as_matrix", "decode",
+           "energy_rank", "get_codec", "keep_count", "minmax_dequantize", "minmax_quantize", "pack_bits", "pack_uint", "packed_size", "parse_codec",
            "relative_error", "split_spec", "unpack_bits", "unpack_uint"]

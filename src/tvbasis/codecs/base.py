@@ -116,6 +116,14 @@ def check_input(x: torch.Tensor, codec: str) -> torch.Tensor:
     return x
 
 
+def expect_numel(t: torch.Tensor, n: int, codec: str, what: str) -> torch.Tensor:
+    """``t`` when it holds exactly ``n`` elements; ValueError otherwise (an encoding whose stored tensors do not
+    fit its recorded shape and parameters: decoding it would read past them or leave values unset)."""
+    if t.numel() != n:
+        raise ValueError(f"codec {codec!r}: stored {what} has {t.numel()} elements, the encoding needs {n}")
+    return t
+
+
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
     """2-D view: n-d -> (shape[0], Π shape[1:]), 1-d -> (1, n), 0-d -> (1, 1)."""
     if x.ndim == 0:

@@ -83,11 +83,21 @@ class LowRank(Codec):
             return self._make(x, {"us": us, "vt": vt}, meta)
         return self._make(x, meta=meta, children={"us": self.next.encode(us), "vt": self.next.encode(vt)})
 
-    def _decode(self, enc: Encoded) -> torch.Tensor:
-        if "fallback" in enc.meta:
-            return self._inner().decode(enc.children["value"])
+    def factors(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The decoded factors (P, Q) = (usᵀ (m × r), vt (r × n)), float32, with P·Q the decoded 2-D view; None for
+        a 0-d/1-d tensor stored through the fallback (or an empty one)."""
+        if enc.codec != self.spec:
+            raise ConfigError(f"codec {self.spec!r}: cannot decode a tensor encoded with {enc.codec!r}")
+        if "fallback" in enc.meta or enc.meta.get("empty"):
+            return None
         if self.next is None:
             us, vt = enc.tensors["us"].float(), enc.tensors["vt"].float()
         else:
             us, vt = self.next.decode(enc.children["us"]), self.next.decode(enc.children["vt"])
-        return us.T @ vt
+        return us.T, vt
+
+    def _decode(self, enc: Encoded) -> torch.Tensor:
+        if "fallback" in enc.meta:
+            return self._inner().decode(enc.children["value"])
+        P, Q = self.factors(enc)  # type: ignore[misc]
+        return P @ Q

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tvbasis.codecs import base
-from tvbasis.codecs.base import Codec
+from tvbasis.codecs.base import Codec, expect_numel
 from tvbasis.codecs.bits import pack_bits, packed_size, unpack_bits
 from tvbasis.codecs.encoded import Encoded
 
@@ -32,7 +32,7 @@ class Mask(Codec):
 
     def _decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel
-        bits = enc.tensors["bits"]
+        bits = expect_numel(enc.tensors["bits"], packed_size(n, 1), self.name, "bits")
         out = torch.empty(n, dtype=torch.float32, device=bits.device)
         step = max(8, base.CHUNK_ELEMENTS // 8 * 8)
         for s in range(0, n, step):

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from tvbasis.codecs import base
-from tvbasis.codecs.base import Codec, to_fp16
+from tvbasis.codecs.base import Codec, expect_numel, to_fp16
 from tvbasis.codecs.bits import pack_uint, packed_size, unpack_uint
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
@@ -93,6 +93,13 @@ class _IntQuant(Codec):
         n, group, bits = enc.numel, self.group, self.bits
         width = 8 if bits == 8 else bits
         q, scale, mins = enc.tensors["q"], enc.tensors["scale"], enc.tensors.get("min")
+        groups = -(-n // group)
+        expect_numel(q, packed_size(n, width), self.name, "codes")
+        expect_numel(scale, groups, self.name, "scales")
+        if (mins is not None) != self.affine:
+            raise ValueError(f"codec {self.spec!r}: stored minima do not match the scheme")
+        if mins is not None:
+            expect_numel(mins, groups, self.name, "minima")
         if bits == 8 and mins is None:
             q = (q.to(torch.int16) + 127).to(torch.uint8)
         n_groups = scale.numel()

@@ -11,6 +11,7 @@ from tvbasis.codecs.cast import BFloat16, Float16, Float32
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.lowrank import LowRank
 from tvbasis.codecs.mask import Mask
+from tvbasis.codecs.minmax import MinMax
 from tvbasis.codecs.params import split_spec
 from tvbasis.codecs.quant import Int2, Int4, Int8
 from tvbasis.codecs.sign import Sign
@@ -21,7 +22,8 @@ from tvbasis.errors import ConfigError
 #: codec name -> class
 CODECS: dict[str, type[Codec]] = {
     cls.name: cls
-    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Mask)
+    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Mask,
+                MinMax)
 }
 # ``auto`` picks among the codecs above through ``parse_codec``: it sits one level up and adds itself with
 # ``register_codec`` when ``tvbasis.codecs.auto`` is imported (``tvbasis.codecs`` imports it).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tvbasis.codecs.base import Codec, as_matrix, row_chunk, to_fp16
+from tvbasis.codecs.base import Codec, as_matrix, expect_numel, row_chunk, to_fp16
 from tvbasis.codecs.bits import pack_bits, packed_size, unpack_bits
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
@@ -47,6 +47,8 @@ class Sign(Codec):
         rows = shape[0] if len(shape) >= 2 else 1
         cols = enc.numel // rows
         bits, scale = enc.tensors["bits"], enc.tensors["scale"].float()
+        expect_numel(bits, packed_size(rows * cols, 1), self.name, "sign bits")
+        expect_numel(scale, 1 if self.values["scale"] == "tensor" else rows, self.name, "scales")
         out = torch.empty(rows, cols, dtype=torch.float32, device=bits.device)
         step = row_chunk(cols)
         for r0 in range(0, rows, step):

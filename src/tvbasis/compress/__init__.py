@@ -19,8 +19,9 @@ Each peer module's docstring states where it follows the paper, where the refere
 not reproduced. ``tvbasis bench --frontier`` (``tvbasis.eval.frontier``) measures them all on real fine-tunes.
 """
 
-from tvbasis.compress.bitdelta import bitdelta_tensor, is_block_linear
-from tvbasis.compress.plan import EMBEDDING_MARKERS, KINDS, CodecPlan, Coder, plan_roundtrip, tensor_kind
+from tvbasis.compress.bitdelta import bitdelta_codec, bitdelta_tensor, is_block_linear
+from tvbasis.compress.kinds import EMBEDDING_MARKERS, KINDS, tensor_kind
+from tvbasis.compress.plan import CodecPlan, Coder, plan_roundtrip
 from tvbasis.compress.residual import code_bases, combine_bases, residual_roundtrip
 from tvbasis.compress.svd import SVDCache, lowrank_encode, truncated_svd
 from tvbasis.compress.tall import (
@@ -34,7 +35,7 @@ from tvbasis.compress.tall import (
 from tvbasis.compress.tsvc import tsvc_codec, tsvc_compress, tsvc_factors, tsvc_rank, tsvc_tensor
 from tvbasis.compress.tvq import rtvq_tensor, tvq_dequantize, tvq_nbytes, tvq_quantize, tvq_tensor
 
-__all__ = ["EMBEDDING_MARKERS", "KINDS", "TALL_LAMBDAS", "CodecPlan", "Coder", "SVDCache", "bitdelta_tensor", "code_bases",
+__all__ = ["EMBEDDING_MARKERS", "KINDS", "TALL_LAMBDAS", "CodecPlan", "bitdelta_codec", "Coder", "SVDCache", "bitdelta_tensor", "code_bases",
            "combine_bases", "is_block_linear", "lowrank_encode", "multi_task_vector", "plan_roundtrip",
            "residual_roundtrip", "truncated_svd",
            "rtvq_tensor", "tall_mask", "tall_masks", "tall_nbytes", "tall_reconstruct", "tensor_kind",

@@ -20,8 +20,8 @@ import re
 
 import torch
 
-from tvbasis.codecs import parse_codec
-from tvbasis.compress.plan import tensor_kind
+from tvbasis.codecs import Codec, parse_codec
+from tvbasis.compress.kinds import tensor_kind
 
 SIGN_SPEC = "sign:scale=tensor"
 KEEP_SPEC = "float16"
@@ -34,8 +34,13 @@ def is_block_linear(name: str, shape: tuple[int, ...] | torch.Size) -> bool:
             and _BLOCK.search(name) is not None)
 
 
+def bitdelta_codec(name: str, shape: tuple[int, ...] | torch.Size) -> Codec:
+    """BitDelta's codec of one tensor: signs × one scale for block linear weights, float16 otherwise."""
+    return parse_codec(SIGN_SPEC if is_block_linear(name, tuple(shape)) else KEEP_SPEC)
+
+
 def bitdelta_tensor(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """One tensor of one task vector as BitDelta stores it: (reconstruction, stored bytes)."""
-    codec = parse_codec(SIGN_SPEC if is_block_linear(name, tuple(x.shape)) else KEEP_SPEC)
+    codec = bitdelta_codec(name, x.shape)
     enc = codec.encode(x)
     return codec.decode(enc), enc.nbytes

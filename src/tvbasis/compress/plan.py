@@ -19,23 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
+from tvbasis.compress.bitdelta import bitdelta_codec
+from tvbasis.compress.kinds import KINDS, tensor_kind
 from tvbasis.compress.svd import SVD, lowrank_encode, truncated_svd
 from tvbasis.compress.tsvc import tsvc_codec
 from tvbasis.errors import ConfigError
 
-KINDS: tuple[str, ...] = ("embedding", "matrix", "vector")
-#: lower-case name fragments that mark a 2-D tensor as an embedding table (rows = tokens or positions)
-EMBEDDING_MARKERS: tuple[str, ...] = ("embed", "wte", "wpe", "lm_head")
 NONE = "none"
-
-
-def tensor_kind(name: str, shape: tuple[int, ...] | torch.Size) -> str:
-    """``embedding``, ``matrix`` or ``vector`` (see the module docstring)."""
-    if len(shape) <= 1:
-        return "vector"
-    if len(shape) == 2 and any(m in name.lower() for m in EMBEDDING_MARKERS):
-        return "embedding"
-    return "matrix"
 
 
 @dataclass(frozen=True)
@@ -132,20 +122,24 @@ _PLAN_RE = re.compile(r"^\s*(embedding|matrix|vector)\s*=", re.IGNORECASE)
 
 class Coder:
     """How a store codes each tensor of its bases or residuals: one codec for every tensor, a ``CodecPlan``
-    (``KIND=SPEC;…``), or TSV-C's rule (``tsvc``: 2-D tensors at 1/T of their rank, the rest float32).
+    (``KIND=SPEC;…``), TSV-C's rule (``tsvc``: 2-D tensors at 1/T of their rank, the rest float32) or BitDelta's
+    (``bitdelta``: block linear weights as signs × one scale, the rest float16).
     ``spec`` is canonical (what the store records)."""
 
     def __init__(self, text: str, T: int | None = None) -> None:
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"expected a codec spec, a codec plan (KIND=SPEC;...) or 'tsvc', got {text!r}")
-        self._tsvc = None
+        self._rule: Callable[[str, tuple[int, ...]], Codec] | None = None
         self._plan: CodecPlan | None = None
         self._codec: Codec | None = None
         if text.strip().lower() == "tsvc":
             if T is None:
                 raise ConfigError("the tsvc coder needs the number of tasks")
-            self._tsvc = lambda shape: tsvc_codec(shape, T)
+            self._rule = lambda name, shape: tsvc_codec(shape, T)
             self.spec = "tsvc"
+        elif text.strip().lower() == "bitdelta":
+            self._rule = bitdelta_codec
+            self.spec = "bitdelta"
         elif _PLAN_RE.match(text):
             self._plan = CodecPlan.parse(text)
             self.spec = self._plan.spec
@@ -154,8 +148,8 @@ class Coder:
             self.spec = self._codec.spec
 
     def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
-        if self._tsvc is not None:
-            return self._tsvc(tuple(shape))
+        if self._rule is not None:
+            return self._rule(name, tuple(shape))
         if self._plan is not None:
             return self._plan.codec_for(name, shape)
         return self._codec

@@ -8,6 +8,9 @@ Reconstruction U_k·diag(s_k)·V_kᵀ is the best rank-k approximation (Eckart�
 As the reference code (``TSVC_utils.compress_tv``): ``k = int(s.shape[0] * (1 / T))``, every ``len(shape) == 2``
 tensor, U, s and V stored separately — bytes 4·k·(m + n + 1), float32 — and the rest in float32 (4·numel).
 A k of 0 (a matrix with fewer than T rows or columns) keeps nothing: the tensor comes back as zeros.
+
+As a store (``tvbasis build --method tsvc``, ``tsvc_codec``): the ``lowrank:fraction=1/T`` codec, which keeps
+U_k·diag(s_k) and V_k — 4·k·(m + n) bytes, k·4 fewer per matrix than the reference code's separate s.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ fine-tuned weights minus θ₀), quantized with b_base bits; offsets against the
 correction, so the base's rounding error is absorbed by the offsets) o_t = τ_t − β̂, quantized with b_off bits;
 τ̂_t = β̂ + ô_t. "B3O2" (3-bit base, 2-bit offsets) costs (3 + 2T)/T bits per element and task.
 
+As stores: ``--method tvq`` is M = 0 with every tensor through the ``minmax:bits=b`` codec (the same maths);
+``--method rtvq`` a mean basis (W = 1) through ``minmax:bits=b_base`` with ``minmax:bits=b_off`` residuals.
+
 Bytes: ⌈n·b/8⌉ for the codes (a dense bit stream) plus 8 per tensor for s and z as float32 (the reference code
 keeps codes in uint8 tensors in memory; its reported sizes count b bits per element, as we do). Not
 reproduced: the paper's bit allocation by layer sensitivity — one bit width serves every tensor here.
@@ -25,32 +28,20 @@ from __future__ import annotations
 
 import torch
 
+from tvbasis.codecs import minmax_dequantize, minmax_quantize
+
 #: bytes of one quantized tensor's parameters: scale and zero point, float32
 PARAM_BYTES = 8
 
 
 def tvq_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, float]:
-    """(codes as uint8-valued int16, scale s, zero point z) of ``x`` at ``bits`` bits (1 ≤ bits ≤ 8).
-
-    For a constant ``x``: codes 0, s = 0 and z = the constant (decoded as that constant)."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"tvq: bits must be in 1..8, got {bits}")
-    x = x.float()
-    lo, hi = float(x.min()), float(x.max())
-    if not hi > lo:
-        return torch.zeros(x.shape, dtype=torch.int16), 0.0, lo
-    levels = (1 << bits) - 1
-    scale = torch.tensor(levels, dtype=torch.float32) / torch.tensor(hi - lo, dtype=torch.float32)
-    zero = -torch.round(scale * lo)
-    q = torch.round(scale * x + zero).clamp_(0, levels).to(torch.int16)
-    return q, float(scale), float(zero)
+    """(codes as int16, scale s, zero point z) of ``x`` at ``bits`` bits (``tvbasis.codecs.minmax``)."""
+    return minmax_quantize(x, bits)
 
 
 def tvq_dequantize(q: torch.Tensor, scale: float, zero: float) -> torch.Tensor:
-    """x̂ = (q − z)/s (float32); a constant tensor (s = 0) decodes to z everywhere."""
-    if scale == 0.0:
-        return torch.full(q.shape, zero, dtype=torch.float32)
-    return (q.float() - torch.tensor(zero, dtype=torch.float32)) / torch.tensor(scale, dtype=torch.float32)
+    """x̂ = (q − z)/s; a constant tensor (s = 0) decodes to z everywhere."""
+    return minmax_dequantize(q, scale, zero)
 
 
 def tvq_nbytes(numel: int, bits: int) -> int:
