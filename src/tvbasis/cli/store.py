@@ -49,14 +49,44 @@ def _basis_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+#: flags of ``build`` that a LoRA store (lora-factors, lora-joint) does not take, and the LoRA-only ones
+_NOT_LORA = ("M", "residual", "codec", "layerwise", "inner", "inner_param", "density", "fisher", "seed", "steps",
+             "option", "dtype", "include", "exclude")
+_LORA_ONLY = ("k", "cores", "clusters", "affinity", "refine", "factor_codec")
+
+
+def _build_lora(args: argparse.Namespace, ft: dict[str, str]) -> Any:
+    from tvbasis.store.factor import build_lora_store
+    given = [f for f in _NOT_LORA if getattr(args, f, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"--method {args.method} builds from LoRA adapters in factor space; "
+                          f"--{given[0].replace('_', '-')} does not apply")
+    method = args.method.removeprefix("lora-")
+    return build_lora_store(args.pretrained, ft, args.out, method=method, k=args.k,
+                            cores=args.cores or "full", clusters=args.clusters or 1,
+                            affinity=args.affinity or "cosine", refine=args.refine or 0,
+                            factor_codec=args.factor_codec, max_shard_size=args.max_shard_size, force=args.force,
+                            run=run_options(args), lock_timeout=args.lock_timeout)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from tvbasis.io import human_bytes
     from tvbasis.store import build_store
+    from tvbasis.store.peers import LORA_METHODS
     ft = finetuned(args.finetuned)
+    if args.method in LORA_METHODS:
+        return _report_build(args, _build_lora(args, ft))
+    lora_only = [f for f in _LORA_ONLY if getattr(args, f, None) is not None]
+    if lora_only:
+        raise ConfigError(f"--{lora_only[0].replace('_', '-')} applies to --method lora-factors / lora-joint")
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
                         args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
                         fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout,
                         residual=args.residual, codec=args.codec)
+    return _report_build(args, store)
+
+
+def _report_build(args: argparse.Namespace, store: Any) -> int:
+    from tvbasis.io import human_bytes
     s = store.summary()
     print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
           f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
@@ -74,8 +104,11 @@ def _print_coded(s: dict[str, Any]) -> None:
     parts = []
     if c["bases_codec"]:
         parts.append(f"bases through {c['bases_codec']} ({human_bytes(c['bases_bytes'])})")
+    if c["mode"] == "joint":
+        parts.append(f"shared bases ({human_bytes(c['bases_bytes'])})")
     if c["residual_codec"]:
-        what = "per-task masks" if c["mode"] == "mask" else f"per-task residuals through {c['residual_codec']}"
+        what = ("per-task masks" if c["mode"] == "mask" else "per-task cores" if c["mode"] == "joint"
+                else f"per-task residuals through {c['residual_codec']}")
         parts.append(f"{what} ({human_bytes(c['per_task_bytes'])})")
     print("coded: " + "; ".join(parts))
 
@@ -130,7 +163,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from tvbasis.io import parse_dtype
     from tvbasis.store import BasisStore
+    if (args.out is None) == (args.peft_dir is None):
+        raise ConfigError("give exactly one of --out FILE (a task vector) or --peft-dir DIR (a PEFT adapter)")
     store = BasisStore.open(args.store)
+    if args.peft_dir is not None:
+        from tvbasis.store.factor import export_peft
+        if args.dtype:
+            raise ConfigError("--dtype applies to --out; a PEFT adapter is written in float32")
+        out = export_peft(store, args.task, args.peft_dir, args.pretrained, force=args.force)
+        print(f"wrote PEFT LoRA adapter of task {args.task} to {out} "
+              f"(relative reconstruction error {store.rel_errors[args.task]:.4f})")
+        return 0
+    if args.pretrained:
+        raise ConfigError("--pretrained applies to --peft-dir")
     tv = store.reconstruct(args.task)
     out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=run_options(args))
     print(f"wrote reconstructed task vector {args.task} to {out} "
@@ -235,13 +280,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from tvbasis.bases import BASIS_METHODS
-    from tvbasis.store.peers import PEER_METHODS
+    from tvbasis.store.peers import LORA_AFFINITIES, LORA_CORES, LORA_METHODS, PEER_METHODS
     s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
                        description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
     s.add_argument("--pretrained", required=True)
     s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
                    help="task name and " + FT_HELP + "; repeat per task")
-    s.add_argument("--method", required=True, choices=[*sorted(BASIS_METHODS), *PEER_METHODS],
+    s.add_argument("--method", required=True, choices=[*sorted(BASIS_METHODS), *PEER_METHODS, *LORA_METHODS],
                    help="a basis method, or a per-task compressor as a store: tall (TALL masks; --option "
                    "lambda=0.4), tsvc (TSV-C: 1/T of each matrix's singular triplets)")
     s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap); "
@@ -261,6 +306,17 @@ def register(sub: Any) -> None:
     s.add_argument("--steps", type=int, help="autoencoder: Adam steps (default 6000)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any basis-method option (e.g. temperature=5, lr=0.01, encoder=linear, rescale=false)")
+    g = s.add_argument_group("LoRA stores (--method lora-factors | lora-joint: every --finetuned a PEFT adapter "
+                             "directory; built in factor space, no ΔW expanded)")
+    g.add_argument("--factor-codec", metavar="CODEC", help="lora-factors: code each adapter's factors (e.g. int8); "
+                   "default float32, exact")
+    g.add_argument("-k", type=int, help="lora-joint: size of the shared per-tensor bases U, V")
+    g.add_argument("--cores", choices=list(LORA_CORES), help="lora-joint: per-adapter cores k × k or diagonal k "
+                   "(default full)")
+    g.add_argument("--clusters", type=int, help="lora-joint: clusters of adapters, one shared basis each (default 1)")
+    g.add_argument("--affinity", choices=list(LORA_AFFINITIES), help="lora-joint: what the clusters are found from "
+                   "(default cosine)")
+    g.add_argument("--refine", type=int, help="lora-joint: rounds of reassigning adapters to clusters (default 0)")
     s.add_argument("--out", required=True)
     common_io(s)
     lock_flag(s)
@@ -278,7 +334,11 @@ def register(sub: Any) -> None:
     s = sub.add_parser("reconstruct", help="reconstruct one task vector from a store (reads only the store)")
     s.add_argument("store")
     s.add_argument("task")
-    s.add_argument("--out", required=True, help="output .safetensors file")
+    s.add_argument("--out", help="output .safetensors file (the task vector)")
+    s.add_argument("--peft-dir", metavar="DIR", help="write the task as a PEFT LoRA adapter directory instead (stores "
+                   "with M = 0 whose tasks are low-rank entries: lora-factors, lora-joint, --residual lowrank)")
+    s.add_argument("--pretrained", help="--peft-dir: the pretrained model, for tensors the task replaces whole "
+                   "(checked against the store)")
     common_io(s)
     engine_flags(s)
     s.set_defaults(fn=cmd_reconstruct)

@@ -399,6 +399,9 @@ def _paper_method(store: BasisStore) -> str:
     if mf.layerwise or len(store.fits) != 1:
         raise StoreError(f"{store.root}: a layerwise store has one W per layer group; the paper's layout holds one "
                          f"(M, T) W for the whole model")
+    if mf.coded is not None:
+        raise StoreError(f"{store.root}: keeps coded parts (per-task residuals, masks or coded bases: "
+                         f"{mf.coded.residual_codec or mf.coded.bases_codec}) that the paper's layout has no place for")
     fit = next(iter(store.fits.values()))
     if store.method == "pca":
         return PCA

@@ -267,6 +267,19 @@ class LoraCheckpoint(Checkpoint):
             return A.T.contiguous(), (B.T * d.scale).contiguous()
         return B * d.scale, A.contiguous()
 
+    def layout(self, name: str) -> str | None:
+        """How PEFT holds the product of tensor ``name`` (None where ``factors`` gives none): ``linear`` (ΔW = B·A),
+        ``conv`` (a convolution, B a 1×1 kernel), ``embedding`` (``lora_embedding_A/B``, ΔW = (B·A)ᵀ) or
+        ``fan_in_fan_out`` (GPT-2 ``Conv1D``, ΔW = (B·A)ᵀ)."""
+        d = self._deltas.get(name)
+        if d is None or name in self._replaced:
+            return None
+        if "lora_embedding_A" in d.A:
+            return "embedding"
+        if d.transpose:
+            return "fan_in_fan_out"
+        return "conv" if len(self.weights.spec(d.B).shape) > 2 else "linear"
+
     def metadata(self) -> dict[str, str]:
         return {"adapter": str(self.path), "base_model": str(self.config.get("base_model_name_or_path") or "")}
 

@@ -46,7 +46,15 @@ from tvbasis.store.faults import fault_point
 from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry, coded_keys
 from tvbasis.store.integrity import digest_file
 from tvbasis.store.layout import file_names
-from tvbasis.store.peers import PEER_METHODS, TSVC_CODER, check_peer_options, tall_fit, tall_lambdas, zero_fit
+from tvbasis.store.peers import (
+    LORA_METHODS,
+    PEER_METHODS,
+    check_peer_options,
+    peer_fit,
+    peer_plan,
+    tall_lambdas,
+    zero_fit,
+)
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, layer_group
 
@@ -137,22 +145,24 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
     task lies in its residual alone. ``codec``: store the bases (and mean) through this coder instead of densely.
     ``method`` may also be ``tall`` (TALL masks) or ``tsvc`` (TSV-C), see ``store.peers``."""
     out = output_path(out)
+    if method in LORA_METHODS:
+        raise ConfigError(f"--method {method} builds from LoRA adapters in factor space: use "
+                          "tvbasis.store.factor.build_lora_store")
     opts = as_run(run)
     T_given = len(finetuned)
     peer = method in PEER_METHODS
+    plan = None
     if peer:
         if layerwise:
             raise ConfigError(f"--method {method} is not layer-wise")
-        if residual is not None:
-            raise ConfigError(f"--method {method} codes every task itself; --residual does not apply")
-        want_M = 1 if method == "tall" else 0
-        if M is not None and M != want_M:
-            raise ConfigError(f"--method {method} stores {want_M} shared vector(s); -M must be {want_M} or omitted")
-        M = want_M
+        if residual is not None or codec is not None:
+            raise ConfigError(f"--method {method} codes every task its own way; --residual and --codec do not apply")
         basis = None
         peer_options = check_peer_options(method, dict(options or {}), list(finetuned))
-        if method == "tsvc":
-            residual = TSVC_CODER
+        plan = peer_plan(method, peer_options)
+        if M is not None and M != plan.M:
+            raise ConfigError(f"--method {method} stores {plan.M} shared vector(s); -M must be {plan.M} or omitted")
+        M, residual, codec = plan.M, plan.residual, plan.codec
     else:
         basis = get_basis_method(method, **dict(options or {}))
         peer_options = {}
@@ -200,8 +210,8 @@ def _coders(residual: str | None, codec: str | None, T: int, M: int | None) -> _
 
 def _fits(basis: BasisMethod | None, method: str, groups: Mapping[str, np.ndarray], M: int | None, T: int,
           coders: _Coders) -> dict[str, BasisFit]:
-    if method == "tall":
-        fits = {g: tall_fit(T) for g in groups}
+    if method in PEER_METHODS:
+        fits = {g: peer_fit(method, T) for g in groups}
     elif M == 0 or basis is None:
         fits = {g: zero_fit(T) for g in groups}
     else:
@@ -289,7 +299,7 @@ def _build(taskset: TaskSet, basis: BasisMethod | None, method: str, M: int | No
         norms = gram.norms
         rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
         options = dict(basis.params) if basis is not None else peer_options
-        task_like = bool(basis.task_like) if basis is not None else method == "tall"
+        task_like = bool(basis.task_like) if basis is not None else peer_plan(method, peer_options).task_like
         manifest = _manifest(options, task_like, method, first.M, layerwise, taskset, finetuned, gram, fits,
                              group_of, C, K, norms, rel, dtype_of, layout, include, exclude)
         if writer is not None:

@@ -7,6 +7,10 @@ shape and an XXH3-64 digest per tensor, its size and SHA-256, and per entry the 
 description. Opening a store rebuilds each coded file's header from the manifest and compares it byte for byte;
 every tensor read is checked against its digest; ``verify`` re-reads whole files (SHA-256 included).
 
+Mode ``joint`` (lora-joint stores): a core entry ``residual/{task}/{param}`` (pseudo-codec ``joint-core``) decodes
+to U Σ_t Vᵀ with U, V from the shared entry ``shared/{c}/{param}`` of the task's cluster c; ``joint_sum`` gives
+Σ_t α_t U Σ_t Vᵀ as U (Σ_t α_t Σ_t) Vᵀ, one product per cluster whatever the number of tasks.
+
 Writing: encoded tensors arrive in any order from the materialisation pass (small: they are the compressed
 part), are appended to a spool file in the staging directory with their digests computed as they are written,
 and ``CodedWriter.finish`` lays them out in entry order into shards of at most ``max_shard_size`` bytes — no read
@@ -19,20 +23,21 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import xxhash
 
-from tvbasis.codecs import Encoded, parse_codec
+from tvbasis.codecs import Encoded, LowRank, parse_codec
 from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import all_finite, confined_file
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.specs import parse_size
 from tvbasis.io.writer import header_for
 from tvbasis.store.format import (
+    JOINT_CORE,
     NONE_CODEC,
     CodedEntry,
     CodedFile,
@@ -40,6 +45,7 @@ from tvbasis.store.format import (
     CodedTensor,
     Manifest,
     encoded_keys,
+    entry_key,
 )
 from tvbasis.store.integrity import MissingFile, pread_into
 from tvbasis.store.layout import SHARD_METADATA, file_names
@@ -186,6 +192,11 @@ class CodedData:
         self.root = root
         self.section = manifest.coded
         self.specs = manifest.specs()
+        #: core entries of a joint store -> (task, param); every task's cluster
+        self.cluster_of = {t.name: t.cluster for t in manifest.tasks}
+        self._core_of: dict[str, tuple[str, str]] = {}
+        if self.section.mode == "joint":
+            self._core_of = {entry_key("residual", p, t): (t, p) for t in manifest.task_names for p in self.specs}
         self._fds: dict[str, int] = {}
         self.places: dict[str, _Place] = {}
         try:
@@ -261,17 +272,102 @@ class CodedData:
         shape = tuple(int(x) for x in desc["shape"])
         if desc["codec"] == NONE_CODEC:
             return torch.zeros(shape, dtype=torch.float32)
-        prefix = f"{key}/"
-        tensors = {prefix + k: self.tensor(prefix + k) for k in encoded_keys(desc, "")}
+        if desc["codec"] == JOINT_CORE:
+            task, param = self._core_of[key]
+            return self.joint_sum(param, {task: 1.0}, None)
         try:
-            enc = Encoded.from_tensors(tensors, desc, prefix)
-            out = parse_codec(enc.codec).decode(enc)
+            out = parse_codec(desc["codec"]).decode(self.encoded(key))
         except (TvbasisError, ValueError, TypeError, RuntimeError, IndexError, KeyError) as e:
             raise StoreError(f"{self.root}: coded entry {key!r} cannot be decoded ({type(e).__name__}: {e}); the "
                              "manifest and its data disagree") from None
+        return self._checked(key, out, shape)
+
+    def _checked(self, key: str, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if tuple(out.shape) != shape or not all_finite(out):
             raise StoreError(f"{self.root}: coded entry {key!r} decodes to a wrong shape or to NaN/Inf")
         return out
+
+    def encoded(self, key: str) -> Encoded:
+        """Entry ``key`` as its ``Encoded`` (stored tensors read and checked against their digests)."""
+        entry = self.section.entries.get(key)
+        if entry is None:
+            raise StoreError(f"{self.root}: the store has no coded entry {key!r}")
+        desc = entry.encoded
+        prefix = f"{key}/"
+        tensors = {prefix + k: self.tensor(prefix + k) for k in encoded_keys(desc, "")}
+        return Encoded.from_tensors(tensors, desc, prefix)
+
+    def codec_of(self, key: str) -> str:
+        return str(self.section.entries[key].encoded["codec"])
+
+    # -- factor form ------------------------------------------------------------------------------------------
+    def shared(self, param: str, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A joint store's shared bases of one tensor and cluster: U (rows × k_out), V (cols × k_in), float32."""
+        key = entry_key("shared", param, cluster)
+        if key not in self.section.entries:
+            raise StoreError(f"{self.root}: the store has no shared entry {key!r}")
+        U, V = self.tensor(f"{key}/u").to(torch.float32), self.tensor(f"{key}/v").to(torch.float32)
+        if not (all_finite(U) and all_finite(V)):
+            raise StoreError(f"{self.root}: shared entry {key!r} holds NaN/Inf")
+        return U, V
+
+    def core(self, key: str) -> torch.Tensor:
+        """A core entry as a (k_out × k_in) float32 matrix (a diagonal core made square)."""
+        c = self.tensor(f"{key}/core").to(torch.float32)
+        if not all_finite(c):
+            raise StoreError(f"{self.root}: core entry {key!r} holds NaN/Inf")
+        return torch.diag(c) if c.dim() == 1 else c
+
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Entry ``key`` as two float32 factors (P, Q) with P·Q its decoded 2-D view — a ``lowrank`` entry's
+        (usᵀ, vt), a joint core's (U Σ_t, Vᵀ) — or None for an entry that is not a low-rank product (``none``,
+        dense codecs, a lowrank fallback)."""
+        codec = self.codec_of(key)
+        if codec == JOINT_CORE:
+            task, param = self._core_of[key]
+            cl = self.cluster_of[task]
+            assert cl is not None
+            U, V = self.shared(param, cl)
+            return U @ self.core(key), V.T.contiguous()
+        if not codec.startswith(LowRank.name + ":"):
+            return None
+        try:
+            out = parse_codec(codec).factors(self.encoded(key))  # type: ignore[attr-defined]
+        except (TvbasisError, ValueError, TypeError, RuntimeError, IndexError, KeyError) as e:
+            raise StoreError(f"{self.root}: coded entry {key!r} cannot be decoded ({type(e).__name__}: {e}); the "
+                             "manifest and its data disagree") from None
+        if out is not None and not (all_finite(out[0]) and all_finite(out[1])):
+            raise StoreError(f"{self.root}: coded entry {key!r} decodes to NaN/Inf")
+        return out
+
+    def joint_sum(self, param: str, weights: Mapping[str, float], rows: tuple[int, int] | None) -> torch.Tensor:
+        """Σ_t α_t ṽ_t of one tensor (rows [a, b)) in a joint store: per cluster U (Σ_t α_t Σ_t) Vᵀ over the tasks'
+        core entries, plus α_t times every other (decoded) entry."""
+        spec = self.specs[param]
+        shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
+        out = torch.zeros(shape, dtype=torch.float32)
+        cores: dict[int, torch.Tensor] = {}
+        for task, a in weights.items():
+            key = entry_key("residual", param, task)
+            codec = self.codec_of(key)
+            if codec == NONE_CODEC or a == 0.0:
+                continue
+            if codec == JOINT_CORE:
+                cl = self.cluster_of[task]
+                assert cl is not None
+                c = self.core(key).double() * a
+                cores[cl] = cores[cl] + c if cl in cores else c
+            else:
+                x = self.decode(key)
+                out.add_(x[rows[0]:rows[1]] if rows is not None and x.dim() else x, alpha=a)
+        for cl, C in cores.items():
+            U, V = self.shared(param, cl)
+            if rows is not None:
+                U = U[rows[0]:rows[1]]
+            if U.shape[1] != C.shape[0] or V.shape[1] != C.shape[1]:
+                raise StoreError(f"{self.root}: the cores of {param!r} do not fit its shared bases of cluster {cl}")
+            out.add_((U.double() @ C @ V.double().T).to(torch.float32).reshape(shape))
+        return self._checked(f"residual/…/{param}", out, tuple(shape))
 
     def verify_file(self, fname: str) -> list[str]:
         """Re-read one coded file whole: size, header, every tensor's digest, SHA-256. Problems as lines."""

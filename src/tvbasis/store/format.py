@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL
 from tvbasis.store.faults import fault_point
 from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
-from tvbasis.store.peers import PEER_METHODS, check_peer_options
+from tvbasis.store.peers import LORA_METHODS, PEER_METHODS, check_peer_options
 
 FORMAT = "tvbasis.basis_store"
 FORMAT_VERSION = 2
@@ -303,17 +303,28 @@ class Digests:
 
 
 #: how a store's coded per-task entries combine with its bases: ``add`` — v_t ≈ v̂_t + r̂_t (residuals);
-#: ``mask`` — v_t ≈ m_t ∘ s_0 (TALL: a 0/1 mask per task over the one stored multi-task vector)
-CODED_MODES = ("add", "mask")
-#: entry kinds of a coded section: ``bases/{m}/{param}``, ``mean/{param}``, ``residual/{task}/{param}``
-ENTRY_KINDS = ("bases", "mean", "residual")
+#: ``mask`` — v_t ≈ m_t ∘ s_0 (TALL: a 0/1 mask per task over the one stored multi-task vector);
+#: ``joint`` — v_t ≈ U_c Σ_t V_cᵀ per tensor (lora-joint: shared bases ``shared/{c}/{param}`` of the task's
+#: cluster c and the task's core; entries of other codecs are decoded and added as they are)
+CODED_MODES = ("add", "mask", "joint")
+#: entry kinds of a coded section: ``bases/{m}/{param}``, ``mean/{param}``, ``residual/{task}/{param}``,
+#: ``shared/{cluster}/{param}`` (mode ``joint``)
+ENTRY_KINDS = ("bases", "mean", "residual", "shared")
+#: pseudo-codecs of mode ``joint`` (not registered codecs: an entry of them is read with its shared bases):
+#: a shared entry stores ``u`` (rows × k_out) and ``v`` (cols × k_in); a core entry stores ``core``
+#: (k_out × k_in, or k for diagonal cores)
+JOINT_BASES = "joint-bases"
+JOINT_CORE = "joint-core"
 #: dtypes a coded file may hold
 CODED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 def entry_key(kind: str, param: str, index: int | str | None = None) -> str:
-    """Key of one coded entry: ``bases/{m}/{param}``, ``mean/{param}`` or ``residual/{task}/{param}``."""
-    return f"{kind}/{param}" if index is None else f"{kind}/{index}/{param}"
+    """Key of one coded entry: ``bases/{m}/{param}``, ``mean/{param}`` or ``residual/{task}/{param}``. A task name
+    may hold ``/``: it is written with ``%`` and ``/`` escaped (``%25``, ``%2F``), so keys never collide."""
+    if index is None:
+        return f"{kind}/{param}"
+    return f"{kind}/{str(index).replace('%', '%25').replace('/', '%2F')}/{param}"
 
 
 @dataclass
@@ -384,6 +395,11 @@ class CodedSection:
         """Stored bytes of the entries whose key starts with ``prefix`` (tensor data, headers excluded)."""
         sizes = {t.key: t.spec.nbytes for f in self.files.values() for t in f.tensors}
         return sum(n for k, n in sizes.items() if k.startswith(prefix))
+
+    def entry_nbytes(self, keys: list[str]) -> int:
+        """Stored bytes of exactly the entries ``keys``."""
+        sizes = {t.key: t.spec.nbytes for f in self.files.values() for t in f.tensors}
+        return sum(sizes[f"{k}/{n}"] for k in keys for n in encoded_keys(self.entries[k].encoded, ""))
 
 
 @dataclass
@@ -489,13 +505,13 @@ class Manifest:
                 raise StoreError(f"{where}: the manifest does not match its recorded digest (field "
                                  "'manifest_sha256'): it was edited or is corrupt")
         method = c.str_(c.get(d, "method", ""), "method")
-        if method not in BASIS_METHODS and method not in PEER_METHODS:
+        if method not in BASIS_METHODS and method not in PEER_METHODS and method not in LORA_METHODS:
             raise c.fail("method", f"names an unknown basis method {method[:80]!r}")
         options = c.obj(c.get(d, "options", "") if version >= 2 else (d.get("options") or {}), "options")
         M = c.int_(c.get(d, "M", ""), "M", 0)
         tasks = [_task(c, t, i) for i, t in enumerate(_list(c, c.get(d, "tasks", ""), "tasks"))]
         try:
-            if method in PEER_METHODS:
+            if method in PEER_METHODS or method in LORA_METHODS:
                 check_peer_options(method, options, [t.name for t in tasks])
             else:
                 get_basis_method(method, **options)
@@ -518,9 +534,12 @@ class Manifest:
             if (f.stores_bases, f.has_mean, f.labels is None) != (first.stores_bases, first.has_mean,
                                                                    first.labels is None):
                 raise c.fail(f"groups.{g}", "stores other vectors than the first group")
+        n_clusters, what = (int(options["clusters"]), "options.clusters") if method == "lora-joint" else (M, "M")
         for i, t in enumerate(tasks):
-            if t.cluster is not None and t.cluster >= M:
-                raise c.fail(f"tasks[{i}].cluster", f"must be < M = {M}, got {t.cluster}")
+            if t.cluster is not None and t.cluster >= n_clusters:
+                raise c.fail(f"tasks[{i}].cluster", f"must be < {what} = {n_clusters}, got {t.cluster}")
+            if method == "lora-joint" and t.cluster is None:
+                raise c.fail(f"tasks[{i}].cluster", "is missing: every task of a lora-joint store has a cluster")
         nU = first.n_stored
         cross_raw = c.obj(c.get(d, "cross", ""), "cross")
         if set(cross_raw) != set(groups):
@@ -583,7 +602,8 @@ class Manifest:
         if d.get("coded") is not None:
             if version < 2:
                 raise c.fail("coded", "needs format version 2")
-            coded = _coded(c, d["coded"], files, specs, [t.name for t in tasks], M, first.has_mean)
+            coded = _coded(c, d["coded"], files, specs, [t.name for t in tasks], M, first.has_mean,
+                           {t.name: t.cluster for t in tasks})
         elif files.coded:
             raise c.fail("files.coded", "lists files, but the manifest has no 'coded' section")
         if M == 0 and (coded is None or coded.residual_codec is None):
@@ -592,6 +612,13 @@ class Manifest:
             raise c.fail("coded", "of a tall store must be per-task masks (mode 'mask') over M = 1 stored vector")
         if coded is not None and coded.mode == "mask" and method != "tall":
             raise c.fail("coded.mode", "'mask' belongs to tall stores")
+        if method in LORA_METHODS:
+            want_mode = "joint" if method == "lora-joint" else "add"
+            if M != 0 or coded is None or coded.mode != want_mode or coded.bases_codec is not None:
+                raise c.fail("coded", f"of a {method} store must be per-task entries of mode {want_mode!r} with "
+                             "M = 0 and no coded bases")
+        elif coded is not None and coded.mode == "joint":
+            raise c.fail("coded.mode", "'joint' belongs to lora-joint stores")
         dense_bases = first.stores_bases and M > 0 and (coded is None or coded.bases_codec is None)
         if dense_bases != bool(files.bases):
             raise c.fail("files.bases", "is empty, but the bases are stored" if dense_bases else
@@ -825,9 +852,10 @@ NONE_CODEC = "none"
 
 
 def coded_keys(tasks: list[str], params: list[str], M: int, has_mean: bool, residuals: bool,
-               bases: bool) -> dict[str, str]:
-    """Every entry key a coded section must have -> the parameter it codes."""
-    keys: dict[str, str] = {}
+               bases: bool, shared: Iterable[tuple[int, str]] = ()) -> dict[str, str]:
+    """Every entry key a coded section must have -> the parameter it codes (``shared``: the (cluster, param)
+    pairs of a joint store's shared bases, listed first)."""
+    keys: dict[str, str] = {entry_key("shared", p, c): p for c, p in shared}
     if bases:
         keys.update({entry_key("bases", p, m): p for p in params for m in range(M)})
         if has_mean:
@@ -838,7 +866,7 @@ def coded_keys(tasks: list[str], params: list[str], M: int, has_mean: bool, resi
 
 
 def _coded(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec], tasks: list[str], M: int,
-           has_mean: bool) -> CodedSection:
+           has_mean: bool, clusters: Mapping[str, int | None] | None = None) -> CodedSection:
     p = "coded"
     d = c.obj(v, p)
     mode = c.str_(c.get(d, "mode", f"{p}."), f"{p}.mode")
@@ -878,9 +906,10 @@ def _coded(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec], t
         if c.int_(c.get(e, "size", f"{q}."), f"{q}.size", 0) != size:
             raise c.fail(f"{q}.size", f"is {e['size']}, but the tensors it lists take {size} bytes")
         out_files[fname] = CodedFile(size, c.hex_(c.get(e, "sha256", f"{q}."), f"{q}.sha256", 64), tensors)
-    want = coded_keys(tasks, list(specs), M, has_mean, codecs["residual_codec"] is not None,
-                      codecs["bases_codec"] is not None)
     er = c.obj(c.get(d, "entries", f"{p}."), f"{p}.entries")
+    shared = _shared_pairs(c, er, specs, mode)
+    want = coded_keys(tasks, list(specs), M, has_mean, codecs["residual_codec"] is not None,
+                      codecs["bases_codec"] is not None, shared)
     if set(er) != set(want):
         missing = sorted(set(want) - set(er))
         extra = sorted(set(er) - set(want))
@@ -898,14 +927,76 @@ def _coded(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec], t
         shape = specs[param].shape
         if tuple(enc.get("shape", ())) != shape or not isinstance(enc.get("shape"), list):
             raise c.fail(f"{q}.encoded.shape", f"must be the tensor's shape {list(shape)}")
+        pseudo = (JOINT_BASES,) if key.startswith("shared/") else (JOINT_CORE,) if mode == "joint" else ()
         _check_encoded(c, enc, f"{q}.encoded", f"{key}/", {t.key for t in out_files[fname].tensors if
-                                                          where_key[t.key] == fname}, 0)
+                                                          where_key[t.key] == fname}, 0, pseudo)
         entries[key] = CodedEntry(fname, enc)
     listed = {t.key for f in out_files.values() for t in f.tensors}
     stray = listed - {f"{k}/{n}" for k, e in entries.items() for n in encoded_keys(e.encoded, "")}
     if stray:
         raise c.fail(f"{p}.files", f"lists tensor {sorted(stray)[0][:80]!r} that no entry uses")
+    if mode == "joint":
+        shapes = {t.key: t.shape for f in out_files.values() for t in f.tensors}
+        _check_joint(c, entries, shapes, specs, tasks, dict(clusters or {}), shared)
     return CodedSection(mode, codecs["bases_codec"], codecs["residual_codec"], out_files, entries)
+
+
+def _shared_pairs(c: _Check, entries: Mapping[str, Any], specs: Mapping[str, TensorSpec],
+                  mode: str) -> list[tuple[int, str]]:
+    """The (cluster, param) pairs of the ``shared/{cluster}/{param}`` keys of a joint section."""
+    out = []
+    for key in entries:
+        if not key.startswith("shared/"):
+            continue
+        _, cl, param = key.split("/", 2) if key.count("/") >= 2 else (None, "", "")
+        if mode != "joint" or not cl.isdigit() or param not in specs:
+            raise c.fail(f"coded.entries.{key[:80]}", "is not a shared entry 'shared/{cluster}/{param}' of a "
+                         "tensor the store covers" + ("" if mode == "joint" else " (only mode 'joint' has them)"))
+        out.append((int(cl), param))
+    return out
+
+
+def _check_joint(c: _Check, entries: Mapping[str, CodedEntry], shapes: Mapping[str, tuple[int, ...]],
+                 specs: Mapping[str, TensorSpec], tasks: list[str], clusters: Mapping[str, int | None],
+                 shared: list[tuple[int, str]]) -> None:
+    """Mode ``joint``: every shared entry holds ``u`` (rows × k_out) and ``v`` (cols × k_in); every core entry a
+    ``core`` of shape (k_out, k_in) — or (k,) with k_out = k_in = k — over the shared entry of its task's cluster;
+    every shared entry is used by some core."""
+    ks: dict[tuple[int, str], tuple[int, int]] = {}
+    for cl, param in shared:
+        key = entry_key("shared", param, cl)
+        desc = entries[key].encoded
+        spec = specs[param]
+        rows = spec.shape[0] if spec.shape else 1
+        cols = spec.numel // max(1, rows)
+        u, v = shapes.get(f"{key}/u"), shapes.get(f"{key}/v")
+        if desc["codec"] != JOINT_BASES or sorted(desc.get("tensors", [])) != ["u", "v"] or desc.get("children") \
+                or u is None or v is None or len(u) != 2 or len(v) != 2 or u[0] != rows or v[0] != cols:
+            raise c.fail(f"coded.entries.{key}", f"must be a {JOINT_BASES!r} entry with u ({rows} × k) and "
+                         f"v ({cols} × k)")
+        ks[(cl, param)] = (u[1], v[1])
+    used = set()
+    for t in tasks:
+        for param in specs:
+            key = entry_key("residual", param, t)
+            desc = entries[key].encoded
+            if desc["codec"] != JOINT_CORE:
+                continue
+            cl = clusters.get(t)
+            if cl is None or (cl, param) not in ks:
+                raise c.fail(f"coded.entries.{key}", f"is a core over the shared bases of cluster {cl}, which has "
+                             f"no entry {entry_key('shared', param, cl)!r}")
+            ko, ki = ks[(cl, param)]
+            core = shapes.get(f"{key}/core")
+            if desc.get("tensors") != ["core"] or desc.get("children") or core not in ((ko, ki), *(((ko,),)
+                                                                                        if ko == ki else ())):
+                raise c.fail(f"coded.entries.{key}", f"must hold one 'core' of shape ({ko}, {ki})"
+                             + (f" or ({ko},)" if ko == ki else "") + f", got {core}")
+            used.add((cl, param))
+    unused = sorted(set(ks) - used)
+    if unused:
+        raise c.fail("coded.entries", f"has shared entry {entry_key('shared', unused[0][1], unused[0][0])!r} "
+                     "that no task's core uses")
 
 
 def encoded_keys(desc: Mapping[str, Any], prefix: str) -> list[str]:
@@ -916,14 +1007,17 @@ def encoded_keys(desc: Mapping[str, Any], prefix: str) -> list[str]:
     return keys
 
 
-def _check_encoded(c: _Check, d: Any, path: str, prefix: str, available: set[str], depth: int) -> None:
-    """An ``Encoded`` description: a known codec spec, a shape, stored tensor names present in its file, meta
-    and children of the same form."""
+def _check_encoded(c: _Check, d: Any, path: str, prefix: str, available: set[str], depth: int,
+                   pseudo: tuple[str, ...] = ()) -> None:
+    """An ``Encoded`` description: a known codec spec (or one of the ``pseudo`` codecs this entry may have), a
+    shape, stored tensor names present in its file, meta and children of the same form."""
     d = c.obj(d, path)
     if depth > MAX_CODEC_DEPTH:
         raise c.fail(path, f"nests deeper than {MAX_CODEC_DEPTH} codecs")
     spec = c.str_(c.get(d, "codec", f"{path}."), f"{path}.codec")
-    if spec != NONE_CODEC:
+    if pseudo and pseudo[0] == JOINT_BASES and spec != JOINT_BASES:
+        raise c.fail(f"{path}.codec", f"of a shared entry must be {JOINT_BASES!r}, got {spec[:40]!r}")
+    if spec != NONE_CODEC and spec not in pseudo:
         try:
             parse_codec(spec)
         except TvbasisError as e:

@@ -7,35 +7,65 @@
   (per task; the benchmark chooses them on dev data).
 * ``tsvc`` — TSV-C (Gargiulo et al., CVPR 2025): no bases (M = 0); per task and 2-D tensor the top
   ⌊min(m, n)/T⌋ singular triplets (``lowrank:fraction=1/T``), every other tensor kept in float32.
+* ``tvq`` — TVQ (Kim et al., ICCV 2025): M = 0, every tensor of every task at ``bits`` bits (option, default
+  4) by per-tensor asymmetric min–max quantisation (``minmax:bits=b``).
+* ``rtvq`` — RTVQ: one shared base, the mean task vector (a basis with B = 1/T, W = 1), through
+  ``minmax:bits=base_bits`` (default 3), and per-task offsets against the *quantised* base through
+  ``minmax:bits=offset_bits`` (default 2) — the residuals of a mean basis coded with the base's error folded in.
+* ``bitdelta`` — BitDelta (Liu et al., 2024): M = 0, block linear weights as sign bits × one mean-|Δ| scale per
+  matrix, every other tensor float16 (no scale distillation).
 * ``-M 0`` with any basis method and ``--residual``: no bases; every task through the residual codec alone.
+* ``lora-factors`` / ``lora-joint`` — stores built from LoRA adapters in factor space (``store.factor``):
+  every adapter's own factors as low-rank entries, or shared per-tensor bases with per-adapter cores.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tvbasis.bases import BasisFit
+from tvbasis.codecs import parse_codec
 from tvbasis.errors import ConfigError
 
-PEER_METHODS = ("tall", "tsvc")
 TALL_DEFAULT_LAMBDA = 0.4
-#: the coder a TSV-C store records (``tvbasis.compress.Coder("tsvc", T)``)
+
+PEER_METHODS = ("tall", "tsvc", "tvq", "rtvq", "bitdelta")
+#: store methods built from LoRA adapters in factor space (``store.factor.build_lora_store``)
+LORA_METHODS = ("lora-factors", "lora-joint")
+#: core forms of a lora-joint store (``diagonal`` is ``tvbasis.lora.joint``'s ``diag``)
+LORA_CORES = ("full", "diagonal")
+LORA_AFFINITIES = ("cosine", "subspace")
+#: options of each peer method and their defaults
+PEER_OPTIONS: dict[str, dict[str, Any]] = {"tall": {"lambda": TALL_DEFAULT_LAMBDA}, "tsvc": {}, "tvq": {"bits": 4},
+                                           "rtvq": {"base_bits": 3, "offset_bits": 2}, "bitdelta": {}}
+#: the coders a TSV-C and a BitDelta store record (``tvbasis.compress.Coder``'s named rules)
 TSVC_CODER = "tsvc"
+BITDELTA_CODER = "bitdelta"
 
 
 def check_peer_options(method: str, options: Mapping[str, Any], tasks: list[str] | None = None) -> dict[str, Any]:
     """The options of a peer method, validated (ConfigError naming the option)."""
     opts = dict(options)
-    if method == "tsvc":
-        if opts:
-            raise ConfigError(f"--method tsvc takes no options, got {sorted(opts)}")
-        return {}
-    if method != "tall":
+    if method in LORA_METHODS:
+        return check_lora_options(method, opts)
+    if method not in PEER_OPTIONS:
         raise ConfigError(f"unknown store method {method!r}")
+    if method != "tall":
+        known = PEER_OPTIONS[method]
+        unknown = set(opts) - set(known)
+        if unknown:
+            raise ConfigError(f"--method {method}: unknown option(s) {sorted(unknown)}; expected "
+                              f"{', '.join(known) or 'none'}")
+        out = {**known, **opts}
+        for k, v in out.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8:
+                raise ConfigError(f"--method {method}: option {k} must be an integer in 1..8, got {v!r}")
+        return out
     unknown = set(opts) - {"lambda", "lambdas"}
     if unknown:
         raise ConfigError(f"--method tall: unknown option(s) {sorted(unknown)}; expected lambda or lambdas")
@@ -52,6 +82,46 @@ def check_peer_options(method: str, options: Mapping[str, Any], tasks: list[str]
                 raise ConfigError(f"--method tall: option lambdas names an unknown task {t!r}")
         out["lambdas"] = {str(t): float(v) for t, v in lambdas.items()}
     return out
+
+
+def _int(v: Any, what: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def check_lora_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of a LoRA store: ``lora-factors`` — ``factor_codec`` (a codec spec or null); ``lora-joint`` — ``k``
+    (an integer, or [k_out, k_in] for full cores), ``cores``, ``clusters``, ``affinity``, ``refine``, ``iters``
+    (null: the default rounds). Every key is required (a store records them all)."""
+    opts = dict(options)
+    want = {"factor_codec"} if method == "lora-factors" else {"k", "cores", "clusters", "affinity", "refine", "iters"}
+    if set(opts) != want:
+        raise ConfigError(f"--method {method}: options must be exactly {sorted(want)}, got {sorted(opts)}")
+    if method == "lora-factors":
+        fc = opts["factor_codec"]
+        if fc is not None and not isinstance(fc, str):
+            raise ConfigError(f"--method lora-factors: factor_codec must be a codec spec or null, got {fc!r}")
+        if fc is not None:
+            parse_codec(fc)  # ConfigError naming what is wrong
+        return opts
+    k = opts["k"]
+    ks = [k] if isinstance(k, int) and not isinstance(k, bool) else k
+    if not isinstance(ks, list) or len(ks) not in (1, 2):
+        raise ConfigError(f"--method lora-joint: k must be an integer or [k_out, k_in], got {k!r}")
+    for x in ks:
+        _int(x, "--method lora-joint: k", 1)
+    if opts["cores"] not in LORA_CORES:
+        raise ConfigError(f"--method lora-joint: cores must be one of {LORA_CORES}, got {opts['cores']!r}")
+    if len(ks) == 2 and opts["cores"] != "full":
+        raise ConfigError("--method lora-joint: k = [k_out, k_in] needs full cores")
+    if opts["affinity"] not in LORA_AFFINITIES:
+        raise ConfigError(f"--method lora-joint: affinity must be one of {LORA_AFFINITIES}, got {opts['affinity']!r}")
+    _int(opts["clusters"], "--method lora-joint: clusters", 1)
+    _int(opts["refine"], "--method lora-joint: refine", 0)
+    if opts["iters"] is not None:
+        _int(opts["iters"], "--method lora-joint: iters", 0)
+    return opts
 
 
 def _check_lambda(v: Any, what: str) -> None:
@@ -72,3 +142,44 @@ def zero_fit(T: int) -> BasisFit:
 def tall_fit(T: int) -> BasisFit:
     """TALL: one stored vector s_0 = Σ_t τ_t (B = 1); the linear reconstruction is 0 (W = 0): the masks do it."""
     return BasisFit(M=1, B=np.ones((T, 1)), W=np.zeros((1, T)))
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    """How a peer method is built: its M, its fit, and the coders of its bases and per-task entries."""
+
+    M: int
+    mode: str  # "add" | "mask"
+    residual: str | None
+    codec: str | None
+    task_like: bool
+
+
+def peer_fit(method: str, T: int) -> BasisFit:
+    """The fit of peer ``method``: TALL's τ_MTL, RTVQ's mean base, or no bases (M = 0)."""
+    if method == "tall":
+        return tall_fit(T)
+    if method == "rtvq":
+        return mean_fit(T)
+    return zero_fit(T)
+
+
+def peer_plan(method: str, options: Mapping[str, Any]) -> PeerPlan:
+    """The build of peer ``method`` with its (checked) ``options``."""
+    if method == "tall":
+        return PeerPlan(1, "mask", None, None, True)
+    if method == "tsvc":
+        return PeerPlan(0, "add", TSVC_CODER, None, False)
+    if method == "tvq":
+        return PeerPlan(0, "add", f"minmax:bits={options['bits']}", None, False)
+    if method == "rtvq":
+        return PeerPlan(1, "add", f"minmax:bits={options['offset_bits']}", f"minmax:bits={options['base_bits']}",
+                        False)
+    if method == "bitdelta":
+        return PeerPlan(0, "add", BITDELTA_CODER, None, False)
+    raise ConfigError(f"unknown store method {method!r}")
+
+
+def mean_fit(T: int) -> BasisFit:
+    """RTVQ's base: one stored vector, the mean task vector (B = 1/T), in every reconstruction with weight 1."""
+    return BasisFit(M=1, B=np.full((T, 1), 1.0 / T), W=np.ones((1, T)))

@@ -106,6 +106,21 @@ class BasisStore:
         return total
 
     @property
+    def dense_bytes(self) -> int:
+        """Bytes of the dense bases and mean tensors (headers excluded)."""
+        mf = self.manifest
+        total = 0
+        for part, files in (("bases", mf.files.bases), ("mean", mf.files.mean)):
+            if files:
+                total += sum(s.nbytes for s in mf.stacked_specs(part, list(self.specs)))
+        return total
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of every stored tensor, dense and coded (headers and manifest excluded)."""
+        return self.dense_bytes + (self.manifest.coded.nbytes() if self.manifest.coded is not None else 0)
+
+    @property
     def task_vectors_bytes(self) -> int:
         """Bytes the T task vectors would take (in the stored dtype)."""
         per = sum(s.numel * getattr(torch, self.manifest.store_dtypes[n]).itemsize for n, s in self.specs.items())
@@ -161,13 +176,21 @@ class BasisStore:
         return self.data.read("mean", name, rows).to(torch.float32)
 
     def task_rows(self, task: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
-        """Task ``task``'s coded entry of one tensor (rows [a, b)): its decoded residual r̂_t (mode ``add``) or its
-        0/1 mask m_t (mode ``mask``); None when the store has no per-task entries."""
+        """Task ``task``'s coded entry of one tensor (rows [a, b)): its decoded residual r̂_t (mode ``add``), its
+        0/1 mask m_t (mode ``mask``) or U Σ_t Vᵀ over its cluster's shared bases (mode ``joint``); None when the
+        store has no per-task entries."""
         if not self.manifest.has_residuals:
             return None
         assert self.coded is not None
+        if self.joint:
+            return self.coded.joint_sum(name, {task: 1.0}, rows if self.specs[name].shape else None)
         r = self.coded.decode(entry_key("residual", name, task))
         return r[rows[0]:rows[1]] if rows is not None and r.dim() else r
+
+    @property
+    def joint(self) -> bool:
+        """True for a lora-joint store: task t is U_c Σ_t V_cᵀ per tensor, linear in its core Σ_t."""
+        return self.manifest.coded is not None and self.manifest.coded.mode == "joint"
 
     @property
     def masks(self) -> bool:
@@ -264,7 +287,9 @@ class BasisStore:
         merger = get_merger(outer)
         if merger.needs_fisher:
             raise ConfigError("fisher cannot be an outer merge of a store (no Fisher weights for bases)")
-        operands = _Operands(self, None if (task_like and whole) else selected)
+        # a store with residuals holds every task: the outer merge runs over the tasks ṽ_t themselves
+        over_bases = task_like and whole and not (self.manifest.has_residuals and not self.masks)
+        operands = _Operands(self, None if over_bases else selected)
         thresholds = None
         if merger.needs_global_thresholds:
             assert merger.density is not None
@@ -295,7 +320,8 @@ class BasisStore:
             "rel_errors": self.rel_errors,
             "errors_exact": {t.name: t.error_exact for t in self.manifest.tasks},
             "norms": {t.name: t.norm for t in self.manifest.tasks},
-            "cosine": self.cosine.tolist(), "labels": first.labels,
+            "cosine": self.cosine.tolist(),
+            "labels": [t.cluster for t in self.manifest.tasks] if self.joint else first.labels,
             "addition_weights": None if weights is None else dict(zip(self.task_names, weights[0].tolist())),
             "addition_weights_range": (None if weights is None or len(self.fits) == 1 else
                                        dict(zip(self.task_names, weights[1].tolist()))),
@@ -311,8 +337,10 @@ class BasisStore:
         if c is None:
             return None
         return {"mode": c.mode, "bases_codec": c.bases_codec, "residual_codec": c.residual_codec,
-                "bases_bytes": c.nbytes("bases/") + c.nbytes("mean/"), "per_task_bytes": c.nbytes("residual/"),
-                "per_task_bytes_by_task": {t: c.nbytes(f"residual/{t}/") for t in self.task_names}}
+                "bases_bytes": c.nbytes("bases/") + c.nbytes("mean/") + c.nbytes("shared/"),
+                "per_task_bytes": c.nbytes("residual/"),
+                "per_task_bytes_by_task": {t: c.entry_nbytes([entry_key("residual", p, t) for p in self.specs])
+                                           for t in self.task_names} if c.residual_codec else {}}
 
 
 class _Combination(Producer):
@@ -341,9 +369,13 @@ class _Combination(Producer):
 
 def add_task_terms(store: BasisStore, out: torch.Tensor, S: torch.Tensor, name: str, rows: tuple[int, int] | None,
                    per_task: Mapping[str, float]) -> torch.Tensor:
-    """``out`` plus the per-task coded terms with coefficients ``per_task``: Σ α_t·r̂_t, or s_0 ∘ Σ α_t·m_t."""
+    """``out`` plus the per-task coded terms with coefficients ``per_task``: Σ α_t·r̂_t, s_0 ∘ Σ α_t·m_t, or (joint)
+    per tensor and cluster U (Σ α_t Σ_t) Vᵀ — linear in the cores, one product whatever the number of tasks."""
     if not per_task:
         return out
+    if store.joint:
+        assert store.coded is not None
+        return out.add_(store.coded.joint_sum(name, per_task, rows if store.specs[name].shape else None))
     if store.masks:
         weight = torch.zeros_like(out)
         for t, a in per_task.items():

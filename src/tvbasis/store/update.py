@@ -11,6 +11,13 @@ it: two add-tasks on one store both land, one after the other.
 The new task's reconstruction error is exact. Inner products between the new task and the old ones are not
 available without the old checkpoints; where they are needed (the Gram/cosine matrix, the errors of old tasks
 whose basis changed) they are estimated from the old tasks' reconstructions and flagged ``error_exact: false``.
+
+LoRA stores (``lora-factors``, ``lora-joint``) take a new LoRA adapter in factor space (``_add_lora_task``): no
+ΔW is expanded; the Gram row is ⟨ΔW_new, ΔW̃_t⟩ from the stored entries (exact where every old task is stored
+exactly). A lora-factors store appends the adapter's own factors; a lora-joint store projects it onto the shared
+bases of the cluster that reconstructs it best (least-squares cores, exact error), keeping its own factors for a
+tensor that cluster has no bases of. A full fine-tune is coded by a lora-factors store's residual codec
+(``lowrank:rank=R``, the generic path); a lora-joint store refuses it.
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ import numpy as np
 import torch
 
 from tvbasis.bases.extend import Extension, extend_fit
-from tvbasis.codecs import Encoded, decode
+from tvbasis.codecs import Encoded, decode, parse_codec
 from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError, StoreError
 from tvbasis.io import Checkpoint, check_finite, open_checkpoint, open_finetuned, row_chunks
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_key, tensor_digest
+from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.io.writer import PositionalShard
+from tvbasis.lora import Source
 from tvbasis.passes import ALL
 from tvbasis.store.coded import CodedWriter
 from tvbasis.store.commit import (
@@ -41,12 +50,33 @@ from tvbasis.store.commit import (
     store_lock,
 )
 from tvbasis.store.faults import fault_point
-from tvbasis.store.format import FORMAT_VERSION, Cross, Digests, Manifest, TaskEntry, entry_key, task_name_problem
+from tvbasis.store.format import (
+    FORMAT_VERSION,
+    JOINT_CORE,
+    Cross,
+    Digests,
+    Manifest,
+    TaskEntry,
+    entry_key,
+    task_name_problem,
+)
 from tvbasis.store.integrity import digest_fd, digest_file
+from tvbasis.store.lora_entries import (
+    Term,
+    dense_entry,
+    factor_entry,
+    inner,
+    pretrained_digests,
+    project,
+    stored_term,
+)
+from tvbasis.store.peers import LORA_METHODS, zero_fit
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
 Item = tuple[str, int, int]
+#: a task stored with at most this relative error is exact up to float32 rounding (its Gram entries are exact)
+EXACT_REL = 1e-6
 #: shard size of the coded files add-task writes
 DEFAULT_CODED_SHARD = "5GB"
 
@@ -134,6 +164,12 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
     store.check_pretrained(pre)
     _check_covers(store, pre, ft)
     remove_leftovers(store.root, store.manifest)
+    if store.method in LORA_METHODS:
+        if isinstance(ft, LoraCheckpoint):
+            return _add_lora_task(store, name, pre, ft)
+        if store.joint:
+            raise ConfigError(f"{ft.path}: is not a LoRA adapter; a lora-joint store projects adapters' factors "
+                              "onto its shared bases (rebuild it, or use a lora-factors store)")
     mf = store.manifest
     ref = mf.pretrained
     eng = as_run(run).get_engine()
@@ -245,6 +281,116 @@ def _add_coded_task(store: BasisStore, new: Manifest, name: str, pre: Checkpoint
         files, section = writer.finish([entry_key("residual", n, name) for n in names], gen)
         task = new.tasks[-1]
         task.rel_error = float(np.sqrt(max(err2, 0.0))) / task.norm if task.norm else 0.0
+        new.coded.files.update(section.files)
+        new.coded.entries.update(section.entries)
+        new.files.coded = [*new.files.coded, *files]
+        commit_generation(store.root, new, {f: stage / f for f in files})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return BasisStore.open(store.root)
+
+
+def _new_entries(store: BasisStore, name: str, ft: LoraCheckpoint) -> tuple[dict[str, Encoded | None], float, float,
+                                                                         np.ndarray, int | None]:
+    """The new adapter's entries per tensor (factor space), ‖ΔW‖², its squared error, ⟨ΔW, ΔW̃_t⟩ with every old
+    task and (joint stores) the cluster it joins."""
+    assert store.coded is not None
+    coded, src, T = store.coded, Source(ft), store.T
+    touched = set(src.tensors())
+    fc = store.manifest.options.get("factor_codec")
+    next_codec = None if fc is None else parse_codec(str(fc))
+    clusters = sorted({t.cluster for t in store.manifest.tasks if t.cluster is not None})
+    diagonal = store.manifest.options.get("cores") == "diagonal"
+    entries: dict[str, Encoded | None] = {}
+    vv, err2, dots = 0.0, 0.0, np.zeros(T)
+    per_cluster = np.zeros(len(clusters))
+    fitted: dict[str, list[tuple[torch.Tensor, float] | None]] = {}
+    for pname, spec in store.specs.items():
+        if pname not in touched:
+            entries[pname] = None
+            continue
+        f = src.factors(pname)
+        rows = spec.shape[0] if spec.shape else 1
+        term: Term = f if f is not None else src.dense(pname).reshape(rows, -1)
+        nrm = inner(term, term)
+        vv += nrm
+        for t, old in enumerate(store.task_names):
+            dots[t] += inner(term, stored_term(coded, entry_key("residual", pname, old), spec))
+        if f is None:
+            entries[pname], e = dense_entry(term, spec.shape)  # type: ignore[arg-type]
+            err2 += e
+        elif not store.joint:
+            entries[pname], e = factor_entry(f[0], f[1], spec.shape, next_codec, ft.layout(pname))
+            err2 += e
+        else:
+            fits: list[tuple[torch.Tensor, float] | None] = []
+            for j, cl in enumerate(clusters):
+                if entry_key("shared", pname, cl) in coded.section.entries:
+                    fits.append(project(f[0], f[1], *coded.shared(pname, cl), diagonal))
+                    per_cluster[j] += fits[-1][1]  # type: ignore[index]
+                else:
+                    fits.append(None)
+                    per_cluster[j] += nrm
+            fitted[pname] = fits
+    best = int(np.argmin(per_cluster)) if store.joint else 0
+    for pname, fits in fitted.items():  # joint: the cores on the best cluster's bases
+        got = fits[best]
+        if got is None:  # that cluster has no bases of this tensor: the adapter's own factors (exact)
+            f = src.factors(pname)
+            assert f is not None
+            entries[pname], e = factor_entry(f[0], f[1], store.specs[pname].shape, None, ft.layout(pname))
+        else:
+            layout = ft.layout(pname)
+            entries[pname] = Encoded(JOINT_CORE, tuple(store.specs[pname].shape), {"core": got[0].contiguous()},
+                                   {"layout": layout} if layout else {})
+            e = got[1]
+        err2 += e
+    return entries, vv, err2, dots, clusters[best] if store.joint else None
+
+
+def _add_lora_task(store: BasisStore, name: str, pre: Checkpoint, ft: LoraCheckpoint) -> BasisStore:
+    """Add a LoRA adapter to a LoRA store in factor space (see the module docstring); one new generation."""
+    mf = store.manifest
+    ref = mf.pretrained
+    check_pretrained_checksum(pretrained_digests(pre, store.specs.values(), ref.checksum_chunk_elements),
+                              ref.to_json(), pre.path, "; the store is unchanged")
+    entries, vv, err2, dots, cluster = _new_entries(store, name, ft)
+    if vv <= 0:
+        raise ConfigError(f"{ft.path}: equals the pretrained model (zero task vector)")
+    new = copy.deepcopy(mf)
+    T = store.T
+    G2 = np.zeros((T + 1, T + 1))
+    G2[:T, :T] = mf.gram
+    G2[T, :T] = G2[:T, T] = dots
+    G2[T, T] = vv
+    new.gram = G2
+    if not all(t.rel_error <= EXACT_REL and t.error_exact for t in mf.tasks):  # ⟨v, ṽ_t⟩ ≠ ⟨v, v_t⟩ if lossy
+        new.gram_estimated_rows = sorted(set(new.gram_estimated_rows) | {name})
+    new.T = T + 1
+    new.groups = {g: zero_fit(T + 1) for g in mf.groups}
+    new.cross = {g: Cross(np.zeros((0, T + 1)), np.zeros((0, 0))) for g in mf.groups}
+    norm = float(np.sqrt(vv))
+    new.tasks.append(TaskEntry(name, str(ft.path), norm, float(np.sqrt(max(err2, 0.0))) / norm, added=True,
+                               cluster=cluster))
+    _check_finite_fit(new)
+    return _commit_entries(store, new, name, entries)
+
+
+def _commit_entries(store: BasisStore, new: Manifest, task: str, entries: dict[str, Encoded | None]) -> BasisStore:
+    """Write task ``task``'s entries (per tensor) into coded files of the next generation and commit ``new``."""
+    assert new.coded is not None
+    gen = next_generation(store.root, store.manifest)
+    stage = temp_path(store.root / "coded")
+    stage.mkdir()
+    writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
+    try:
+        keys = {p: entry_key("residual", p, task) for p in entries}
+        for p, enc in entries.items():
+            writer.add(keys[p], enc, store.specs[p].shape)
+        files, section = writer.finish(list(keys.values()), gen)
         new.coded.files.update(section.files)
         new.coded.entries.update(section.entries)
         new.files.coded = [*new.files.coded, *files]

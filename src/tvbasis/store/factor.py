@@ -1,0 +1,417 @@
+"""Stores of LoRA adapters built in factor space (no ΔW = s·B·A is ever expanded), and PEFT adapters written back.
+
+``build_lora_store`` writes a coded store with M = 0 (see ``docs/store-format.md``):
+
+* ``method="factors"`` (store method ``lora-factors``): every adapter's own factors as ``lowrank`` entries
+  (``us`` = (s·B)ᵀ, ``vt`` = A, rank r — no SVD), optionally through a ``factor_codec`` (e.g. ``int8``) as the
+  NEXT codec; tensors an adapter replaces whole (``modules_to_save``, trained biases, ``lora_bias``) as float32
+  entries; tensors it does not change as ``none``. ``residual_codec`` is ``lowrank:rank=R`` (+ the factor codec),
+  R the largest adapter rank, so add-task of a full fine-tune codes it at that rank.
+* ``method="joint"`` (``lora-joint``): the "Compress then Serve" form of ``tvbasis.lora.joint_compress``: per
+  tensor and cluster one shared entry ``shared/{c}/{param}`` (U, V) and per task a core entry (full k × k, or
+  diagonal k); task t is U Σ_t Vᵀ and a combination U (Σ α_t Σ_t) Vᵀ.
+
+The Gram matrix comes from the factors (``tvbasis.lora.tensor_gram``), every task's error is exact and computed in
+factor form, and the pretrained checksum is the one a dense build records (same tensors, same row chunks), so
+``edit``/``apply``/``add-task`` check the pretrained model as for every store. Reads: each adapter's factors of
+one tensor at a time (plus the pretrained tensors the adapters change, once, for the checksum).
+
+``export_peft`` writes one task of a store whose tasks are low-rank entries as a PEFT adapter directory
+(``adapter_config.json`` + ``adapter_model.safetensors``, rank as stored, ``lora_alpha`` = r so the scale is 1).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
+from tvbasis.engine import Run, as_run
+from tvbasis.errors import ConfigError
+from tvbasis.io import Checkpoint, TensorSpec, check_output, cleanup_stale_temps, open_checkpoint
+from tvbasis.io.atomic import atomic_output, check_not_input, temp_path
+from tvbasis.io.checksum import check_pretrained_checksum, combine_digests, structure_fingerprint
+from tvbasis.io.lora import PEFT_PREFIX, LoraCheckpoint
+from tvbasis.lora import Source, TensorDeltas, factor_gram, joint_compress, open_adapters, tensor_gram
+from tvbasis.passes import ALL
+from tvbasis.store.build import output_path
+from tvbasis.store.coded import CodedWriter
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
+from tvbasis.store.format import (
+    JOINT_BASES,
+    JOINT_CORE,
+    Cross,
+    Digests,
+    Manifest,
+    PretrainedRef,
+    StoreFiles,
+    TaskEntry,
+    coded_keys,
+    entry_key,
+    task_name_problem,
+)
+from tvbasis.store.lora_entries import dense_entry, factor_entry, pretrained_digests
+from tvbasis.store.peers import check_lora_options, zero_fit
+from tvbasis.store.store import BasisStore
+from tvbasis.taskset import chunk_for
+from tvbasis.vectors import KeyFilter, changed_specs, vector_specs
+
+Entries = dict[str, Encoded | None]
+
+
+def _options(method: str, k: int | tuple[int, int] | list[int] | None, cores: str, clusters: int, affinity: str,
+             refine: int, iters: int | None, factor_codec: str | None) -> tuple[str, dict[str, Any]]:
+    m = {"factors": "lora-factors", "joint": "lora-joint"}.get(method, method)
+    if m == "lora-factors":
+        if k is not None or cores != "full" or clusters != 1 or affinity != "cosine" or refine or iters is not None:
+            raise ConfigError("method factors stores every adapter's own factors: k, cores, clusters, affinity, "
+                              "refine and iters apply to method joint")
+        spec = None if factor_codec is None else parse_codec(factor_codec).spec
+        return m, check_lora_options(m, {"factor_codec": spec})
+    if m != "lora-joint":
+        raise ConfigError(f"method must be 'factors' or 'joint' (lora-factors, lora-joint), got {method!r}")
+    if k is None:
+        raise ConfigError("method joint needs k, the size of the shared bases (-k K)")
+    if factor_codec is not None:
+        raise ConfigError("factor_codec applies to method factors (a joint store keeps U, V and cores in float32)")
+    kk: Any = [int(x) for x in k] if isinstance(k, (tuple, list)) else k
+    opts = {"k": kk, "cores": "diagonal" if cores == "diag" else cores, "clusters": clusters, "affinity": affinity,
+            "refine": refine, "iters": iters}
+    return m, check_lora_options(m, opts)
+
+
+def build_lora_store(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | LoraCheckpoint],
+                     out: str | Path, *, method: str = "factors", k: int | tuple[int, int] | None = None,
+                     cores: str = "full", clusters: int = 1, affinity: str = "cosine", refine: int = 0,
+                     iters: int | None = None, factor_codec: str | None = None, max_shard_size: int | str = "5GB",
+                     force: bool = False, run: Run = None,
+                     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
+    """Write a factor-space store of the LoRA ``adapters`` (name -> PEFT adapter directory) of ``pretrained`` at
+    ``out`` (atomically, as ``build_store``; see the module docstring for the two methods).
+
+    ``method="joint"``: ``k`` (an integer, or (k_out, k_in) for full cores), ``cores`` ``"full"`` or ``"diagonal"``,
+    ``clusters`` of adapters (k-means on ``affinity``: ``"cosine"`` or ``"subspace"``, then ``refine`` rounds of
+    reassignment), ``iters`` rounds of the alternating fit (default: ``tvbasis.lora.DEFAULT_ITERS``).
+    ``method="factors"``: ``factor_codec`` codes each factor (e.g. ``"int8"``), else they are stored as float32.
+    Inputs that are not adapter directories are refused (ConfigError naming the file).
+
+    ``add_task`` on these stores stays in factor space: a lora-factors store appends the new adapter's factors (a
+    full fine-tune is coded at ``lowrank:rank=R``); a lora-joint store *projects* a new adapter onto the shared U, V
+    of the cluster that reconstructs it best — least-squares cores (Uᵀ U)⁺ Uᵀ B A V (Vᵀ V)⁺, or the least-squares
+    diagonal — with its exact error, the bases unchanged (its own factors where that cluster has no bases of a
+    tensor); it refuses a full fine-tune."""
+    store_method, options = _options(method, k, cores, clusters, affinity, refine, iters, factor_codec)
+    out = output_path(out)
+    if not adapters:
+        raise ConfigError("give at least one LoRA adapter")
+    for n in adapters:
+        problem = task_name_problem(n)
+        if problem is not None:
+            raise ConfigError(f"invalid task name: {problem}")
+    pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
+    ads = open_adapters(pre, adapters)
+    for n, a in ads.items():
+        if not isinstance(a, LoraCheckpoint):
+            raise ConfigError(f"{n}: build_lora_store reads PEFT adapter directories; got {type(a).__name__}")
+    lora = {n: a for n, a in ads.items() if isinstance(a, LoraCheckpoint)}
+    check_not_input(out, [Path(str(pre.path)), *([Path(str(pre.root_dir))] if pre.root_dir else []),
+                          *(Path(str(a.path)) for a in lora.values())])
+    kind = output_kind(out, force)
+    check_output(out, True)
+    specs: dict[str, TensorSpec] = {}
+    for a in lora.values():
+        specs = vector_specs(pre, a, KeyFilter.of(None, None))
+    specs = changed_specs(specs, list(lora.values()))
+    if not specs:
+        raise ConfigError("the adapters change no floating-point tensor of the pretrained model")
+    with store_lock(out, lock_timeout) if kind == "store" else nullcontext():
+        return _build(pre, lora, specs, store_method, options, out, kind, force, max_shard_size, run, lock_timeout)
+
+
+class _FactorTensor:
+    """Work unit of method ``factors`` (one tensor): its T × T Gram from the factors, each adapter's entry and the
+    squared error of what it stores."""
+
+    def __init__(self, adapters: Mapping[str, LoraCheckpoint], next_codec: Codec | None) -> None:
+        self.names = list(adapters)
+        self.adapters = list(adapters.values())
+        self.next_codec = next_codec
+
+    def deltas(self, spec: TensorSpec) -> TensorDeltas:
+        td = TensorDeltas(spec.name, spec.shape, {}, {})
+        for t, a in enumerate(self.adapters):
+            if spec.name not in a.changed_tensors():
+                continue
+            f = a.factors(spec.name)
+            if f is None:
+                td.dense[t] = Source(a).dense(spec.name).reshape(td.rows, td.cols)
+            else:
+                td.factors[t] = (f[0].to(torch.float64), f[1].to(torch.float64))
+        return td
+
+    def __call__(self, spec: TensorSpec) -> tuple[str, np.ndarray, np.ndarray, Entries]:
+        T = len(self.names)
+        td = self.deltas(spec)
+        err2 = np.zeros(T)
+        entries: Entries = {}
+        for t, task in enumerate(self.names):
+            key = entry_key("residual", spec.name, task)
+            if t in td.factors:
+                B, A = td.factors[t]
+                entries[key], err2[t] = factor_entry(B, A, spec.shape, self.next_codec,
+                                                     self.adapters[t].layout(spec.name))
+            elif t in td.dense:
+                entries[key], err2[t] = dense_entry(td.dense[t], spec.shape)
+            else:
+                entries[key] = None
+        return spec.name, tensor_gram(td, T), err2, entries
+
+
+def _factor_entries(lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, TensorSpec], options: Mapping[str, Any],
+                    writer: CodedWriter, run: Run) -> tuple[np.ndarray, np.ndarray, str]:
+    fc = options["factor_codec"]
+    next_codec = None if fc is None else parse_codec(fc)
+    T = len(lora)
+    G, err2 = np.zeros((T, T)), np.zeros(T)
+    ranks = [1]
+    items = list(specs.values())
+    for name, g, e, entries in as_run(run).get_engine().map(_FactorTensor(lora, next_codec), items,
+                                                             desc="adapter factors"):
+        G += g
+        err2 += e
+        for key, enc in entries.items():
+            writer.add(key, enc, specs[name].shape)
+            if enc is not None and enc.codec.startswith(LowRank.name):
+                ranks.append(int(enc.meta["rank"]))
+    return G, err2, LowRank(next=next_codec, rank=max(ranks)).spec
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread: the joint fit is many products of small (Σr × Σr) matrices, where intra-op threads
+    cost more than they save (16 adapters, r = 16, k = 64: 6 s on one thread, 110 s on two of a busy 2-core
+    machine). Process-wide; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _joint_entries(lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, TensorSpec], options: Mapping[str, Any],
+                   writer: CodedWriter) -> tuple[np.ndarray, np.ndarray, list[int], list[tuple[int, str]]]:
+    k = options["k"]
+    with _one_thread():
+        jc = joint_compress(dict(lora), k=tuple(k) if isinstance(k, list) else k,
+                            cores="diag" if options["cores"] == "diagonal" else "full", clusters=options["clusters"],
+                            affinity=options["affinity"], refine=options["refine"], iters=options["iters"],
+                            dtype=torch.float32, dense_dtype=torch.float32)
+    names = list(lora)
+    adapters = list(lora.values())
+    G = factor_gram(dict(lora)).G
+    shared: list[tuple[int, str]] = []
+    written: set[str] = set()
+    for name, fits in jc.fits.items():
+        shape = specs[name].shape
+        for f in fits:
+            shared.append((f.cluster, name))
+            meta = {"cores": options["cores"], "k": [int(f.U.shape[1]), int(f.V.shape[1])]}
+            writer.add(entry_key("shared", name, f.cluster),
+                       Encoded(JOINT_BASES, tuple(shape), {"u": f.U.to(torch.float32).contiguous(),
+                                                           "v": f.V.to(torch.float32).contiguous()}, meta), shape)
+            for j, i in enumerate(f.members):
+                layout = adapters[i].layout(name)
+                key = entry_key("residual", name, names[i])
+                writer.add(key, Encoded(JOINT_CORE, tuple(shape), {"core": f.cores[j].to(torch.float32).contiguous()},
+                                        {"layout": layout} if layout else {}), shape)
+                written.add(key)
+    for name, dense in jc.dense.items():
+        for i, D in dense.items():
+            key = entry_key("residual", name, names[i])
+            writer.add(key, dense_entry(D.to(torch.float64), specs[name].shape)[0], specs[name].shape)
+            written.add(key)
+    for name, spec in specs.items():
+        for task in names:
+            key = entry_key("residual", name, task)
+            if key not in written:
+                writer.add(key, None, spec.shape)
+    err2 = sum(jc.sq_errors.values(), np.zeros(len(names)))
+    return G, err2, list(jc.labels), shared
+
+
+def _build(pre: Checkpoint, lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, TensorSpec], method: str,
+           options: dict[str, Any], out: Path, kind: str, force: bool, max_shard_size: int | str, run: Run,
+           lock_timeout: float | None) -> BasisStore:
+    names = list(lora)
+    T = len(names)
+    cleanup_stale_temps(out.parent, out.name)
+    tmp = temp_path(out)
+    tmp.mkdir()
+    writer: CodedWriter | None = CodedWriter(tmp, max_shard_size)
+    try:
+        assert writer is not None
+        labels: list[int] | None = None
+        shared: list[tuple[int, str]] = []
+        if method == "lora-factors":
+            G, err2, residual_codec = _factor_entries(lora, specs, options, writer, run)
+        else:
+            G, err2, labels, shared = _joint_entries(lora, specs, options, writer)
+            residual_codec = "joint"
+        zero = [names[t] for t in range(T) if G[t, t] <= 0]
+        if zero:
+            raise ConfigError(f"adapter(s) {zero} change nothing (zero task vector)")
+        chunk = chunk_for(T)
+        checksum = combine_digests(pretrained_digests(pre, specs.values(), chunk))
+        norms = np.sqrt(np.diag(G))
+        rel = np.sqrt(np.clip(err2, 0.0, None)) / norms
+        tasks = [TaskEntry(n, str(lora[n].path), float(norms[t]), float(rel[t]),
+                           cluster=None if labels is None else int(labels[t])) for t, n in enumerate(names)]
+        manifest = Manifest(
+            method=method, options=options, M=0, T=T, layerwise=False, task_like=False, tasks=tasks,
+            groups={ALL: zero_fit(T)}, group_of={}, cross={ALL: Cross(np.zeros((0, T)), np.zeros((0, 0)))},
+            gram=(G + G.T) / 2, group_grams={},
+            pretrained=PretrainedRef(str(pre.root_dir or pre.path), structure_fingerprint(pre), checksum, chunk),
+            tensors=list(specs.values()), store_dtypes=dict.fromkeys(specs, "float32"), files=StoreFiles(),
+            task_vectors_bytes=T * sum(4 * s.numel for s in specs.values()), digests=Digests(chunk, {}))
+        order = coded_keys(names, list(specs), 0, False, True, False, shared)
+        manifest.files.coded, section = writer.finish(order)
+        writer = None
+        section.mode = "joint" if method == "lora-joint" else "add"
+        section.residual_codec = residual_codec
+        manifest.coded = section
+        manifest.write(tmp)
+        commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BasisStore.open(out)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT export
+def _peft_tensors(module: str, layout: str, P: torch.Tensor, Q: torch.Tensor,
+                  shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """PEFT's saved tensors of one module with ΔW.reshape(rows, -1) = P·Q (scale 1)."""
+    key = PEFT_PREFIX + module
+    r = P.shape[1]
+    if layout == "embedding":  # ΔW = (B·A)ᵀ with A (r × vocab), B (hidden × r)
+        return {f"{key}.lora_embedding_A": P.T.contiguous(), f"{key}.lora_embedding_B": Q.T.contiguous()}
+    if layout == "fan_in_fan_out":
+        return {f"{key}.lora_A.weight": P.T.contiguous(), f"{key}.lora_B.weight": Q.T.contiguous()}
+    if layout == "conv":
+        return {f"{key}.lora_A.weight": Q.reshape(r, *shape[1:]).contiguous(),
+                f"{key}.lora_B.weight": P.reshape(shape[0], r, *[1] * (len(shape) - 2)).contiguous()}
+    return {f"{key}.lora_A.weight": Q.contiguous(), f"{key}.lora_B.weight": P.contiguous()}
+
+
+def export_peft(store: BasisStore | str | Path, task: str, out_dir: str | Path,
+                pretrained: str | Path | Checkpoint | None = None, *, force: bool = False) -> Path:
+    """Write task ``task`` of ``store`` as a PEFT LoRA adapter directory at ``out_dir`` (atomically).
+
+    Every tensor the task holds as a low-rank product (``lowrank`` entries, joint cores) becomes ``lora_A``/
+    ``lora_B`` (r as stored, ``lora_alpha`` = r: scale 1; the layout — linear, conv, embedding, fan_in_fan_out —
+    the source adapter had, linear/conv by shape for tasks without one). Tensors it holds densely become
+    ``modules_to_save`` of their module (a bias of a LoRA module: its ``base_layer.bias``), written as θ₀ + ΔW̃:
+    those need ``pretrained`` (checked against the store: structure and content checksum)."""
+    st = store if isinstance(store, BasisStore) else BasisStore.open(store)
+    st.task_index(task)
+    if st.M != 0 or not st.manifest.has_residuals or st.masks or st.coded is None:
+        raise ConfigError(f"{st.root}: a PEFT adapter needs the task as low-rank entries (a store with M = 0: "
+                          f"lora-factors, lora-joint, or --residual lowrank); this is a {st.method} store with "
+                          f"M = {st.M}")
+    coded = st.coded
+    lora: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    layouts: set[str] = set()
+    dense: dict[str, torch.Tensor] = {}
+    for name, spec in st.specs.items():
+        key = entry_key("residual", name, task)
+        if coded.codec_of(key) == "none":
+            continue
+        f = coded.factors(key)
+        if f is None:
+            dense[name] = coded.decode(key)
+            continue
+        if not name.endswith(".weight"):
+            raise ConfigError(f"{st.root}: task {task} holds {name!r} as a low-rank product, but PEFT adapts "
+                              "'.weight' tensors only")
+        P, Q = f
+        if P.shape[1] == 0:
+            continue
+        layout = coded.section.entries[key].encoded.get("meta", {}).get("layout") \
+            or ("conv" if len(spec.shape) > 2 else "linear")
+        module = name.removesuffix(".weight")
+        lora.update(_peft_tensors(module, str(layout), P, Q, spec.shape))
+        ranks[module] = int(P.shape[1])
+        layouts.add("embedding" if layout == "embedding" else "fan_in_fan_out" if layout == "fan_in_fan_out"
+                    else "plain")
+    if not ranks:
+        raise ConfigError(f"{st.root}: task {task} holds no tensor as a low-rank product; nothing for PEFT's LoRA")
+    if {"fan_in_fan_out", "plain"} <= layouts:
+        raise ConfigError(f"{st.root}: task {task} mixes fan_in_fan_out (Conv1D) and plain linear layouts; PEFT's "
+                          "fan_in_fan_out is one flag per adapter")
+    pre = None
+    if dense:
+        if pretrained is None:
+            raise ConfigError(f"{st.root}: task {task} replaces {len(dense)} tensor(s) whole (e.g. "
+                              f"{sorted(dense)[0]!r}); PEFT saves their values, so pass the pretrained model")
+    if pretrained is not None:
+        pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
+        st.check_pretrained(pre)
+        ref = st.manifest.pretrained
+        check_pretrained_checksum(pretrained_digests(pre, st.specs.values(), ref.checksum_chunk_elements),
+                                  ref.to_json(), pre.path, "; nothing written")
+    saved, to_save, bias = _dense_tensors(st.root, task, dense, set(ranks), pre)
+    R = max(ranks.values())
+    config = {"peft_type": "LORA", "r": R, "lora_alpha": R, "target_modules": sorted(ranks),
+              "rank_pattern": {m: r for m, r in ranks.items() if r != R},
+              "alpha_pattern": {m: r for m, r in ranks.items() if r != R},
+              "modules_to_save": sorted(to_save) or None, "bias": bias, "fan_in_fan_out": "fan_in_fan_out" in layouts,
+              "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "inference_mode": True,
+              "init_lora_weights": True, "task_type": None,
+              "base_model_name_or_path": st.manifest.pretrained.path}
+    inputs = [st.root, *([Path(str(pre.path))] if pre is not None else [])]
+    with atomic_output(out_dir, force, inputs) as tmp:
+        save_file({**lora, **saved}, str(tmp / "adapter_model.safetensors"), {"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return Path(out_dir)
+
+
+def _dense_tensors(root: Path, task: str, dense: Mapping[str, torch.Tensor], lora_modules: set[str],
+                   pre: Checkpoint | None) -> tuple[dict[str, torch.Tensor], set[str], str]:
+    """PEFT's saved values θ₀ + ΔW̃ of the tensors a task replaces whole: a LoRA module's bias as its
+    ``base_layer.bias`` (``bias="lora_only"``), anything else through ``modules_to_save`` of its module (every
+    floating tensor of that module written, the unchanged ones as θ₀)."""
+    saved: dict[str, torch.Tensor] = {}
+    to_save: set[str] = set()
+    bias = "none"
+    for name, D in dense.items():
+        assert pre is not None
+        module, _, leaf = name.rpartition(".")
+        if module in lora_modules:
+            if leaf != "bias":
+                raise ConfigError(f"{root}: task {task} changes {name!r} whole and its module by LoRA; PEFT cannot "
+                                  "hold both")
+            saved[f"{PEFT_PREFIX}{module}.base_layer.bias"] = (pre.get(name).to(torch.float32) + D).contiguous()
+            bias = "lora_only"
+        else:
+            to_save.add(module)
+    assert pre is not None or not to_save
+    for module in to_save:
+        assert pre is not None
+        for s in pre.specs():
+            parent, _, leaf = s.name.rpartition(".")
+            if parent == module and s.is_float:
+                value = pre.get(s.name).to(torch.float32)
+                saved[f"{PEFT_PREFIX}{s.name}"] = (value + dense[s.name] if s.name in dense else value).contiguous()
+    return saved, to_save, bias
