@@ -1,10 +1,13 @@
 """``tvbasis bench --frontier``: the storage–accuracy frontier of compressors that give every task back.
 
-The same fine-tunes, evaluator and protocol as ``tvbasis bench`` (``bench.py``; docs/benchmark.md). For every
-configuration the T task vectors are compressed in memory (float32 state dicts, as ``bench._state``), then:
+The same fine-tunes, evaluator and protocol as ``tvbasis bench`` (``bench.py``; docs/benchmark.md). Every
+configuration is a store on disk, built from the fine-tunes with ``build_store`` exactly as ``tvbasis build``
+would (``--method tall|tsvc|tvq|rtvq|bitdelta``, ``-M 0 --residual PLAN``, ``--codec PLAN --residual PLAN``), and
+read back task by task with ``reconstruct`` (``store_args`` maps a row to its build), then:
 
-* **bytes stored** — exact: every stored tensor of every task (and of shared parts: τ_MTL, bases, coefficients),
-  and × = T float32 task vectors / that;
+* **bytes stored** — exact: every stored tensor of the store (dense and coded: τ_MTL, bases, masks, residuals)
+  plus 4 per coefficient, and × = T float32 task vectors / that; the store's size on disk (manifest and
+  safetensors headers included) is in each row's ``extra.store_bytes_on_disk``;
 * **per-task** normalized accuracy — each task's compressed vector alone, applied at λ = 1 on its own task:
   acc(θ₀ + ṽ_t on t) / acc(θ_t on t); mean and min over tasks;
 * **addition** — θ₀ + λ·Σ_t ṽ_t, λ chosen on dev (``Evaluator.search_addition``), mean normalized test accuracy
@@ -12,12 +15,12 @@ configuration the T task vectors are compressed in memory (float32 state dicts, 
 * **negation** — θ₀ − λ·ṽ_target for the two (target, control) pairs (``Evaluator.search_negation``);
 * the relative reconstruction error ‖ṽ_t − v_t‖ / ‖v_t‖ per task.
 
-Configurations (``default_configs``): the full float32 task vectors; the peers — TALL masks (λ_t from the paper's
-grid, chosen per task on dev), TSV-C (1/T of the singular triplets per 2-D tensor), TVQ int4/int3/int2, RTVQ
-B3O2, BitDelta (``tvbasis.compress``); tvbasis at M = 0 — each task through a per-kind codec plan at several
-budgets (``PLANS``) — and at M ∈ {1, 2, 4} — a PCA store (``build_store``) for the shared part, its bases
-through a codec plan, plus per-task residuals r_t = v_t − v̂_t against those coded bases, through a plan; and
-one PCA store alone (no residual), the store as it is today. Families get a Pareto front each in the plots.
+Configurations (``default_configs``): the full float32 task vectors; the peers as store methods — TALL masks
+(λ_t from the paper's grid, chosen per task on dev), TSV-C (1/T of the singular triplets per 2-D tensor), TVQ
+int4/int3/int2, RTVQ B3O2, BitDelta (``tvbasis.store.peers``); tvbasis at M = 0 — each task through a per-kind
+codec plan at several budgets (``PLANS``) — and at M ∈ {1, 2, 4} — a PCA store for the shared part, its bases
+through a codec plan (``--codec``), plus per-task residuals r_t = v_t − v̂_t against those coded bases, through a
+plan (``--residual``); and one PCA store alone (no residual). Families get a Pareto front each in the plots.
 
 Outputs in ``<out>`` (default ``<work>/frontier``): ``frontier.json``, ``frontier.md`` (the table and the goals
 check), ``frontier_per_task.png`` and ``frontier_addition.png`` (accuracy vs bytes, log x, Pareto fronts).
@@ -40,19 +43,8 @@ import torch
 from tvbasis.compress import (
     TALL_LAMBDAS,
     CodecPlan,
-    SVDCache,
-    bitdelta_tensor,
-    code_bases,
-    combine_bases,
-    plan_roundtrip,
-    residual_roundtrip,
-    rtvq_tensor,
     tall_mask,
-    tall_nbytes,
     tall_reconstruct,
-    truncated_svd,
-    tsvc_compress,
-    tvq_tensor,
 )
 from tvbasis.errors import ConfigError
 from tvbasis.eval.bench import BenchConfig, _bar, _fmt_bytes, _jsonable, _pct, _state, vector_bytes
@@ -150,32 +142,15 @@ class Context:
     stores: Path
     keep_stores: bool
     dev_accuracy: Callable[[State, str], float]  # θ₀ + v on the dev split of one task
-    #: SVDs of the task vectors' matrices, shared by TSV-C and the low-rank plans (keys (task, tensor))
-    svd_cache: SVDCache = field(default_factory=SVDCache)
     progress: bool = False
 
 
 # --------------------------------------------------------------------------------------------- compressors
-def _per_tensor(ctx: Context, fn: Callable[[str, str, torch.Tensor], tuple[torch.Tensor, int]]) -> Compressed:
-    vectors: dict[str, State] = {}
-    total = 0
-    for t in ctx.tasks:
-        vectors[t] = {}
-        for name, x in ctx.tvs[t].items():
-            vectors[t][name], nb = fn(t, name, x)
-            total += nb
-    return Compressed(vectors, total)
-
-
-def _stacked(ctx: Context, name: str) -> torch.Tensor:
-    return torch.stack([ctx.tvs[t][name] for t in ctx.tasks])
-
-
-def compress_tall(ctx: Context, lambdas: Sequence[float] = TALL_LAMBDAS) -> Compressed:
-    """τ_MTL + one mask per task; λ_t chosen per task on dev from ``lambdas`` (ties: the smaller λ)."""
+def tall_lambdas_on_dev(ctx: Context, lambdas: Sequence[float] = TALL_LAMBDAS) -> dict[str, Any]:
+    """TALL's λ_t per task, chosen on dev from ``lambdas`` (ties: the smaller λ, as ``max`` over the paper's
+    λ-ordered dict): the dev curves of m_t ∘ τ_MTL, computed in memory, and the choice."""
     names = list(ctx.tvs[ctx.tasks[0]])
     mtl = {n: sum(ctx.tvs[t][n] for t in ctx.tasks) for n in names}
-    T = len(ctx.tasks)
 
     def recon(t: str, lam: float) -> State:
         return {n: tall_reconstruct(tall_mask(ctx.tvs[t][n], mtl[n], lam), mtl[n]) for n in names}
@@ -185,94 +160,75 @@ def compress_tall(ctx: Context, lambdas: Sequence[float] = TALL_LAMBDAS) -> Comp
         for t in ctx.tasks:
             curves[t][lam] = ctx.dev_accuracy(recon(t, lam), t)
     chosen = {t: max(sorted(c), key=lambda lam, c=c: (c[lam], -lam)) for t, c in curves.items()}
-    vectors = {t: recon(t, chosen[t]) for t in ctx.tasks}
-    density = {t: mean(float(tall_mask(ctx.tvs[t][n], mtl[n], chosen[t]).float().mean()) for n in names)
-               for t in ctx.tasks}
-    nbytes = sum(tall_nbytes(mtl[n].numel(), T) for n in names)
-    return Compressed(vectors, nbytes, {"lambda": chosen, "dev_curve": curves, "mask_density_mean": density},
-                      addition=mtl)
+    return {"lambda": chosen, "dev_curve": curves}
 
 
-def compress_rtvq(ctx: Context, base_bits: int, offset_bits: int) -> Compressed:
-    names = list(ctx.tvs[ctx.tasks[0]])
-    vectors: dict[str, State] = {t: {} for t in ctx.tasks}
-    total = 0
-    for n in names:
-        xhat, nb = rtvq_tensor(_stacked(ctx, n), base_bits, offset_bits)
-        total += nb
-        for i, t in enumerate(ctx.tasks):
-            vectors[t][n] = xhat[i]
-    return Compressed(vectors, total)
+def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``build_store`` keyword arguments, facts for the row) of a configuration: every compressor of the frontier
+    is a store on disk, built and read back as a user would (``tvbasis build ... / reconstruct``)."""
+    p = dict(config.params)
+    if config.method == "tall":
+        chosen = tall_lambdas_on_dev(ctx, p.get("lambdas", TALL_LAMBDAS))
+        return {"method": "tall", "M": None, "options": {"lambdas": chosen["lambda"]}}, chosen
+    if config.method in ("tsvc", "bitdelta"):
+        return {"method": config.method, "M": None}, {}
+    if config.method == "tvq":
+        return {"method": "tvq", "M": None, "options": {"bits": int(p["bits"])}}, {}
+    if config.method == "rtvq":
+        return {"method": "rtvq", "M": None,
+                "options": {"base_bits": int(p["base_bits"]), "offset_bits": int(p["offset_bits"])}}, {}
+    if config.method == "plan":
+        return {"method": "pca", "M": 0, "residual": p["plan"]}, {"plan": CodecPlan.parse(p["plan"]).spec}
+    if config.method == "bases":
+        basis = p.get("basis", "pca")
+        options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
+        return {"method": basis, "M": config.M, "options": options, "codec": p.get("bases_plan"),
+                "residual": p.get("residual")}, {}
+    raise ConfigError(f"unknown frontier method {config.method!r}")
 
 
-def compress_bases(ctx: Context, M: int, basis: str, bases_plan: str | None, residual: str | None,
-                   seed: int = 0) -> Compressed:
-    """A store of M bases (``build_store``), its bases through ``bases_plan`` (None: float32 as stored), and
-    per-task residuals against the reconstructions from those bases through ``residual`` (None: none)."""
+def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
+    """Build the configuration's store, read every task back (``reconstruct``) and, for TALL, its stored
+    multi-task vector (``addition``). Bytes: the store's data (dense and coded tensors) plus 4 per coefficient;
+    the store on disk (manifest and safetensors headers included) is in ``extra``."""
     from tvbasis.engine import RunOptions
     from tvbasis.store import build_store
 
-    bplan = CodecPlan.parse(bases_plan) if bases_plan else None
-    rplan = CodecPlan.parse(residual) if residual else None
-    options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
-    path = ctx.stores / f"frontier-{basis}-M{M}"
+    kwargs, facts = store_args(config, ctx, seed)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in config.label.lower()).strip("-")
+    path = ctx.stores / f"frontier-{slug}"
     t0 = time.time()
-    store = build_store(ctx.pre_dir, ctx.ft_dirs, method=basis, M=M, out=path, options=options, force=True,
-                        run=RunOptions(progress=ctx.progress))
+    store = build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True, run=RunOptions(progress=ctx.progress),
+                        **kwargs)
     build_s = time.time() - t0
     try:
-        if len(store.fits) != 1:
-            raise ConfigError("the frontier reads whole-model (not layer-wise) stores")
-        fit = store.fits[next(iter(store.fits))]
-        idx = {t: store.task_index(t) for t in ctx.tasks}
-        vectors: dict[str, State] = {t: {} for t in ctx.tasks}
-        base_bytes = res_bytes = 0
-        for name in ctx.tvs[ctx.tasks[0]]:
-            S, mu, nb = code_bases(bplan, name, store.bases_rows(name), store.mean_rows(name), truncated_svd)
-            base_bytes += nb
-            for t in ctx.tasks:
-                j = idx[t]
-                mc = float(fit.mean_coef[j]) if fit.mean_coef is not None else 0.0
-                vhat = combine_bases(S, fit.W[:, j], mu, mc)
-                vectors[t][name], nb = residual_roundtrip(rplan, name, ctx.tvs[t][name], vhat, truncated_svd)
-                res_bytes += nb
-        coef_bytes = 4 * store.T * (fit.M + (1 if fit.mean_coef is not None else 0))
-        extra = {"basis": basis, "M": M, "bases_plan": bplan.spec if bplan else "float32 (as stored)",
-                 "residual_plan": rplan.spec if rplan else None, "bases_bytes": base_bytes,
-                 "residual_bytes": res_bytes, "coefficient_bytes": coef_bytes, "store_bytes_on_disk": store.nbytes,
-                 "store_rel_errors": _jsonable(store.rel_errors), "build_seconds": round(build_s, 2)}
+        vectors = {t: _state(store.reconstruct(t)) for t in ctx.tasks}
+        addition = _state(store.addition()) if store.masks else None
+        s = store.summary()
+        n_stored = next(iter(store.fits.values())).n_stored
+        # the peers' coefficients are implicit (TALL: the masks; RTVQ: 1), a basis store's are real numbers
+        coef_bytes = 0 if store.M == 0 or config.method != "bases" else 4 * store.T * n_stored
+        coded = s["coded"] or {}
+        extra = {**facts, "store": {k: v for k, v in kwargs.items() if v is not None}, "M": store.M,
+                 "bases_codec": coded.get("bases_codec"), "residual_codec": coded.get("residual_codec"),
+                 "dense_bytes": store.dense_bytes, "coded_bases_bytes": coded.get("bases_bytes", 0),
+                 "per_task_bytes": coded.get("per_task_bytes", 0), "coefficient_bytes": coef_bytes,
+                 "store_bytes_on_disk": store.nbytes, "store_rel_errors": _jsonable(store.rel_errors),
+                 "build_seconds": round(build_s, 2)}
+        nbytes = store.data_bytes + coef_bytes
     finally:
-        del store
+        store.close()
         if not ctx.keep_stores:
             shutil.rmtree(path, ignore_errors=True)
-    return Compressed(vectors, base_bytes + res_bytes + coef_bytes, extra)
+    return Compressed(vectors, nbytes, extra, addition=addition)
 
 
 def compress(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     """The T compressed task vectors of one configuration."""
-    p, T = dict(config.params), len(ctx.tasks)
+    T = len(ctx.tasks)
     if config.method == "full":
         return Compressed(dict(ctx.tvs), T * vector_bytes(ctx.tvs[ctx.tasks[0]]), exact=True)
-    if config.method == "tall":
-        return compress_tall(ctx, p.get("lambdas", TALL_LAMBDAS))
-    if config.method == "tsvc":
-        return _per_tensor(ctx, lambda t, n, x: tsvc_compress(x, T, ctx.svd_cache.source((t, n))))
-    if config.method == "tvq":
-        return _per_tensor(ctx, lambda t, n, x: tvq_tensor(x, int(p["bits"])))
-    if config.method == "rtvq":
-        return compress_rtvq(ctx, int(p["base_bits"]), int(p["offset_bits"]))
-    if config.method == "bitdelta":
-        return _per_tensor(ctx, lambda t, n, x: bitdelta_tensor(n, x))
-    if config.method == "plan":
-        plan = CodecPlan.parse(p["plan"])
-        vectors, total = {}, 0
-        for t in ctx.tasks:
-            vectors[t], nb = plan_roundtrip(plan, ctx.tvs[t], lambda n, t=t: ctx.svd_cache.source((t, n)))
-            total += nb
-        return Compressed(vectors, total, {"plan": plan.spec})
-    if config.method == "bases":
-        return compress_bases(ctx, config.M, p.get("basis", "pca"), p.get("bases_plan"), p.get("residual"), seed)
-    raise ConfigError(f"unknown frontier method {config.method!r}")
+    return compress_store(config, ctx, seed)
 
 
 def rel_error(v: Mapping[str, torch.Tensor], vhat: Mapping[str, torch.Tensor]) -> float:
