@@ -1,5 +1,7 @@
 """``tvbasis build`` from T LoRA adapters directly, against the same build from the adapters merged into full
-checkpoints (what a user without adapter support would have to do: merge_and_unload each, then build).
+checkpoints (what a user without adapter support would have to do: merge_and_unload each, then build), and the
+factor-space stores of the same adapters (``--method lora-factors``, plain and ``--factor-codec int8``, and
+``--method lora-joint`` at a few k), which never expand ΔW = s·B·A.
 
 The adapters are written in PEFT's on-disk layout (``adapter_config.json`` + ``adapter_model.safetensors`` with
 ``base_model.model.<module>.lora_A/B.weight``; the reader is tested against PEFT's own merge) for a synthetic
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--method", default="pca")
     ap.add_argument("-M", type=int, help="bases (default T/4)")
+    ap.add_argument("--joint-k", type=int, nargs="+", default=[64, 128], help="k of the lora-joint rows")
+    ap.add_argument("--cluster-k", type=int, default=64, help="k of the clustered lora-joint row")
     common_args(ap)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -94,41 +99,64 @@ def main() -> None:
         write_merged(merged[n], fam.pretrained, p, fam.config)
     M = a.M or max(1, a.T // 4)
     cache = CacheMode(a.cache)
+    adapter_bytes = sum(f.stat().st_size for p in adapters.values() for f in p.iterdir())
+    adapter_files = [p / "adapter_model.safetensors" for p in adapters.values()]
+    builds = [
+        (f"{a.method} -M {M}", "LoRA adapters", adapters, adapter_files, ["--method", a.method, "-M", str(M)]),
+        (f"{a.method} -M {M}", "merged full checkpoints", merged, [p / "model.safetensors" for p in merged.values()],
+         ["--method", a.method, "-M", str(M)]),
+        ("lora-factors", "LoRA adapters", adapters, adapter_files, ["--method", "lora-factors"]),
+        ("lora-factors --factor-codec int8", "LoRA adapters", adapters, adapter_files,
+         ["--method", "lora-factors", "--factor-codec", "int8"]),
+        *[(f"lora-joint -k {k}", "LoRA adapters", adapters, adapter_files, ["--method", "lora-joint", "-k", str(k)])
+          for k in a.joint_k],
+        (f"lora-joint -k {a.cluster_k} --clusters 4 --affinity subspace", "LoRA adapters", adapters, adapter_files,
+         ["--method", "lora-joint", "-k", str(a.cluster_k), "--clusters", "4", "--affinity", "subspace"]),
+    ]
     rows, runs = [], []
-    for label, fts, files in [
-        ("LoRA adapters", adapters, [p / "adapter_model.safetensors" for p in adapters.values()]),
-        ("merged full checkpoints", merged, [p / "model.safetensors" for p in merged.values()]),
-    ]:
+    for label, what, fts, files, method_args in builds:
         inputs = [fam.pretrained / "model.safetensors", *files]
         store = a.work / "store-lora"
         cache.prepare(inputs)
-        log(f"build {a.method} -M {M} from {a.T} {label} ...")
+        log(f"build {label} from {a.T} {what} ...")
         args = ["--pretrained", str(fam.pretrained)]
         for n, p in fts.items():
             args += ["--finetuned", f"{n}={p}"]
-        m = run_measured(tvbasis_cmd("build", *args, "--method", a.method, "-M", str(M), "--out", str(store),
-                                     "--force"))
+        m = run_measured(tvbasis_cmd("build", *args, *method_args, "--out", str(store), "--force"))
         built = BasisStore.open(store)
         store_bytes, tensors = built.nbytes, len(built.specs)
+        errs = built.rel_errors
         shutil.rmtree(store, ignore_errors=True)
         in_bytes = sum(f.stat().st_size for f in inputs)
-        log(f"  {m.wall_s:.1f} s, CPU {m.cpu_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, store {mb(store_bytes)}")
-        runs.append({"inputs": label, **m.to_json(), "input_bytes": in_bytes, "store_bytes": store_bytes,
-                     "tensors": tensors})
-        rows.append([label, gb(in_bytes), f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}", gb(m.peak_anon_bytes),
-                     str(tensors), mb(store_bytes)])
-    head = (f"`tvbasis build --method {a.method} -M {M}` of T = {a.T} LoRA adapters (r = {a.rank}, query and value "
-            f"of {layers} layers) of a synthetic BERT-like pretrained model of {gb(fam.model_bytes)} fp32 "
-            f"(hidden {hidden}), page cache {cache.mode} before each build: directly from the adapters, and from "
-            "the same adapters merged into full checkpoints. Input files = pretrained + the T inputs (of the "
-            "pretrained model, a build from adapters reads only the tensors they change). The T adapters themselves "
-            f"take {mb(sum(f.stat().st_size for p in adapters.values() for f in p.iterdir()))} on disk: a store of dense bases is smaller "
-            "than the merged checkpoints, not than the adapters.\n\n")
-    table = head + markdown_table(["inputs", "input files", "wall s", "CPU s", "peak anon", "tensors in store",
-                                   "store on disk"], rows)
+        mean_err, max_err = sum(errs.values()) / len(errs), max(errs.values())
+        log(f"  {m.wall_s:.1f} s, CPU {m.cpu_s:.1f} s, peak anon {gb(m.peak_anon_bytes)}, store {mb(store_bytes)}, "
+            f"rel err mean {mean_err:.4f} max {max_err:.4f}")
+        runs.append({"method": label, "inputs": what, **m.to_json(), "input_bytes": in_bytes,
+                     "store_bytes": store_bytes, "tensors": tensors, "rel_errors": errs,
+                     "rel_error_mean": mean_err, "rel_error_max": max_err})
+        rows.append([label, what, gb(in_bytes), f"{m.wall_s:.1f}", f"{m.cpu_s:.1f}", gb(m.peak_anon_bytes),
+                     str(tensors), mb(store_bytes), f"{store_bytes / adapter_bytes:.2f}", f"{mean_err:.4f}",
+                     f"{max_err:.4f}"])
+    head = (f"`tvbasis build` of T = {a.T} LoRA adapters (r = {a.rank}, query and value of {layers} layers) of a "
+            f"synthetic BERT-like pretrained model of {gb(fam.model_bytes)} fp32 (hidden {hidden}), page cache "
+            f"{cache.mode} before each build. The T adapters take {mb(adapter_bytes)} on disk. Rows 1-2: a dense "
+            f"{a.method} store, directly from the adapters and from the same adapters merged into full checkpoints "
+            "(input files = pretrained + the T inputs; from adapters only the tensors they change are read). "
+            "Then the factor-space stores, which never expand ΔW = s·B·A: lora-factors (every adapter's own "
+            "factors; with int8 factors), lora-joint (per tensor shared U, V and per-adapter k × k cores; "
+            "clustered: one shared basis per cluster of adapters). rel err = ‖ΔW_t − ΔW̃_t‖ / ‖ΔW_t‖ of every "
+            "adapter as the store records it (exact, from the factors), mean and max over the T adapters. "
+            "This family is adversarial for shared bases: every adapter's A is an independent random matrix, so a "
+            "shared V must span Σr = " + str(a.T * a.rank) + " directions per tensor to be exact "
+            "(benchmarks/results/lora_factors.md). 1-min load average during the builds "
+            f"{min(r['loadavg_1m'] for r in runs):.1f}–{max(r['loadavg_1m'] for r in runs):.1f} on "
+            f"{os.cpu_count()} CPUs.\n\n")
+    table = head + markdown_table(["store", "inputs", "input files", "wall s", "CPU s", "peak anon", "tensors in store",
+                                   "store on disk", "× adapters", "mean rel err", "max rel err"], rows)
     save_results(a.name or "lora_store", {"params": {k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in vars(a).items()},
-                                          "model_bytes": fam.model_bytes, "config": fam.config, "runs": runs}, table)
+                                          "model_bytes": fam.model_bytes, "config": fam.config,
+                                          "adapter_bytes": adapter_bytes, "runs": runs}, table)
     if not a.keep:
         shutil.rmtree(fam.root, ignore_errors=True)
 
