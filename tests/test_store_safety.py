@@ -4,6 +4,7 @@ stores, NaN/Inf coefficients and outputs, outputs overlapping inputs."""
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -74,7 +75,10 @@ def cluster_store(fam5, tmp_path_factory):
 
 
 def fresh_copy(store: BasisStore) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="tvb-safety-")) / "s"
+    """A copy of the store to tamper with, in a temporary directory removed when the test process exits."""
+    parent = Path(tempfile.mkdtemp(prefix="tvb-safety-"))
+    atexit.register(shutil.rmtree, parent, True)
+    d = parent / "s"
     shutil.copytree(store.root, d)
     return d
 
