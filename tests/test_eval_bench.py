@@ -32,8 +32,9 @@ def test_default_pairs_are_unrelated_and_distinct() -> None:
 def test_full_protocol_config() -> None:
     cfg = BenchConfig.full_protocol().resolved()
     assert cfg.tasks == TASK_NAMES and cfg.max_train == 2000 and cfg.max_test <= 500
-    assert cfg.grid[0] == 0.05 and cfg.grid[-1] == 1.0 and len(cfg.grid) == 20
-    assert cfg.Ms == (2, 4) and len(cfg.methods) == 6 and len(cfg.pairs) >= 2
+    assert cfg.grid[0] == 0.0 and cfg.grid[-1] == 1.0 and len(cfg.grid) == 21 and cfg.search == "grid"
+    assert cfg.max_dev >= 200 and not cfg.neg_early_stop and cfg.neg_grid_extended[-1] == 3.0
+    assert cfg.Ms == (2, 4) and len(cfg.methods) == 7 and "pca-paper" in cfg.methods and len(cfg.pairs) >= 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -11,12 +11,17 @@ Two sizes (both follow the protocol in docs/benchmark.md; they differ in how muc
 * default (quick, ~4 min cold on 2 cores): 6 tasks (DBPedia, stackoverflow, banking, clinc, hwu, mcid),
   500 training examples per task, 32 dev / 128 test examples per task, λ grid 0.2 … 1.0 step 0.2,
   negation grid 0.25 … 1.0 step 0.25.
-* ``--full`` (≤ 20 min cold): all 8 tasks, 2000 training examples, 32 dev / 500 test examples per task,
-  λ grid 0.05 … 1.0 searched coarse-to-fine (9 of the 20 points; see ``metrics.refine_search``), negation
-  grid 0.1 … 1.0 step 0.1.
+* ``--full`` (the paper's protocol, issue 15): all 8 tasks, 2000 training examples, 200 dev / 500 test examples
+  per task, addition over every point of the 21-point λ grid 0, 0.05, …, 1.0 (``search="grid"``), negation over
+  every point of 0.05 … 1.0 without early stopping and, reported separately (``negation_extended``), over
+  0.1 … 3.0 step 0.1 (stores' reconstructions are shorter than the task vectors, so λ ≤ 1 can be the limit);
+  the basis methods include ``pca-paper`` (PCA with the paper's addition Σ_m s_m).
 
-Negation λ walks upwards and stops at the first λ where the control falls below 95 % of its pretrained dev
-accuracy. Fine-tunes are cached in the work directory (``tvbasis finetune``), so later runs skip them.
+Default negation walks λ upwards and stops at the first λ where the control falls below 95 % of its pretrained dev
+accuracy (``neg_early_stop``). Fine-tunes are cached in the work directory (``tvbasis finetune``; one directory per
+fine-tuning seed), so later runs skip them. ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
+majority-label baseline on dev (``eval/task_filter.py``); ``--seeds K`` repeats the run over K seeds
+(``eval/seeds.py``).
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ from tvbasis.eval.metrics import (
     normalized_accuracy,
 )
 from tvbasis.eval.plots import make_plots
+from tvbasis.eval.spread import compare, fmt, is_stat, mean_of, means_view, values_of
 from tvbasis.eval.stitch_rows import stitch_markdown, stitch_rows
-from tvbasis.eval.tasks import DOMAINS, TASK_NAMES, canonical_name, expand_task_names, load_task
+from tvbasis.eval.task_filter import TaskFilterReport, filter_tasks
+from tvbasis.eval.tasks import DOMAINS, MANY, TASK_NAMES, Task, canonical_name, expand_task_names, load_task
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,17 @@ BASIS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cluster-ties": ("cluster", {"inner": "ties", "inner_params": {"density": 0.2}}),
     "random": ("random", {}),
     "random-sample": ("random-sample", {}),
+    "pca-paper": ("pca", {"addition": "paper"}),  # the paper's PCA addition Σ_m s_m (docs/paper-options.md)
 }
+#: the basis rows of the default bench; --full adds pca-paper
+DEFAULT_METHODS: tuple[str, ...] = ("autoencoder", "pca", "cluster-mean", "cluster-ties", "random", "random-sample")
+#: basis methods whose ``seed`` option is the run's basis seed
+SEEDED_METHODS = ("autoencoder", "random", "random-sample", "cluster")
+#: the --full grids: addition over all 21 points 0 … 1, negation over 0.05 … 1 and, separately, up to λ = 3
+FULL_GRID: tuple[float, ...] = lambda_grid(0.05, 1.0, start=0.0)
+FULL_NEG_GRID: tuple[float, ...] = DEFAULT_GRID
+EXTENDED_NEG_GRID: tuple[float, ...] = lambda_grid(0.1, 3.0)
+FULL_DEV = 200
 
 #: merge rows next to task arithmetic and TIES: label -> (merge method, params). The SVD merges' scale is picked
 #: on dev over the bench grid extended to their papers' range (up to 3.0; both codebases search 0.1 … 3.0)
@@ -87,10 +104,15 @@ class BenchConfig:
     search: str = "grid"
     neg_grid: tuple[float, ...] = lambda_grid(0.25, 1.0)
     Ms: tuple[int, ...] = (2, 4)
-    methods: tuple[str, ...] = tuple(BASIS_METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     pairs: tuple[tuple[str, str], ...] | None = None
     ties_density: float = 0.2
-    seed: int = 0
+    seed: int = 0  # fine-tuning seed and basis seed (options["seed"]); data subsets too unless data_seed is set
+    data_seed: int | None = None  # seed of the train/dev/test subsets (None = seed); --seeds keeps it fixed
+    seeds: int = 1  # --seeds K: the run repeated for seeds seed, seed+1, …, seed+K−1 (eval/seeds.py)
+    neg_early_stop: bool = True  # stop the negation walk at the first λ that breaks the control
+    neg_grid_extended: tuple[float, ...] | None = None  # a second negation search, reported as negation_extended
+    task_filter: bool | None = None  # the bad-task filter (eval/task_filter.py); None = on for --tasks many
     plots: bool = True
     keep_stores: bool = False
     progress: bool = True
@@ -99,12 +121,18 @@ class BenchConfig:
 
     @classmethod
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
-        base = cls(tasks=TASK_NAMES, max_train=2000, max_dev=32, max_test=500, grid=DEFAULT_GRID,
-                   search="refine", neg_grid=lambda_grid(0.1, 1.0), full=True)
+        base = cls(tasks=TASK_NAMES, max_train=2000, max_dev=FULL_DEV, max_test=500, grid=FULL_GRID, search="grid",
+                   neg_grid=FULL_NEG_GRID, neg_early_stop=False, neg_grid_extended=EXTENDED_NEG_GRID,
+                   methods=DEFAULT_METHODS + ("pca-paper",), full=True)
         return replace(base, **overrides)
 
     def resolved(self) -> BenchConfig:
+        many = any(str(t).lower() == MANY for t in self.tasks)
         tasks = expand_task_names(self.tasks)  # 'many': the 36 sub-tasks of the many-task benchmark
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.neg_grid_extended is not None and not self.neg_grid_extended:
+            raise ConfigError("the extended negation grid is empty")
         if len(tasks) < 2:
             raise ConfigError("the benchmark needs at least 2 tasks")
         unknown = [m for m in self.methods if m not in BASIS_METHODS]
@@ -120,11 +148,39 @@ class BenchConfig:
                 raise ConfigError(f"negation pair {a}/{b}: both tasks must be among the benchmark tasks")
             if a == b:
                 raise ConfigError(f"negation pair {a}/{b}: target and control must differ")
-        return replace(self, tasks=tasks, pairs=pairs)
+        task_filter = many if self.task_filter is None else self.task_filter
+        return replace(self, tasks=tasks, pairs=pairs, task_filter=task_filter)
+
+    @property
+    def subset_seed(self) -> int:
+        """The seed of the data subsets."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(model_dir=self.model_dir, num_layers=self.num_layers, max_train=self.max_train,
-                                max_length=self.max_length, seed=self.seed, data_seed=self.seed)
+                                max_length=self.max_length, seed=self.seed, data_seed=self.subset_seed)
+
+    def load_tasks(self) -> dict[str, Task]:
+        return {n: load_task(n, max_train=self.max_train, max_dev=self.max_dev, max_test=self.max_test,
+                             seed=self.subset_seed) for n in self.tasks}
+
+    def keep_tasks(self, kept: Sequence[str], pairs_given: bool) -> BenchConfig:
+        """This (resolved) config on the tasks ``kept`` by the task filter: default negation pairs are chosen
+        again among them; a given pair or an M that no longer fits is a ConfigError."""
+        kept = tuple(t for t in self.tasks if t in set(kept))
+        if len(kept) < 2:
+            raise ConfigError(f"the task filter kept {len(kept)} task(s); the benchmark needs at least 2")
+        bad_m = [m for m in self.Ms if not 1 <= m < len(kept)]
+        if bad_m:
+            raise ConfigError(f"the task filter kept {len(kept)} tasks, so M must be < {len(kept)}; got {bad_m}")
+        pairs = self.pairs or ()
+        if not pairs_given:
+            pairs = default_pairs(kept)
+        missing = [f"{a}/{b}" for a, b in pairs if a not in kept or b not in kept]
+        if missing:
+            raise ConfigError(f"negation pair(s) {', '.join(missing)}: dropped by the task filter "
+                              "(choose other --pairs or use --no-task-filter)")
+        return replace(self, tasks=kept, pairs=tuple(pairs))
 
 
 def default_pairs(tasks: Sequence[str], n: int = 2) -> tuple[tuple[str, str], ...]:
@@ -155,11 +211,13 @@ class Row:
     negation: list[NegationResult] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    negation_extended: list[NegationResult] = field(default_factory=list)  # over the extended grid (up to λ = 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "M": self.M, "bytes_stored": self.bytes_stored,
                 "addition": self.addition.to_dict() if self.addition else None,
-                "negation": [n.to_dict() for n in self.negation], "extra": self.extra,
+                "negation": [n.to_dict() for n in self.negation],
+                "negation_extended": [n.to_dict() for n in self.negation_extended], "extra": self.extra,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -176,6 +234,24 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled)
 
 
+def finetuned_dev_accuracies(config: BenchConfig) -> tuple[dict[str, Task], dict[str, float]]:
+    """The tasks of ``config`` and each fine-tune's dev accuracy on its own task (fine-tuned or reused from the
+    cache): what the bad-task filter needs, before a multi-seed run (``eval/seeds.py``)."""
+    from tvbasis.vectors import TaskVector
+
+    cfg = config.resolved()
+    work = ensure_writable(cfg.work)
+    settings = cfg.finetune_settings()
+    tasks = cfg.load_tasks()
+    encoder = pretrained_encoder(work, settings)
+    ev = Evaluator(encoder, tasks, splits=("dev",))
+    dev = {}
+    for n, t in tasks.items():
+        r = finetune(t, work, settings, encoder=encoder, progress=cfg.progress)
+        dev[n] = ev.with_delta(_state(TaskVector.from_checkpoints(work / "pretrained", r.path)), 1.0, "dev", [n])[n]
+    return tasks, dev
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
     from tvbasis.merge import MergeSpec
@@ -190,10 +266,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     out = ensure_writable(cfg.out or work / "bench")
     settings = cfg.finetune_settings()
 
-    # 1. fine-tunes (cached) and the evaluator
+    # 1. fine-tunes (cached), the bad-task filter and the evaluator
     t0 = time.time()
-    tasks = {n: load_task(n, max_train=cfg.max_train, max_dev=cfg.max_dev, max_test=cfg.max_test, seed=cfg.seed)
-             for n in cfg.tasks}
+    tasks = cfg.load_tasks()
     encoder: Encoder = pretrained_encoder(work, settings)  # θ₀, shared by the fine-tunes and the evaluation
     results = {n: finetune(t, work, settings, encoder=encoder, progress=cfg.progress) for n, t in tasks.items()}
     timings["finetune"] = time.time() - t0
@@ -201,12 +276,23 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     ft_dirs = {n: str(r.path) for n, r in results.items()}
     ev = Evaluator(encoder, tasks, progress=False)
 
-    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1 + len(MERGE_ROWS))
-    bar = _bar(n_steps, "bench", cfg.progress)
     t0 = time.time()
-    zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
     tvs = {n: _state(TaskVector.from_checkpoints(pre_dir, d)) for n, d in ft_dirs.items()}
     ft_dev = {n: ev.with_delta(tvs[n], 1.0, "dev", [n])[n] for n in cfg.tasks}
+    filt: TaskFilterReport | None = None
+    if cfg.task_filter:
+        filt = filter_tasks(tasks, ft_dev)
+        for line in filt.lines():
+            log.info(line)
+        if filt.dropped:
+            cfg = cfg.keep_tasks(list(filt.kept), pairs_given=config.pairs is not None)
+            tasks, ft_dirs = {n: tasks[n] for n in cfg.tasks}, {n: ft_dirs[n] for n in cfg.tasks}
+            tvs, ft_dev = {n: tvs[n] for n in cfg.tasks}, {n: ft_dev[n] for n in cfg.tasks}
+            ev = Evaluator(encoder, tasks, progress=False)
+
+    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1 + len(MERGE_ROWS))
+    bar = _bar(n_steps, "bench", cfg.progress)
+    zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
     ft_test = {n: ev.with_delta(tvs[n], 1.0, "test", [n])[n] for n in cfg.tasks}
     one_vector = vector_bytes(tvs[cfg.tasks[0]])
     all_vectors = one_vector * len(cfg.tasks)
@@ -216,8 +302,17 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     def addition(delta: Mapping[str, torch.Tensor]) -> AdditionResult:
         return ev.search_addition(delta, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test, search=cfg.search)
 
-    def negations(vector_of: Any) -> list[NegationResult]:
-        return [ev.search_negation(vector_of(t), t, c, cfg.neg_grid, early_stop=True) for t, c in cfg.pairs]
+    def negations(vector_of: Any) -> tuple[list[NegationResult], list[NegationResult]]:
+        """(negation over neg_grid, negation over the extended grid or []) for every pair; the two searches share
+        their dev evaluations (``cache``)."""
+        main: list[NegationResult] = []
+        ext: list[NegationResult] = []
+        for t, c in cfg.pairs:
+            vector, cache = vector_of(t), {}
+            main.append(ev.search_negation(vector, t, c, cfg.neg_grid, early_stop=cfg.neg_early_stop, cache=cache))
+            if cfg.neg_grid_extended:
+                ext.append(ev.search_negation(vector, t, c, cfg.neg_grid_extended, early_stop=False, cache=cache))
+        return main, ext
 
     rows: list[Row] = []
     zs_row = Row("zero-shot", None, 0, extra={"test": zs_test, "dev": zs_dev})
@@ -230,10 +325,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     # 2. task arithmetic and TIES over the true task vectors; negation of the true task vectors
     t0 = time.time()
-    true_neg = negations(lambda t: tvs[t])
+    true_neg, true_ext = negations(lambda t: tvs[t])
     total = {k: sum(tv[k] for tv in tvs.values()) for k in tvs[cfg.tasks[0]]}
     ta = Row("task arithmetic (sum)", None, all_vectors, addition(total), true_neg,
-             extra={"negation_vector": "true task vector"})
+             extra={"negation_vector": "true task vector"}, negation_extended=true_ext)
     del total
     ta.seconds = time.time() - t0
     rows.append(ta)
@@ -241,7 +336,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     t0 = time.time()
     ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density})))
     rows.append(Row(f"TIES (density {cfg.ties_density})", None, all_vectors, addition(ties), true_neg,
-                    extra={"negation_vector": "true task vector"}, seconds=time.time() - t0))
+                    extra={"negation_vector": "true task vector"}, seconds=time.time() - t0,
+                    negation_extended=true_ext))
     del ties
     bar.update(1)
     for label, (method, params) in MERGE_ROWS.items():  # SVD merges (merge/svd.py), negation as TA/TIES
@@ -250,7 +346,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         add = ev.search_addition(merged, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev,
                                  finetuned_test=ft_test, search=cfg.search)
         rows.append(Row(label, None, all_vectors, add, true_neg, extra={"negation_vector": "true task vector",
-                                                                        "merge": method}, seconds=time.time() - t0))
+                                                                        "merge": method}, seconds=time.time() - t0,
+                        negation_extended=true_ext))
         bar.update(1)
 
     # 3. basis stores
@@ -259,7 +356,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     for label in cfg.methods:
         method, options = BASIS_METHODS[label]
         options = dict(options)
-        if method in ("random", "random-sample", "cluster"):
+        if method in SEEDED_METHODS:
             options["seed"] = cfg.seed
         for M in cfg.Ms:
             t0 = time.time()
@@ -269,7 +366,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             t_build = time.time() - t0
             add = addition(_state(store.addition()))
             t_add = time.time() - t0 - t_build
-            neg = negations(lambda t, s=store: _state(s.reconstruct(t)))
+            neg, neg_ext = negations(lambda t, s=store: _state(s.reconstruct(t)))
             t_neg = time.time() - t0 - t_build - t_add
             extra = {"store": str(path), "build_seconds": round(t_build, 2), "addition_seconds": round(t_add, 2),
                      "negation_seconds": round(t_neg, 2),
@@ -281,7 +378,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                     cosine, labels = store.cosine, store.labels
             if cosine is None:
                 cosine = store.cosine
-            rows.append(Row(label, M, int(store.nbytes), add, neg, extra, seconds=time.time() - t0))
+            rows.append(Row(label, M, int(store.nbytes), add, neg, extra, seconds=time.time() - t0,
+                            negation_extended=neg_ext))
             del store
             if not cfg.keep_stores:
                 shutil.rmtree(path, ignore_errors=True)
@@ -302,6 +400,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "finetuned": {"dev": ft_dev, "test": ft_test},
         "rows": [r.to_dict() for r in rows],
         "cosine": {"tasks": list(cfg.tasks), "matrix": _jsonable(cosine), "cluster_labels": _jsonable(labels)},
+        "task_filter": filt.to_dict() if filt else None,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -340,51 +439,91 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _lam(x: Any) -> str:
+    return fmt(x, scale=1.0, digits=2)
+
+
+def _neg_cell(n: Mapping[str, Any]) -> str:
+    flag = "" if means_view(n["feasible"]) else "*"
+    return f"{fmt(n['target_test'])} ({fmt(n['control_retained'])}) λ={_lam(n['lam'])}{flag}"
+
+
 def markdown_table(result: Mapping[str, Any]) -> str:
-    """The benchmark table (Markdown) from a result dict."""
+    """The benchmark table (Markdown) from a result dict; a multi-seed result's numbers as mean ± std."""
     rows = result["rows"]
     pairs = [(n["target"], n["control"]) for n in next((r["negation"] for r in rows if r["negation"]), [])]
+    extended = any(r.get("negation_extended") for r in rows)
     tasks = list(result["zero_shot"]["test"])
     head = ["method", "M", "stored", "×", "λ add", "add acc", "add norm"]
     for t, c in pairs:
         head += [f"neg {t} (ctrl {c} %)"]
+    if extended:
+        head += [f"neg λ≤3 {t} (ctrl {c} %)" for t, c in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     all_bytes = result["vector_bytes"] * len(tasks)
+    zs = result["zero_shot"]["test"]
     for r in rows:
         add = r["addition"] or {}
-        stored = r["bytes_stored"]
+        stored = int(means_view(r["bytes_stored"]))
         cells = [r["method"], "" if r["M"] is None else str(r["M"]), _fmt_bytes(stored),
                  f"{all_bytes / stored:.1f}" if stored else "–",
-                 "" if not add or r["method"].startswith(("zero", "fine")) else f"{add['lam']:.2f}",
-                 _pct(add.get("mean_test")), _pct(add.get("mean_normalized_test"))]
-        negs = {(n["target"], n["control"]): n for n in r["negation"]}
-        for p in pairs:
-            n = negs.get(p)
-            if n is None:
-                if r["method"] == "zero-shot":
-                    zs = result["zero_shot"]["test"]
-                    cells.append(f"{_pct(zs[p[0]])} (100)")
+                 "" if not add or r["method"].startswith(("zero", "fine")) else _lam(add["lam"]),
+                 fmt(add.get("mean_test")), fmt(add.get("mean_normalized_test"))]
+        for key in ("negation", "negation_extended") if extended else ("negation",):
+            negs = {(n["target"], n["control"]): n for n in r.get(key) or []}
+            for p in pairs:
+                n = negs.get(p)
+                if n is not None:
+                    cells.append(_neg_cell(n))
                 else:
-                    cells.append("")
-            else:
-                flag = "" if n["feasible"] else "*"
-                cells.append(f"{_pct(n['target_test'])} ({_pct(n['control_retained'])}) λ={n['lam']:.2f}{flag}")
+                    cells.append(f"{fmt(zs[p[0]])} (100)" if r["method"] == "zero-shot" else "")
         lines.append("| " + " | ".join(cells) + " |")
     per_task = ["", "| task | zero-shot | fine-tuned |", "|---|---|---|"]
     for t in tasks:
-        per_task.append(f"| {t} | {_pct(result['zero_shot']['test'][t])} | {_pct(result['finetuned']['test'][t])} |")
-    notes = ("", "Accuracies in % on the test subsets; add norm = mean over tasks of acc(edited)/acc(fine-tuned); "
+        per_task.append(f"| {t} | {fmt(zs[t])} | {fmt(result['finetuned']['test'][t])} |")
+    notes = ["", "Accuracies in % on the test subsets; add norm = mean over tasks of acc(edited)/acc(fine-tuned); "
              "stored = bytes kept on disk (task vectors in float32, or the basis store); × = compression against "
              "all task vectors; neg = target test accuracy after negation (control accuracy as % of its "
              "pretrained accuracy), * = no λ kept the control ≥ 95 %. Basis rows negate the reconstructed "
-             "vector; task arithmetic / TIES rows the true task vector.")
-    return "\n".join(lines + per_task + list(notes))
+             "vector; task arithmetic / TIES rows the true task vector."]
+    if extended:
+        notes.append("neg λ≤3: the same negation searched over the extended grid up to λ = 3 (reconstructions are "
+                     "shorter than the task vectors, so λ ≤ 1 may stop a store's negation early).")
+    seeds = result.get("seeds")
+    if seeds and len(seeds) > 1:
+        notes.append(f"Every number: mean ± sample std over {len(seeds)} seeds {list(seeds)} (fine-tuning seed for "
+                     "the task vectors, basis seed for the stores); per-seed values in bench.json.")
+    return "\n".join(lines + per_task + notes)
+
+
+def _best_store(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    stores = [r for r in rows if r["M"] is not None and r.get("addition")]
+    return max(stores, key=lambda r: mean_of(r["addition"]["mean_normalized_test"]), default=None)
+
+
+def addition_call(result: Mapping[str, Any]) -> str:
+    """The best store's addition against task arithmetic's, called with ``spread.separated`` (via ``compare``):
+    'above' / 'below' only when the difference exceeds the spread."""
+    rows = result["rows"]
+    ta = next((r for r in rows if r["method"].startswith("task arithmetic") and r.get("addition")), None)
+    best = _best_store(rows)
+    if ta is None or best is None:
+        return ""
+    a, b = best["addition"]["mean_normalized_test"], ta["addition"]["mean_normalized_test"]
+    verdict = compare(values_of(a), values_of(b))
+    n = len(values_of(a))
+    note = "1 seed, no spread" if n <= 1 else f"{n} seeds"
+    return (f"best store {best['method']} M={best['M']} {fmt(a)} vs task arithmetic {fmt(b)} "
+            f"(add norm): {verdict} ({note})")
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
-    t = result["timings"]
+    t = means_view(result["timings"])
+    call = addition_call(result)
     return (f"wrote {result['out']}/bench.json, bench.md" + (", plots" if result.get("plots") else "")
-            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min)")
+            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min)"
+            + (f"; {call}" if call else ""))
 
 
-__all__ = ["BASIS_METHODS", "BenchConfig", "default_pairs", "make_plots", "markdown_table", "run_bench", "mean"]
+__all__ = ["BASIS_METHODS", "BenchConfig", "default_pairs", "is_stat", "make_plots", "markdown_table", "run_bench",
+           "mean"]

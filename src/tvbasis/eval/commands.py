@@ -65,10 +65,42 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tvbasis.eval.bench import BenchConfig, run_bench, summary_line
-    from tvbasis.eval.metrics import parse_grid
+def cmd_claims(paths: list[str], out: str | None) -> int:
+    """``tvbasis bench --claims RESULT.json ...``: the table "Does the paper's claim hold here?" (eval/claims.py)."""
+    import json
+    from pathlib import Path
 
+    from tvbasis.eval.claims import benchmark_name, claims_table
+
+    results = []
+    for p in paths:
+        try:
+            results.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--claims {p}: not a readable bench.json ({e})") from None
+    names = [f"{benchmark_name(r)} ({p})" for r, p in zip(results, paths)]
+    text = "## Does the paper's claim hold here?\n\n" + claims_table(results, names)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tvbasis.eval.bench import EXTENDED_NEG_GRID, BenchConfig, summary_line
+    from tvbasis.eval.metrics import parse_grid
+    from tvbasis.eval.task_filter import report_lines
+
+    if args.claims:
+        return cmd_claims(args.claims, args.out)
+    if args.seeds != 1 and args.frontier:
+        raise ConfigError("--seeds repeats the bench; --frontier runs one seed")
+    if args.lora and not args.frontier:
+        raise ConfigError("--lora adds LoRA rows to the frontier benchmark: use it with --frontier")
+    if args.lora_rank is not None and not args.lora:
+        raise ConfigError("--lora-rank is the rank of the adapters of --lora: use it with --frontier --lora")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ConfigError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     overrides: dict[str, Any] = {"work": args.work, "out": args.out, "model_dir": args.model,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
                                  "plots": not args.no_plots, "keep_stores": args.keep_stores,
@@ -88,15 +120,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides["methods"] = tuple(_csv(args.methods))
     if args.pairs:
         overrides["pairs"] = _pairs(args.pairs)
+    overrides["seeds"] = args.seeds
+    if args.negation_extended is not None:
+        overrides["neg_grid_extended"] = EXTENDED_NEG_GRID if args.negation_extended else None
+    if args.task_filter is not None:
+        overrides["task_filter"] = args.task_filter
     cfg = BenchConfig.full_protocol(**overrides) if args.full else BenchConfig(**overrides)
     if args.frontier:
         from tvbasis.eval import frontier
-        result = frontier.run_frontier(cfg, Ms=overrides.get("Ms"))
+        if args.full:
+            cfg = frontier.frontier_full_protocol(**overrides)
+        extra = None
+        if args.lora:
+            from tvbasis.eval.frontier_lora import LoraRows, lora_settings
+            extra = LoraRows(lora_settings(8 if args.lora_rank is None else args.lora_rank))
+        result = frontier.run_frontier(cfg, Ms=overrides.get("Ms"), extra=extra)
         print(result["markdown"] + "\n\n" + frontier.summary_line(result))
         return 0
-    result = run_bench(cfg)
+    from tvbasis.eval import seeds
+    result = seeds.run_seeds(cfg)
     print(result["markdown"])
     print()
+    if result.get("task_filter"):
+        print("\n".join(report_lines(result["task_filter"])))
     print(summary_line(result))
     return 0
 
@@ -134,28 +180,52 @@ def register(subparsers: Any) -> None:
                     "random-sample) at each M: bytes stored, task addition (absolute and normalized accuracy at "
                     "the λ chosen on dev) and negation (target vs control). Prints a Markdown table; writes "
                     "bench.json, bench.md and PNG plots. Default: a quick run (6 tasks, 500 training examples, "
-                    "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 500 test examples, "
-                    "λ grid 0.05..1.0; ≤ 20 min).")
+                    "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 200 dev / "
+                    "500 test examples, every λ of 0, 0.05 .. 1 for addition, negation over 0.05 .. 1 and separately "
+                    "up to λ = 3; see docs/benchmark.md). --seeds K repeats it over K seeds (mean ± std); "
+                    "--claims RESULT.json ... prints the table 'Does the paper's claim hold here?'.")
     b.add_argument("--full", action="store_true", help="the whole protocol of docs/benchmark.md")
     b.add_argument("--frontier", action="store_true",
                    help="instead: the storage-accuracy frontier of per-task compressors (task vectors, TALL, TSV-C, "
                    "TVQ/RTVQ, BitDelta, tvbasis codec plans, PCA bases + residuals at M=1,2,4 or --m): bytes, "
                    "per-task and addition accuracy, negation; writes frontier.json/.md/PNGs to <work>/frontier "
                    "(<= 10 min on 2 cores once fine-tuned; with --full <= 40 min)")
+    b.add_argument("--lora", action="store_true",
+                   help="with --frontier: also train (or reuse, cached in <work>/lora) one PEFT LoRA adapter per task "
+                   "and add LoRA rows (the adapters as they are, lora-factors fp32/int8, lora-joint stores, dense PCA "
+                   "and M=0 low-rank stores from the adapters), normalized by each adapter's own accuracy: their own "
+                   "table in frontier.md, key 'lora' in frontier.json, frontier_lora.png")
+    b.add_argument("--lora-rank", type=int, metavar="R",
+                   help="rank of the --lora adapters (default 8; alpha = 2R)")
     b.add_argument("--tasks", help="comma-separated task names, sub-tasks (hwu-3) or 'many' (the 36 sub-tasks of the many-task "
                    "benchmark) (default: 6 tasks; --full: all 8)")
     _model_flags(b)
-    b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench)")
+    b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench); "
+                   "with --claims: the Markdown file to write the table to")
     b.add_argument("--max-train", type=int, help="training examples per task (default 500; --full 2000)")
-    b.add_argument("--max-dev", type=int, help="dev examples per task for choosing λ (default 32; --full 32)")
+    b.add_argument("--max-dev", "--dev", type=int, dest="max_dev", metavar="N",
+                   help="dev examples per task for choosing λ (default 32; --full 200)")
     b.add_argument("--max-test", type=int, help="test examples per task (default 128; --full 500)")
-    b.add_argument("--grid", help="λ grid for addition: 'a,b,c' or 'STEP:STOP' (default 0.2:1; --full 0.05:1)")
+    b.add_argument("--grid", help="λ grid for addition: 'a,b,c' or 'STEP:STOP' (default 0.2:1; --full 0, 0.05 .. 1)")
     b.add_argument("--search", choices=["grid", "refine"],
-                   help="λ search: every grid point, or coarse-to-fine (default grid; --full refine)")
-    b.add_argument("--neg-grid", help="λ grid for negation (default 0.25:1; --full 0.1:1)")
+                   help="λ search: every grid point, or coarse-to-fine (default grid; --full grid)")
+    b.add_argument("--neg-grid", help="λ grid for negation (default 0.25:1, stopping at the first λ that breaks the "
+                   "control; --full 0.05:1, every λ)")
+    b.add_argument("--negation-extended", action=argparse.BooleanOptionalAction, default=None,
+                   help="also search negation over 0.1 .. 3.0 step 0.1, reported separately (negation_extended; "
+                   "default: on with --full, off otherwise)")
+    b.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="repeat the run for seeds SEED .. SEED+K-1 (fine-tuning and basis seeds; data subsets fixed) "
+                   "and report mean ± sample std (default 1)")
+    b.add_argument("--task-filter", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop tasks whose fine-tune does not beat the majority-label baseline on dev (default: on "
+                   "with --tasks many, off otherwise)")
+    b.add_argument("--claims", nargs="+", metavar="RESULT.json",
+                   help="instead of running: print the table 'Does the paper's claim hold here?' from bench.json "
+                   "results (--out FILE.md also writes it)")
     b.add_argument("--m", help="basis sizes M, comma-separated (default 2,4)")
-    b.add_argument("--methods", help="basis methods (default all: autoencoder,pca,cluster-mean,cluster-ties,"
-                   "random,random-sample)")
+    b.add_argument("--methods", help="basis methods (default: autoencoder,pca,cluster-mean,cluster-ties,"
+                   "random,random-sample; --full adds pca-paper, PCA with the paper's addition Σ_m s_m)")
     b.add_argument("--pairs", help="negation TARGET:CONTROL pairs, comma-separated (default: 2 pairs of tasks "
                    "from different domains)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

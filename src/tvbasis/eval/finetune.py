@@ -8,6 +8,7 @@ Layout of a work directory::
 
     <work>/pretrained/            θ₀ (possibly cut to N layers) as a HF dir + tvbasis-pretrained.json
     <work>/finetuned/<task>/      θ_t as a HF dir (model.safetensors, config, tokenizer) + tvbasis-finetune.json
+    <work>/finetuned/seed<S>/<task>/   the same for fine-tuning seed S ≠ 0 (``finetune_dir``)
 
 Every model is written by ``save_pretrained`` of the same module class, so θ₀ and all θ_t share exactly the
 same tensor names and the task-vector tooling can read them from disk. Each directory records a hash of
@@ -347,6 +348,17 @@ def mean_or_nan(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def finetune_dir(work: str | Path, task: str, settings: FinetuneSettings) -> Path:
+    """Where the fine-tune of ``task`` is cached: ``<work>/finetuned/<task>`` for seed 0 (and data seed 0), else
+    ``<work>/finetuned/seed<S>[-data<D>]/<task>``, so fine-tunes of different seeds live side by side instead of
+    replacing each other (the settings hash, which includes both seeds, still guards every reuse)."""
+    base = Path(work) / "finetuned"
+    if settings.seed == 0 and settings.data_seed == 0:
+        return base / task
+    tag = f"seed{settings.seed}" + ("" if settings.data_seed == settings.seed else f"-data{settings.data_seed}")
+    return base / tag / task
+
+
 def finetune(task: str | Task, work: str | Path, settings: FinetuneSettings | None = None,
              encoder: Encoder | None = None, force: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune θ₀ on one task into ``<work>/finetuned/<task>/`` (or reuse the valid cached one).
@@ -365,7 +377,7 @@ def finetune(task: str | Task, work: str | Path, settings: FinetuneSettings | No
                           f"more than max_train={settings.max_train}")
     record = _task_record(task, settings, pre_hash)
     h = config_hash(record)
-    out = work / "finetuned" / task.name
+    out = finetune_dir(work, task.name, settings)
     ensure_writable(out.parent)
     problem = "forced" if force else cache_problem(out, FINETUNE_META, h)
     if problem is None:

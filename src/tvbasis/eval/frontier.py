@@ -24,6 +24,10 @@ plan (``--residual``); and one PCA store alone (no residual). Families get a Par
 
 Outputs in ``<out>`` (default ``<work>/frontier``): ``frontier.json``, ``frontier.md`` (the table and the goals
 check), ``frontier_per_task.png`` and ``frontier_addition.png`` (accuracy vs bytes, log x, Pareto fronts).
+
+``--lora`` (``run_frontier(extra=LoraRows(...))``): also one PEFT LoRA adapter per task and the rows of ``frontier_lora``
+(the adapters as they are and the stores that read them), normalized by each adapter's own accuracy: key
+``"lora"`` of frontier.json, their own table in frontier.md, ``frontier_lora.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -50,8 +54,8 @@ from tvbasis.errors import ConfigError
 from tvbasis.eval.bench import BenchConfig, _bar, _fmt_bytes, _jsonable, _pct, _state, vector_bytes
 from tvbasis.eval.encoder import available_cores
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
-from tvbasis.eval.metrics import AdditionResult, Evaluator, NegationResult, mean
-from tvbasis.eval.tasks import load_task
+from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
+from tvbasis.eval.tasks import TASK_NAMES, load_task
 
 State = dict[str, torch.Tensor]
 
@@ -188,18 +192,27 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
 
 
 def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
-    """Build the configuration's store, read every task back (``reconstruct``) and, for TALL, its stored
-    multi-task vector (``addition``). Bytes: the store's data (dense and coded tensors) plus 4 per coefficient;
-    the store on disk (manifest and safetensors headers included) is in ``extra``."""
+    """Build the configuration's store (``build_store``), read every task back (``reconstruct``) and, for TALL,
+    its stored multi-task vector (``addition``). Bytes: the store's data (dense and coded tensors) plus 4 per
+    coefficient; the store on disk (manifest and safetensors headers included) is in ``extra``."""
     from tvbasis.engine import RunOptions
     from tvbasis.store import build_store
 
     kwargs, facts = store_args(config, ctx, seed)
+    return read_store(config, ctx, lambda path: build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True,
+                                                            run=RunOptions(progress=ctx.progress), **kwargs),
+                      kwargs, facts)
+
+
+def read_store(config: Config, ctx: Context, build: Callable[[Path], Any], kwargs: Mapping[str, Any],
+               facts: Mapping[str, Any]) -> Compressed:
+    """``build(path)`` a store at ``<ctx.stores>/frontier-<label>`` (timed), read every task back and, for TALL,
+    its stored multi-task vector; removed afterwards unless ``ctx.keep_stores``. ``kwargs``: the build's
+    arguments, recorded in the row."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in config.label.lower()).strip("-")
     path = ctx.stores / f"frontier-{slug}"
     t0 = time.time()
-    store = build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True, run=RunOptions(progress=ctx.progress),
-                        **kwargs)
+    store = build(path)
     build_s = time.time() - t0
     try:
         vectors = {t: _state(store.reconstruct(t)) for t in ctx.tasks}
@@ -260,9 +273,38 @@ def measure_threads() -> int:
     return 1 if load is not None and cores > 1 and load >= cores else cores
 
 
+def frontier_full_protocol(**overrides: Any) -> BenchConfig:
+    """``--frontier --full``: the 8 tasks under the protocol of the committed frontier-full result — 2000 training,
+    32 dev and 500 test examples per task, addition λ coarse-to-fine on 0.05 … 1, negation 0.1 … 1 with early stop.
+    (The paper's protocol that ``bench --full`` now follows — 21 points searched whole, 200 dev examples, negation
+    without early stop — would take the frontier's 22 configurations far past its 40-minute budget.)"""
+    base = BenchConfig(tasks=TASK_NAMES, max_train=2000, max_dev=32, max_test=500, grid=DEFAULT_GRID,
+                       search="refine", neg_grid=lambda_grid(0.1, 1.0), full=True)
+    return replace(base, **overrides)
+
+
+class FrontierRows(Protocol):
+    """Extra rows measured after the frontier's own with the same evaluator (``frontier_lora.LoraRows``): prepared
+    after the fine-tunes, measured, then written under ``key`` with their own table and plot."""
+
+    key: str
+
+    def prepare(self, tasks: Mapping[str, Any], work: Path, settings: Any, encoder: Any, progress: bool) -> None: ...
+
+    def measure(self, pre_dir: Path, names: Sequence[str], ev: Any, cfg: BenchConfig,
+                stores: Path) -> dict[str, Any]: ...
+
+    def markdown(self, result: Mapping[str, Any]) -> str: ...
+
+    def plot(self, result: Mapping[str, Any], out: Path) -> Path: ...
+
+
 def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
-                 Ms: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run the frontier; returns the JSON-able result (also written to <out>/frontier.json, .md, plots)."""
+                 Ms: Sequence[int] | None = None, extra: FrontierRows | None = None) -> dict[str, Any]:
+    """Run the frontier; returns the JSON-able result (also written to <out>/frontier.json, .md, plots).
+
+    ``extra``: more rows after the frontier's own (``--lora``: ``frontier_lora.LoraRows``, one PEFT LoRA adapter
+    per task and the stores that read them; result key ``"lora"``, their own table and frontier_lora.png)."""
     from tvbasis.vectors import TaskVector
 
     n_tasks = len(dict.fromkeys(config.tasks))
@@ -281,6 +323,8 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
     encoder = pretrained_encoder(work, settings)
     results = {n: finetune(t, work, settings, encoder=encoder, progress=cfg.progress) for n, t in tasks.items()}
     t_finetune = time.time() - t_start
+    if extra is not None:
+        extra.prepare(tasks, work, settings, encoder, cfg.progress)
     threads_before = torch.get_num_threads()
     threads = measure_threads()
     torch.set_num_threads(threads)
@@ -301,6 +345,9 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
         todo = list(configs) if configs is not None else default_configs(len(names), Ms)
 
         rows = measure(todo, ctx, ev, ft_dev, ft_test, cfg)
+        extra_result = None
+        if extra is not None:
+            extra_result = extra.measure(pre_dir, names, ev, cfg, work / "stores" / extra.key)
     finally:
         torch.set_num_threads(threads_before)
     settings_out = {k: v for k, v in asdict(cfg).items() if k not in ("Ms", "methods")}
@@ -317,27 +364,38 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
                     "threads": threads, "load_average": _load()},
     }
     result["goals"] = goals(result)
+    if extra is not None and extra_result is not None:
+        result[extra.key] = extra_result
+        result["timings"][extra.key] = extra_result["seconds"]
     (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["markdown"] = markdown_table(result)
+    if extra is not None and extra_result is not None:
+        result["markdown"] += "\n\n" + extra.markdown(result)
     (out / "frontier.md").write_text(result["markdown"] + "\n")
     if cfg.plots:
         result["plots"] = [str(p) for p in make_plots(result, out)]
+        if extra is not None and extra_result is not None:
+            result["plots"].append(str(extra.plot(result, out)))
     result["out"] = str(out)
     return result
 
 
 def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, float],
-            ft_test: Mapping[str, float], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """One row per configuration: compress, then per-task / addition / negation through ``ev`` (an
-    ``Evaluator``: ``with_delta``, ``search_addition``, ``search_negation``)."""
+            ft_test: Mapping[str, float], cfg: BenchConfig,
+            compressor: Callable[[Config, Context, int], Compressed] | None = None,
+            reference_bytes: int | None = None) -> list[dict[str, Any]]:
+    """One row per configuration: compress (``compressor``, default ``compress``), then per-task / addition /
+    negation through ``ev`` (an ``Evaluator``: ``with_delta``, ``search_addition``, ``search_negation``), normalized
+    by ``ft_dev`` / ``ft_test``; ``compression`` = ``reference_bytes`` (default: T float32 task vectors) / stored."""
     names, tvs = ctx.tasks, ctx.tvs
-    all_vectors = len(names) * vector_bytes(tvs[names[0]])
+    all_vectors = reference_bytes if reference_bytes is not None else len(names) * vector_bytes(tvs[names[0]])
+    compressor = compressor or compress
     rows: list[dict[str, Any]] = []
     bar = _bar(len(todo), "frontier", cfg.progress)
     for c in todo:
         bar.set_postfix_str(c.label)
         t0 = time.time()
-        comp = compress(c, ctx, cfg.seed)
+        comp = compressor(c, ctx, cfg.seed)
         t_compress = time.time() - t0
         if comp.exact:
             per_task_acc = dict(ft_test)
@@ -537,8 +595,9 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
 
 def summary_line(result: Mapping[str, Any]) -> str:
     t = result["timings"]
+    lora = f", LoRA rows {t['lora'] / 60:.1f} min" if "lora" in t else ""
     return (f"wrote {result['out']}/frontier.json, frontier.md" + (", plots" if result.get("plots") else "")
-            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min)")
+            + f"; total {t['total'] / 60:.1f} min (fine-tuning {t['finetune'] / 60:.1f} min{lora})")
 
 
 __all__ = ["BASES_PLAN", "PLANS", "Compressed", "Config", "compress", "default_configs", "dominating", "goals",

@@ -296,13 +296,17 @@ class Evaluator:
 
     def search_negation(self, delta: Mapping[str, torch.Tensor], target: str, control: str,
                         grid: Sequence[float] = DEFAULT_GRID, threshold: float = CONTROL_THRESHOLD,
-                        early_stop: bool = False, report: str | None = "test") -> NegationResult:
+                        early_stop: bool = False, report: str | None = "test",
+                        cache: dict[float, tuple[float, float]] | None = None) -> NegationResult:
         """Negate ``delta`` (the target's task vector): evaluate θ₀ − λ·delta; λ minimises target dev accuracy
         with control dev accuracy ≥ threshold · pretrained control dev accuracy.
 
         ``early_stop``: walk λ upwards, evaluate the control first and stop at the first λ that breaks the
         constraint (control accuracy falls with λ in practice; saves the evaluations past that point).
         ``report=None``: no held-out split (the ``*_test`` fields are NaN).
+        ``cache``: λ -> (target dev, control dev) of this same delta, target and control, read and filled by the
+        search without early stopping (two searches over overlapping grids, such as the benchmark's grid and its
+        extended grid up to λ = 3, then evaluate each λ once).
         """
         if target == control:
             raise ConfigError(f"negation control must differ from the target ({target})")
@@ -319,9 +323,13 @@ class Evaluator:
                         curve[lam] = (float("nan"), c)
                         break
                     curve[lam] = (self.accuracy(target, "dev"), c)  # the edit at this λ is still in place
+                elif cache is not None and lam in cache:
+                    curve[lam] = cache[lam]
                 else:
                     accs = self._at(delta, -lam, "dev", [target, control])
                     curve[lam] = (accs[target], accs[control])
+                    if cache is not None:
+                        cache[lam] = curve[lam]
             ok = [lam for lam, (_, c) in curve.items() if c >= floor]
             if ok:
                 best = min(ok, key=lambda lam: (curve[lam][0], lam))

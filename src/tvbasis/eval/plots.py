@@ -6,7 +6,11 @@
   and the Eckart–Young bound Σ_{k>M} λ_k / T² (no rank-M reconstruction has a smaller mean squared error),
   next to the store's own reconstruction loss when it records one.
 * ``plot_rel_errors``: each task's relative reconstruction error ‖v − v̂‖ / ‖v‖ (hatched where estimated).
-* ``make_plots``: the benchmark's cosine.png, accuracy_vs_bytes.png and negation.png from its result dict;
+* ``make_plots``: the benchmark's cosine.png, accuracy_vs_bytes.png and negation.png from its result dict (a
+  multi-seed result is drawn at its means), and the theory check (``eval/theory.py``): theory_negation.png
+  (negation gap against the target's relative reconstruction error, every store and pair a point; a second
+  panel for the extended λ grid when the run has one) and theory_addition.png (addition gap against the store's
+  mean relative reconstruction error), with ± std error bars over seeds and Spearman's ρ in the title;
   ``store_plots``: a store's cosine.png, spectrum.png and rel_errors.png.
 """
 
@@ -20,6 +24,8 @@ import numpy as np
 
 from tvbasis.bases import eckart_young_bound
 from tvbasis.errors import ConfigError
+from tvbasis.eval.spread import mean_std, means_view
+from tvbasis.eval.theory import Point, addition_points, negation_points, spearman_per_seed
 from tvbasis.store import BasisStore
 
 
@@ -156,8 +162,9 @@ def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
 
 def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     """The benchmark's plots from its result dict: cosine.png (ordered by cluster), accuracy_vs_bytes.png,
-    negation.png."""
+    negation.png, theory_negation.png and theory_addition.png (the last two when the run has stores)."""
     plt = _pyplot()
+    raw, result = result, means_view(result)
     paths = []
     cos = result["cosine"]
     if cos.get("matrix") is not None:
@@ -216,4 +223,68 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("negation: target vs control; marker = pair, colour = method", fontsize=10)
     paths.append(_save(fig, out / "negation.png"))
+    return paths + theory_plots(raw, out)
+
+
+def _rho_text(points: Sequence[Point]) -> str:
+    rhos = spearman_per_seed(points)
+    if not rhos:
+        return "Spearman ρ: fewer than 3 points"
+    m, s = mean_std(rhos)
+    return f"Spearman ρ = {m:.2f}" + (f" ± {s:.2f} over {len(rhos)} seeds" if len(rhos) > 1 else " (1 seed)")
+
+
+def _theory_panel(ax: Any, points: Sequence[Point], color: Mapping[str, Any], xlabel: str, ylabel: str,
+                  title: str, by_pair: bool) -> None:
+    """One scatter: colour = method, marker = negation pair (``by_pair``) or M; each point labelled with its M;
+    ± std error bars over seeds; a compact legend (methods, then markers) outside on the right."""
+    from matplotlib.lines import Line2D
+
+    markers = "os^vD<>P"
+    kinds = list(dict.fromkeys(p.what if by_pair else p.M for p in points))
+    for p in points:
+        (xm, xs), (ym, ys) = mean_std(p.x), mean_std(p.y)
+        if np.isnan(xm) or np.isnan(ym):
+            continue
+        marker = markers[kinds.index(p.what if by_pair else p.M) % len(markers)]
+        ax.errorbar([xm], [ym], xerr=[xs or 0.0], yerr=[ys or 0.0], fmt=marker, color=color[p.method], ms=6,
+                    capsize=2, alpha=0.85)
+        if by_pair:
+            ax.annotate(f"{p.M}", (xm, ym), xytext=(4, 3), textcoords="offset points", fontsize=6, color="0.3")
+    ax.axhline(0.0, color="black", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n{_rho_text(points)}", fontsize=9)
+    methods = list(dict.fromkeys(p.method for p in points))
+    handles = [Line2D([], [], color=color[m], marker="s", ls="", label=m) for m in methods]
+    handles += [Line2D([], [], color="0.3", marker=markers[i % len(markers)], ls="",
+                       label=(f"pair {k}" if by_pair else f"M = {k}")) for i, k in enumerate(kinds)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def theory_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
+    """theory_negation.png and theory_addition.png from a (single- or multi-seed) result; none without stores."""
+    plt = _pyplot()
+    neg = negation_points(result, "negation")
+    ext = negation_points(result, "negation_extended")
+    add = addition_points(result)
+    methods = list(dict.fromkeys(p.method for p in neg + ext + add))
+    cmap = plt.get_cmap("tab10")
+    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    paths = []
+    if neg:
+        panels = [("negation, λ grid of the run", neg)] + ([("negation, extended λ grid (up to 3)", ext)] if ext else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(8.0 * len(panels), 4.8), squeeze=False)
+        for ax, (title, pts) in zip(axes[0], panels):
+            _theory_panel(ax, pts, color, "relative reconstruction error of the target ‖v − v̂‖ / ‖v‖",
+                          "negation gap: target acc. through store − through true vector", title, by_pair=True)
+        fig.suptitle("theory check: negation error vs reconstruction error (every store and pair a point; "
+                     "the number by a point is M)", fontsize=10)
+        paths.append(_save(fig, out / "theory_negation.png"))
+    if add:
+        fig, ax = plt.subplots(figsize=(8.4, 4.8))
+        _theory_panel(ax, add, color, "store's mean relative reconstruction error",
+                      "addition gap: store − task arithmetic (mean normalized acc.)",
+                      "theory check: addition gap vs reconstruction error (every store a point)", by_pair=False)
+        paths.append(_save(fig, out / "theory_addition.png"))
     return paths
