@@ -24,6 +24,7 @@ import torch
 from tvbasis.bases import BasisFit, BasisMethod, check_M, get_basis_method
 from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
+from tvbasis.engine.local import LocalEngine
 from tvbasis.errors import ConfigError
 from tvbasis.io import (
     Checkpoint,
@@ -266,7 +267,7 @@ def _build(taskset: TaskSet, basis: BasisMethod | None, method: str, M: int | No
             lambdas = tall_lambdas(peer_options, taskset.names) if method == "tall" else None
             task: Any = CodedMaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, tmp,
                                              coders.bases, coders.residual, lambdas, gram.chunk_elements,
-                                             label=str(out))
+                                             label=str(out), sink=writer if isinstance(eng, LocalEngine) else None)
             sizes = [taskset.T * s.numel * 4 for s in specs]
         else:
             thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)

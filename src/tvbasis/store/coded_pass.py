@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,29 @@ SCRATCH_BYTES = 256 * 2**20
 CodedMeasured = tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple[str, dict[str, Encoded | None]]]
 
 
+#: elements per float64 chunk of the products below (bounds their temporaries, whatever the tensor's size)
+PRODUCT_CHUNK = 1 << 20
+
+
+def _gram64(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
+    """A·Bᵀ of (p, n) and (q, n) float32 matrices, accumulated in float64 over column chunks."""
+    out = torch.zeros((A.shape[0], B.shape[0]), dtype=torch.float64, device=A.device)
+    for s in range(0, A.shape[1], PRODUCT_CHUNK):
+        out += A[:, s:s + PRODUCT_CHUNK].double() @ B[:, s:s + PRODUCT_CHUNK].double().T
+    return out.cpu().numpy()
+
+
+def _sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
+    """‖x − y‖² of two flat float32 tensors (y may be 0.0), in float64 over chunks."""
+    total = 0.0
+    for s in range(0, x.numel(), PRODUCT_CHUNK):
+        d = x[s:s + PRODUCT_CHUNK].double()
+        if isinstance(y, torch.Tensor):
+            d = d - y[s:s + PRODUCT_CHUNK].double()
+        total += float((d * d).sum())
+    return total
+
+
 class CodedMaterialiseTask:
     """Work unit (one whole tensor) of the materialisation pass of a store with coded parts."""
 
@@ -42,13 +66,16 @@ class CodedMaterialiseTask:
                  dtype_of: Mapping[str, torch.dtype], bases: Mapping[str, PositionalShard],
                  means: Mapping[str, PositionalShard], device: str, total_params: int, stage: Path,
                  bases_coder: Coder | None, residual_coder: Coder | None, mask_lambdas: list[float] | None,
-                 chunk_elements: int, label: str = "store") -> None:
+                 chunk_elements: int, label: str = "store", sink: Any = None) -> None:
         self.taskset, self.fits, self.group_of, self.dtype_of = taskset, dict(fits), dict(group_of), dict(dtype_of)
         self.bases, self.means, self.device, self.total_params = dict(bases), dict(means), device, total_params
         self.stage = stage
         self.bases_coder, self.residual_coder, self.mask_lambdas = bases_coder, residual_coder, mask_lambdas
         self.chunk_elements = chunk_elements
         self.label = label
+        #: where entries go as soon as they are coded (a ``CodedWriter`` when the work runs in this process, so
+        #: a tensor's T coded residuals are never held together); None: returned with the item (Ray workers)
+        self.sink = sink
 
     # ------------------------------------------------------------------------------------------------ reading
     def _deltas(self, name: str) -> tuple[torch.Tensor, Path | None]:
@@ -92,31 +119,43 @@ class CodedMaterialiseTask:
         else:
             U = torch.zeros((0, *spec.shape))
         flatU = U.reshape(nU, spec.numel).to(self.device)
-        U64 = flatU.double()
         C = np.zeros((nU, T))
-        K = (U64 @ U64.T).cpu().numpy()
+        K = _gram64(flatU, flatU)
         err2 = np.zeros(T)
         coef = torch.as_tensor(fit.coef_matrix(), dtype=torch.float32, device=self.device)  # (nU, T)
         names = self.taskset.names
         for t in range(T):
             x = flatX[t].to(self.device)
-            C[:, t] = (U64 @ x.double()).cpu().numpy()
+            C[:, t] = _gram64(flatU, x[None])[:, 0]
             vhat = coef[:, t] @ flatU if nU else torch.zeros_like(x)
             key = entry_key("residual", name, names[t])
             if self.mask_lambdas is not None:  # TALL: m_t over the one stored vector s_0
                 s0 = flatU[0]
                 m = tall_mask(x, s0, self.mask_lambdas[t])
-                entries[key] = Mask().encode(m.to(torch.float32).reshape(spec.shape))
+                self._emit(entries, key, Mask().encode(m.to(torch.float32).reshape(spec.shape)), spec.shape)
                 approx = torch.where(m, s0, torch.zeros((), device=s0.device))
             elif self.residual_coder is not None:
                 r = (x - vhat).reshape(spec.shape).cpu()
                 enc = self.residual_coder.encode(name, r)
-                entries[key] = enc
                 approx = vhat + (decode(enc).reshape(-1).to(self.device) if enc is not None else 0.0)
+                self._emit(entries, key, enc, spec.shape)
+                del enc
             else:
                 approx = vhat
-            err2[t] = float(((x.double() - approx.double()) ** 2).sum())
+            err2[t] = _sq_dist64(x, approx)
         return group, C, K, err2, (name, entries)
+
+    def _emit(self, entries: dict[str, Encoded | None], key: str, enc: Encoded | None,
+              shape: tuple[int, ...]) -> None:
+        if self.sink is not None:
+            self.sink.add(key, enc, shape)
+        else:
+            entries[key] = enc
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["sink"] = None  # a worker in another process returns its entries instead
+        return state
 
     def _store(self, name: str, fit: BasisFit, U: torch.Tensor, entries: dict[str, Encoded | None]) -> torch.Tensor:
         """Write the stored vectors (dense shards or coded entries); return exactly what a reader rebuilds."""
@@ -126,8 +165,8 @@ class CodedMaterialiseTask:
             for i in range(U.shape[0]):
                 key = entry_key("bases", name, i) if i < fit.M else entry_key("mean", name)
                 enc = self.bases_coder.encode(name, U[i])
-                entries[key] = enc
                 out[i] = decode(enc) if enc is not None else 0.0
+                self._emit(entries, key, enc, spec.shape)
             return out
         dtype = self.dtype_of[name]
         stored = U.to(dtype)
