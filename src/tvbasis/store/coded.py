@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import xxhash
 
 from tvbasis.codecs import Encoded, LowRank, parse_codec
 from tvbasis.errors import StoreError, TvbasisError
-from tvbasis.io import all_finite, confined_file
+from tvbasis.io import all_finite
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.specs import parse_size
 from tvbasis.io.writer import header_for
@@ -47,7 +46,7 @@ from tvbasis.store.format import (
     encoded_keys,
     entry_key,
 )
-from tvbasis.store.integrity import MissingFile, pread_into
+from tvbasis.store.integrity import open_data_file, pread_into
 from tvbasis.store.layout import SHARD_METADATA, file_names
 
 #: bytes copied per call when a coded file is laid out or digested
@@ -208,17 +207,8 @@ class CodedData:
 
     def _open(self, dfd: int, fname: str) -> None:
         where = f"{self.root}: coded file {fname}"
-        confined_file(self.root, fname, f"{self.root}: manifest field 'files.coded'", StoreError)
-        try:
-            fd = os.open(fname, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
-        except FileNotFoundError:
-            raise MissingFile(f"{where} (named by the manifest) does not exist") from None
-        except OSError as e:
-            raise StoreError(f"{where}: cannot open ({e.strerror})") from None
+        fd, st = open_data_file(self.root, dfd, fname, "coded", where)
         self._fds[fname] = fd
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"{where}: is not a regular file")
         cf = self.section.files[fname]
         if st.st_size != cf.size:
             raise StoreError(f"{where}: is {st.st_size} bytes, the manifest records {cf.size} (truncated, extended or "

@@ -48,7 +48,7 @@ def _gram64(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def _sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
+def sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
     """‖x − y‖² of two flat float32 tensors (y may be 0.0), in float64 over chunks."""
     total = 0.0
     for s in range(0, x.numel(), PRODUCT_CHUNK):
@@ -142,7 +142,7 @@ class CodedMaterialiseTask:
                 del enc
             else:
                 approx = vhat
-            err2[t] = _sq_dist64(x, approx)
+            err2[t] = sq_dist64(x, approx)
         return group, C, K, err2, (name, entries)
 
     def _emit(self, entries: dict[str, Encoded | None], key: str, enc: Encoded | None,

@@ -80,6 +80,23 @@ def pread_into(fd: int, buf: memoryview, offset: int, what: str) -> None:
         got += n
 
 
+def open_data_file(root: Path, dfd: int, fname: str, part: str, where: str) -> tuple[int, os.stat_result]:
+    """Open data file ``fname`` of part ``part`` through the store directory's descriptor: a plain name inside the
+    store, existing (else ``MissingFile``), a regular file. Returns its descriptor (the caller closes it) and stat."""
+    confined_file(root, fname, f"{root}: manifest field 'files.{part}'", StoreError)
+    try:
+        fd = os.open(fname, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+    except FileNotFoundError:
+        raise MissingFile(f"{where} (named by the manifest) does not exist") from None
+    except OSError as e:
+        raise StoreError(f"{where}: cannot open ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StoreError(f"{where}: is not a regular file")
+    return fd, st
+
+
 class StoreData:
     """The data files of one store generation (bases and mean), opened through the store directory's descriptor
     ``dfd``; tensors read by positional reads, every chunk checked against its recorded digest (version 2)."""
@@ -103,17 +120,8 @@ class StoreData:
     def _open_file(self, dfd: int, part: str, fname: str) -> None:
         mf = self.manifest
         where = f"{self.root}: {part} file {fname}"
-        confined_file(self.root, fname, f"{self.root}: manifest field 'files.{part}'", StoreError)
-        try:
-            fd = os.open(fname, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
-        except FileNotFoundError:
-            raise MissingFile(f"{where} (named by the manifest) does not exist") from None
-        except OSError as e:
-            raise StoreError(f"{where}: cannot open ({e.strerror})") from None
+        fd, st = open_data_file(self.root, dfd, fname, part, where)
         self._fds[fname] = fd
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"{where}: is not a regular file")
         specs = mf.specs()
         if mf.digests is not None:
             dg = mf.digests.files[fname]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from tvbasis.io.writer import PositionalShard
 from tvbasis.lora import Source
 from tvbasis.passes import ALL
 from tvbasis.store.coded import CodedWriter
+from tvbasis.store.coded_pass import sq_dist64
 from tvbasis.store.commit import (
     DEFAULT_LOCK_TIMEOUT,
     commit_generation,
@@ -256,8 +258,7 @@ class _Residual:
             vhat.add_(mu, alpha=float(coef[fit.M]))
         r = v - vhat
         enc = self.coder.encode(name, r)
-        rhat = decode(enc) if enc is not None else torch.zeros_like(r)
-        return name, enc, float(((r.double() - rhat.double()) ** 2).sum())
+        return name, enc, sq_dist64(r.reshape(-1), decode(enc).reshape(-1) if enc is not None else 0.0)
 
 
 def _add_coded_task(store: BasisStore, new: Manifest, name: str, pre: Checkpoint, ft: Checkpoint,
@@ -267,30 +268,20 @@ def _add_coded_task(store: BasisStore, new: Manifest, name: str, pre: Checkpoint
     assert new.coded is not None and new.coded.residual_codec is not None
     built_T = sum(not t.added for t in new.tasks[:-1]) or store.T
     coder = Coder(new.coded.residual_codec, built_T)
-    gen = next_generation(store.root, store.manifest)
-    stage = temp_path(store.root / "coded")
-    stage.mkdir()
-    writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
-    try:
-        names = list(store.specs)
-        err2 = 0.0
+    names = list(store.specs)
+    err2: list[float] = []
+
+    def residuals() -> Iterator[tuple[str, Encoded | None]]:
         for tensor, enc, e2 in eng.map(_Residual(store, new, pre, ft, coder), names, desc=f"residual of {name}",
                                        sizes=[4 * store.specs[n].numel for n in names]):
-            writer.add(entry_key("residual", tensor, name), enc, store.specs[tensor].shape)
-            err2 += e2
-        files, section = writer.finish([entry_key("residual", n, name) for n in names], gen)
+            err2.append(e2)
+            yield tensor, enc
+
+    def record_error() -> None:
         task = new.tasks[-1]
-        task.rel_error = float(np.sqrt(max(err2, 0.0))) / task.norm if task.norm else 0.0
-        new.coded.files.update(section.files)
-        new.coded.entries.update(section.entries)
-        new.files.coded = [*new.files.coded, *files]
-        commit_generation(store.root, new, {f: stage / f for f in files})
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return BasisStore.open(store.root)
+        task.rel_error = float(np.sqrt(max(sum(err2), 0.0))) / task.norm if task.norm else 0.0
+
+    return _commit_entries(store, new, name, residuals(), record_error)
 
 
 def _new_entries(store: BasisStore, name: str, ft: LoraCheckpoint) -> tuple[dict[str, Encoded | None], float, float,
@@ -376,21 +367,27 @@ def _add_lora_task(store: BasisStore, name: str, pre: Checkpoint, ft: LoraCheckp
     new.tasks.append(TaskEntry(name, str(ft.path), norm, float(np.sqrt(max(err2, 0.0))) / norm, added=True,
                                cluster=cluster))
     _check_finite_fit(new)
-    return _commit_entries(store, new, name, entries)
+    return _commit_entries(store, new, name, entries.items())
 
 
-def _commit_entries(store: BasisStore, new: Manifest, task: str, entries: dict[str, Encoded | None]) -> BasisStore:
-    """Write task ``task``'s entries (per tensor) into coded files of the next generation and commit ``new``."""
+def _commit_entries(store: BasisStore, new: Manifest, task: str, entries: Iterable[tuple[str, Encoded | None]],
+                    before_commit: Callable[[], None] | None = None) -> BasisStore:
+    """Write task ``task``'s entries ((tensor, encoded) pairs, written as they come: a stream is never held whole)
+    into coded files of the next generation and commit ``new``; ``before_commit`` runs once every entry is written
+    (e.g. to record the task's error measured while coding them)."""
     assert new.coded is not None
     gen = next_generation(store.root, store.manifest)
     stage = temp_path(store.root / "coded")
     stage.mkdir()
     writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
     try:
-        keys = {p: entry_key("residual", p, task) for p in entries}
-        for p, enc in entries.items():
-            writer.add(keys[p], enc, store.specs[p].shape)
-        files, section = writer.finish(list(keys.values()), gen)
+        keys = []
+        for p, enc in entries:
+            keys.append(entry_key("residual", p, task))
+            writer.add(keys[-1], enc, store.specs[p].shape)
+        files, section = writer.finish(keys, gen)
+        if before_commit is not None:
+            before_commit()
         new.coded.files.update(section.files)
         new.coded.entries.update(section.entries)
         new.files.coded = [*new.files.coded, *files]
