@@ -354,3 +354,27 @@ def test_bad_option_values(method, opts):
     G = np.eye(4) + 0.1
     with pytest.raises(ConfigError, match=next(iter(opts))):
         get_basis_method(method, **opts).fit(G, 2)
+
+
+def test_random_cluster_assignment_keeps_sizes_and_breaks_the_planted_clusters(fam):
+    """assignment=random: the spectral clusters' sizes, members permuted (the v1 control); the linear inner
+    merge's B is the indicator of the random clusters, normalised (reference built here from the labels)."""
+    pre_p, fts, pre, sds = fam
+    V, _ = dense_V(pre, sds)
+    G = (V.T @ V).numpy()
+    truth = [t % 3 for t in range(6)]
+    same = lambda labels: all((labels[i] == labels[j]) == (truth[i] == truth[j])  # noqa: E731
+                              for i in range(6) for j in range(6))
+    broken = 0
+    for seed in range(4):
+        fit = get_basis_method("cluster", seed=seed, assignment="random", rescale=False).fit(G, 3)
+        assert sorted(np.bincount(fit.labels).tolist()) == [2, 2, 2]  # the planted clusters' sizes
+        assert fit.stats["assignment"] == "random"
+        B = np.zeros((6, 3))
+        for t, m in enumerate(fit.labels):
+            B[t, m] = 0.5
+        assert np.allclose(fit.B, B)
+        broken += not same(fit.labels)
+    assert broken >= 3  # 1 partition of 15 equals the planted one: at most one seed may draw it
+    with pytest.raises(Exception, match="assignment"):
+        get_basis_method("cluster", assignment="shuffled").fit(G, 3)

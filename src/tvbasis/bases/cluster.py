@@ -19,6 +19,11 @@ Options where tvbasis and the paper differ (docs/paper-options.md):
   the member's task vector, unmerged. ``merge``: the inner merge applied to the one member (TIES/top-k trim it to
   ``density``, DARE drops and rescales), which loses part of the vector with no interference to resolve.
   Linear inner merges are unaffected (their singleton basis is the member, times its weight).
+
+``assignment=random`` is the control of the paper's v1 experiment (spectral clusters against random clusters of
+the same k): the spectral labels are permuted over the tasks with ``seed``, so the random clusters have exactly
+the spectral clusters' number and sizes and differ only in which tasks share a basis. Everything after the
+labels (inner merge, scales, singletons) is the same as for spectral clusters.
 """
 
 from __future__ import annotations
@@ -97,6 +102,12 @@ def canonical_labels(labels: np.ndarray) -> list[int]:
     return [mapping.setdefault(int(lab), len(mapping)) for lab in labels]
 
 
+def random_assignment(labels: list[int], seed: int) -> list[int]:
+    """``labels`` permuted over the tasks with ``seed`` (same clusters and sizes, members drawn at random)."""
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    return canonical_labels(np.asarray(labels)[perm])
+
+
 def spectral_clusters(C: np.ndarray, k: int, seed: int) -> list[int]:
     A = np.clip(C, 0.0, None)
     np.fill_diagonal(A, 0.0)
@@ -112,8 +123,9 @@ class ClusterBasis(BasisMethod):
     name = "cluster"
     options: dict[str, Any] = {"inner": "mean", "inner_params": {}, "rescale": True, "seed": 0,
                                "eigengap": "tvbasis",  # tvbasis (normalised Laplacian, clipped) | paper (D − S, raw)
-                               "singletons": "keep"}   # keep (a one-member cluster's basis is its task vector) | merge
-    choices = {"eigengap": ("tvbasis", "paper"), "singletons": ("keep", "merge")}
+                               "singletons": "keep",   # keep (a one-member cluster's basis is its task vector) | merge
+                               "assignment": "spectral"}  # spectral | random (spectral sizes, members permuted)
+    choices = {"eigengap": ("tvbasis", "paper"), "singletons": ("keep", "merge"), "assignment": ("spectral", "random")}
 
     def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
         T = G.shape[0]
@@ -126,6 +138,8 @@ class ClusterBasis(BasisMethod):
         k_gap, spectrum = (k_paper, spectrum_paper) if rule == "paper" else (k_tv, spectrum_tv)
         M = check_M(k_gap if M is None else M, T, self.name)
         labels = [0] * T if M == 1 else spectral_clusters(C, M, int(self.params["seed"]))
+        if self.params["assignment"] == "random":
+            labels = random_assignment(labels, int(self.params["seed"]))
         inner = str(self.params["inner"])
         params = dict(self.params["inner_params"] or {})
         merger = get_merger(MergeSpec(inner, params))  # validates the inner merge and its parameters up front
@@ -134,6 +148,7 @@ class ClusterBasis(BasisMethod):
         sizes = np.bincount(labels, minlength=M)
         stats: dict[str, Any] = {"eigengap_M": k_gap, "eigengap_rule": rule,
                                  "eigengap_M_by_rule": {"tvbasis": k_tv, "paper": k_paper},
+                                 "assignment": str(self.params["assignment"]),
                                  "laplacian_spectrum": spectrum, "cluster_sizes": sizes.tolist(),
                                  "lower_bound": eckart_young_bound(G, M)}
         refit = "cluster_scale" if self.params["rescale"] else None

@@ -6,9 +6,12 @@ Given, for one layer group, c = U·v (the new task vector v against the stored v
 * cluster bases: v joins the basis with the highest cosine; that basis becomes s ← a·s + b·v, with
   (a, b) = (n/(n+1), 1/(n+1)) for an averaging inner merge over the cluster's n members and (1, 1) for a summing
   one — the bases then have to be rewritten (``Extension.update``); the new task's coefficient is its
-  least-squares scale onto its basis (or 1 without rescaling).
+  least-squares scale onto its basis (or 1 without rescaling). A non-linear inner merge (TIES, top-k) counts as
+  averaging here and is not re-run: v enters untrimmed, without sign election, so the basis after add-task is
+  not the one a rebuild with the same members makes (an approximation; a rebuild needs the old fine-tunes).
 * every other basis: the bases stay; the new task gets least-squares coefficients on their span (PCA: on the span
-  after subtracting the stored mean, whose coefficient is 1).
+  after subtracting the stored mean, whose coefficient is 1 — so a new task far from the old tasks' span can
+  reconstruct worse than no vector at all, relative error above 1; the store records that exact error).
 """
 
 from __future__ import annotations
