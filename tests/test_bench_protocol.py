@@ -340,7 +340,9 @@ def test_claims_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (tmp_path / "claims.md").read_text().strip() == printed.strip()
 
 
-def test_cli_protocol_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _recording_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[argparse.ArgumentParser, list[BenchConfig]]:
+    """The CLI parser with ``run_seeds`` replaced: every bench command records its BenchConfig."""
     from tvbasis.eval.commands import register
 
     p = argparse.ArgumentParser(prog="tvbasis")
@@ -348,6 +350,11 @@ def test_cli_protocol_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     seen: list[BenchConfig] = []
     monkeypatch.setattr(seeds, "run_seeds", lambda cfg: seen.append(cfg) or dict(fake_result(), out=str(tmp_path),
                                                                                   markdown="table"))
+    return p, seen
+
+
+def test_cli_protocol_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p, seen = _recording_parser(tmp_path, monkeypatch)
     args = p.parse_args(["bench", "--full", "--dev", "300", "--no-negation-extended", "--seeds", "3",
                          "--no-task-filter"])
     assert args.fn(args) == 0
@@ -367,3 +374,54 @@ def test_theory_plots_are_written(tmp_path: Path) -> None:
     for name in ("theory_negation.png", "theory_addition.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == PNG and len(data) > 5000
+
+
+# --------------------------------------------------------------------------- v1 / v4 / continual options
+def test_sizes_as_fractions_of_T_follow_the_task_filter() -> None:
+    assert bench.sizes_for(("T/2", "T/4", "T/8"), 36) == (18, 9, 4)
+    assert bench.sizes_for(("T/2", "t/4", "3", "T/8"), 8) == (4, 2, 3, 1)
+    assert bench.sizes_for(("T/16", "T/32"), 8) == (1,)  # floor, at least 1, duplicates dropped
+    with pytest.raises(ConfigError, match="T/x"):
+        bench.sizes_for(("T/x",), 8)
+    cfg = BenchConfig(tasks=TASK_NAMES, m_spec=("T/2", "T/4")).resolved()
+    assert cfg.Ms == (4, 2)
+    kept = cfg.keep_tasks(["banking", "stackoverflow", "clinc", "DBPedia", "mcid", "hwu"], pairs_given=False)
+    assert kept.Ms == (3, 1)  # 6 kept tasks: re-read from the spec, not the 8-task sizes
+
+
+def test_ks_and_continual_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p, seen = _recording_parser(tmp_path, monkeypatch)
+    args = p.parse_args(["bench", "--ks", "2,4,eigengap", "--m", "T/2,T/4", "--continual", "--continual-m", "1",
+                         "--continual-method", "cluster-ties", "--no-merges", "--one-addition"])
+    assert args.fn(args) == 0
+    cfg = seen[-1]
+    assert cfg.ks == (2, 4, "eigengap") and cfg.m_spec == ("T/2", "T/4") and cfg.continual
+    assert cfg.continual_M == 1 and cfg.continual_method == "cluster-ties"
+    assert cfg.merges is False and cfg.both_additions is False
+    assert bench.sizes_of(cfg, "cluster") == (2, 4, "eigengap") and bench.sizes_of(cfg, "pca") == cfg.Ms
+    for bad, match in ((["--ks", "2,x"], "--ks expects"), (["--continual-m", "2"], "use it with --continual")):
+        with pytest.raises(ConfigError, match=match):
+            p.parse_args(["bench", *bad]).fn(p.parse_args(["bench", *bad]))
+    with pytest.raises(ConfigError, match="each k must be"):
+        BenchConfig(ks=(2, 6)).resolved()  # 6 tasks by default: k = 6 is not < T
+    with pytest.raises(ConfigError, match="--continual-method"):
+        BenchConfig(continual_method="nope").resolved()
+
+
+def test_claims_use_pca_paper_mode_and_eigengap_rows() -> None:
+    stores = {k: v for k, v in STORES.items() if k != "pca-paper"}
+    r = fake_result(stores=stores)
+    pca = next(row for row in r["rows"] if row["method"] == "pca")
+    pca["extra"]["addition_modes"] = {"reconstructions": _add(0.90), "paper": _add(0.95)}
+    ae = next(row for row in r["rows"] if row["method"] == "autoencoder")
+    ae["extra"]["addition_modes"] = {"paper": _add(0.86), "reconstructions": _add(0.91)}
+    r["rows"] += [_row("cluster-mean", "eigengap", 0.88), _row("cluster-random-mean", "eigengap", 0.80)]
+    r["rows"][-2]["extra"]["addition_at_1"] = {"mean_normalized_test": 0.5}
+    r["rows"][-1]["extra"]["addition_at_1"] = {"mean_normalized_test": 0.6}
+    v = _verdicts([r])
+    assert v["(ii) autoencoder ≥ PCA Σ_m s_m (paper), addition, M = 2"] == "does not hold"  # 0.86 vs 0.95
+    assert v["(ii) autoencoder S·W·1 ≥ PCA reconstructions, addition, M = 2"] == "holds"  # 0.91 vs 0.90
+    assert v["(iv) spectral clusters ≥ random clusters (mean), addition, M = eigengap"] == "holds"
+    assert v["(iv) spectral ≥ random clusters (mean), coefficient 1, M = eigengap"] == "does not hold"
+    table = bench.markdown_table(r)
+    assert "| pca | 2 |" in table and "Addition two ways" in table and "| 95.0 | 90.0 |" in table

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tvbasis.errors import ConfigError
@@ -80,12 +81,13 @@ def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     args = _parser().parse_args([
         "-q", "bench", "--tasks", "mcid,DBPedia,stackoverflow", "--layers", "2", "--max-length", "32",
         "--max-train", "96", "--max-dev", "32", "--max-test", "64", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",
-        "--m", "2", "--methods", "autoencoder,cluster-mean,random-sample", "--no-stitch",
+        "--m", "2", "--methods", "autoencoder,cluster-mean,random-sample,cluster-random-mean", "--no-stitch",
+        "--ks", "eigengap", "--continual", "--continual-first", "2", "--continual-m", "1",
         "--work", str(tmp_path / "work")])
     assert args.fn(args) == 0
     printed = capsys.readouterr().out
-    for row in ("zero-shot", "task arithmetic (sum)", "TIES (density 0.2)", "autoencoder | 2", "cluster-mean | 2",
-                "random-sample | 2"):
+    for row in ("zero-shot", "task arithmetic (sum)", "TIES (density 0.2)", "autoencoder | 2",
+                "cluster-mean | eigengap", "cluster-random-mean | eigengap", "random-sample | 2"):
         assert row in printed
     out = tmp_path / "work" / "bench"
     result = json.loads((out / "bench.json").read_text())
@@ -97,8 +99,35 @@ def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ta = rows[("task arithmetic (sum)", None)]
     assert ta["addition"]["mean_test"] > zs
     assert ta["bytes_stored"] == 3 * result["vector_bytes"]
-    store_rows = [r for (m, M), r in rows.items() if M == 2]
-    assert len(store_rows) == 3 and all(0 < r["bytes_stored"] < ta["bytes_stored"] for r in store_rows)
+    store_rows = [r for (m, M), r in rows.items() if M is not None]
+    assert len(store_rows) == 4 and all(0 < r["bytes_stored"] < ta["bytes_stored"] for r in store_rows)
     for n in ta["negation"]:
         assert n["target_test"] <= n["pretrained_target_test"]
     assert len(result["cosine"]["matrix"]) == 3
+    # v1: cluster rows at every k of --ks, the eigengap row at the rule's k, random clusters at the same k
+    spectral, random = rows[("cluster-mean", "eigengap")], rows[("cluster-random-mean", "eigengap")]
+    assert spectral["extra"]["k"] == random["extra"]["k"] == len(set(spectral["extra"]["labels"]))
+    assert sorted(np.bincount(spectral["extra"]["labels"])) == sorted(np.bincount(random["extra"]["labels"]))
+    # every v4 store's addition both ways; the default mode's entry is the row's own addition
+    for (m, M), r in rows.items():
+        if M is None or m.startswith("cluster"):
+            assert M is None or "addition_modes" not in r["extra"]
+            continue
+        modes = r["extra"]["addition_modes"]
+        assert set(modes) == {"paper", "reconstructions"}
+        assert modes[r["extra"]["addition_mode"]]["mean_test"] == r["addition"]["mean_test"]
+    # coefficient 1 = the λ-searched result wherever the search chose λ = 1 (the grid holds 1.0)
+    for r in (ta, spectral):
+        at1 = r["extra"]["addition_at_1"]
+        assert at1["lam"] == 1.0 and set(at1["test"]) == set(result["tasks"])
+        if r["addition"]["lam"] == 1.0:
+            assert at1["test"] == r["addition"]["test"]
+    # continual: steps at 2 and 3 tasks; at T = 3 its task-arithmetic reference is the TA row (same 3 vectors,
+    # same grid and evaluator: two code paths, one number)
+    steps = result["continual"]["steps"]
+    assert [st["T"] for st in steps] == [2, 3] and result["continual"]["M"] == 1
+    assert sorted(steps[-1]["tasks"]) == sorted(result["tasks"])
+    assert steps[-1]["task_arithmetic"]["mean_normalized_test"] == pytest.approx(
+        ta["addition"]["mean_normalized_test"])
+    assert steps[0]["rebuild"]["mean_normalized_test"] == steps[0]["add_task"]["mean_normalized_test"]
+    assert "Continual (cluster-mean" in printed and "Addition two ways" in printed

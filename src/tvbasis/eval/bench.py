@@ -19,7 +19,13 @@ Two sizes (both follow the protocol in docs/benchmark.md; they differ in how muc
 
 Default negation walks λ upwards and stops at the first λ where the control falls below 95 % of its pretrained dev
 accuracy (``neg_early_stop``). Fine-tunes are cached in the work directory (``tvbasis finetune``; one directory per
-fine-tuning seed), so later runs skip them. ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
+fine-tuning seed), so later runs skip them.
+
+The paper's experiments (docs/benchmark.md, "The paper's experiments in the bench"): ``--m T/2,T/4,T/8`` sizes as
+fractions of the task count; ``--ks 2,4,8,16,eigengap`` the cluster rows' k, with ``cluster-random-<inner>`` rows
+as the random-cluster control and every cluster row's addition at coefficient 1 (``extra.addition_at_1``); every
+other store's addition both as Σ_m s_m and as Σ_t v̂_t (``extra.addition_modes``); ``--continual`` the continual
+add-task experiment (eval/continual.py, ``result["continual"]``). ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
 majority-label baseline on dev (``eval/task_filter.py``); ``--seeds K`` repeats the run over K seeds
 (``eval/seeds.py``).
 """
@@ -71,7 +77,15 @@ BASIS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("random", {}),
     "random-sample": ("random-sample", {}),
     "pca-paper": ("pca", {"addition": "paper"}),  # the paper's PCA addition Σ_m s_m (docs/paper-options.md)
+    "cluster-topk": ("cluster", {"inner": "topk", "inner_params": {"density": 0.2}}),
+    # the v1 control: the spectral clusters' sizes with members drawn at random (bases/cluster.py, assignment)
+    "cluster-random-mean": ("cluster", {"inner": "mean", "assignment": "random"}),
+    "cluster-random-ties": ("cluster", {"inner": "ties", "inner_params": {"density": 0.2}, "assignment": "random"}),
+    "cluster-random-topk": ("cluster", {"inner": "topk", "inner_params": {"density": 0.2}, "assignment": "random"}),
 }
+#: a cluster k that lets the eigengap rule choose (``--ks 2,4,eigengap``); such rows have M = "eigengap" and
+#: the chosen k in ``extra["k"]``
+EIGENGAP = "eigengap"
 #: the basis rows of the default bench; --full adds pca-paper
 DEFAULT_METHODS: tuple[str, ...] = ("autoencoder", "pca", "cluster-mean", "cluster-ties", "random", "random-sample")
 #: basis methods whose ``seed`` option is the run's basis seed
@@ -118,6 +132,15 @@ class BenchConfig:
     progress: bool = True
     full: bool = False
     stitch: bool = True  # the Localize-and-Stitch rows (eval/stitch_rows.py)
+    m_spec: tuple[str, ...] | None = None  # Ms as fractions of T ("T/2", "T/4", "6"), re-read after the task filter
+    ks: tuple[int | str, ...] | None = None  # cluster methods' k (ints and/or "eigengap"); None = Ms
+    merges: bool = True  # the TIES and SVD-merge rows (off: task arithmetic is the only merge row)
+    both_additions: bool = True  # each v4 store's addition as Σ_m s_m and as Σ_t v̂_t (extra.addition_modes)
+    continual: bool = False  # the continual add-task experiment (eval/continual.py), result["continual"]
+    continual_method: str = "cluster-mean"  # the store of the continual experiment (a BASIS_METHODS label)
+    continual_M: int | None = None  # its M; None: the largest of Ms below the first half's task count
+    continual_first: int | None = None  # tasks in the initial store; None: T // 2
+    continual_checkpoints: int = 4  # evaluated task counts, evenly spaced from the first half to T
 
     @classmethod
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
@@ -135,12 +158,18 @@ class BenchConfig:
             raise ConfigError("the extended negation grid is empty")
         if len(tasks) < 2:
             raise ConfigError("the benchmark needs at least 2 tasks")
+        Ms = sizes_for(self.m_spec, len(tasks)) if self.m_spec else self.Ms
         unknown = [m for m in self.methods if m not in BASIS_METHODS]
         if unknown:
             raise ConfigError(f"unknown basis method(s) {unknown}; expected some of {', '.join(BASIS_METHODS)}")
-        bad_m = [m for m in self.Ms if not 1 <= m < len(tasks)]
+        bad_m = [m for m in Ms if not 1 <= m < len(tasks)]
         if bad_m:
             raise ConfigError(f"M must satisfy 1 <= M < T = {len(tasks)} tasks; got {bad_m}")
+        bad_k = [k for k in self.ks or () if k != EIGENGAP and not (isinstance(k, int) and 1 <= k < len(tasks))]
+        if bad_k:
+            raise ConfigError(f"--ks: each k must be an integer 1 <= k < T = {len(tasks)} or '{EIGENGAP}'; got {bad_k}")
+        if self.continual_method not in BASIS_METHODS:
+            raise ConfigError(f"--continual-method {self.continual_method!r}: expected one of {', '.join(BASIS_METHODS)}")
         pairs = self.pairs if self.pairs is not None else default_pairs(tasks)
         pairs = tuple((canonical_name(a), canonical_name(b)) for a, b in pairs)
         for a, b in pairs:
@@ -149,7 +178,7 @@ class BenchConfig:
             if a == b:
                 raise ConfigError(f"negation pair {a}/{b}: target and control must differ")
         task_filter = many if self.task_filter is None else self.task_filter
-        return replace(self, tasks=tasks, pairs=pairs, task_filter=task_filter)
+        return replace(self, tasks=tasks, pairs=pairs, task_filter=task_filter, Ms=Ms)
 
     @property
     def subset_seed(self) -> int:
@@ -170,9 +199,11 @@ class BenchConfig:
         kept = tuple(t for t in self.tasks if t in set(kept))
         if len(kept) < 2:
             raise ConfigError(f"the task filter kept {len(kept)} task(s); the benchmark needs at least 2")
-        bad_m = [m for m in self.Ms if not 1 <= m < len(kept)]
+        Ms = sizes_for(self.m_spec, len(kept)) if self.m_spec else self.Ms
+        bad_m = [m for m in Ms if not 1 <= m < len(kept)]
+        bad_m += [k for k in self.ks or () if k != EIGENGAP and not 1 <= int(k) < len(kept)]
         if bad_m:
-            raise ConfigError(f"the task filter kept {len(kept)} tasks, so M must be < {len(kept)}; got {bad_m}")
+            raise ConfigError(f"the task filter kept {len(kept)} tasks, so M must be < {len(kept)} (and every k); got {bad_m}")
         pairs = self.pairs or ()
         if not pairs_given:
             pairs = default_pairs(kept)
@@ -180,7 +211,27 @@ class BenchConfig:
         if missing:
             raise ConfigError(f"negation pair(s) {', '.join(missing)}: dropped by the task filter "
                               "(choose other --pairs or use --no-task-filter)")
-        return replace(self, tasks=kept, pairs=tuple(pairs))
+        return replace(self, tasks=kept, pairs=tuple(pairs), Ms=Ms)
+
+
+def sizes_for(spec: Sequence[str], T: int) -> tuple[int, ...]:
+    """Basis sizes from a spec of integers and fractions of the task count: "T/4" at T = 36 is 9 (floor, at
+    least 1); duplicates dropped, order kept. A malformed entry is a ConfigError."""
+    out: list[int] = []
+    for item in spec:
+        text = str(item).strip().replace(" ", "")
+        try:
+            M = max(1, T // int(text[2:])) if text.upper().startswith("T/") else int(text)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"--m: expected integers or fractions of T such as T/4, got {item!r}") from None
+        if M not in out:
+            out.append(M)
+    return tuple(out)
+
+
+def sizes_of(cfg: BenchConfig, method: str) -> tuple[int | str, ...]:
+    """The basis sizes a method's rows are built at: ``ks`` for cluster methods when given, else ``Ms``."""
+    return tuple(cfg.ks) if method == "cluster" and cfg.ks else tuple(cfg.Ms)
 
 
 def default_pairs(tasks: Sequence[str], n: int = 2) -> tuple[tuple[str, str], ...]:
@@ -290,7 +341,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             tvs, ft_dev = {n: tvs[n] for n in cfg.tasks}, {n: ft_dev[n] for n in cfg.tasks}
             ev = Evaluator(encoder, tasks, progress=False)
 
-    n_steps = (2 + len(cfg.methods) * len(cfg.Ms) + 1 + len(MERGE_ROWS))
+    n_steps = (2 + sum(len(sizes_of(cfg, BASIS_METHODS[m][0])) for m in cfg.methods) + 1
+               + (len(MERGE_ROWS) if cfg.merges else 0))
     bar = _bar(n_steps, "bench", cfg.progress)
     zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
     ft_test = {n: ev.with_delta(tvs[n], 1.0, "test", [n])[n] for n in cfg.tasks}
@@ -301,6 +353,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     def addition(delta: Mapping[str, torch.Tensor]) -> AdditionResult:
         return ev.search_addition(delta, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test, search=cfg.search)
+
+    def at_one(delta: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Test accuracy of θ₀ + 1·delta (no λ search), absolute and normalized, per task and mean."""
+        test = ev.with_delta(delta, 1.0, "test")
+        norm = {t: normalized_accuracy(test[t], ft_test[t]) for t in test}
+        return {"lam": 1.0, "test": test, "normalized_test": norm, "mean_test": mean(test.values()),
+                "mean_normalized_test": mean(norm.values())}
 
     def negations(vector_of: Any) -> tuple[list[NegationResult], list[NegationResult]]:
         """(negation over neg_grid, negation over the extended grid or []) for every pair; the two searches share
@@ -328,19 +387,21 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     true_neg, true_ext = negations(lambda t: tvs[t])
     total = {k: sum(tv[k] for tv in tvs.values()) for k in tvs[cfg.tasks[0]]}
     ta = Row("task arithmetic (sum)", None, all_vectors, addition(total), true_neg,
-             extra={"negation_vector": "true task vector"}, negation_extended=true_ext)
+             extra={"negation_vector": "true task vector", "addition_at_1": at_one(total)},
+             negation_extended=true_ext)
     del total
     ta.seconds = time.time() - t0
     rows.append(ta)
     bar.update(1)
-    t0 = time.time()
-    ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density})))
-    rows.append(Row(f"TIES (density {cfg.ties_density})", None, all_vectors, addition(ties), true_neg,
-                    extra={"negation_vector": "true task vector"}, seconds=time.time() - t0,
-                    negation_extended=true_ext))
-    del ties
+    if cfg.merges:
+        t0 = time.time()
+        ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density})))
+        rows.append(Row(f"TIES (density {cfg.ties_density})", None, all_vectors, addition(ties), true_neg,
+                        extra={"negation_vector": "true task vector"}, seconds=time.time() - t0,
+                        negation_extended=true_ext))
+        del ties
     bar.update(1)
-    for label, (method, params) in MERGE_ROWS.items():  # SVD merges (merge/svd.py), negation as TA/TIES
+    for label, (method, params) in MERGE_ROWS.items() if cfg.merges else ():  # SVD merges (merge/svd.py), negation as TA/TIES
         t0 = time.time()
         merged = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec(method, params)))
         add = ev.search_addition(merged, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev,
@@ -358,20 +419,33 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         options = dict(options)
         if method in SEEDED_METHODS:
             options["seed"] = cfg.seed
-        for M in cfg.Ms:
+        for M in sizes_of(cfg, method):
             t0 = time.time()
             bar.set_postfix_str(f"{label} M={M}")
             path = work / "stores" / f"{label}-M{M}"
-            store = build_store(pre_dir, ft_dirs, method=method, M=M, out=path, options=options, force=True)
+            store = build_store(pre_dir, ft_dirs, method=method, M=None if M == EIGENGAP else int(M), out=path,
+                                options=options, force=True)
             t_build = time.time() - t0
-            add = addition(_state(store.addition()))
+            mode = store.default_addition_mode()
+            delta = _state(store.addition(mode=mode))
+            add = addition(delta)
+            extra: dict[str, Any] = {"store": str(path), "addition_mode": mode}
+            if method == "cluster":  # the v1 experiment: the outer merge (Σ_m s_m) at coefficient 1 as well
+                extra["addition_at_1"] = at_one(delta)
+            del delta
+            if cfg.both_additions and store.M > 0 and method != "cluster":  # v4 stores (cluster rows: v1, λ=1)
+                other = "reconstructions" if mode == "paper" else "paper"
+                extra["addition_modes"] = {mode: add.to_dict(),
+                                           other: addition(_state(store.addition(mode=other))).to_dict()}
             t_add = time.time() - t0 - t_build
             neg, neg_ext = negations(lambda t, s=store: _state(s.reconstruct(t)))
             t_neg = time.time() - t0 - t_build - t_add
-            extra = {"store": str(path), "build_seconds": round(t_build, 2), "addition_seconds": round(t_add, 2),
-                     "negation_seconds": round(t_neg, 2),
-                     "rel_errors": _jsonable(getattr(store, "rel_errors", None)),
-                     "compression": all_vectors / max(1, store.nbytes)}
+            extra.update({"build_seconds": round(t_build, 2), "addition_seconds": round(t_add, 2),
+                          "negation_seconds": round(t_neg, 2),
+                          "rel_errors": _jsonable(getattr(store, "rel_errors", None)),
+                          "compression": all_vectors / max(1, store.nbytes)})
+            if M == EIGENGAP:
+                extra["k"] = store.M
             if method == "cluster":
                 extra["labels"] = _jsonable(store.labels)
                 if cosine is None or M == 2:
@@ -384,6 +458,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             if not cfg.keep_stores:
                 shutil.rmtree(path, ignore_errors=True)
             bar.update(1)
+    continual = run_continual_rows(cfg, work, pre_dir, ft_dirs, encoder, ev, tasks, tvs, ft_dev, ft_test) \
+        if cfg.continual else None
     if cfg.stitch:
         rows += [Row(**r) for r in stitch_rows(work, pre_dir, ft_dirs, encoder, ev, tasks, tvs, ft_dev, ft_test,
                                                all_vectors, cfg.Ms, cfg.full, cfg.max_length, cfg.seed)]
@@ -401,6 +477,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "rows": [r.to_dict() for r in rows],
         "cosine": {"tasks": list(cfg.tasks), "matrix": _jsonable(cosine), "cluster_labels": _jsonable(labels)},
         "task_filter": filt.to_dict() if filt else None,
+        "continual": continual,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -410,6 +487,43 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         result["plots"] = [str(p) for p in make_plots(result, out)]
     result["out"] = str(out)
     return result
+
+
+def continual_M(cfg: BenchConfig, first: int) -> int:
+    """The continual store's M: ``continual_M``, else the largest of the bench's Ms below ``first``."""
+    if cfg.continual_M is not None:
+        return cfg.continual_M
+    below = [m for m in cfg.Ms if m < first]
+    if not below:
+        raise ConfigError(f"--continual: no --m below the first {first} tasks; give --continual-m")
+    return max(below)
+
+
+def run_continual_rows(cfg: BenchConfig, work: Any, pre_dir: Any, ft_dirs: Mapping[str, str], encoder: Encoder,
+                       ev: Evaluator, tasks: Mapping[str, Task], tvs: Mapping[str, Any], ft_dev: Mapping[str, float],
+                       ft_test: Mapping[str, float]) -> dict[str, Any]:
+    """The continual experiment (eval/continual.py) on the bench's fine-tunes, arriving in an order shuffled with
+    the run's seed (so seeds differ in order as well as in fine-tunes)."""
+    import random
+
+    from tvbasis.eval.continual import evaluator_scorer, initial_tasks, run_continual
+
+    method, options = BASIS_METHODS[cfg.continual_method]
+    options = dict(options)
+    if method in SEEDED_METHODS:
+        options["seed"] = cfg.seed
+    order = list(ft_dirs)
+    random.Random(cfg.seed).shuffle(order)
+    T = len(order)
+    first = cfg.continual_first if cfg.continual_first is not None else T // 2
+    M = continual_M(cfg, first)
+    first = initial_tasks(T, M, first)
+    return run_continual(work=work, pre_dir=pre_dir, ft_dirs={n: ft_dirs[n] for n in order}, encoder=encoder,
+                         tasks=tasks, tvs=tvs, ft_dev=ft_dev, ft_test=ft_test, grid=cfg.grid, search=cfg.search,
+                         method=method, options=options, M=M, first=first, label=cfg.continual_method,
+                         checkpoints=cfg.continual_checkpoints,
+                         progress=False, keep_stores=cfg.keep_stores,
+                         score=evaluator_scorer(ev, cfg.grid, cfg.search, ft_dev, ft_test))
 
 
 def _jsonable(x: Any) -> Any:
@@ -489,11 +603,53 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     if extended:
         notes.append("neg λ≤3: the same negation searched over the extended grid up to λ = 3 (reconstructions are "
                      "shorter than the task vectors, so λ ≤ 1 may stop a store's negation early).")
+    notes += addition_modes_markdown(result) + continual_markdown(result)
     seeds = result.get("seeds")
     if seeds and len(seeds) > 1:
         notes.append(f"Every number: mean ± sample std over {len(seeds)} seeds {list(seeds)} (fine-tuning seed for "
                      "the task vectors, basis seed for the stores); per-seed values in bench.json.")
     return "\n".join(lines + per_task + notes)
+
+
+def addition_modes_markdown(result: Mapping[str, Any]) -> list[str]:
+    """The stores' addition measured both ways (paper Σ_m s_m, reconstructions Σ_t v̂_t = S·W·1) and at
+    coefficient 1, as Markdown lines ([] when the run measured neither)."""
+    rows = [r for r in result["rows"] if (r.get("extra") or {}).get("addition_modes")
+            or (r.get("extra") or {}).get("addition_at_1")]
+    if not rows:
+        return []
+    out = ["", "Addition two ways (add norm %, λ searched on dev): the paper's sum of bases Σ_m s_m and the sum of "
+           "the reconstructions Σ_t v̂_t = S·W·1 (every task weighted by its decoder); 'default' is the store's "
+           "own addition (the row above); λ=1: the default addition at coefficient 1, no search.", "",
+           "| method | M | default | Σ_m s_m (paper) | Σ_t v̂_t (S·W·1) | at λ=1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = r["extra"]
+        modes = extra.get("addition_modes") or {}
+        at1 = (extra.get("addition_at_1") or {}).get("mean_normalized_test")
+        mode = means_view(extra.get("addition_mode")) or ""
+        cells = [r["method"], "" if r["M"] is None else str(r["M"]), str(mode),
+                 fmt((modes.get("paper") or {}).get("mean_normalized_test")),
+                 fmt((modes.get("reconstructions") or {}).get("mean_normalized_test")), fmt(at1)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def continual_markdown(result: Mapping[str, Any]) -> list[str]:
+    """The continual experiment's steps as Markdown lines ([] without one)."""
+    c = result.get("continual")
+    if not c or not c.get("steps"):
+        return []
+    c = dict(c)
+    out = ["", f"Continual ({means_view(c.get('method'))}, M = {means_view(c.get('M'))}, first "
+           f"{means_view(c.get('first'))} tasks, then add-task one at a time): add norm % over the tasks so far, "
+           "bytes stored.", "",
+           "| T | add-task | rebuild | task arithmetic | add-task bytes | rebuild bytes |", "|---|---|---|---|---|---|"]
+    for st in c["steps"]:
+        a, b, ta = st.get("add_task") or {}, st.get("rebuild") or {}, st.get("task_arithmetic") or {}
+        out.append(f"| {means_view(st.get('T'))} | {fmt(a.get('mean_normalized_test'))} | "
+                   f"{fmt(b.get('mean_normalized_test'))} | {fmt(ta.get('mean_normalized_test'))} | "
+                   f"{_fmt_bytes(int(means_view(a.get('bytes')) or 0))} | {_fmt_bytes(int(means_view(b.get('bytes')) or 0))} |")
+    return out
 
 
 def _best_store(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

@@ -13,12 +13,14 @@ i.   bases ≥ heuristic baselines, addition: the best of the paper's bases (aut
      cluster-ties) against the best of random and random-sample, at each M. (``pca``'s default addition is task
      arithmetic itself, so it is not counted as a basis here.)
 ii.  autoencoder ≥ PCA, addition, at each M: against ``pca-paper`` (the paper's Σ_m s_m) and against ``pca``
-     (the sum of the reconstructions, which is task arithmetic).
+     (the sum of the reconstructions, which is task arithmetic); and, where the bench measured both additions
+     (``extra.addition_modes``), the autoencoder's sum of reconstructions S·W·1 against ``pca``.
 iii. some store ≥ full task arithmetic, addition: the best store row of any basis method and M against
      ``task arithmetic (sum)`` (``pca`` left out: its addition is task arithmetic by construction).
-iv.  spectral clusters ≥ random clusters, addition, at each M: ``cluster-<inner>`` against
-     ``cluster-random-<inner>`` (rows of clusters drawn at random with the same k; none are produced by the
-     bench yet, so "not measured" until they are).
+iv.  spectral clusters ≥ random clusters, addition, at each k (M; "eigengap": the rule's k): ``cluster-<inner>``
+     against ``cluster-random-<inner>`` (the spectral clusters' sizes with members drawn at random,
+     ``assignment=random`` in bases/cluster.py), with λ searched and, a second line, at coefficient 1
+     (``extra.addition_at_1``).
 v.   negation error grows with reconstruction error: Spearman's ρ, per seed, between each store's negation gap
      (target accuracy through the store minus through the true vector) and the target's relative
      reconstruction error, over every store and pair (``eval/theory.py``); "holds" when ρ > 0 separated from 0,
@@ -27,7 +29,7 @@ v.   negation error grows with reconstruction error: Spearman's ρ, per seed, be
 vi.  continual add-task ≈ rebuild: from ``result["continual"]["steps"]``, a list of
      ``{"T": n, "add_task": {"mean_normalized_test": x}, "rebuild": {"mean_normalized_test": y}}`` (numbers or
      stats) — the last step compared; "holds" unless add-task is below the rebuild and separated ("does not
-     hold"). No result has this section yet: not measured.
+     hold"). ``tvbasis bench --continual`` writes it (eval/continual.py).
 """
 
 from __future__ import annotations
@@ -82,11 +84,36 @@ def _addition(row: Mapping[str, Any] | None) -> list[float]:
 
 
 def _rows(result: Mapping[str, Any]) -> dict[tuple[str, Any], Mapping[str, Any]]:
-    return {(r["method"], r.get("M")): r for r in result.get("rows") or []}
+    """Rows by (method, M). Where a run has no ``pca-paper`` row but measured the ``pca`` store's addition both
+    ways (``extra.addition_modes``), the paper's Σ_m s_m of that same store stands in as ``pca-paper``."""
+    rows: dict[tuple[str, Any], Mapping[str, Any]] = {(r["method"], r.get("M")): r for r in result.get("rows") or []}
+    for (m, M), r in list(rows.items()):
+        paper = ((r.get("extra") or {}).get("addition_modes") or {}).get("paper")
+        if m == "pca" and paper and ("pca-paper", M) not in rows:
+            rows[("pca-paper", M)] = {"method": "pca-paper", "M": M, "addition": paper,
+                                      "extra": {"from": "pca addition_modes.paper"}}
+    return rows
 
 
-def _Ms(result: Mapping[str, Any]) -> list[int]:
-    return sorted({int(r["M"]) for r in result.get("rows") or [] if r.get("M") is not None})
+def _Ms(result: Mapping[str, Any]) -> list[Any]:
+    """The rows' basis sizes: integers ascending, then rule names ("eigengap": the rule chose k)."""
+    Ms = {r["M"] for r in result.get("rows") or [] if r.get("M") is not None}
+    return sorted(m for m in Ms if not isinstance(m, str)) + sorted(m for m in Ms if isinstance(m, str))
+
+
+def _mode_addition(row: Mapping[str, Any] | None, mode: str) -> list[float]:
+    """The row's addition in ``mode`` (paper: Σ_m s_m, reconstructions: Σ_t v̂_t = S·W·1) where the bench
+    measured both (``extra.addition_modes``)."""
+    modes = ((row or {}).get("extra") or {}).get("addition_modes") or {}
+    return values_of((modes.get(mode) or {}).get("mean_normalized_test"))
+
+
+def _at_one(row: Mapping[str, Any] | None) -> list[float]:
+    return values_of((((row or {}).get("extra") or {}).get("addition_at_1") or {}).get("mean_normalized_test"))
+
+
+def _named(name: str, values: list[float]) -> tuple[str, list[float]] | None:
+    return (name, values) if values else None
 
 
 def _best(rows: Mapping[tuple[str, Any], Mapping[str, Any]], methods: Sequence[str], M: Any
@@ -94,6 +121,13 @@ def _best(rows: Mapping[tuple[str, Any], Mapping[str, Any]], methods: Sequence[s
     found = [(m, _addition(rows.get((m, M)))) for m in methods]
     found = [(m, v) for m, v in found if v]
     return max(found, key=lambda mv: mean_std(mv[1])[0]) if found else None
+
+
+def _anchored(rows: Mapping[tuple[str, Any], Mapping[str, Any]], anchor: Sequence[str], Ms: list[Any]) -> list[Any]:
+    """The Ms at which a claim is read: those where an ``anchor`` row exists (cluster rows at other k are not
+    compared with absent baselines); the first M alone when no anchor row exists (one 'not measured' line)."""
+    have = [M for M in Ms if any((m, M) in rows for m in anchor)]
+    return have or Ms[:1]
 
 
 def _pm(values: list[float]) -> str:
@@ -115,13 +149,18 @@ def _claims_of(result: Mapping[str, Any], bench: str) -> list[Line]:
     rows, k = _rows(result), n_seeds(result)
     Ms = _Ms(result) or [None]
     out: list[Line] = []
-    for M in Ms:
+    for M in _anchored(rows, HEURISTICS, Ms):
         out.append(_pair_line(f"(i) bases ≥ heuristic baselines, addition, M = {M}", bench, k,
                               _best(rows, BASES, M), _best(rows, HEURISTICS, M)))
-    for M in Ms:
+    for M in _anchored(rows, ("autoencoder",), Ms):
         for other, what in (("pca-paper", "PCA Σ_m s_m (paper)"), ("pca", "PCA reconstructions (= task arithmetic)")):
             out.append(_pair_line(f"(ii) autoencoder ≥ {what}, addition, M = {M}", bench, k,
                                   _best(rows, ("autoencoder",), M), _best(rows, (other,), M)))
+    for M in Ms:  # the same store's addition as S·W·1 (every task weighted by its decoder), against PCA's
+        ae = _named("autoencoder Σ_t v̂_t", _mode_addition(rows.get(("autoencoder", M)), "reconstructions"))
+        if ae is not None:
+            out.append(_pair_line(f"(ii) autoencoder S·W·1 ≥ PCA reconstructions, addition, M = {M}", bench, k, ae,
+                                  _best(rows, ("pca",), M)))
     stores = sorted({m for (m, M) in rows if M is not None and m not in EXCLUDED_FROM_III})
     best = max(((f"{m} M={M}", _addition(rows[(m, M)])) for (m, M) in rows if M is not None and m in stores
                 and _addition(rows[(m, M)])), key=lambda mv: mean_std(mv[1])[0], default=None)
@@ -133,8 +172,15 @@ def _claims_of(result: Mapping[str, Any], bench: str) -> list[Line]:
         out.append(Line("(iv) spectral clusters ≥ random clusters, addition", bench, "–", k, NOT_MEASURED))
     for inner in inners:
         for M in Ms:
+            spectral, random = rows.get((f"cluster-{inner}", M)), rows.get((RANDOM_CLUSTERS + inner, M))
+            if spectral is None or random is None:
+                continue
             out.append(_pair_line(f"(iv) spectral clusters ≥ random clusters ({inner}), addition, M = {M}", bench,
                                   k, _best(rows, (f"cluster-{inner}",), M), _best(rows, (RANDOM_CLUSTERS + inner,), M)))
+            a1, b1 = _at_one(spectral), _at_one(random)
+            if a1 and b1:
+                out.append(_pair_line(f"(iv) spectral ≥ random clusters ({inner}), coefficient 1, M = {M}", bench,
+                                      k, ("spectral", a1), ("random", b1)))
     for key, what in (("negation", ""), ("negation_extended", " (extended λ ≤ 3)")):
         if key == "negation_extended" and not any(r.get(key) for r in rows.values()):
             continue

@@ -25,6 +25,19 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
 
 
+def _ks(text: str) -> tuple[int | str, ...]:
+    out: list[int | str] = []
+    for x in _csv(text):
+        if x.lower() == "eigengap":
+            out.append("eigengap")
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ConfigError(f"--ks expects comma-separated integers or 'eigengap', got {x!r}") from None
+    return tuple(out)
+
+
 def _pairs(text: str) -> tuple[tuple[str, str], ...]:
     out = []
     for item in _csv(text):
@@ -115,7 +128,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.neg_grid:
         overrides["neg_grid"] = parse_grid(args.neg_grid)
     if args.m:
-        overrides["Ms"] = _ints(args.m, "--m")
+        spec = tuple(_csv(args.m))
+        if any(x.upper().startswith("T/") for x in spec):
+            overrides["m_spec"] = spec  # fractions of T, resolved on the tasks the filter keeps
+        else:
+            overrides["Ms"] = _ints(args.m, "--m")
+    if args.ks:
+        overrides["ks"] = _ks(args.ks)
+    if args.continual:
+        overrides["continual"] = True
+    for flag, field in (("continual_method", "continual_method"), ("continual_m", "continual_M"),
+                        ("continual_first", "continual_first"), ("continual_checkpoints", "continual_checkpoints")):
+        if getattr(args, flag) is not None:
+            if not args.continual:
+                raise ConfigError(f"--{flag.replace('_', '-')} sets up the continual experiment: use it with --continual")
+            overrides[field] = getattr(args, flag)
+    if args.no_merges:
+        overrides["merges"] = False
+    if args.one_addition:
+        overrides["both_additions"] = False
     if args.methods:
         overrides["methods"] = tuple(_csv(args.methods))
     if args.pairs:
@@ -223,7 +254,26 @@ def register(subparsers: Any) -> None:
     b.add_argument("--claims", nargs="+", metavar="RESULT.json",
                    help="instead of running: print the table 'Does the paper's claim hold here?' from bench.json "
                    "results (--out FILE.md also writes it)")
-    b.add_argument("--m", help="basis sizes M, comma-separated (default 2,4)")
+    b.add_argument("--m", help="basis sizes M, comma-separated integers or fractions of the task count such as "
+                   "T/2,T/4,T/8 (taken on the tasks the task filter keeps) (default 2,4)")
+    b.add_argument("--ks", help="cluster rows' k instead of M: comma-separated integers and/or 'eigengap' (the "
+                   "eigengap rule's k; rows with M = eigengap), e.g. 2,4,8,16,eigengap")
+    b.add_argument("--no-merges", action="store_true",
+                   help="skip the TIES and SVD-merge rows (TSV-M, Iso-C, Iso-CTS); task arithmetic stays")
+    b.add_argument("--one-addition", action="store_true",
+                   help="measure each store's default addition only (default: non-cluster stores also the other of the paper's sum "
+                   "of bases Σ_m s_m and the sum of reconstructions S·W·1, extra.addition_modes)")
+    b.add_argument("--continual", action="store_true",
+                   help="also run the continual experiment: tasks arrive one at a time; add-task into a store built "
+                   "on the first half against a store rebuilt on all tasks so far (accuracy and bytes per step; "
+                   "result['continual'])")
+    b.add_argument("--continual-method", metavar="LABEL",
+                   help="the continual experiment's store, a --methods label (default cluster-mean)")
+    b.add_argument("--continual-m", type=int, metavar="M", dest="continual_m",
+                   help="its M (default: the largest --m below the first half's task count)")
+    b.add_argument("--continual-first", type=int, metavar="N", help="tasks in its initial store (default T // 2)")
+    b.add_argument("--continual-checkpoints", type=int, metavar="K",
+                   help="task counts evaluated, evenly spaced from the first to T, both included (default 4)")
     b.add_argument("--methods", help="basis methods (default: autoencoder,pca,cluster-mean,cluster-ties,"
                    "random,random-sample; --full adds pca-paper, PCA with the paper's addition Σ_m s_m)")
     b.add_argument("--pairs", help="negation TARGET:CONTROL pairs, comma-separated (default: 2 pairs of tasks "

@@ -175,7 +175,9 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-    m_marker = {None: "o", 1: "v", 2: "s", 3: "D", 4: "^"}
+    sizes = list(dict.fromkeys(r["M"] for r in rows if r["M"] is not None))
+    shapes = ["v", "s", "D", "^", "P", "X", "<", ">", "*", "h"]
+    m_marker = {None: "o", **{M: shapes[i % len(shapes)] for i, M in enumerate(sizes)}}
 
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for r in rows:
@@ -183,7 +185,7 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
         if not add or r["bytes_stored"] <= 0:
             continue
         ax.scatter([r["bytes_stored"] / 1e6], [add["mean_normalized_test"]], color=color[r["method"]],
-                   marker=m_marker.get(r["M"], "P"), s=45,
+                   marker=m_marker[r["M"]], s=45,
                    label=r["method"] + ("" if r["M"] is None else f" M={r['M']}"))
     zs = next(r for r in result["rows"] if r["method"] == "zero-shot")["addition"]["mean_normalized_test"]
     ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")

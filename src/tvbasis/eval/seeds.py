@@ -66,6 +66,7 @@ def aggregate_results(results: Sequence[Mapping[str, Any]], seeds: Sequence[int]
         "rows": rows,
         "cosine": aggregate([r.get("cosine") for r in results], "cosine"),
         "task_filter": first.get("task_filter"),
+        "continual": aggregate([r.get("continual") for r in results], "continual"),
         "timings": dict(total, per_seed=timings),
     }
 

@@ -20,7 +20,8 @@ from typing import Any
 STD_KIND = "sample standard deviation over seeds (divisor K - 1; 0 with one seed)"
 #: keys whose values are not measurements (kept as one list per seed, never averaged)
 NOT_AVERAGED = frozenset({"M", "bytes_stored", "labels", "cluster_labels", "store", "clusters", "settings", "config", "feasible",
-                          "negation_vector", "merge", "kind", "rule", "criterion", "target", "control"})
+                          "negation_vector", "merge", "kind", "rule", "criterion", "target", "control",
+                          "T", "first", "checkpoints", "addition_mode"})
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:

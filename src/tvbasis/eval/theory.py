@@ -25,7 +25,7 @@ TRUE_VECTOR = "true task vector"
 @dataclass
 class Point:
     method: str
-    M: int
+    M: int | str  # an int, or "eigengap" where the rule chose it
     what: str  # the pair "target/control" (negation) or "" (addition)
     x: list[float]  # per seed
     y: list[float]  # per seed
@@ -57,6 +57,11 @@ def _minus(a: Any, b: Any) -> list[float]:
     return [u - v for u, v in zip(x, y)]
 
 
+def _m(M: Any) -> int | str:
+    """A row's M: an int, or a rule's name ("eigengap") where the rule chose the size."""
+    return M if isinstance(M, str) else int(M)
+
+
 def _stores(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [r for r in result["rows"] if r.get("M") is not None and (r.get("extra") or {}).get("rel_errors")]
 
@@ -82,7 +87,7 @@ def negation_points(result: Mapping[str, Any], key: str = "negation") -> list[Po
                 continue
             gap = _minus(n["target_test"], ref[pair]["target_test"])
             x, y = _align(per_seed(errors[n["target"]]), gap)
-            out.append(Point(r["method"], int(r["M"]), "/".join(pair), x, y))
+            out.append(Point(r["method"], _m(r["M"]), "/".join(pair), x, y))
     return out
 
 
@@ -109,7 +114,7 @@ def addition_points(result: Mapping[str, Any]) -> list[Point]:
             continue
         gap = _minus(r["addition"]["mean_normalized_test"], ta["addition"]["mean_normalized_test"])
         x, y = _align(_mean_error(r["extra"]["rel_errors"]), gap)
-        out.append(Point(r["method"], int(r["M"]), "", x, y))
+        out.append(Point(r["method"], _m(r["M"]), "", x, y))
     return out
 
 

@@ -243,6 +243,17 @@ class BasisStore:
         self.task_index(task)
         return self.combine({task: 1.0}, name=f"reconstructed {task}")
 
+    def default_addition_mode(self) -> str:
+        """The plain addition's mode when none is given: ``"reconstructions"`` for stores with residuals (TALL
+        aside) or no bases, ``"paper"`` for task-like bases, else the store's ``addition`` option (default
+        reconstructions)."""
+        residual_store = self.manifest.has_residuals and not self.masks
+        if residual_store or self.M == 0:
+            return "reconstructions"
+        if self.manifest.task_like:
+            return "paper"
+        return str(self.manifest.options.get("addition", "reconstructions"))
+
     def addition(self, outer: MergeSpec | None = None, tasks: Sequence[str] | None = None,
                  mode: str | None = None) -> TaskVector:
         """The multi-task vector. Without ``outer``, by ``mode``: ``"paper"`` sums the bases Σ_m s_m, as the paper
@@ -264,9 +275,7 @@ class BasisStore:
             if self.M == 0 and mode == "paper":
                 raise ConfigError(f"{self.root}: has no bases (M = 0), so the paper's sum of bases is empty; use "
                                   "mode='reconstructions'")
-            residual_store = self.manifest.has_residuals and not self.masks
-            chosen = mode or ("reconstructions" if residual_store or self.M == 0 else "paper" if task_like
-                              else str(opts.get("addition", "reconstructions")))
+            chosen = mode or self.default_addition_mode()
             if chosen == "paper" and not whole:
                 if mode == "paper":
                     raise ConfigError("the paper's addition sums all the bases, so it covers every task; for "
