@@ -425,3 +425,18 @@ def test_claims_use_pca_paper_mode_and_eigengap_rows() -> None:
     assert v["(iv) spectral ≥ random clusters (mean), coefficient 1, M = eigengap"] == "does not hold"
     table = bench.markdown_table(r)
     assert "| pca | 2 |" in table and "Addition two ways" in table and "| 95.0 | 90.0 |" in table
+
+
+def test_tasks_many_runs_the_many_task_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p, seen = _recording_parser(tmp_path, monkeypatch)
+    assert p.parse_args(["bench", "--tasks", "many"]).fn(p.parse_args(["bench", "--tasks", "many"])) == 0
+    cfg = seen[-1]
+    assert (cfg.max_dev, cfg.max_test, cfg.stitch, cfg.merges, cfg.continual) == (8, 32, False, False, True)
+    assert cfg.grid == (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2) and cfg.ks == (2, 4, 8, 16, "eigengap")
+    assert cfg.resolved().Ms == (18, 9, 4) and len(cfg.resolved().tasks) == 36
+    args = p.parse_args(["bench", "--tasks", "many", "--m", "3", "--max-dev", "16"])
+    assert args.fn(args) == 0
+    assert seen[-1].resolved().Ms == (3,) and seen[-1].max_dev == 16  # flags still override the protocol
+    args = p.parse_args(["bench", "--tasks", "DBPedia,banking"])
+    assert args.fn(args) == 0
+    assert seen[-1].max_dev == BenchConfig().max_dev and seen[-1].ks is None  # other task lists: the default

@@ -95,6 +95,10 @@ FULL_GRID: tuple[float, ...] = lambda_grid(0.05, 1.0, start=0.0)
 FULL_NEG_GRID: tuple[float, ...] = DEFAULT_GRID
 EXTENDED_NEG_GRID: tuple[float, ...] = lambda_grid(0.1, 3.0)
 FULL_DEV = 200
+#: the many-task protocol (``BenchConfig.many_protocol``): the sum of 36 vectors wants a small λ, the sum of 2
+#: cluster means a large one
+MANY_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+MANY_METHODS: tuple[str, ...] = ("autoencoder", "pca", "random-sample", "cluster-mean", "cluster-random-mean")
 
 #: merge rows next to task arithmetic and TIES: label -> (merge method, params). The SVD merges' scale is picked
 #: on dev over the bench grid extended to their papers' range (up to 3.0; both codebases search 0.1 … 3.0)
@@ -147,6 +151,19 @@ class BenchConfig:
         base = cls(tasks=TASK_NAMES, max_train=2000, max_dev=FULL_DEV, max_test=500, grid=FULL_GRID, search="grid",
                    neg_grid=FULL_NEG_GRID, neg_early_stop=False, neg_grid_extended=EXTENDED_NEG_GRID,
                    methods=DEFAULT_METHODS + ("pca-paper",), full=True)
+        return replace(base, **overrides)
+
+    @classmethod
+    def many_protocol(cls, **overrides: Any) -> BenchConfig:
+        """``tvbasis bench --tasks many`` (docs/benchmark.md, "The many-task benchmark"): the 36 sub-tasks with a
+        lighter evaluation (8 dev / 32 test examples per sub-task, a 7-point λ grid 0.05 … 3.2), M = T/2, T/4, T/8,
+        cluster k ∈ {2, 4, 8, 16, eigengap} against random clusters, the continual experiment; no
+        Localize-and-Stitch, TIES or SVD-merge rows."""
+        base = cls(tasks=(MANY,), max_dev=8, max_test=32, grid=MANY_GRID, m_spec=("T/2", "T/4", "T/8"),
+                   ks=(2, 4, 8, 16, EIGENGAP), methods=MANY_METHODS, stitch=False, merges=False, continual=True,
+                   continual_checkpoints=3)
+        if "Ms" in overrides and "m_spec" not in overrides:
+            overrides = dict(overrides, m_spec=None)  # integer sizes given: they replace the fractions of T
         return replace(base, **overrides)
 
     def resolved(self) -> BenchConfig:

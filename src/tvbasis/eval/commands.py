@@ -156,7 +156,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides["neg_grid_extended"] = EXTENDED_NEG_GRID if args.negation_extended else None
     if args.task_filter is not None:
         overrides["task_filter"] = args.task_filter
-    cfg = BenchConfig.full_protocol(**overrides) if args.full else BenchConfig(**overrides)
+    if args.full:
+        cfg = BenchConfig.full_protocol(**overrides)
+    elif args.tasks and _csv(args.tasks) == ["many"] and not args.frontier:
+        if not args.no_stitch:
+            overrides.pop("stitch")  # the many-task protocol has no L&S rows unless asked for
+        cfg = BenchConfig.many_protocol(**overrides)
+    else:
+        cfg = BenchConfig(**overrides)
     if args.frontier:
         from tvbasis.eval import frontier
         if args.full:
@@ -229,7 +236,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--lora-rank", type=int, metavar="R",
                    help="rank of the --lora adapters (default 8; alpha = 2R)")
     b.add_argument("--tasks", help="comma-separated task names, sub-tasks (hwu-3) or 'many' (the 36 sub-tasks of the many-task "
-                   "benchmark) (default: 6 tasks; --full: all 8)")
+                   "benchmark, run with its own lighter protocol: 8 dev / 32 test examples per sub-task, λ 0.05 .. 3.2, "
+                   "M = T/2,T/4,T/8, --ks 2,4,8,16,eigengap, --continual, no L&S / TIES / SVD rows; docs/benchmark.md) "
+                   "(default: 6 tasks; --full: all 8)")
     _model_flags(b)
     b.add_argument("--out", metavar="DIR", help="where to write bench.json, bench.md and plots (default <work>/bench); "
                    "with --claims: the Markdown file to write the table to")
