@@ -322,6 +322,7 @@ def finetuned_dev_accuracies(config: BenchConfig) -> tuple[dict[str, Task], dict
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
+    from tvbasis.engine import RunOptions
     from tvbasis.merge import MergeSpec
     from tvbasis.passes import merge_task_vectors
     from tvbasis.store import build_store
@@ -358,6 +359,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             tvs, ft_dev = {n: tvs[n] for n in cfg.tasks}, {n: ft_dev[n] for n in cfg.tasks}
             ev = Evaluator(encoder, tasks, progress=False)
 
+    quiet = None if cfg.progress else RunOptions(progress=False)  # -q: no progress bars from builds and merges
     n_steps = (2 + sum(len(sizes_of(cfg, BASIS_METHODS[m][0])) for m in cfg.methods) + 1
                + (len(MERGE_ROWS) if cfg.merges else 0))
     bar = _bar(n_steps, "bench", cfg.progress)
@@ -412,7 +414,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     bar.update(1)
     if cfg.merges:
         t0 = time.time()
-        ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density})))
+        ties = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec("ties", {"density": cfg.ties_density}),
+                                         run=quiet))
         rows.append(Row(f"TIES (density {cfg.ties_density})", None, all_vectors, addition(ties), true_neg,
                         extra={"negation_vector": "true task vector"}, seconds=time.time() - t0,
                         negation_extended=true_ext))
@@ -420,7 +423,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     bar.update(1)
     for label, (method, params) in MERGE_ROWS.items() if cfg.merges else ():  # SVD merges (merge/svd.py), negation as TA/TIES
         t0 = time.time()
-        merged = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec(method, params)))
+        merged = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec(method, params), run=quiet))
         add = ev.search_addition(merged, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev,
                                  finetuned_test=ft_test, search=cfg.search)
         rows.append(Row(label, None, all_vectors, add, true_neg, extra={"negation_vector": "true task vector",
@@ -441,7 +444,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             bar.set_postfix_str(f"{label} M={M}")
             path = work / "stores" / f"{label}-M{M}"
             store = build_store(pre_dir, ft_dirs, method=method, M=None if M == EIGENGAP else int(M), out=path,
-                                options=options, force=True)
+                                options=options, force=True, run=quiet)
             t_build = time.time() - t0
             mode = store.default_addition_mode()
             delta = _state(store.addition(mode=mode))
@@ -481,6 +484,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         rows += [Row(**r) for r in stitch_rows(work, pre_dir, ft_dirs, encoder, ev, tasks, tvs, ft_dev, ft_test,
                                                all_vectors, cfg.Ms, cfg.full, cfg.max_length, cfg.seed)]
     bar.close()
+    if quiet is not None:
+        quiet.close()
     timings["total"] = time.time() - t_start
 
     result = {
