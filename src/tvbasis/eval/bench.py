@@ -57,6 +57,8 @@ from tvbasis.eval.metrics import (
 )
 from tvbasis.eval.plots import make_plots
 from tvbasis.eval.spread import compare, fmt, is_stat, mean_of, means_view, values_of
+from tvbasis.eval.states import float_state as _state
+from tvbasis.eval.states import sum_states, vector_bytes
 from tvbasis.eval.stitch_rows import stitch_markdown, stitch_rows
 from tvbasis.eval.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.eval.tasks import DOMAINS, MANY, TASK_NAMES, Task, canonical_name, expand_task_names, load_task
@@ -289,14 +291,6 @@ class Row:
                 "seconds": round(self.seconds, 2)}
 
 
-def _state(tv: Any) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in tv.to_state_dict().items()}
-
-
-def vector_bytes(tv: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in tv.values())
-
-
 def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled)
@@ -404,7 +398,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     # 2. task arithmetic and TIES over the true task vectors; negation of the true task vectors
     t0 = time.time()
     true_neg, true_ext = negations(lambda t: tvs[t])
-    total = {k: sum(tv[k] for tv in tvs.values()) for k in tvs[cfg.tasks[0]]}
+    total = sum_states(tvs)
     ta = Row("task arithmetic (sum)", None, all_vectors, addition(total), true_neg,
              extra={"negation_vector": "true task vector", "addition_at_1": at_one(total)},
              negation_extended=true_ext)
@@ -528,7 +522,7 @@ def run_continual_rows(cfg: BenchConfig, work: Any, pre_dir: Any, ft_dirs: Mappi
     the run's seed (so seeds differ in order as well as in fine-tunes)."""
     import random
 
-    from tvbasis.eval.continual import evaluator_scorer, initial_tasks, run_continual
+    from tvbasis.eval.continual import evaluator_scorer, run_continual
 
     method, options = BASIS_METHODS[cfg.continual_method]
     options = dict(options)
@@ -538,8 +532,7 @@ def run_continual_rows(cfg: BenchConfig, work: Any, pre_dir: Any, ft_dirs: Mappi
     random.Random(cfg.seed).shuffle(order)
     T = len(order)
     first = cfg.continual_first if cfg.continual_first is not None else T // 2
-    M = continual_M(cfg, first)
-    first = initial_tasks(T, M, first)
+    M = continual_M(cfg, first)  # run_continual checks M < first <= T - 1
     return run_continual(work=work, pre_dir=pre_dir, ft_dirs={n: ft_dirs[n] for n in order}, encoder=encoder,
                          tasks=tasks, tvs=tvs, ft_dev=ft_dev, ft_test=ft_test, grid=cfg.grid, search=cfg.search,
                          method=method, options=options, M=M, first=first, label=cfg.continual_method,

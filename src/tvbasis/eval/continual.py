@@ -54,6 +54,8 @@ from tvbasis.engine import RunOptions
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.metrics import AdditionResult, Evaluator, mean
+from tvbasis.eval.states import float_state as _state
+from tvbasis.eval.states import sum_states, vector_bytes
 from tvbasis.eval.tasks import Task
 from tvbasis.store.build import build_store
 from tvbasis.store.store import BasisStore
@@ -98,25 +100,6 @@ def evaluator_scorer(evaluator: Evaluator, grid: Sequence[float], search: str, f
     return score
 
 
-def _state(tv: Any) -> dict[str, torch.Tensor]:
-    """A TaskVector as a float32 state dict (as the benchmark's ``_state``)."""
-    return {k: v.float() for k, v in tv.to_state_dict().items()}
-
-
-def _vector_bytes(tv: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of one task vector's tensors (as the benchmark's ``vector_bytes``)."""
-    return sum(v.numel() * v.element_size() for v in tv.values())
-
-
-def _sum(tvs: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Σ_t τ_t over ``names`` (in that order), tensor by tensor."""
-    out: dict[str, torch.Tensor] = {k: v.float().clone() for k, v in tvs[names[0]].items()}
-    for n in names[1:]:
-        for k, v in tvs[n].items():
-            out[k] += v.float()
-    return out
-
-
 def _num(x: float) -> float | None:
     """A float for JSON: NaN (an empty mean) becomes None."""
     x = float(x)
@@ -144,11 +127,11 @@ def _store_entry(store: BasisStore, names: Sequence[str], old: Sequence[str], ne
 def _arithmetic_entry(tvs: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], old: Sequence[str],
                       new: Sequence[str], score: Scorer) -> dict[str, Any]:
     t0 = time.time()
-    total = _sum(tvs, names)
+    total = sum_states(tvs, names)
     res = score(names, total)
     del total
     return {**_accuracy(res, old, new), "addition": "sum of task vectors",
-            "bytes": sum(_vector_bytes(tvs[n]) for n in names), "rel_errors": None,
+            "bytes": sum(vector_bytes(tvs[n]) for n in names), "rel_errors": None,
             "seconds": round(time.time() - t0, 3)}
 
 

@@ -25,6 +25,7 @@ from tvbasis.bases import cosine_from_gram, spectral_clusters
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.localize import TrainedLocalizeSettings, localize_trained
 from tvbasis.eval.metrics import AdditionResult, Evaluator, mean, normalized_accuracy
+from tvbasis.eval.states import float_state as _state
 from tvbasis.eval.tasks import Task
 from tvbasis.stitch import MaskSet, derive, localize, localized_vector, stitch
 
@@ -52,10 +53,6 @@ def task_clusters(tvs: Mapping[str, Mapping[str, torch.Tensor]], M: int, seed: i
     if M == 1:
         return [0] * len(names)
     return spectral_clusters(cosine_from_gram(G), M, seed)
-
-
-def _state(tv: Any) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in tv.to_state_dict().items()}
 
 
 def _evaluate(ev: Evaluator, masks: MaskSet, ft_dev: Mapping[str, float], ft_test: Mapping[str, float]

@@ -80,16 +80,24 @@ def pread_into(fd: int, buf: memoryview, offset: int, what: str) -> None:
         got += n
 
 
+def open_in_store(root: Path, dfd: int, name: str, field: str, missing: StoreError, unreadable: str) -> int:
+    """Open ``name`` read-only through the store directory's descriptor ``dfd``, after checking it is a plain name
+    inside the store (``field`` names where it came from). Raises ``missing`` when it does not exist and a
+    StoreError "<unreadable> (<reason>)" when it cannot be opened; the caller closes the descriptor."""
+    confined_file(root, name, field, StoreError)
+    try:
+        return os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+    except FileNotFoundError:
+        raise missing from None
+    except OSError as e:
+        raise StoreError(f"{unreadable} ({e.strerror})") from None
+
+
 def open_data_file(root: Path, dfd: int, fname: str, part: str, where: str) -> tuple[int, os.stat_result]:
     """Open data file ``fname`` of part ``part`` through the store directory's descriptor: a plain name inside the
     store, existing (else ``MissingFile``), a regular file. Returns its descriptor (the caller closes it) and stat."""
-    confined_file(root, fname, f"{root}: manifest field 'files.{part}'", StoreError)
-    try:
-        fd = os.open(fname, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
-    except FileNotFoundError:
-        raise MissingFile(f"{where} (named by the manifest) does not exist") from None
-    except OSError as e:
-        raise StoreError(f"{where}: cannot open ({e.strerror})") from None
+    fd = open_in_store(root, dfd, fname, f"{root}: manifest field 'files.{part}'",
+                       MissingFile(f"{where} (named by the manifest) does not exist"), f"{where}: cannot open")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)

@@ -18,13 +18,13 @@ import torch
 
 from tvbasis.bases import addition_weights, cosine_from_gram, orthonormal_sum_coefficients, random_rows
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
-from tvbasis.io import Checkpoint, confined_file
+from tvbasis.io import Checkpoint
 from tvbasis.io.checksum import check_pretrained_structure
 from tvbasis.merge import MergeContext, MergeSpec, get_merger
 from tvbasis.passes import ALL, operand_thresholds
 from tvbasis.store.coded import CodedData
 from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest, entry_key
-from tvbasis.store.integrity import MissingFile, StoreData
+from tvbasis.store.integrity import MissingFile, StoreData, open_in_store
 from tvbasis.vectors import Producer, TaskVector
 
 # --------------------------------------------------------------------------------------------------- store
@@ -462,13 +462,8 @@ def _open_dir(root: Path) -> int:
 
 def _read_manifest(root: Path, dfd: int) -> bytes:
     """The manifest's bytes, read through the directory descriptor (no symlink out of the store followed)."""
-    confined_file(root, MANIFEST, f"{root}: manifest", StoreError)
-    try:
-        fd = os.open(MANIFEST, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
-    except FileNotFoundError:
-        raise StoreError(f"{root}: not a tvbasis store (no {MANIFEST})") from None
-    except OSError as e:
-        raise StoreError(f"{root / MANIFEST}: unreadable manifest ({e.strerror})") from None
+    fd = open_in_store(root, dfd, MANIFEST, f"{root}: manifest",
+                       StoreError(f"{root}: not a tvbasis store (no {MANIFEST})"), f"{root / MANIFEST}: unreadable manifest")
     try:
         chunks = []
         total = 0
