@@ -32,6 +32,7 @@ from tvbasis.io.atomic import (  # check_output, replace_atomically: re-exported
     temp_path,
 )
 from tvbasis.io.finite import check_finite
+from tvbasis.io.hfconfig import set_config_dtype, written_dtype
 from tvbasis.io.paths import allowed_roots, confined_file, within
 from tvbasis.io.specs import TORCH_TO_ST, TensorSpec, parse_size
 
@@ -313,8 +314,9 @@ class ModelWriter:
 
     def finalize(self, copy_from: Path | None = None, card: str | None = None,
                  extra_files: dict[str, str] | None = None) -> Path:
-        """Check every shard is complete, add the index, copied model files, card and extra files, and swap the
-        directory into place. On any error the temporary is removed (and ``out`` left as it was)."""
+        """Check every shard is complete, add the index, copied model files (``config.json`` then states the dtype
+        the weights were written in: ``io.hfconfig``), card and extra files, and swap the directory into place.
+        On any error the temporary is removed (and ``out`` left as it was)."""
         try:
             for i, shard in enumerate(self.shards):
                 if shard and not self.shard_paths[i].is_file():
@@ -323,7 +325,10 @@ class ModelWriter:
                 if not w.complete:
                     w.close()  # raises with the missing tensor names
             write_index(self.tmp, self.prefix, self.shards, self.names)
-            copy_model_files(copy_from, self.tmp)
+            copied = copy_model_files(copy_from, self.tmp)
+            dtype = written_dtype(s for shard in self.shards for s in shard)
+            if "config.json" in copied and dtype is not None:
+                set_config_dtype(self.tmp / "config.json", dtype)
             if card is not None:
                 (self.tmp / "README.md").write_text(card)
             for name, text in (extra_files or {}).items():

@@ -1,0 +1,135 @@
+"""Fitting the tools users already have (issue 25): written configs state the written dtype, warnings, JSON output
+and dry runs, hub ids through the local Hugging Face cache, the small fixes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tvbasis.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+# ------------------------------------------------------------------------------------------------ a real tiny model
+def _tiny_bert(root: Path, T: int = 2, legacy_key: bool = False) -> tuple[Path, dict[str, Path]]:
+    """A float32 BertModel that transformers really loads, and T fine-tunes of it (weights perturbed in the test).
+    ``legacy_key``: the config names its dtype with ``torch_dtype`` (older transformers) instead of ``dtype``."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertModel(cfg)
+    pre = root / "base"
+    model.save_pretrained(pre)
+    if legacy_key:
+        c = json.loads((pre / "config.json").read_text())
+        c.pop("dtype", None)
+        c["torch_dtype"] = "float32"
+        (pre / "config.json").write_text(json.dumps(c))
+    fts = {}
+    for t in range(T):
+        g = torch.Generator().manual_seed(100 + t)
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for k, v in model.state_dict().items()}
+        ft = transformers.BertModel(cfg)
+        ft.load_state_dict(sd)
+        ft.save_pretrained(root / f"ft{t}")
+        fts[f"t{t}"] = root / f"ft{t}"
+    return pre, fts
+
+
+def _ft_args(fts: dict[str, Path]) -> list[str]:
+    out: list[str] = []
+    for n, p in fts.items():
+        out += ["--finetuned", f"{n}={p}"]
+    return out
+
+
+def _param_dtypes(path: Path) -> set[torch.dtype]:
+    model = transformers.AutoModel.from_pretrained(path)
+    return {p.dtype for p in model.parameters()}
+
+
+def _file_dtypes(path: Path) -> set[torch.dtype]:
+    return {t.dtype for t in load_file(path / "model.safetensors").values() if t.is_floating_point()}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    return _tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+# ------------------------------------------------------------------------------------------------ config dtype
+def test_merge_bf16_config_states_bf16(bert: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    pre, fts = bert
+    assert json.loads((pre / "config.json").read_text()).get("dtype") == "float32"
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", "--pretrained", str(pre), *_ft_args(fts), "--method", "ties",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert _file_dtypes(out) == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # transformers, left to itself, loads the parameters in the written dtype
+    assert _param_dtypes(out) == {torch.bfloat16}
+    # and a merge in the pretrained's own dtype keeps float32
+    out32 = tmp_path / "merged32"
+    assert main(["-q", "merge", "--pretrained", str(pre), *_ft_args(fts), "--out", str(out32)]) == 0
+    assert _param_dtypes(out32) == {torch.float32}
+
+
+def test_legacy_torch_dtype_key_and_mergekit_yaml(tmp_path: Path) -> None:
+    pre, fts = _tiny_bert(tmp_path / "m", legacy_key=True)
+    yml = tmp_path / "merge.yml"
+    yml.write_text(f"merge_method: task_arithmetic\nbase_model: {pre}\nmodels:\n"
+                   + "".join(f"  - model: {p}\n    parameters:\n      weight: 0.5\n" for p in fts.values())
+                   + "dtype: float16\n")
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", "--config", str(yml), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float16" and "dtype" not in cfg
+    assert _file_dtypes(out) == {torch.float16}
+    assert _param_dtypes(out) == {torch.float16}
+
+
+def test_apply_and_edit_configs_state_written_dtype(bert: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    pre, fts = bert
+    vec = tmp_path / "v.safetensors"
+    assert main(["-q", "vector", "--pretrained", str(pre), "--finetuned", str(fts["t0"]), "--out", str(vec)]) == 0
+    assert main(["-q", "apply", "--pretrained", str(pre), "--vector", f"{vec}=-1", "--dtype", "float16",
+                 "--out", str(tmp_path / "applied")]) == 0
+    store = tmp_path / "store"
+    assert main(["-q", "build", "--pretrained", str(pre), *_ft_args(fts), "--method", "pca", "-M", "1",
+                 "--out", str(store)]) == 0
+    assert main(["-q", "edit", str(store), "--pretrained", str(pre), "--add", "all", "--scaling-coef", "0.5", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "edited")]) == 0
+    for name, want in (("applied", torch.float16), ("edited", torch.bfloat16)):
+        assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == str(want).split(".")[1]
+        assert _param_dtypes(tmp_path / name) == {want}, name
+
+
+def test_config_dtype_nested_and_untrusted(tmp_path: Path) -> None:
+    from tvbasis.io.hfconfig import set_config_dtype, written_dtype
+    from tvbasis.io.specs import TensorSpec
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"dtype": "float32", "text_config": {"torch_dtype": "float32", "hidden_size": 4},
+                             "vision_config": {"hidden_size": 2}}))
+    assert set_config_dtype(p, torch.bfloat16)
+    c = json.loads(p.read_text())
+    assert c == {"dtype": "bfloat16", "text_config": {"torch_dtype": "bfloat16", "hidden_size": 4},
+                 "vision_config": {"hidden_size": 2}}
+    p.write_text(json.dumps({"model_type": "bert"}))  # no dtype key: torch_dtype is added
+    assert set_config_dtype(p, torch.float16)
+    assert json.loads(p.read_text()) == {"model_type": "bert", "torch_dtype": "float16"}
+    for bad in ("[1, 2]", "{not json"):
+        p.write_text(bad)
+        assert not set_config_dtype(p, torch.float16)
+        assert p.read_text() == bad
+    # mixed dtypes: the one holding most bytes; integer buffers do not count
+    specs = [TensorSpec("a", (10,), torch.float16), TensorSpec("b", (3,), torch.float32),
+             TensorSpec("i", (100,), torch.int64)]
+    assert written_dtype(specs) == torch.float16
+    assert written_dtype([TensorSpec("i", (4,), torch.int64)]) is None
