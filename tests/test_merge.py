@@ -350,7 +350,7 @@ def test_bad_parameters_raise_config_errors(x):
 def test_registry_and_parsing():
     assert set(available_methods()) == set(MERGE_METHODS) == {
         "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus",
-        "tsv_merge", "iso_c", "iso_cts"}
+        "tsv_merge", "iso_c", "iso_cts"} | {"awd", "fednova", "fedgma", "median", "cclip"}
     m = get_merger(MergeSpec("ties", {"density": 1}))
     assert m.density == 1.0 and not m.needs_global_thresholds and not m.needs_fisher
     assert get_merger(MergeSpec("task_arithmetic")).density is None

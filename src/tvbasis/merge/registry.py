@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from tvbasis.errors import ConfigError
+from tvbasis.merge.awd import AWD
 from tvbasis.merge.base import BaseMerger, MergeSpec
 from tvbasis.merge.consensus import Consensus
 from tvbasis.merge.dare import DareLinear, DareTies
+from tvbasis.merge.federated import CClip, FedGMA, FedNova, Median
 from tvbasis.merge.fisher import Fisher
 from tvbasis.merge.linear import Mean, TaskArithmetic
 from tvbasis.merge.svd import IsoC, IsoCTS, TSVMerge
@@ -14,6 +16,8 @@ from tvbasis.merge.ties import Ties, TopK
 MERGE_METHODS: dict[str, type[BaseMerger]] = {
     cls.name: cls for cls in (TaskArithmetic, Mean, Ties, TopK, DareLinear, DareTies, Fisher, Consensus,
                               TSVMerge, IsoC, IsoCTS)
+} | {
+    cls.name: cls for cls in (AWD, FedNova, FedGMA, Median, CClip)  # issue 29: AWD, one-shot FL rules
 }
 
 
