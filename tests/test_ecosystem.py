@@ -133,3 +133,21 @@ def test_config_dtype_nested_and_untrusted(tmp_path: Path) -> None:
              TensorSpec("i", (100,), torch.int64)]
     assert written_dtype(specs) == torch.float16
     assert written_dtype([TensorSpec("i", (4,), torch.int64)]) is None
+
+
+# ------------------------------------------------------------------------------------------------ small items
+def test_broken_pipe_exits_zero_quietly(tmp_path: Path) -> None:
+    """`tvbasis info FILE | head`: the reader leaves before tvbasis writes; tvbasis exits 0 with nothing on stderr."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    f = tmp_path / "v.safetensors"
+    save_file({f"t{i}": torch.ones(2) for i in range(200)}, str(f))
+    p = subprocess.Popen([sys.executable, "-m", "tvbasis.cli", "info", str(f), "--norms"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # long before the child has imported torch and printed anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0, err
+    assert err == ""

@@ -82,7 +82,18 @@ def _on_sigterm(sig: int, frame: object) -> None:
     raise Terminated()
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away, so that the interpreter's last flush does not fail
+    again (the recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tvbasis`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -96,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `tvbasis inspect STORE | head`: the reader has what it wanted; not an error
+        _silence_stdout()
+        return 0
     except TvbasisError as e:
         print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
