@@ -1,16 +1,20 @@
-"""Bit packing: 1-, 2-, 4- and 8-bit unsigned codes into ``uint8`` bytes (vectorised torch).
+"""Bit packing: unsigned codes of 1 to 8 bits into ``uint8`` bytes (vectorised torch).
 
-Layout (little-endian within a byte): with ``w`` bits per code and ``p = 8 // w`` codes per byte, code ``i``
-goes to byte ``i // p`` at bit offset ``w · (i mod p)``. So ``n`` codes take exactly ``ceil(n·w / 8)`` bytes,
-and a slice of codes starting at a multiple of ``p`` packs to the matching slice of bytes (which is what lets
-the codecs pack row chunk by row chunk into one preallocated buffer).
+Layout (little-endian): for widths dividing 8 (1, 2, 4, 8), with ``p = 8 // w`` codes per byte, code ``i`` goes
+to byte ``i // p`` at bit offset ``w · (i mod p)``. Other widths (3, 5, 6, 7) form one dense little-endian bit
+stream: bit ``j`` of code ``i`` is stream bit ``w·i + j``, stream bit ``k`` is bit ``k mod 8`` of byte ``k // 8``
+(for the dividing widths the two descriptions agree). So ``n`` codes take exactly ``ceil(n·w / 8)`` bytes, and a
+slice of codes starting at a multiple of 8 packs to the matching slice of bytes (which is what lets the codecs
+pack row chunk by row chunk into one preallocated buffer).
 """
 
 from __future__ import annotations
 
 import torch
 
-WIDTHS: tuple[int, ...] = (1, 2, 4, 8)
+WIDTHS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+#: widths whose codes never straddle a byte (packed by shifts; the rest go through bit planes)
+_DIVIDING = (1, 2, 4, 8)
 
 
 def packed_size(n: int, width: int) -> int:
@@ -28,6 +32,8 @@ def pack_uint(codes: torch.Tensor, width: int) -> torch.Tensor:
     v = v.to(torch.uint8)
     if width == 8:
         return v.clone()
+    if width not in _DIVIDING:
+        return _pack_planes(v, width)
     per = 8 // width
     n = v.numel()
     m = -(-n // per)
@@ -50,6 +56,8 @@ def unpack_uint(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
         raise ValueError(f"unpack_uint: {p.numel()} bytes hold fewer than {n} codes of {width} bits")
     if width == 8:
         return p[:n].clone()
+    if width not in _DIVIDING:
+        return _unpack_planes(p, width, n)
     shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=p.device)
     mask = (1 << width) - 1
     return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
@@ -63,6 +71,18 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a 1-d ``bool`` tensor of ``n`` elements."""
     return unpack_uint(packed, 1, n).bool()
+
+
+def _pack_planes(v: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 codes (1-d) as one dense bit stream of ``width`` bits each (bit planes, then 1-bit packing)."""
+    shifts = torch.arange(width, dtype=torch.uint8, device=v.device)
+    return pack_uint(((v.unsqueeze(1) >> shifts) & 1).reshape(-1), 1)
+
+
+def _unpack_planes(p: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    bits = unpack_uint(p, 1, n * width).reshape(n, width)
+    shifts = torch.arange(width, dtype=torch.uint8, device=p.device)
+    return (bits << shifts).sum(1, dtype=torch.uint8) if n else bits.new_zeros(0)
 
 
 def _check_width(width: int) -> None:

@@ -1,4 +1,4 @@
-"""Group-wise round-to-nearest integer quantisation: ``int8``, ``int4``, ``int2``.
+"""Group-wise round-to-nearest integer quantisation: ``int8``, ``int4``, ``int3``, ``int2``.
 
 The tensor is read flattened and cut into consecutive groups of ``group`` elements (the last one may be
 shorter). With ``b`` bits:
@@ -12,7 +12,8 @@ Rounding the float16 scale up (and the minimum down) keeps every code inside its
 holds for the stored float16 parameters, not just for the exact ones.
 
 Stored: ``q`` (int8 for symmetric int8, else uint8 codes; int4/int2 bit-packed two/four per byte) and
-``scale`` (float16, one per group), plus ``min`` (float16 per group) for affine. Bytes:
+``scale`` (float16, one per group), plus ``min`` (float16 per group) for affine (int3 packs eight codes into three
+bytes, ``tvbasis.codecs.bits``). Bytes:
 ceil(n·b/8) + 2·ceil(n/group) (symmetric), + another 2·ceil(n/group) (affine).
 
 Encoding and decoding run in chunks of whole groups (about ``CHUNK_ELEMENTS`` elements), so temporaries stay
@@ -145,6 +146,13 @@ class Int4(_IntQuant):
 
     name = "int4"
     bits = 4
+
+
+class Int3(_IntQuant):
+    """3-bit group-wise quantisation, eight codes per three bytes (Delta-CoMe's middle precision)."""
+
+    name = "int3"
+    bits = 3
 
 
 class Int2(_IntQuant):

@@ -12,18 +12,21 @@ from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.lowrank import LowRank
 from tvbasis.codecs.mask import Mask
 from tvbasis.codecs.minmax import MinMax
+from tvbasis.codecs.mixed_svd import MixedSVD
 from tvbasis.codecs.params import split_spec
-from tvbasis.codecs.quant import Int2, Int4, Int8
+from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
 from tvbasis.codecs.sign import Sign
 from tvbasis.codecs.sparse_rows import SparseRows
 from tvbasis.codecs.topk import Ternary, TopK
+from tvbasis.codecs.ultra import Ultra
+from tvbasis.codecs.zstd import Zstd
 from tvbasis.errors import ConfigError
 
 #: codec name -> class
 CODECS: dict[str, type[Codec]] = {
     cls.name: cls
-    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Mask,
-                MinMax)
+    for cls in (Float32, Float16, BFloat16, Int8, Int4, Int3, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Mask,
+                MinMax, MixedSVD, Ultra, Zstd)
 }
 # ``auto`` picks among the codecs above through ``parse_codec``: it sits one level up and adds itself with
 # ``register_codec`` when ``tvbasis.codecs.auto`` is imported (``tvbasis.codecs`` imports it).
