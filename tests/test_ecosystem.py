@@ -151,3 +151,29 @@ def test_broken_pipe_exits_zero_quietly(tmp_path: Path) -> None:
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0, err
     assert err == ""
+
+
+def test_merge_card_tags_method_and_progress_counts_all_models(bert: tuple[Path, dict[str, Path]], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import tvbasis.engine.local as local
+
+    pre, fts = bert
+    totals: dict[str, int] = {}
+    real = local.progress_bar
+
+    def record(total: int, desc: str | None, *a: object) -> object:
+        totals[str(desc)] = total
+        return real(total, desc, False, *a[1:])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "progress_bar", record)
+    out = tmp_path / "ties"
+    assert main(["-q", "merge", "--pretrained", str(pre), *_ft_args(fts), "--method", "ties", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "- ties" in front and "task-arithmetic" not in front
+    # the apply bar counts the bytes of every model read: the pretrained and the T = 2 fine-tunes
+    model_bytes = sum(t.numel() * t.element_size() for t in load_file(pre / "model.safetensors").values())
+    assert totals["apply"] == 3 * model_bytes
+    out = tmp_path / "ta"
+    assert main(["-q", "merge", "--pretrained", str(pre), *_ft_args(fts), "--out", str(out)]) == 0
+    assert "- task-arithmetic" in (out / "README.md").read_text().split("---")[1]

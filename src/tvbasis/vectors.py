@@ -133,6 +133,13 @@ def _ckpt_paths(*ckpts: Checkpoint) -> list[Path]:
     return out
 
 
+def models_read(paths: Iterable[str | Path]) -> int:
+    """How many models (checkpoint files or directories) ``paths`` name: a file inside a named directory is the
+    same model, and paths are compared resolved. At least 1."""
+    resolved = {Path(str(p)).resolve() for p in paths}
+    return max(1, sum(1 for p in resolved if p.parent not in resolved))
+
+
 def finite_coefficient(k: object, what: str) -> float:
     """``k`` as a float; ConfigError for NaN, ±Inf or a non-number (they would turn every output value NaN)."""
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k):
@@ -429,9 +436,10 @@ class TaskVector:
         task = _ApplyTask(self, pre, float(scaling_coef), chunk)
         digests: list[tuple[str, bytes]] = []
         all_inputs = [*_ckpt_paths(pre), *self.input_paths(), *(Path(str(p)) for p in inputs)]
+        reads = models_read(all_inputs)  # the bar counts the bytes of every model read (T fine-tunes for a merge)
         with ModelWriter(out, out_specs, max_shard_size=max_shard_size, force=force, inputs=all_inputs) as w:
             for name, (t, d) in zip(names, eng.map(task, names, desc="apply",
-                                                    sizes=[pre.spec(n).nbytes for n in names])):
+                                                    sizes=[pre.spec(n).nbytes * reads for n in names])):
                 w.write(name, t)
                 digests.extend(d)
             if chunk is not None and expected is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ from tvbasis.io.specs import TORCH_TO_ST, TensorSpec, parse_size
 
 __all__ = [
     "COPY_DIRS", "COPY_FILES", "MAX_COPY_DEPTH", "ModelWriter", "PositionalShard", "SafetensorsStreamWriter",
-    "check_output", "copy_model_files", "header_for", "model_card", "plan_shards", "replace_atomically",
+    "card_tags", "check_output", "copy_model_files", "header_for", "model_card", "plan_shards", "replace_atomically",
     "shard_names", "temp_sibling", "write_index", "write_safetensors_file", "write_single_file_atomic",
 ]
 
@@ -253,13 +254,25 @@ def copy_model_files(src: Path | None, dst: Path) -> list[str]:
     return copied
 
 
+def card_tags(method: str) -> list[str]:
+    """The model card's tags: ``tvbasis``, ``merge`` and the method's own tag (``ties``, ``task-arithmetic``,
+    ``dare-ties``, ...: mergekit's method name with dashes) when ``method`` is a plain method name."""
+    tags = ["tvbasis", "merge"]
+    if re.fullmatch(r"[A-Za-z0-9_]+", method):
+        tags.append(method.lower().replace("_", "-"))
+    return tags
+
+
 def model_card(base_model: str, method: str, parameters: dict[str, object], extra: str = "") -> str:
+    """The README.md of a written model: Hugging Face front matter (base model, tags from ``card_tags``), the
+    method and a table of its parameters."""
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in parameters.items()) or "| – | – |"
+    tags = "".join(f"- {t}\n" for t in card_tags(method))
     return (
         "---\n"
         f"base_model: {base_model}\n"
         "library_name: transformers\n"
-        "tags:\n- tvbasis\n- merge\n- task-arithmetic\n"
+        f"tags:\n{tags}"
         "---\n\n"
         f"# Model written by tvbasis\n\n"
         f"Base model: `{base_model}`\n\nMethod: `{method}`\n\n"
