@@ -25,6 +25,7 @@ from typing import NoReturn
 
 from tvbasis._version import __version__
 from tvbasis.cli import interop as interop_commands
+from tvbasis.cli import serve as serve_commands
 from tvbasis.cli import stitch as stitch_commands
 from tvbasis.cli import store as store_commands
 from tvbasis.cli import vectors as vector_commands
@@ -34,7 +35,7 @@ from tvbasis.errors import TvbasisError
 log = logging.getLogger("tvbasis")
 
 #: modules whose ``register(subparsers)`` adds subcommands, in --help order
-COMMAND_MODULES = [vector_commands, store_commands, interop_commands, stitch_commands]
+COMMAND_MODULES = [vector_commands, store_commands, serve_commands, interop_commands, stitch_commands]
 
 
 class Terminated(KeyboardInterrupt):

@@ -22,7 +22,6 @@ one tensor at a time (plus the pretrained tensors the adapters change, once, for
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -31,15 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint, TensorSpec, check_output, cleanup_stale_temps, open_checkpoint
-from tvbasis.io.atomic import atomic_output, check_not_input, temp_path
-from tvbasis.io.checksum import check_pretrained_checksum, combine_digests, structure_fingerprint
-from tvbasis.io.lora import PEFT_PREFIX, LoraCheckpoint
+from tvbasis.io.atomic import check_not_input, temp_path
+from tvbasis.io.checksum import combine_digests, structure_fingerprint
+from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.lora import Source, TensorDeltas, factor_gram, joint_compress, open_adapters, tensor_gram
 from tvbasis.passes import ALL
 from tvbasis.store.build import output_path
@@ -299,119 +297,14 @@ def _build(pre: Checkpoint, lora: Mapping[str, LoraCheckpoint], specs: Mapping[s
 
 
 # ------------------------------------------------------------------------------------------------ PEFT export
-def _peft_tensors(module: str, layout: str, P: torch.Tensor, Q: torch.Tensor,
-                  shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """PEFT's saved tensors of one module with ΔW.reshape(rows, -1) = P·Q (scale 1)."""
-    key = PEFT_PREFIX + module
-    r = P.shape[1]
-    if layout == "embedding":  # ΔW = (B·A)ᵀ with A (r × vocab), B (hidden × r)
-        return {f"{key}.lora_embedding_A": P.T.contiguous(), f"{key}.lora_embedding_B": Q.T.contiguous()}
-    if layout == "fan_in_fan_out":
-        return {f"{key}.lora_A.weight": P.T.contiguous(), f"{key}.lora_B.weight": Q.T.contiguous()}
-    if layout == "conv":
-        return {f"{key}.lora_A.weight": Q.reshape(r, *shape[1:]).contiguous(),
-                f"{key}.lora_B.weight": P.reshape(shape[0], r, *[1] * (len(shape) - 2)).contiguous()}
-    return {f"{key}.lora_A.weight": Q.contiguous(), f"{key}.lora_B.weight": P.contiguous()}
-
-
 def export_peft(store: BasisStore | str | Path, task: str, out_dir: str | Path,
                 pretrained: str | Path | Checkpoint | None = None, *, force: bool = False) -> Path:
-    """Write task ``task`` of ``store`` as a PEFT LoRA adapter directory at ``out_dir`` (atomically).
+    """Write task ``task`` of ``store`` as a PEFT LoRA adapter directory at ``out_dir`` (atomically), exactly:
+    the task must be held as low-rank entries (a store with M = 0). Every such tensor becomes ``lora_A``/``lora_B``
+    (or ``lora_embedding_A``/``lora_embedding_B``) at its stored rank, the layout the source adapter had, else the
+    module's class in the pretrained model, else the tensor's name (``store/lora_export.py``); tensors held densely
+    become ``modules_to_save`` (they need ``pretrained``). ``tvbasis.export_lora`` also takes any other store
+    (truncated SVD at a rank)."""
+    from tvbasis.store.lora_export import export_lora
 
-    Every tensor the task holds as a low-rank product (``lowrank`` entries, joint cores) becomes ``lora_A``/
-    ``lora_B`` (r as stored, ``lora_alpha`` = r: scale 1; the layout — linear, conv, embedding, fan_in_fan_out —
-    the source adapter had, linear/conv by shape for tasks without one). Tensors it holds densely become
-    ``modules_to_save`` of their module (a bias of a LoRA module: its ``base_layer.bias``), written as θ₀ + ΔW̃:
-    those need ``pretrained`` (checked against the store: structure and content checksum)."""
-    st = store if isinstance(store, BasisStore) else BasisStore.open(store)
-    st.task_index(task)
-    if st.M != 0 or not st.manifest.has_residuals or st.masks or st.coded is None:
-        raise ConfigError(f"{st.root}: a PEFT adapter needs the task as low-rank entries (a store with M = 0: "
-                          f"lora-factors, lora-joint, or --residual lowrank); this is a {st.method} store with "
-                          f"M = {st.M}")
-    coded = st.coded
-    lora: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    layouts: set[str] = set()
-    dense: dict[str, torch.Tensor] = {}
-    for name, spec in st.specs.items():
-        key = entry_key("residual", name, task)
-        if coded.codec_of(key) == "none":
-            continue
-        f = coded.factors(key)
-        if f is None:
-            dense[name] = coded.decode(key)
-            continue
-        if not name.endswith(".weight"):
-            raise ConfigError(f"{st.root}: task {task} holds {name!r} as a low-rank product, but PEFT adapts "
-                              "'.weight' tensors only")
-        P, Q = f
-        if P.shape[1] == 0:
-            continue
-        layout = coded.section.entries[key].encoded.get("meta", {}).get("layout") \
-            or ("conv" if len(spec.shape) > 2 else "linear")
-        module = name.removesuffix(".weight")
-        lora.update(_peft_tensors(module, str(layout), P, Q, spec.shape))
-        ranks[module] = int(P.shape[1])
-        layouts.add("embedding" if layout == "embedding" else "fan_in_fan_out" if layout == "fan_in_fan_out"
-                    else "plain")
-    if not ranks:
-        raise ConfigError(f"{st.root}: task {task} holds no tensor as a low-rank product; nothing for PEFT's LoRA")
-    if {"fan_in_fan_out", "plain"} <= layouts:
-        raise ConfigError(f"{st.root}: task {task} mixes fan_in_fan_out (Conv1D) and plain linear layouts; PEFT's "
-                          "fan_in_fan_out is one flag per adapter")
-    pre = None
-    if dense:
-        if pretrained is None:
-            raise ConfigError(f"{st.root}: task {task} replaces {len(dense)} tensor(s) whole (e.g. "
-                              f"{sorted(dense)[0]!r}); PEFT saves their values, so pass the pretrained model")
-    if pretrained is not None:
-        pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
-        st.check_pretrained(pre)
-        ref = st.manifest.pretrained
-        check_pretrained_checksum(pretrained_digests(pre, st.specs.values(), ref.checksum_chunk_elements),
-                                  ref.to_json(), pre.path, "; nothing written")
-    saved, to_save, bias = _dense_tensors(st.root, task, dense, set(ranks), pre)
-    R = max(ranks.values())
-    config = {"peft_type": "LORA", "r": R, "lora_alpha": R, "target_modules": sorted(ranks),
-              "rank_pattern": {m: r for m, r in ranks.items() if r != R},
-              "alpha_pattern": {m: r for m, r in ranks.items() if r != R},
-              "modules_to_save": sorted(to_save) or None, "bias": bias, "fan_in_fan_out": "fan_in_fan_out" in layouts,
-              "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "inference_mode": True,
-              "init_lora_weights": True, "task_type": None,
-              "base_model_name_or_path": st.manifest.pretrained.path}
-    inputs = [st.root, *([Path(str(pre.path))] if pre is not None else [])]
-    with atomic_output(out_dir, force, inputs) as tmp:
-        save_file({**lora, **saved}, str(tmp / "adapter_model.safetensors"), {"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    return Path(out_dir)
-
-
-def _dense_tensors(root: Path, task: str, dense: Mapping[str, torch.Tensor], lora_modules: set[str],
-                   pre: Checkpoint | None) -> tuple[dict[str, torch.Tensor], set[str], str]:
-    """PEFT's saved values θ₀ + ΔW̃ of the tensors a task replaces whole: a LoRA module's bias as its
-    ``base_layer.bias`` (``bias="lora_only"``), anything else through ``modules_to_save`` of its module (every
-    floating tensor of that module written, the unchanged ones as θ₀)."""
-    saved: dict[str, torch.Tensor] = {}
-    to_save: set[str] = set()
-    bias = "none"
-    for name, D in dense.items():
-        assert pre is not None
-        module, _, leaf = name.rpartition(".")
-        if module in lora_modules:
-            if leaf != "bias":
-                raise ConfigError(f"{root}: task {task} changes {name!r} whole and its module by LoRA; PEFT cannot "
-                                  "hold both")
-            saved[f"{PEFT_PREFIX}{module}.base_layer.bias"] = (pre.get(name).to(torch.float32) + D).contiguous()
-            bias = "lora_only"
-        else:
-            to_save.add(module)
-    assert pre is not None or not to_save
-    for module in to_save:
-        assert pre is not None
-        for s in pre.specs():
-            parent, _, leaf = s.name.rpartition(".")
-            if parent == module and s.is_float:
-                value = pre.get(s.name).to(torch.float32)
-                saved[f"{PEFT_PREFIX}{s.name}"] = (value + dense[s.name] if s.name in dense else value).contiguous()
-    return saved, to_save, bias
+    return export_lora(store, task, out_dir, pretrained, force=force, exact_only=True).path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,22 @@ class BasisStore:
             assert merger.density is not None
             thresholds = operand_thresholds(operands, list(self.specs), operands.count, merger.density)
         return self._vector(_OuterMerge(operands, outer, thresholds), f"{outer.method} of bases")
+
+    # -- in memory ---------------------------------------------------------------------------------------
+    def apply_into(self, model: torch.nn.Module, alpha: str | Mapping[str, float], scale: float = 1.0, *,
+                   check: bool = False) -> list[str]:
+        """Add scale·Σ_t α_t ṽ_t into a loaded model's tensors in place, tensor by tensor (``store/apply.py``)."""
+        from tvbasis.store.apply import apply_into
+
+        return apply_into(self, model, alpha, scale, check=check)
+
+    def swapped(self, model: torch.nn.Module, alpha: str | Mapping[str, float], scale: float = 1.0, *,
+                restore: str = "copy", check: bool = False) -> AbstractContextManager[torch.nn.Module]:
+        """``with store.swapped(model, "a"): ...``: task a applied inside the block, θ₀ restored after it
+        (``restore="copy"``: exact; ``"subtract"``: float32 tensors re-subtracted; ``store/apply.py``)."""
+        from tvbasis.store.apply import swapped
+
+        return swapped(self, model, alpha, scale, restore=restore, check=check)
 
     def _vector(self, fn: Producer, name: str) -> TaskVector:
         tv = TaskVector.from_producer(self.specs, fn, None, name)
