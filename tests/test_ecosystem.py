@@ -177,3 +177,23 @@ def test_merge_card_tags_method_and_progress_counts_all_models(bert: tuple[Path,
     out = tmp_path / "ta"
     assert main(["-q", "merge", "--pretrained", str(pre), *_ft_args(fts), "--out", str(out)]) == 0
     assert "- task-arithmetic" in (out / "README.md").read_text().split("---")[1]
+
+
+def test_spectrum_axis_shows_every_eigenvalue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    plots = pytest.importorskip("tvbasis.eval.plots")
+    figs: list[object] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(50, 6, generator=g, dtype=torch.float64) * torch.tensor([30.0, 10, 3, 1, 0.1, 0.01],
+                                                                             dtype=torch.float64)
+    G = (V.T @ V).numpy()
+    plots.plot_spectrum(G, 2, tmp_path / "s.png", loss=1.0)
+    ax = figs[0].axes[0]  # type: ignore[attr-defined]
+    lo, hi = ax.get_ylim()
+    ev = np.linalg.eigvalsh(G)  # the reference: numpy's eigenvalues, all positive here
+    assert lo <= ev.min() and ev.max() <= hi
+    assert hi <= 3 * ev.max()  # not 30x: the axis is the eigenvalues', not a text box's
+    import matplotlib.pyplot as plt
+    plt.close("all")

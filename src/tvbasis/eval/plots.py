@@ -81,6 +81,13 @@ def plot_cosine(C: np.ndarray, names: Sequence[str], labels: Sequence[int] | Non
     return _save(fig, path)
 
 
+def spectrum_limits(shown: np.ndarray) -> tuple[float, float]:
+    """Log-scale y limits that hold every (positive) eigenvalue shown, with a third of a decade to spare at each
+    end."""
+    lo, hi = float(np.min(shown)), float(np.max(shown))
+    return lo / 2.0, hi * 2.0
+
+
 def plot_spectrum(G: np.ndarray, M: int, path: Path, loss: float | None = None, note: str = "") -> Path:
     """Eigenvalues of G (decreasing, log scale), the cut after the M-th, and the Eckart–Young bound."""
     plt = _pyplot()
@@ -100,14 +107,15 @@ def plot_spectrum(G: np.ndarray, M: int, path: Path, loss: float | None = None, 
     ax.set_xticks(k)
     ax.set_xlabel("k (eigenvalue index of G = VᵀV)")
     ax.set_ylabel("λ_k (log scale)")
+    for i in np.flatnonzero(ev <= floor):  # numerically zero: drawn at the floor, said so
+        ax.text(k[i], floor, "≈0", ha="center", va="bottom", fontsize=7)
     text = f"Eckart–Young bound (Σ over k > M of λ_k) / T² = {bound:.4g}"
     if loss is not None:
-        text += f"\nthis store's loss tr(EᵀGE) / T² = {loss:.4g}"
-    ax.text(0.98, 0.97, text, transform=ax.transAxes, ha="right", va="top", fontsize=8,
-            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.8"})
-    ax.set_ylim(top=float(shown.max()) * 30)  # room for the text above the bars
+        text += f"; this store's loss tr(EᵀGE) / T² = {loss:.4g}"
+    lo, hi = spectrum_limits(shown)
+    ax.set_ylim(lo, hi)  # every eigenvalue inside, those beyond the cut included; the text sits outside the axes
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
-    ax.set_title("Gram spectrum and the M cut" + (f"\n{note}" if note else ""), fontsize=10)
+    ax.set_title("Gram spectrum and the M cut" + (f"\n{note}" if note else "") + f"\n{text}", fontsize=9)
     return _save(fig, path)
 
 
