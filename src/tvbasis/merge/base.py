@@ -27,12 +27,18 @@ class MergeContext:
     offset: index along dim 0 where this chunk starts (0 when the whole tensor is passed).
     thresholds: (T,) float32 per-task magnitude thresholds when trimming has global scope, else None.
     fisher: (T, *shape) float32 diagonal Fisher weights for this tensor (fisher merge only), else None.
+    base: the pretrained slice θ₀ (float32, shape of one slice) for methods that interpolate whole weights
+        (``needs_base``: slerp), else None.
+    per_task: per-task values of parameters that may differ between tasks (e.g. mergekit's per-model
+        ``density``, ``gamma``, ``epsilon``): name -> T floats, overriding the merger's one value.
     """
 
     name: str = ""
     offset: int = 0
     thresholds: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    per_task: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,10 @@ class BaseMerger:
     whole_tensor: ClassVar[bool] = False
     #: True when the method needs ctx.fisher
     needs_fisher: ClassVar[bool] = False
+    #: True when the method needs the pretrained slice in ctx.base (it interpolates whole weights: slerp)
+    needs_base: ClassVar[bool] = False
+    #: parameters a caller may give per task in ctx.per_task (each a float parameter of ``defaults``)
+    per_task_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         params = dict(params or {})
@@ -120,6 +130,16 @@ class BaseMerger:
     def _check(self) -> None:
         """Range checks beyond the type (subclasses)."""
 
+    def task_values(self, key: str, ctx: MergeContext, T: int) -> list[float]:
+        """The T per-task values of parameter ``key``: ``ctx.per_task[key]`` when given, else the one value."""
+        given = ctx.per_task.get(key)
+        if given is None:
+            return [float(self.params[key])] * T
+        if len(given) != T:
+            raise ConfigError(f"merge {self.name!r} of {ctx.name!r}: {len(given)} per-task values of {key} for "
+                              f"{T} task slices")
+        return [float(v) for v in given]
+
     def merge(self, deltas: torch.Tensor, weights: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         if deltas.dim() < 1 or weights.dim() != 1 or deltas.shape[0] != weights.shape[0]:
             raise ConfigError(f"merge {self.name!r} of {ctx.name!r}: deltas of shape {tuple(deltas.shape)} need "
@@ -131,6 +151,10 @@ class BaseMerger:
             if ctx.thresholds.numel() != deltas.shape[0]:
                 raise ConfigError(f"merge {self.name!r}: {ctx.thresholds.numel()} thresholds for "
                                   f"{deltas.shape[0]} task slices")
+        fixed = sorted(set(ctx.per_task) - set(self.per_task_params))
+        if fixed:
+            raise ConfigError(f"merge method {self.name!r}: {', '.join(fixed)} cannot differ between tasks "
+                              f"(per-task values accepted for: {list(self.per_task_params) or 'none'})")
         x = deltas if deltas.dtype == torch.float32 else deltas.to(torch.float32)
         return self._merge(x, weights.to(x.device, torch.float32), ctx)
 

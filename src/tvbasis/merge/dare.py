@@ -30,11 +30,17 @@ def _seed(seed: int, name: str, task: int, block: int) -> int:
 
 def dare_mask(shape: tuple[int, ...], density: float, seed: int, name: str, task: int, offset: int = 0) -> torch.Tensor:
     """CPU Bernoulli(density) keep-mask for rows [offset, offset + shape[0]) of tensor ``name``, task ``task``."""
+    return uniforms(shape, seed, name, task, offset) < density
+
+
+def uniforms(shape: tuple[int, ...], seed: int, name: str, task: int, offset: int = 0) -> torch.Tensor:
+    """CPU uniform [0, 1) draws for rows [offset, offset + shape[0]) of tensor ``name``, task ``task`` (the
+    draws behind ``dare_mask``; DELLA compares them with per-entry keep probabilities)."""
     if len(shape) == 0:
         g = torch.Generator().manual_seed(_seed(seed, name, task, 0))
-        return torch.rand((), generator=g) < density
+        return torch.rand((), generator=g)
     if shape[0] == 0 or math.prod(shape) == 0:
-        return torch.zeros(shape, dtype=torch.bool)
+        return torch.zeros(shape, dtype=torch.float32)
     row = math.prod(shape[1:])
     rows = max(1, BLOCK_ELEMENTS // max(row, 1))
     stop = offset + shape[0]
@@ -43,7 +49,7 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int, name: str, task
         lo = b * rows
         g = torch.Generator().manual_seed(_seed(seed, name, task, b))
         # only the rows up to ``stop`` are drawn: uniform draws are sequential, so they are a prefix of the block
-        blk = torch.rand((min(stop, lo + rows) - lo, *shape[1:]), generator=g) < density
+        blk = torch.rand((min(stop, lo + rows) - lo, *shape[1:]), generator=g)
         parts.append(blk[max(offset, lo) - lo:])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -53,17 +59,19 @@ class DareLinear(BaseMerger):
 
     name = "dare_linear"
     trims = True
+    per_task_params = ("density",)
     defaults: ClassVar[dict[str, Any]] = {"density": 0.5, "seed": 0, "rescale": True, "normalize": False}
 
     def _weighted_dropped(self, x: torch.Tensor, w: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         """w_t·mask_t·δ_t (/ density when rescaling), one new (T, *shape) tensor."""
         assert self.density is not None
-        scale = w / self.density if self.params["rescale"] else w
+        dens = self.task_values("density", ctx, x.shape[0])
+        scale = w / torch.tensor(dens, dtype=torch.float32, device=w.device) if self.params["rescale"] else w
         out = torch.empty_like(x)
         for t in range(x.shape[0]):
             torch.mul(x[t], scale[t], out=out[t])
-            if self.density < 1.0:
-                keep = dare_mask(tuple(x.shape[1:]), self.density, self.params["seed"], ctx.name, t, ctx.offset)
+            if dens[t] < 1.0:
+                keep = dare_mask(tuple(x.shape[1:]), dens[t], self.params["seed"], ctx.name, t, ctx.offset)
                 out[t].masked_fill_(~keep.to(x.device), 0.0)
         return out
 

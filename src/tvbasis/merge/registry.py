@@ -10,12 +10,18 @@ from tvbasis.merge.dare import DareLinear, DareTies
 from tvbasis.merge.federated import CClip, FedGMA, FedNova, Median
 from tvbasis.merge.fisher import Fisher
 from tvbasis.merge.linear import Mean, TaskArithmetic
+from tvbasis.merge.model_stock import ModelStock
+from tvbasis.merge.slerp import NuSlerp, Slerp
+from tvbasis.merge.sparse_gta import Breadcrumbs, BreadcrumbsTies, Della, DellaLinear
 from tvbasis.merge.svd import IsoC, IsoCTS, TSVMerge
 from tvbasis.merge.ties import Ties, TopK
 
 MERGE_METHODS: dict[str, type[BaseMerger]] = {
     cls.name: cls for cls in (TaskArithmetic, Mean, Ties, TopK, DareLinear, DareTies, Fisher, Consensus,
                               TSVMerge, IsoC, IsoCTS)
+} | {
+    cls.name: cls for cls in (Slerp, NuSlerp, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
+                              ModelStock)  # issue 25: mergekit's methods
 } | {
     cls.name: cls for cls in (AWD, FedNova, FedGMA, Median, CClip)  # issue 29: AWD, one-shot FL rules
 }

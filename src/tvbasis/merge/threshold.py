@@ -10,7 +10,7 @@ Memory: two (T, 65536) int64 histograms plus one bounded sub-block of a chunk at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -90,17 +90,22 @@ def kth_largest(bits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def global_thresholds(iter_factory: Callable[[], Iterable[torch.Tensor]], num_tasks: int,
-                      density: float) -> torch.Tensor:
+                      density: float | Sequence[float]) -> torch.Tensor:
     """(T,) float32 thresholds: th_t is exactly the ceil(density·D)-th largest |x| of task t over all D entries,
     so keeping |x| ≥ th_t keeps task t's top ceil(density·D) magnitudes (more only where values tie at th_t).
+    ``density`` is one fraction or T fractions, one per task.
 
     ``iter_factory()`` returns a fresh iterator of (T, n) chunks covering the vector once; it is called twice.
     Histograms live on the device of the first chunk; the result is on the CPU."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ConfigError(f"density must be in (0, 1], got {density!r}")
     T = int(num_tasks)
     if T < 1:
         raise ConfigError(f"global_thresholds: num_tasks must be >= 1, got {num_tasks}")
+    ds = [density] * T if isinstance(density, (int, float)) else list(density)
+    if len(ds) != T:
+        raise ConfigError(f"global_thresholds: {len(ds)} densities for {T} tasks")
+    for d in ds:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {d!r}")
     sel: _RadixSelect | None = None
     total = 0
     for b in _bits(iter_factory(), T):
@@ -110,8 +115,8 @@ def global_thresholds(iter_factory: Callable[[], Iterable[torch.Tensor]], num_ta
         sel.add_high(b)
     if sel is None or total == 0:
         return torch.zeros(T, dtype=torch.float32)
-    sel.locate(torch.full((T,), min(total, max(1, math.ceil(density * total))), dtype=torch.int64,
-                          device=sel.device))
+    sel.locate(torch.tensor([min(total, max(1, math.ceil(d * total))) for d in ds], dtype=torch.int64,
+                            device=sel.device))
     for b in _bits(iter_factory(), T):
         sel.add_low(b)
     return sel.result().cpu()

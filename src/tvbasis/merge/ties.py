@@ -15,10 +15,12 @@ from tvbasis.merge.trim import magnitude_mask
 class _Trimming(BaseMerger):
     trims = True
     ranks_per_tensor = True
+    per_task_params = ("density",)
 
     def _trimmed(self, x: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
         assert self.density is not None
-        mask = magnitude_mask(x, self.density, ctx.thresholds if self.needs_global_thresholds else None)
+        mask = magnitude_mask(x, self.task_values("density", ctx, x.shape[0]),
+                              ctx.thresholds if self.needs_global_thresholds else None)
         return torch.where(mask, x, 0.0)
 
 

@@ -13,6 +13,7 @@ use with chunked tensors: the test is elementwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -27,9 +28,16 @@ def keep_count(n: int, density: float) -> int:
     return min(n, max(1, math.ceil(density * n))) if n else 0
 
 
-def magnitude_mask(x: torch.Tensor, density: float, thresholds: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask (T, *shape) of the entries each task keeps (see the module doc); ``x`` float32."""
+def magnitude_mask(x: torch.Tensor, density: float | Sequence[float],
+                   thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (T, *shape) of the entries each task keeps (see the module doc); ``x`` float32.
+    ``density`` is one fraction for every task or T fractions, one per task (mergekit's per-model densities)."""
     T = x.shape[0]
+    if not isinstance(density, (int, float)):
+        ds = [float(d) for d in density]
+        if len(set(ds)) > 1 and thresholds is None:
+            return torch.cat([magnitude_mask(x[t:t + 1], ds[t]) for t in range(T)])
+        density = ds[0]
     if thresholds is not None:
         th = thresholds.to(x.device, torch.float32).view(T, *([1] * (x.dim() - 1)))
         return x.abs() >= th

@@ -14,6 +14,7 @@ from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError, TensorMismatchError
 from tvbasis.io import Checkpoint, TensorSpec, check_finite, open_checkpoint, row_chunks
 from tvbasis.merge import MergeContext, MergeSpec, get_merger, global_thresholds
+from tvbasis.merge.settings import TensorPlan
 from tvbasis.passes.thresholds import taskset_thresholds
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, chunk_for
 from tvbasis.vectors import Producer, TaskVector
@@ -23,12 +24,16 @@ from tvbasis.vectors import Producer, TaskVector
 MERGE_CHUNK_ELEMENTS: int | None = None
 
 Reader = Callable[[int, int], torch.Tensor]
+BaseReader = Callable[[], torch.Tensor]
 
 
 def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: int, weights: torch.Tensor,
                  thresholds: torch.Tensor | None = None, fisher_read: Reader | None = None, device: str = "cpu",
-                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS) -> torch.Tensor:
+                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS, base_read: BaseReader | None = None,
+                 per_task: Mapping[str, tuple[float, ...]] | None = None) -> torch.Tensor:
     """Merge the T slices of one tensor; ``read(a, b)`` returns rows [a, b) of the T slices, (T, b − a, ...).
+    ``base_read()`` returns the whole pretrained tensor for methods that need it (slerp); ``per_task`` gives
+    per-task parameter values (mergekit's per-model densities), see ``MergeContext``.
 
     Small tensors are merged whole (per-tensor trims keep exactly ceil(density·n) entries). A tensor bigger than
     ``chunk_elements`` per task is merged in row chunks so memory is the T slices of one chunk plus the output:
@@ -38,11 +43,13 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
     merger = get_merger(spec)
     chunk_elements = chunk_for(num_tasks, chunk_elements)
     rows_total = tensor.shape[0] if tensor.shape else 1
+    per_task = dict(per_task or {})
     if not tensor.shape or tensor.numel <= chunk_elements or merger.whole_tensor:
         x = read(0, rows_total).to(device)
         fisher = fisher_read(0, rows_total).to(device) if fisher_read is not None else None
+        base = base_read().to(device, torch.float32) if base_read is not None and merger.needs_base else None
         return merger.merge(x, weights.to(device), MergeContext(name=tensor.name, thresholds=thresholds,
-                                                                fisher=fisher)).cpu()
+                                                                fisher=fisher, base=base, per_task=per_task)).cpu()
     chunks = list(row_chunks(tensor, chunk_elements))
     chunk_merger = merger
     if merger.density is not None and not merger.needs_global_thresholds and merger.ranks_per_tensor:
@@ -50,14 +57,16 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
         def factory() -> Iterator[torch.Tensor]:
             for a, b in chunks:
                 yield read(a, b).reshape(num_tasks, -1)
-        thresholds = global_thresholds(factory, num_tasks, merger.density)
+        thresholds = global_thresholds(factory, num_tasks, per_task.get("density", merger.density))
+        per_task.pop("density", None)  # the per-task cuts are in the thresholds now
         chunk_merger = get_merger(MergeSpec(spec.method, {**spec.params, "trim_scope": "global"}))
     out = torch.empty(tensor.shape, dtype=torch.float32)
     for a, b in chunks:
         x = read(a, b).to(device)
         fisher = fisher_read(a, b).to(device) if fisher_read is not None else None
         out[a:b] = chunk_merger.merge(x, weights.to(device), MergeContext(name=tensor.name, offset=a,
-                                                                          thresholds=thresholds, fisher=fisher)).cpu()
+                                                                          thresholds=thresholds, fisher=fisher,
+                                                                          per_task=per_task)).cpu()
     return out
 
 
@@ -92,9 +101,9 @@ class MergeProducer(Producer):
 
     def __init__(self, taskset: TaskSet, spec: MergeSpec, weights: torch.Tensor, thresholds: torch.Tensor | None,
                  fisher: list[Checkpoint] | None, device: str = "cpu",
-                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS) -> None:
+                 chunk_elements: int | None = MERGE_CHUNK_ELEMENTS, plan: TensorPlan | None = None) -> None:
         self.taskset, self.spec, self.weights, self.thresholds = taskset, spec, weights, thresholds
-        self.fisher, self.device, self.chunk_elements = fisher, device, chunk_elements
+        self.fisher, self.device, self.chunk_elements, self.plan = fisher, device, chunk_elements, plan
 
     def _fisher_rows(self, name: str, a: int, b: int) -> torch.Tensor:
         assert self.fisher is not None
@@ -110,8 +119,18 @@ class MergeProducer(Producer):
         if self.fisher is not None:
             def fisher_read(a: int, b: int) -> torch.Tensor:
                 return self._fisher_rows(name, a, b)
-        out = merge_tensor(self.spec, read, spec, self.taskset.T, self.weights, self.thresholds, fisher_read,
-                           self.device, self.chunk_elements)
+        def base_read() -> torch.Tensor:
+            return self.taskset.pretrained.get(name).to(torch.float32)
+
+        merge_spec, weights, per_task, scale = self.spec, self.weights, None, 1.0
+        if self.plan is not None:  # per-tensor values (mergekit's gradients, filters, per-model parameters)
+            tm = self.plan.for_tensor(name)
+            merge_spec, per_task, scale = tm.spec, tm.per_task, tm.scale
+            weights = torch.tensor(tm.weights, dtype=torch.float32)
+        out = merge_tensor(merge_spec, read, spec, self.taskset.T, weights, self.thresholds, fisher_read,
+                           self.device, self.chunk_elements, base_read, per_task)
+        if scale != 1.0:
+            out.mul_(scale)
         return out if rows is None or not out.dim() else out[rows[0]:rows[1]]
 
 
@@ -119,11 +138,16 @@ def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        spec: MergeSpec, weights: Mapping[str, float] | None = None,
                        fisher: Mapping[str, str | Path] | None = None, include: Iterable[str] | None = None,
                        exclude: Iterable[str] | None = None, run: Run = None,
-                       chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> TaskVector:
-    """The merged task vector of the fine-tunes (lazy; global trim thresholds are found up front)."""
+                       chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+                       plan: TensorPlan | None = None) -> TaskVector:
+    """The merged task vector of the fine-tunes (lazy; global trim thresholds are found up front). ``plan``
+    gives each tensor its own method parameters, weights and scale (a mergekit config's gradients and filters;
+    ``tvbasis.merge.settings``); it is bound to the tensor names here."""
     opts = as_run(run)
     merger = get_merger(spec)
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
+    if plan is not None:
+        plan = plan.bind(taskset.pretrained.keys())
     w = dict(weights or {})
     unknown = set(w) - set(taskset.names)
     if unknown:
@@ -135,5 +159,5 @@ def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         assert merger.density is not None
         thresholds = taskset_thresholds(taskset, opts.get_engine(), merger.density, chunk_elements=chunk_elements)
     return TaskVector.from_producer(taskset.specs, MergeProducer(taskset, spec, wt, thresholds, fisher_ckpts,
-                                                                 opts.device),
+                                                                 opts.device, plan=plan),
                                     taskset.pretrained, f"{spec.method} merge")
