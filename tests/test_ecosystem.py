@@ -197,3 +197,86 @@ def test_spectrum_axis_shows_every_eigenvalue(tmp_path: Path, monkeypatch: pytes
     assert hi <= 3 * ev.max()  # not 30x: the axis is the eigenvalues', not a text box's
     import matplotlib.pyplot as plt
     plt.close("all")
+
+
+# ------------------------------------------------------------------------------------------------ JSON and warnings
+def _one_json(out: str) -> dict:
+    """stdout must be exactly one JSON object."""
+    obj = json.loads(out)
+    assert isinstance(obj, dict)
+    return obj
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict, list[dict]]:
+    from tests.tinymodels import make_family
+    return make_family(tmp_path_factory.mktemp("tiny"), T=4, clusters=2)
+
+
+def test_build_inspect_add_task_json_and_useless_task_warning(tiny: tuple, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.tinymodels import ft_args, save_hf
+    pre_p, fts, pre, sds = tiny
+    store = tmp_path / "store"
+    assert main(["-q", "build", "--pretrained", str(pre_p), *ft_args(fts), "--method", "pca", "-M", "1",
+                 "--out", str(store), "--json"]) == 0
+    got = _one_json(capsys.readouterr().out)
+    assert got["command"] == "build" and got["store"] == str(store) and got["M"] == 1 and got["T"] == 4
+    assert set(got["rel_errors"]) == set(fts) and isinstance(got["warnings"], list)
+    # a new task that changes only a tensor no old task changes: its reconstruction (in the old tasks' span, or
+    # zero there) has disjoint support, so ‖v − v̂‖² = ‖v‖² + ‖v̂‖² ≥ ‖v‖²: relative error ≥ 1, which is useless
+    # (the tiny fine-tunes change every tensor: old tasks with the pooler left as pretrained, a new one changing
+    # only the pooler)
+    new = {k: v.clone() for k, v in pre.items()}
+    olds = [{k: (pre[k] if k == "pooler.dense.weight" else v) for k, v in sd.items()} for sd in sds]
+    fam2 = {f"o{i}": save_hf(sd, tmp_path / f"o{i}") for i, sd in enumerate(olds)}
+    store2 = tmp_path / "store2"
+    assert main(["-q", "build", "--pretrained", str(pre_p), *ft_args(fam2), "--method", "pca", "-M", "1",
+                 "--out", str(store2)]) == 0
+    new["pooler.dense.weight"] = new["pooler.dense.weight"] + 0.3
+    capsys.readouterr()
+    assert main(["-q", "add-task", str(store2), f"new={save_hf(new, tmp_path / 'new')}", "--pretrained", str(pre_p),
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    res = _one_json(cap.out)
+    assert res["task"] == "new" and res["rel_error"] >= 1 - 1e-6
+    assert res["warnings"] and all("task new" in w for w in res["warnings"])
+    assert any(line.startswith("warning: task new: relative error") for line in cap.err.splitlines())
+    # inspect --json carries the same warning, and the text inspect names the PCA bound honestly
+    assert main(["inspect", str(store2), "--json"]) == 0
+    ins = _one_json(capsys.readouterr().out)
+    assert ins["command"] == "inspect" and any("task new" in w for w in ins["warnings"])
+    assert ins["rel_errors"]["new"] == pytest.approx(res["rel_error"])
+    assert main(["inspect", str(store2)]) == 0
+    assert "PCA also keeps the mean" in capsys.readouterr().out
+    # verify, reconstruct and gc answer in JSON too
+    assert main(["verify", str(store2), "--json"]) == 0
+    v = _one_json(capsys.readouterr().out)
+    assert v["ok"] is True and v["problems"] == []
+    assert main(["-q", "reconstruct", str(store2), "o1", "--out", str(tmp_path / "r.safetensors"), "--json"]) == 0
+    r = _one_json(capsys.readouterr().out)
+    assert r["out"] == str(tmp_path / "r.safetensors") and (tmp_path / "r.safetensors").is_file()
+
+
+def test_unknown_errors_print_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    from tvbasis.cli.store import _json_summary, _print_errors
+    s = {"tasks": ["a", "b"], "errors_exact": {"a": True, "b": False}, "norms": {"a": 1.0, "b": 2.0},
+         "rel_errors": {"a": 0.25, "b": 0.0}, "errors_unknown": ["b"], "labels": None, "warnings": []}
+    _print_errors(s)
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows == {"a": "0.2500", "b": "unknown"}
+    assert _json_summary(s)["rel_errors"] == {"a": 0.25, "b": None}
+
+
+def test_adapter_bytes_against_the_adapters_files(tmp_path: Path) -> None:
+    from tvbasis.store.notes import adapter_bytes
+    sizes = []
+    for i, n in enumerate((10, 30)):
+        d = tmp_path / f"ad{i}"
+        d.mkdir()
+        (d / "adapter_config.json").write_text("{}")
+        (d / "adapter_model.safetensors").write_bytes(b"x" * n)
+        sizes.append(n)
+    assert adapter_bytes([tmp_path / "ad0", tmp_path / "ad1"]) == sum(sizes)
+    assert adapter_bytes([tmp_path / "ad0", tmp_path]) is None  # one source is not an adapter
+    assert adapter_bytes([]) is None

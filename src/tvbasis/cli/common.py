@@ -1,10 +1,14 @@
-"""Shared pieces of the ``tvbasis`` subcommands: NAME=VALUE parsing, common flags, run options, tables."""
+"""Shared pieces of the ``tvbasis`` subcommands: NAME=VALUE parsing, common flags, run options, tables, and the
+machine-readable ends of a command: ``--json`` (one JSON object on stdout, ``docs/cli-json.md``), warnings (one
+line each on stderr, and in the JSON) and ``--dry-run`` (the plan, nothing written)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tvbasis.engine import RunOptions
@@ -143,3 +147,88 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+# ------------------------------------------------------------------------------------------------ JSON, warnings
+def json_flag(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: print ``what`` as one JSON object on stdout instead of text (fields: docs/cli-json.md)."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON object on stdout "
+                   "(fields: docs/cli-json.md)")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with paths, numpy values and tuples turned into JSON types (NaN/Inf become null)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return to_jsonable(obj.tolist())
+    return str(obj)
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    """One JSON object on stdout."""
+    print(json.dumps(to_jsonable(obj), indent=1, ensure_ascii=False))
+
+
+def print_warnings(lines: Sequence[str]) -> None:
+    """Each warning as one line on stderr (``warning: ...``)."""
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def finish(args: argparse.Namespace, text: str | Callable[[], None], fields: dict[str, Any],
+           warnings: Sequence[str] = ()) -> int:
+    """End a command that produced something: warnings on stderr, then ``text`` (a line, or a function that
+    prints) or, with ``--json``, one object ``{"command": ..., **fields, "warnings": [...]}``. Returns 0."""
+    print_warnings(warnings)
+    if getattr(args, "json", False):
+        print_json({"command": args.command, **fields, "warnings": list(warnings)})
+    elif callable(text):
+        text()
+    else:
+        print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ dry runs
+def dry_run_flag(p: argparse.ArgumentParser) -> None:
+    """``--dry-run``: read the inputs' headers, print the plan (what would be read and written, sizes, codec per
+    tensor kind) and write nothing."""
+    p.add_argument("--dry-run", action="store_true", help="print the plan (inputs, tensors, sizes, the codec of "
+                   "each tensor kind) and write nothing; with --json as one JSON object")
+
+
+def dry_run(args: argparse.Namespace, plan: Callable[[], dict[str, Any]]) -> int | None:
+    """The generic ``--dry-run`` hook: when the flag is set, compute ``plan()`` (it may open inputs and read
+    headers, never write), print it (text or ``--json``) and return 0; otherwise None and the command goes on.
+    Commands call it after parsing their flags and before any work: ``if (rc := dry_run(args, plan)) is not None:
+    return rc``."""
+    if not getattr(args, "dry_run", False):
+        return None
+    p = plan()
+    warnings = list(p.pop("warnings", []))
+    return finish(args, lambda: print_plan(args.command, p), {"dry_run": True, **p}, warnings)
+
+
+def print_plan(command: str, plan: dict[str, Any]) -> None:
+    """A dry run's plan as text: scalar fields one per line, tables for per-kind rows."""
+    from tvbasis.io import human_bytes
+    print(f"tvbasis {command} --dry-run: nothing written")
+    for k, v in plan.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            print(f"{k}:")
+            headers = list(v[0])
+            print_table(headers, [[human_bytes(r[h]) if h.endswith("bytes") and isinstance(r[h], int) else
+                                   ("–" if r[h] is None else r[h]) for h in headers] for r in v])
+        elif isinstance(v, dict):
+            print(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+        elif k.endswith("bytes") and isinstance(v, int):
+            print(f"{k}: {human_bytes(v)} ({v:,} B)")
+        else:
+            print(f"{k}: {v}")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,16 @@ from tvbasis.cli.common import (
     engine_flags,
     filters,
     finetuned,
+    finish,
     finite_float,
+    json_flag,
     lock_flag,
     merge_flags,
     merge_spec,
     pairs,
+    print_json,
     print_table,
+    print_warnings,
     run_options,
 )
 from tvbasis.errors import ConfigError
@@ -85,15 +88,45 @@ def cmd_build(args: argparse.Namespace) -> int:
     return _report_build(args, store)
 
 
-def _report_build(args: argparse.Namespace, store: Any) -> int:
-    from tvbasis.io import human_bytes
+def _summary(store: Any) -> dict[str, Any]:
+    """``store.summary()`` with what a reader needs to trust it (``store.notes``): ``errors_unknown``,
+    ``adapter_bytes`` and ``compression_vs_adapters`` (a store built from PEFT adapters), ``warnings``."""
+    from tvbasis.store.notes import adapter_bytes, error_warnings, unknown_errors
     s = store.summary()
-    print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, "
-          f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
-          f"({s['compression']:.2f}x)")
-    _print_coded(s)
-    _print_errors(s)
-    return 0
+    s["errors_unknown"] = unknown_errors(store)
+    s["adapter_bytes"] = adapter_bytes(t.source for t in store.manifest.tasks)
+    if s["adapter_bytes"]:
+        s["compression_vs_adapters"] = s["adapter_bytes"] / max(1, s["bytes_on_disk"])
+    s["warnings"] = error_warnings(store)
+    return s
+
+
+def _json_summary(s: dict[str, Any]) -> dict[str, Any]:
+    """The summary as --json prints it: unknown errors are null, warnings go in the command's own field."""
+    out = {k: v for k, v in s.items() if k != "warnings"}
+    out["rel_errors"] = {t: (None if t in s["errors_unknown"] else e) for t, e in s["rel_errors"].items()}
+    return out
+
+
+def _sizes(s: dict[str, Any]) -> str:
+    from tvbasis.io import human_bytes
+    if s.get("adapter_bytes"):
+        return (f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['adapter_bytes'])} of the adapters' "
+                f"weight files ({s['compression_vs_adapters']:.2f}x; {human_bytes(s['task_vectors_bytes'])} as "
+                "dense task vectors)")
+    return (f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
+            f"({s['compression']:.2f}x)")
+
+
+def _report_build(args: argparse.Namespace, store: Any) -> int:
+    s = _summary(store)
+
+    def text() -> None:
+        print(f"wrote {args.method} store {store.root}: M = {store.M} bases for T = {store.T} tasks, {_sizes(s)}")
+        _print_coded(s)
+        _print_errors(s)
+
+    return finish(args, text, {"store": str(store.root), **_json_summary(s)}, s["warnings"])
 
 
 def _print_coded(s: dict[str, Any]) -> None:
@@ -118,9 +151,11 @@ def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
     r = s.get("addition_weights") if weights else None
     r_range = s.get("addition_weights_range") or {}
     rows = []
+    unknown = set(s.get("errors_unknown") or ())
     for i, t in enumerate(s["tasks"]):
         exact = s["errors_exact"].get(t, True)
-        row = [t, f"{s['norms'][t]:.4g}", f"{s['rel_errors'][t]:.4f}" + ("" if exact else " (est.)"),
+        err = "unknown" if t in unknown else f"{s['rel_errors'][t]:.4f}" + ("" if exact else " (est.)")
+        row = [t, f"{s['norms'][t]:.4g}", err,
                *([labels[i]] if labels else [])]
         if r is not None:
             lo_hi = r_range.get(t)
@@ -131,26 +166,28 @@ def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tvbasis.io import human_bytes
     from tvbasis.store import BasisStore
     store = BasisStore.open(args.store)
-    s = store.summary()
+    s = _summary(store)
     if args.plot:  # eval/plots, attached to this parser by the eval extra's registration (eval/commands.py)
         if getattr(args, "store_plots", None) is None:
             raise ConfigError("--plot needs the eval extra (matplotlib): pip install 'tvbasis[eval]'")
         for path in args.store_plots(store, args.plot):
             print(f"wrote {path}", file=sys.stderr)
+    print_warnings(s["warnings"])
     if args.json:
-        print(json.dumps(s, indent=1))
+        print_json({"command": "inspect", **_json_summary(s), "warnings": s["warnings"]})
         return 0
     print(f"store {store.root}  (method {s['method']}, M = {s['M']}, T = {s['T']}"
           f"{', layerwise' if s['layerwise'] else ''})")
-    print(f"bytes on disk: {human_bytes(s['bytes_on_disk'])}; the T task vectors: "
-          f"{human_bytes(s['task_vectors_bytes'])} (compression {s['compression']:.2f}x)")
+    print(f"bytes on disk: {_sizes(s)}")
+    # PCA keeps the tasks' mean as well as M components: M + 1 directions, so its loss may be below the rank-M bound
+    bound = ("Eckart–Young bound for M directions (PCA also keeps the mean, so its loss can be lower)"
+             if s["method"] == "pca" else "Eckart–Young lower bound")
     if s.get("loss") is not None:
-        print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   Eckart–Young lower bound: {s['lower_bound']:.6g}")
+        print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   {bound}: {s['lower_bound']:.6g}")
     elif s.get("lower_bound") is not None:
-        print(f"Eckart–Young lower bound tr(EᵀGE)/T²: {s['lower_bound']:.6g}")
+        print(f"{bound} tr(EᵀGE)/T²: {s['lower_bound']:.6g}")
     _print_coded(s)
     _print_errors(s, weights=True)
     print("cosine similarity:")
@@ -171,16 +208,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if args.dtype:
             raise ConfigError("--dtype applies to --out; a PEFT adapter is written in float32")
         out = export_peft(store, args.task, args.peft_dir, args.pretrained, force=args.force)
-        print(f"wrote PEFT LoRA adapter of task {args.task} to {out} "
-              f"(relative reconstruction error {store.rel_errors[args.task]:.4f})")
-        return 0
+        return finish(args, f"wrote PEFT LoRA adapter of task {args.task} to {out} (relative reconstruction error "
+                      f"{store.rel_errors[args.task]:.4f})", {"out": str(out), "format": "peft", "task": args.task,
+                                                              "rel_error": store.rel_errors[args.task]})
     if args.pretrained:
         raise ConfigError("--pretrained applies to --peft-dir")
     tv = store.reconstruct(args.task)
     out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=run_options(args))
-    print(f"wrote reconstructed task vector {args.task} to {out} "
-          f"(relative reconstruction error {store.rel_errors[args.task]:.4f})")
-    return 0
+    return finish(args, f"wrote reconstructed task vector {args.task} to {out} (relative reconstruction error "
+                  f"{store.rel_errors[args.task]:.4f})", {"out": str(out), "format": "safetensors",
+                                                          "task": args.task, "rel_error": store.rel_errors[args.task]})
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -220,8 +257,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
                       method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, **card},
                       inputs=[store.root])
-    print(f"wrote {out}: {what}, scaling_coef {args.scaling_coef}")
-    return 0
+    return finish(args, f"wrote {out}: {what}, scaling_coef {args.scaling_coef}",
+                  {"out": str(out), "edit": what, "scaling_coef": args.scaling_coef, "store": str(store.root),
+                   "dtype": args.dtype})
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
@@ -230,11 +268,13 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     (name, path), = pair.items()
     new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=run_options(args),
                    lock_timeout=args.lock_timeout)
+    from tvbasis.store.notes import error_warnings
     task = new.manifest.tasks[-1]
     where = f", joined cluster {task.cluster}" if task.cluster is not None else ""
-    print(f"added task {name} to {new.root} (T = {new.T}{where}); "
-          f"relative reconstruction error {task.rel_error:.4f}")
-    return 0
+    return finish(args, f"added task {name} to {new.root} (T = {new.T}{where}); relative reconstruction error "
+                  f"{task.rel_error:.4f}", {"store": str(new.root), "task": name, "T": new.T, "cluster": task.cluster,
+                                             "rel_error": task.rel_error, "rel_errors": new.rel_errors},
+                  error_warnings(new, [name]))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -242,39 +282,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore, foreign_entries
     store = BasisStore.open(args.store)  # the manifest: every field and its digest; each file's size and header
     problems = store.verify()
-    for line in problems:
+    for line in problems if not args.json else ():
         print(f"problem: {line}")
     extra = foreign_entries(store.root)
-    if extra:
+    if extra and not args.json:
         print(f"note: {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} not written by tvbasis (left alone): "
               + ", ".join(extra[:8]))
-    if problems:
-        raise StoreError(f"{store.root}: {len(problems)} problem(s) found")
     files = store.manifest.files.all()
-    print(f"{store.root}: OK (format version {store.manifest.format_version}, generation "
-          f"{store.manifest.generation}: manifest digest, {len(files)} data file(s): sizes, headers, SHA-256 and "
-          "every chunk's digest, all values finite)")
-    return 0
+    fields = {"store": str(store.root), "ok": not problems, "problems": problems, "foreign_entries": extra,
+              "format_version": store.manifest.format_version, "generation": store.manifest.generation,
+              "data_files": len(files)}
+    if problems:
+        if args.json:
+            print_json({"command": "verify", **fields, "warnings": []})
+        raise StoreError(f"{store.root}: {len(problems)} problem(s) found")
+    return finish(args, f"{store.root}: OK (format version {store.manifest.format_version}, generation "
+                  f"{store.manifest.generation}: manifest digest, {len(files)} data file(s): sizes, headers, SHA-256 "
+                  "and every chunk's digest, all values finite)", fields)
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from tvbasis.store import upgrade_store
     store, changed = upgrade_store(args.store, args.lock_timeout)
+    fields = {"store": str(store.root), "changed": changed, "format_version": store.manifest.format_version}
     if changed:
-        print(f"upgraded {store.root} to store format version {store.manifest.format_version} (digests of "
-              f"{len(store.manifest.files.all())} data file(s) recorded; data not rewritten)")
-    else:
-        print(f"{store.root}: already store format version {store.manifest.format_version}; nothing to do")
-    return 0
+        return finish(args, f"upgraded {store.root} to store format version {store.manifest.format_version} (digests "
+                      f"of {len(store.manifest.files.all())} data file(s) recorded; data not rewritten)", fields)
+    return finish(args, f"{store.root}: already store format version {store.manifest.format_version}; nothing to do",
+                  fields)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from tvbasis.store import collect_garbage
     removed = collect_garbage(Path(args.dir), args.lock_timeout)
-    for p in removed:
-        print(f"removed {p}")
-    print(f"{args.dir}: removed {len(removed)} leftover(s) of interrupted tvbasis runs")
-    return 0
+
+    def text() -> None:
+        for p in removed:
+            print(f"removed {p}")
+        print(f"{args.dir}: removed {len(removed)} leftover(s) of interrupted tvbasis runs")
+
+    return finish(args, text, {"dir": str(args.dir), "removed": [str(p) for p in removed]})
 
 
 
@@ -322,11 +369,12 @@ def register(sub: Any) -> None:
     lock_flag(s)
     filters(s)
     engine_flags(s, device=True)
+    json_flag(s, "the store's summary and any warning")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")
     s.add_argument("store")
-    s.add_argument("--json", action="store_true")
+    json_flag(s, "the summary (sizes, errors, cosine matrix, warnings)")
     s.add_argument("--plot", metavar="DIR", help="also write cosine.png, spectrum.png and rel_errors.png into DIR "
                    "(needs the eval extra)")
     s.set_defaults(fn=cmd_inspect)
@@ -341,6 +389,7 @@ def register(sub: Any) -> None:
                    "(checked against the store)")
     common_io(s)
     engine_flags(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_reconstruct)
 
     s = sub.add_parser("edit", help="write an edited model from a store: addition, negation, any combination",
@@ -357,6 +406,7 @@ def register(sub: Any) -> None:
     merge_flags(s, None)
     common_io(s)
     engine_flags(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_edit)
 
     s = sub.add_parser("add-task", help="fold a new fine-tune into a store without the old checkpoints")
@@ -365,20 +415,24 @@ def register(sub: Any) -> None:
     s.add_argument("--pretrained", required=True)
     lock_flag(s)
     engine_flags(s)
+    json_flag(s, "the result and any warning")
     s.set_defaults(fn=cmd_add_task)
 
     s = sub.add_parser("verify", help="check a store completely: manifest, every data file's size, header, "
                        "SHA-256 and per-chunk XXH3-64 digests, finite values")
     s.add_argument("store")
+    json_flag(s, "the verdict and every problem")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("upgrade", help="bring a version-1 store to the current format (records the digests)")
     s.add_argument("store")
     lock_flag(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_upgrade)
 
     s = sub.add_parser("gc", help="remove leftovers of killed tvbasis runs (stale temporaries, unreferenced "
                        "store files) in DIR and the stores directly inside it")
     s.add_argument("dir", nargs="?", default=".", metavar="DIR")
     lock_flag(s)
+    json_flag(s, "what was removed")
     s.set_defaults(fn=cmd_gc)
