@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,20 +73,69 @@ def _build_lora(args: argparse.Namespace, ft: dict[str, str]) -> Any:
                             run=run_options(args), lock_timeout=args.lock_timeout)
 
 
+#: flags of ``build`` that a ``--budget``/``--quality`` build chooses itself
+_BUDGET_CHOOSES = ("method", "M", "residual", "codec", "layerwise", "inner", "inner_param", "density", "fisher",
+                   "seed", "steps", "option", "dtype", *_LORA_ONLY)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from tvbasis.store import build_store
     from tvbasis.store.peers import LORA_METHODS
     ft = finetuned(args.finetuned)
+    if args.budget is not None or args.quality is not None:
+        return _build_budget(args, ft)
+    if args.method is None:
+        raise ConfigError("give --method (how to store the tasks), or --budget/--quality to let tvbasis choose")
     if args.method in LORA_METHODS:
         return _report_build(args, _build_lora(args, ft))
     lora_only = [f for f in _LORA_ONLY if getattr(args, f, None) is not None]
     if lora_only:
         raise ConfigError(f"--{lora_only[0].replace('_', '-')} applies to --method lora-factors / lora-joint")
+    if args.method == "ultradelta":  # its sparsity allocation needs statistics passes before the build
+        from tvbasis.store.ultradelta import build_ultradelta_store
+        if args.layerwise or args.residual or args.codec or args.M not in (None, 0):
+            raise ConfigError("--method ultradelta codes every task its own way (M = 0); --layerwise, --residual, "
+                              "--codec and -M do not apply")
+        return _report_build(args, build_ultradelta_store(
+            args.pretrained, ft, args.out, _basis_options(args), args.include, args.exclude, args.dtype,
+            args.max_shard_size, args.force, run_options(args), lock_timeout=args.lock_timeout))
     store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
                         args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
                         fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout,
                         residual=args.residual, codec=args.codec)
     return _report_build(args, store)
+
+
+def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
+    from tvbasis.io import human_bytes
+    from tvbasis.store.budget import build_budget_store
+    if args.budget is not None and args.quality is not None:
+        raise ConfigError("give --budget or --quality, not both")
+    given = [f for f in _BUDGET_CHOOSES if getattr(args, f, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"--budget/--quality choose the method, codecs and ranks themselves; "
+                          f"--{given[0].replace('_', '-')} does not apply")
+    store, report = build_budget_store(args.pretrained, ft, args.out, budget=args.budget, quality=args.quality,
+                                       include=args.include, exclude=args.exclude,
+                                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args))
+    j = report.to_json()
+    if getattr(args, "json", False):
+        print(json.dumps({"store": str(store.root), **j}, indent=1))
+        return 0
+    what = (f"budget {report.budget} ({human_bytes(report.budget_bytes or 0)})" if report.budget
+            else f"quality: every task's relative error <= {report.max_error:.4f}")
+    print(f"wrote budget store {store.root}: {human_bytes(report.store_bytes)} on disk for T = {store.T} tasks "
+          f"({report.ratio:.1f}x against float32 task vectors; {what}); M = {report.M}")
+    rows = []
+    for t, info in j["tasks"].items():
+        fams = ", ".join(f"{n}× {f}" for f, n in sorted(info["codecs"].items(), key=lambda kv: -kv[1]))
+        rows.append([t, human_bytes(info["bytes"]), f"{info['rel_error']:.4f}", fams])
+    print_table(["task", "bytes", "rel. error", "codecs (tensors)"], rows)
+    for note in report.allocation.notes:
+        print(f"note: {note}")
+    print(f"the codec of every (task, tensor) is recorded in the store's manifest; --json prints the plan "
+          f"(measure {j['seconds'].get('measure', 0):.1f} s, write {j['seconds'].get('write', 0):.1f} s)")
+    return 0
 
 
 def _summary(store: Any) -> dict[str, Any]:
@@ -333,7 +383,14 @@ def register(sub: Any) -> None:
     s.add_argument("--pretrained", required=True)
     s.add_argument("--finetuned", action="append", required=True, metavar="NAME=PATH",
                    help="task name and " + FT_HELP + "; repeat per task")
-    s.add_argument("--method", required=True, choices=[*sorted(BASIS_METHODS), *PEER_METHODS, *LORA_METHODS],
+    s.add_argument("--budget", metavar="X", help="let tvbasis choose everything (codec, rank, bits per task and "
+                   "tensor) so the whole store fits X: a ratio against float32 task vectors (128x) or a size (20MB); "
+                   "minimises the worst task's relative error (docs/budget.md)")
+    s.add_argument("--quality", type=finite_float, metavar="Q", help="instead of --budget: the smallest store in "
+                   "which every task keeps at least Q of its task vector's energy (1 - relative error²), e.g. 0.9")
+    s.add_argument("--json", action="store_true", help="print the store's summary and any warning as one JSON "
+                   "object (docs/cli-json.md); with --budget/--quality the report and plan")
+    s.add_argument("--method", choices=[*sorted(BASIS_METHODS), *PEER_METHODS, *LORA_METHODS],
                    help="a basis method, or a per-task compressor as a store: tall (TALL masks; --option "
                    "lambda=0.4), tsvc (TSV-C: 1/T of each matrix's singular triplets)")
     s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap); "
@@ -369,7 +426,6 @@ def register(sub: Any) -> None:
     lock_flag(s)
     filters(s)
     engine_flags(s, device=True)
-    json_flag(s, "the store's summary and any warning")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")

@@ -20,9 +20,12 @@ import torch
 
 from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
 from tvbasis.compress.bitdelta import bitdelta_codec
+from tvbasis.compress.budget import BudgetRule
+from tvbasis.compress.deltacome import DeltaComeRule
 from tvbasis.compress.kinds import KINDS, tensor_kind
 from tvbasis.compress.svd import SVD, lowrank_encode, truncated_svd
 from tvbasis.compress.tsvc import tsvc_codec
+from tvbasis.compress.ultradelta import UltraDeltaRule
 from tvbasis.errors import ConfigError
 
 NONE = "none"
@@ -117,6 +120,9 @@ def plan_roundtrip(plan: CodecPlan, vector: Mapping[str, torch.Tensor],
     return out, total
 
 
+#: the peers' named rules a coder spec may start with (``deltacome:…``, ``ultradelta:…``)
+_TASK_RULES: dict[str, type[DeltaComeRule] | type[UltraDeltaRule]] = {"deltacome": DeltaComeRule,
+                                                                       "ultradelta": UltraDeltaRule}
 _PLAN_RE = re.compile(r"^\s*(embedding|matrix|vector)\s*=", re.IGNORECASE)
 
 
@@ -132,7 +138,16 @@ class Coder:
         self._rule: Callable[[str, tuple[int, ...]], Codec] | None = None
         self._plan: CodecPlan | None = None
         self._codec: Codec | None = None
-        if text.strip().lower() == "tsvc":
+        self._budget: BudgetRule | None = None
+        #: a peer's rule that codes each (task, tensor) its own way: Delta-CoMe's, UltraDelta's
+        self._task_rule: DeltaComeRule | UltraDeltaRule | None = None
+        if text.strip().lower().partition(":")[0].strip() in _TASK_RULES:
+            self._task_rule = _TASK_RULES[text.strip().lower().partition(":")[0].strip()].parse(text)
+            self.spec = self._task_rule.spec
+        elif text.strip().lower().startswith("budget"):
+            self._budget = BudgetRule.parse(text)
+            self.spec = self._budget.spec
+        elif text.strip().lower() == "tsvc":
             if T is None:
                 raise ConfigError("the tsvc coder needs the number of tasks")
             self._rule = lambda name, shape: tsvc_codec(shape, T)
@@ -147,16 +162,41 @@ class Coder:
             self._codec = parse_codec(text)
             self.spec = self._codec.spec
 
+    @classmethod
+    def allocated(cls, rule: BudgetRule) -> Coder:
+        """The coder of a ``--budget`` build: each (task, tensor) through the codec the allocation chose."""
+        coder = cls(rule.spec)
+        coder._budget = rule
+        return coder
+
+    @classmethod
+    def with_rule(cls, rule: DeltaComeRule | UltraDeltaRule) -> Coder:
+        """The coder of a peer rule as built (UltraDelta's with the allocation its statistics passes made)."""
+        coder = cls(rule.spec)
+        coder._task_rule = rule
+        return coder
+
     def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
+        if self._task_rule is not None:
+            raise ConfigError(f"the {self.spec.partition(':')[0]} coder chooses a codec per task and tensor: use "
+                              "encode(name, x, task=...)")
+        if self._budget is not None:
+            raise ConfigError("a budget coder chooses a codec per task and tensor: use encode(name, x, task=...)")
         if self._rule is not None:
             return self._rule(name, tuple(shape))
         if self._plan is not None:
             return self._plan.codec_for(name, shape)
         return self._codec
 
-    def encode(self, name: str, x: torch.Tensor, svd: SVD | None = truncated_svd) -> Encoded | None:
+    def encode(self, name: str, x: torch.Tensor, svd: SVD | None = truncated_svd,
+               task: str | None = None) -> Encoded | None:
         """``x`` encoded by its tensor's codec (None: the plan does not store this kind; it decodes to zeros).
-        A fixed-rank ``lowrank`` codec takes its factors from ``svd`` (the float64-Gram SVD, as the benchmark)."""
+        A fixed-rank ``lowrank`` codec takes its factors from ``svd`` (the float64-Gram SVD, as the benchmark).
+        ``task``: whose tensor this is (a coder that codes each task its own way, ``compress.budget``'s, uses it)."""
+        if self._task_rule is not None:
+            return self._task_rule.encode(name, x, task)
+        if self._budget is not None:
+            return self._budget.encode(name, x, task)
         codec = self.codec_for(name, tuple(x.shape))
         if codec is None:
             return None

@@ -135,7 +135,7 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
                 exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
                 run: Run = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
                 fisher: Mapping[str, str | Path] | None = None,
-                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT, residual: str | None = None,
+                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT, residual: str | Coder | None = None,
                 codec: str | None = None) -> BasisStore:
     """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically; see the module docstring).
 
@@ -197,9 +197,10 @@ class _Coders:
         return self.residual is not None or self.bases is not None
 
 
-def _coders(residual: str | None, codec: str | None, T: int, M: int | None) -> _Coders:
+def _coders(residual: str | Coder | None, codec: str | None, T: int, M: int | None) -> _Coders:
     try:
-        out = _Coders(None if residual is None else Coder(residual, T), None if codec is None else Coder(codec, T))
+        out = _Coders(residual if isinstance(residual, Coder) or residual is None else Coder(residual, T),
+                      None if codec is None else Coder(codec, T))
     except ConfigError as e:
         raise ConfigError(f"--{'residual' if residual is not None else 'codec'}: {e}") from None
     if M == 0 and out.residual is None:

@@ -59,6 +59,26 @@ def sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
     return total
 
 
+def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path) -> tuple[torch.Tensor, Path | None]:
+    """The T task-vector slices of tensor ``name`` as one (T, *shape) float32 tensor, read once in row chunks:
+    in memory up to ``SCRATCH_BYTES``, else memory-mapped on a scratch file in ``stage`` (returned, for the
+    caller to unlink)."""
+    spec = taskset.specs[name]
+    T = taskset.T
+    scratch = None
+    if T * spec.numel * 4 > SCRATCH_BYTES:
+        scratch = temp_path(stage / "scratch")
+        X = torch.from_numpy(np.memmap(scratch, dtype=np.float32, mode="w+", shape=(T, *spec.shape)))
+    else:
+        X = torch.empty((T, *spec.shape), dtype=torch.float32)
+    if not spec.shape:
+        X.copy_(taskset.deltas(name, None))
+        return X, scratch
+    for a, b in row_chunks(spec, chunk_elements):
+        X[:, a:b] = taskset.deltas(name, (a, b))
+    return X, scratch
+
+
 class CodedMaterialiseTask:
     """Work unit (one whole tensor) of the materialisation pass of a store with coded parts."""
 
@@ -77,28 +97,10 @@ class CodedMaterialiseTask:
         #: a tensor's T coded residuals are never held together); None: returned with the item (Ray workers)
         self.sink = sink
 
-    # ------------------------------------------------------------------------------------------------ reading
-    def _deltas(self, name: str) -> tuple[torch.Tensor, Path | None]:
-        spec = self.taskset.specs[name]
-        T = self.taskset.T
-        nbytes = T * spec.numel * 4
-        scratch = None
-        if nbytes > SCRATCH_BYTES:
-            scratch = temp_path(self.stage / "scratch")
-            X = torch.from_numpy(np.memmap(scratch, dtype=np.float32, mode="w+", shape=(T, *spec.shape)))
-        else:
-            X = torch.empty((T, *spec.shape), dtype=torch.float32)
-        if not spec.shape:
-            X.copy_(self.taskset.deltas(name, None))
-            return X, scratch
-        for a, b in row_chunks(spec, self.chunk_elements):
-            X[:, a:b] = self.taskset.deltas(name, (a, b))
-        return X, scratch
-
     # ------------------------------------------------------------------------------------------------ the item
     def __call__(self, item: tuple[str, int, int]) -> CodedMeasured:
         name = item[0]
-        X, scratch = self._deltas(name)
+        X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage)
         try:
             return self._measure(name, X)
         finally:
@@ -136,7 +138,7 @@ class CodedMaterialiseTask:
                 approx = torch.where(m, s0, torch.zeros((), device=s0.device))
             elif self.residual_coder is not None:
                 r = (x - vhat).reshape(spec.shape).cpu()
-                enc = self.residual_coder.encode(name, r)
+                enc = self.residual_coder.encode(name, r, task=names[t])
                 approx = vhat + (decode(enc).reshape(-1).to(self.device) if enc is not None else 0.0)
                 self._emit(entries, key, enc, spec.shape)
                 del enc

@@ -1,0 +1,393 @@
+"""Rate–distortion allocation of one byte budget across the tasks and tensors of a store (``build --budget``).
+
+Every (task, tensor) pair has a ladder of candidate codecs (``ladder``): low rank at many ranks with the factors
+at 2, 4 or 8 bits, dense 2/4/8-bit quantisation and float16 for matrices; sparse rows, alone or low rank, for
+embedding tables; 8/16-bit for biases and norms. ``measure`` encodes the pair with each candidate and records
+what it costs and what it loses, both exactly: the bytes are the stored tensors plus the bytes the entry adds to
+the manifest and to the safetensors header of its file (``entry_overhead``); the loss is ‖x − x̂‖², measured by
+decoding. Nothing is predicted from a model of the codec.
+
+``allocate`` then picks one candidate per pair. Its objective is the one the tool promises — *every* task back,
+not the average: it minimises the largest relative error over tasks, ε = max_t ‖v_t − ṽ_t‖ / ‖v_t‖, under the byte
+budget. Within a task the squared errors of its tensors add up to the task's, so for a given task the cheapest
+way to reach an error is found on the lower convex hulls of each pair's (bytes, error) points, taking hull steps in
+order of error removed per byte (the Lagrangian / equal-slope solution of rate–distortion theory); across tasks,
+one common error target is searched by bisection so the per-task costs add up to the budget, and what is left is
+spent step by step on the task that is then worst. A task whose delta is harder to compress gets more bytes;
+a tensor that buys more error per byte gets more bits.
+
+Data-free: the loss is the Frobenius error of the task vector, the same measure ``rel_errors`` reports. Equal
+relative error *per tensor* (``auto:rel_error=…``) is not what this does: bytes go where they remove the most
+error of the task as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
+from tvbasis.compress.kinds import tensor_kind
+from tvbasis.compress.svd import SVDCache, lowrank_encode
+from tvbasis.errors import ConfigError
+from tvbasis.io.specs import parse_size
+
+#: ranks tried for a matrix's low-rank candidates (capped where dense quantisation is cheaper)
+RANKS: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+#: how the low-rank factors (and dense matrices) are quantised, cheapest first
+FACTOR_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int4:group=32,scheme=affine",
+                                  "int8:group=128,scheme=symmetric")
+#: embedding tables: the rows a fine-tune touched, then these
+EMBEDDING_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128)
+VECTOR_LADDER: tuple[str, ...] = ("int8:group=128,scheme=symmetric", "float16")
+#: one truncated SVD per (task, tensor) at this rank serves every low-rank candidate (and the chosen one's encode)
+SVD_RANK = max(RANKS)
+
+_RATIO_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*[x×]\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A byte budget: a compression ratio against float32 task vectors (``128x``) or a size (``20MB``)."""
+
+    ratio: float | None = None
+    nbytes: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"--budget: expected a ratio such as 128x or a size such as 20MB, got {text!r}")
+        m = _RATIO_RE.match(text)
+        if m:
+            ratio = float(m.group(1))
+            if not math.isfinite(ratio) or ratio < 1.0 or ratio > 1e6:
+                raise ConfigError(f"--budget {text.strip()[:40]}: a ratio must lie in 1x .. 1000000x")
+            return cls(ratio=ratio)
+        try:
+            return cls(nbytes=parse_size(text.strip()))
+        except ConfigError:
+            raise ConfigError(f"--budget: expected a ratio such as 128x or a size such as 20MB, got "
+                              f"{text.strip()[:40]!r}") from None
+
+    def target(self, fp32_bytes: int) -> int:
+        """The budget in bytes for task vectors that take ``fp32_bytes`` as float32."""
+        return int(fp32_bytes / self.ratio) if self.ratio is not None else int(self.nbytes or 0)
+
+    @property
+    def text(self) -> str:
+        return f"{self.ratio:g}x" if self.ratio is not None else f"{self.nbytes}B"
+
+
+def quality_to_error(quality: float) -> float:
+    """``--quality Q`` (the fraction of every task vector's energy kept, 1 − ε²) as the relative error ε."""
+    if not isinstance(quality, (int, float)) or not math.isfinite(quality) or not 0.0 < quality <= 1.0:
+        raise ConfigError(f"--quality: expected a number in (0, 1], got {quality!r}")
+    return math.sqrt(max(0.0, 1.0 - float(quality)))
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+def ladder(name: str, shape: Sequence[int]) -> list[str]:
+    """The candidate codec specs of one tensor (by its kind: see ``tvbasis.compress.kinds``)."""
+    kind = tensor_kind(name, tuple(shape))
+    if kind == "vector":
+        return list(VECTOR_LADDER)
+    rows = int(shape[0])
+    cols = math.prod(int(s) for s in shape[1:])
+    if kind == "embedding":
+        out = [f"sparse-rows+{q}" for q in FACTOR_CODECS]
+        out += [f"sparse-rows+lowrank:rank={r}+{q}" for r in EMBEDDING_RANKS if r < min(rows, cols)
+                for q in FACTOR_CODECS[1:]]
+        return out + ["sparse-rows+float16"]
+    out = []
+    for r in RANKS:
+        if r * (rows + cols) >= rows * cols:  # no cheaper than the dense matrix at the same bits
+            break
+        out += [f"lowrank:rank={r}+{q}" for q in FACTOR_CODECS]
+    return out + list(FACTOR_CODECS) + ["float16"]
+
+
+def entry_overhead(key: str, desc: Mapping[str, object], tensor_keys: Sequence[str]) -> int:
+    """Bytes an entry adds besides its data: its JSON description in the manifest, and per stored tensor its
+    line in the manifest's file listing ([key, dtype, shape, 16-hex digest]) and its safetensors header entry
+    (key, dtype, shape, offsets). An estimate within a few bytes per tensor; the store's size is measured after."""
+    n = len(json.dumps({"file": "coded-00001-of-00001.safetensors", "encoded": desc}, separators=(",", ":")))
+    n += len(key) + 8
+    for t in tensor_keys:
+        full = len(key) + 1 + len(t)
+        n += full + 48 + full + 64
+    return n
+
+
+@dataclass
+class Candidate:
+    """One codec for one (task, tensor): exact stored bytes + overhead, exact squared error."""
+
+    spec: str
+    nbytes: int
+    sqerr: float
+
+
+def _sq_err(x: torch.Tensor, xhat: torch.Tensor) -> float:
+    d = x.reshape(-1).double() - xhat.reshape(-1).double()
+    return float((d * d).sum())
+
+
+def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = None,
+            svd: SVDCache | None = None) -> list[Candidate]:
+    """Every candidate of ``ladder(name, x.shape)`` (or ``specs``) on one tensor ``x``: bytes and squared error.
+    Low-rank candidates share one truncated SVD of ``x`` (``svd``, a fresh cache by default)."""
+    specs = ladder(name, tuple(x.shape)) if specs is None else specs
+    x = x.detach().float()
+    cache = svd or SVDCache(min_rank=SVD_RANK)
+    out = []
+    for spec in specs:
+        codec = parse_codec(spec)
+        enc = _encode(codec, x, key, cache)
+        flat, desc = enc.to_tensors("")
+        nbytes = enc.nbytes + entry_overhead(key, desc, list(flat))
+        out.append(Candidate(codec.spec, nbytes, _sq_err(x, codec.decode(enc))))
+        del enc, flat
+    return out
+
+
+def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded:
+    if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
+        return lowrank_encode(codec, x, cache.source(key))
+    return codec.encode(x)
+
+
+def encode_chosen(spec: str, x: torch.Tensor) -> Encoded:
+    """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors)."""
+    codec = parse_codec(spec)
+    if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
+        return lowrank_encode(codec, x.detach().float(), SVDCache(min_rank=SVD_RANK).source(0))
+    return codec.encode(x)
+
+
+# ------------------------------------------------------------------------------------------------ allocation
+@dataclass
+class _Path:
+    """One task's cheapest way to each error: hull steps of all its tensors, in order of error per byte."""
+
+    base_bytes: int
+    base_err: float
+    bytes: np.ndarray        # cumulative bytes after k steps (k = 0 .. K)
+    err: np.ndarray          # cumulative squared error after k steps
+    steps: list[tuple[str, int]]  # (tensor, candidate index) taken at step k (k = 1 .. K)
+    start: dict[str, int]    # tensor -> index of its cheapest candidate
+
+
+def _hull(cands: Sequence[Candidate]) -> list[int]:
+    """Indices of the lower convex hull of (bytes, error), bytes ascending, error strictly descending."""
+    order = sorted(range(len(cands)), key=lambda i: (cands[i].nbytes, cands[i].sqerr))
+    pts: list[int] = []
+    for i in order:
+        if pts and cands[i].sqerr >= cands[pts[-1]].sqerr:
+            continue  # dominated: costs at least as much, loses at least as much
+        while len(pts) >= 2:
+            a, b = cands[pts[-2]], cands[pts[-1]]
+            c = cands[i]
+            # b lies on or above the segment a–c: drop it
+            if (b.sqerr - a.sqerr) * (c.nbytes - a.nbytes) >= (c.sqerr - a.sqerr) * (b.nbytes - a.nbytes):
+                pts.pop()
+            else:
+                break
+        pts.append(i)
+    return pts
+
+
+def _task_path(items: Mapping[str, Sequence[Candidate]]) -> _Path:
+    steps: list[tuple[float, int, str, int, int, float]] = []
+    base_b, base_e = 0, 0.0
+    start = {}
+    for seq, (tensor, cands) in enumerate(items.items()):
+        hull = _hull(cands)
+        start[tensor] = hull[0]
+        base_b += cands[hull[0]].nbytes
+        base_e += cands[hull[0]].sqerr
+        for a, b in zip(hull, hull[1:]):
+            db = cands[b].nbytes - cands[a].nbytes
+            de = cands[a].sqerr - cands[b].sqerr
+            steps.append((-(de / db), seq, tensor, b, db, de))
+    steps.sort(key=lambda s: (s[0], s[1]))  # steepest first; hull slopes fall within a tensor, so order holds
+    nb = np.concatenate([[base_b], base_b + np.cumsum([s[4] for s in steps], dtype=np.float64)])
+    ne = np.concatenate([[base_e], base_e - np.cumsum([s[5] for s in steps], dtype=np.float64)])
+    return _Path(base_b, base_e, nb, np.clip(ne, 0.0, None), [(s[2], s[3]) for s in steps], start)
+
+
+@dataclass
+class Allocation:
+    """The chosen codec per (task, tensor), and what the allocation predicts for each task."""
+
+    specs: dict[str, dict[str, str]]
+    task_bytes: dict[str, int]
+    rel_errors: dict[str, float]
+    #: the common relative-error target every task was brought to (before the leftover bytes were spent)
+    target_error: float
+    budget_bytes: int | None
+    feasible: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.task_bytes.values())
+
+    def summary(self) -> dict[str, object]:
+        """Per task: bytes, predicted relative error, and how many tensors got each codec family."""
+        out: dict[str, object] = {}
+        for t, specs in self.specs.items():
+            fam: dict[str, int] = {}
+            for s in specs.values():
+                f = _family(s)
+                fam[f] = fam.get(f, 0) + 1
+            out[t] = {"bytes": self.task_bytes[t], "rel_error": self.rel_errors[t], "codecs": fam}
+        return out
+
+
+def _family(spec: str) -> str:
+    """A short name of a codec spec: 'lowrank r16 int4', 'int2', 'sparse-rows lowrank r64 int4' ..."""
+    parts = []
+    for part in spec.split("+"):
+        name, _, kv = part.partition(":")
+        if name == "lowrank":
+            rank = dict(p.split("=") for p in kv.split(",") if "=" in p).get("rank")
+            parts.append(f"lowrank r{rank}")
+        else:
+            parts.append(name)
+    return " ".join(parts)
+
+
+def allocate(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], norms2: Mapping[str, float],
+             budget_bytes: int | None = None, max_error: float | None = None) -> Allocation:
+    """One candidate per (task, tensor): the smallest largest-relative-error under ``budget_bytes`` (then the
+    leftover bytes spent on whichever task is worst), or — with ``max_error`` instead — the fewest bytes with
+    every task's relative error ≤ ``max_error``. ``cands[task][tensor]`` from ``measure``; ``norms2`` ‖v_t‖²."""
+    if (budget_bytes is None) == (max_error is None):
+        raise ValueError("allocate: give exactly one of budget_bytes and max_error")
+    tasks = list(cands)
+    paths = {t: _task_path(cands[t]) for t in tasks}
+    n2 = {t: max(float(norms2[t]), 1e-300) for t in tasks}
+
+    def cost(t: str, eps: float) -> int:
+        """Steps task t needs to reach relative error eps (the whole path if it cannot)."""
+        p = paths[t]
+        below = np.nonzero(p.err <= eps * eps * n2[t])[0]
+        return int(below[0]) if below.size else len(p.err) - 1
+
+    notes: list[str] = []
+    feasible = True
+    if max_error is not None:
+        k = {t: cost(t, max_error) for t in tasks}
+        target = max_error
+        if any(paths[t].err[k[t]] > max_error ** 2 * n2[t] * (1 + 1e-9) for t in tasks):
+            feasible = False
+            notes.append(f"no candidate reaches relative error {max_error:.4g} on every task; each task takes "
+                         "its most accurate candidates")
+    else:
+        assert budget_bytes is not None
+        floor = sum(p.base_bytes for p in paths.values())
+        if floor > budget_bytes:
+            feasible = False
+            notes.append(f"the budget ({budget_bytes} B) is below the cheapest candidate of every tensor "
+                         f"({floor} B)")
+            k = {t: 0 for t in tasks}
+            target = max(math.sqrt(paths[t].err[0] / n2[t]) for t in tasks)
+        else:
+            lo, hi = 0.0, max(math.sqrt(paths[t].err[0] / n2[t]) for t in tasks) + 1e-12
+
+            def spend(eps: float) -> int:
+                return sum(int(paths[t].bytes[cost(t, eps)]) for t in tasks)
+
+            if spend(lo) <= budget_bytes:
+                hi = lo
+            for _ in range(100):
+                if hi - lo <= 1e-7 * max(hi, 1e-12):
+                    break
+                mid = 0.5 * (lo + hi)
+                if spend(mid) <= budget_bytes:
+                    hi = mid
+                else:
+                    lo = mid
+            target = hi
+            k = {t: cost(t, hi) for t in tasks}
+            # the leftover bytes: always advance the task that is now worst, while its next step fits
+            used = sum(int(paths[t].bytes[k[t]]) for t in tasks)
+            blocked: set[str] = set()
+            while len(blocked) < len(tasks):
+                t = max((u for u in tasks if u not in blocked), key=lambda u: paths[u].err[k[u]] / n2[u])
+                p = paths[t]
+                if k[t] + 1 >= len(p.bytes):
+                    blocked.add(t)
+                    continue
+                step = int(p.bytes[k[t] + 1] - p.bytes[k[t]])
+                if used + step > budget_bytes:
+                    blocked.add(t)
+                    continue
+                k[t] += 1
+                used += step
+    specs: dict[str, dict[str, str]] = {}
+    for t in tasks:
+        p = paths[t]
+        choice = dict(p.start)
+        for tensor, idx in p.steps[:k[t]]:
+            choice[tensor] = idx
+        specs[t] = {name: cands[t][name][i].spec for name, i in choice.items()}
+    return Allocation(specs=specs, task_bytes={t: int(paths[t].bytes[k[t]]) for t in tasks},
+                      rel_errors={t: math.sqrt(float(paths[t].err[k[t]]) / n2[t]) for t in tasks},
+                      target_error=float(target), budget_bytes=budget_bytes, feasible=feasible, notes=notes)
+
+
+
+# ---------------------------------------------------------------------------------------------------- the coder
+_RULE_RE = re.compile(r"^budget:error=([0-9.eE+-]+),target=([0-9A-Za-z.]+)$")
+
+
+@dataclass
+class BudgetRule:
+    """How a ``--budget`` store codes each (task, tensor): the allocated codec (``assigned[task][tensor]``), and for
+    a task added later (``add-task``, no allocation) the cheapest ladder codec with relative error ≤ ``error`` on
+    each of its tensors — so the new task keeps the error every task of the store was brought to (a per-tensor
+    bound, which costs more bytes than an allocation over the whole task would).
+
+    Recorded in the store's manifest as ``budget:error=ε,target=T`` (``coded.residual_codec``); the codec each
+    entry actually got is recorded with the entry."""
+
+    error: float
+    target: str
+    assigned: dict[str, dict[str, str]] | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"budget:error={self.error:.6g},target={self.target}"
+
+    @classmethod
+    def parse(cls, text: str) -> BudgetRule:
+        m = _RULE_RE.match(text.strip())
+        if not m:
+            raise ConfigError(f"not a budget coder spec (budget:error=E,target=T): {text.strip()[:80]!r}")
+        try:
+            error = float(m.group(1))
+        except ValueError:
+            raise ConfigError(f"budget coder: error {m.group(1)[:40]!r} is not a number") from None
+        if not math.isfinite(error) or error < 0:
+            raise ConfigError(f"budget coder: error must be a finite number >= 0, got {m.group(1)[:40]!r}")
+        return cls(error, m.group(2))
+
+    def encode(self, name: str, x: torch.Tensor, task: str | None = None) -> Encoded:
+        if self.assigned is not None and task is not None:
+            try:
+                spec = self.assigned[task][name]
+            except KeyError:
+                raise ConfigError(f"budget coder: no codec allocated for task {task!r}, tensor {name!r}") from None
+            return encode_chosen(spec, x)
+        cands = measure(name, x, f"residual/{name}/new")
+        limit = (self.error ** 2) * float((x.double() ** 2).sum())
+        ok = [c for c in cands if c.sqerr <= limit]
+        best = min(ok, key=lambda c: (c.nbytes, c.sqerr)) if ok else min(cands, key=lambda c: (c.sqerr, c.nbytes))
+        return encode_chosen(best.spec, x)

@@ -1,0 +1,224 @@
+"""``build --budget`` / ``--quality``: the byte budget, the candidates' exact bytes and errors, the allocation
+(against brute force), and whole stores (size on disk, every task's error against the dense task vector)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tinymodels import save_hf
+from tvbasis.cli import main
+from tvbasis.compress.budget import Budget, Candidate, allocate, ladder, measure, quality_to_error
+from tvbasis.errors import ConfigError
+from tvbasis.store import BasisStore
+from tvbasis.store.budget import build_budget_store, store_size
+
+SHAPES = {"embeddings.word_embeddings.weight": (300, 48), "encoder.layer.0.attention.query.weight": (48, 48),
+          "encoder.layer.0.attention.query.bias": (48,), "encoder.layer.0.intermediate.dense.weight": (192, 48),
+          "encoder.layer.0.output.dense.weight": (48, 192), "encoder.layer.1.output.LayerNorm.weight": (48,)}
+
+
+def _family(root: Path, ranks: tuple[int, ...] = (2, 4, 8, 16)) -> tuple[Path, dict[str, Path], dict]:
+    """Fine-tunes whose matrix deltas are rank r_t plus a little noise (task t harder as r_t grows), embedding
+    deltas on 30 rows, small bias/norm deltas."""
+    g = torch.Generator().manual_seed(0)
+    pre = {k: torch.randn(s, generator=g) * 0.5 for k, s in SHAPES.items()}
+    save_hf(pre, root / "pre")
+    fts, deltas = {}, {}
+    for t, r in enumerate(ranks):
+        d = {}
+        for k, v in pre.items():
+            if "word" in k:
+                x = torch.zeros_like(v)
+                x[torch.randperm(v.shape[0], generator=g)[:30]] = 0.01 * torch.randn(30, v.shape[1], generator=g)
+            elif v.ndim == 2:
+                x = (torch.randn(v.shape[0], r, generator=g) @ torch.randn(r, v.shape[1], generator=g)) * 0.01 / r ** 0.5
+                x += 0.0005 * torch.randn(v.shape, generator=g)
+            else:
+                x = 0.01 * torch.randn(v.shape, generator=g)
+            d[k] = x
+        ft = {k: pre[k] + d[k] for k in pre}
+        save_hf(ft, root / f"ft{t}")
+        # the task vector as the reader sees it: (θ₀ + δ) − θ₀ in float32
+        deltas[f"t{t}"] = {k: ft[k] - pre[k] for k in pre}
+        fts[f"t{t}"] = root / f"ft{t}"
+    return root / "pre", fts, deltas
+
+
+def _rel(v: dict[str, torch.Tensor], vhat: dict[str, torch.Tensor]) -> float:
+    num = sum(float(((vhat[k].double() - x.double()) ** 2).sum()) for k, x in v.items())
+    den = sum(float((x.double() ** 2).sum()) for x in v.values())
+    return math.sqrt(num / den)
+
+
+# ----------------------------------------------------------------------------------------------- the budget
+def test_budget_parse() -> None:
+    assert Budget.parse("128x").ratio == 128.0
+    assert Budget.parse("12.5X").ratio == 12.5
+    assert Budget.parse("20MB").nbytes == 20_000_000
+    assert Budget.parse("2MiB").nbytes == 2 * 2 ** 20
+    assert Budget.parse("128x").target(128_000) == 1000
+    for bad in ("", "x", "0.5x", "-3x", "lots", "1e999x", "nanx"):
+        with pytest.raises(ConfigError):
+            Budget.parse(bad)
+    assert quality_to_error(0.91) == pytest.approx(0.3)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError):
+            quality_to_error(bad)
+
+
+# ------------------------------------------------------------------------------------------- the candidates
+def test_measure_exact_bytes_and_errors() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 24, generator=g) @ torch.diag(torch.linspace(2, 0.01, 24))
+    cands = {c.spec: c for c in measure("encoder.w", x, "residual/encoder.w/a")}
+    assert set(cands) == {c for c in (_canon(s) for s in ladder("encoder.w", x.shape))}
+    # float16: the error is the float16 rounding error, computed here independently
+    f16 = cands["float16"]
+    assert f16.sqerr == pytest.approx(float(((x.double() - x.half().double()) ** 2).sum()), rel=1e-6)
+    assert f16.nbytes > 2 * x.numel()  # data + the entry's manifest/header bytes
+    # a low-rank candidate loses at least the Eckart–Young tail and not much more at 8 bits
+    s = torch.linalg.svdvals(x.double())
+    for r in (1, 4):
+        c = cands[_canon(f"lowrank:rank={r}+int8:group=128,scheme=symmetric")]
+        tail = float((s[r:] ** 2).sum())
+        assert tail * (1 - 1e-6) <= c.sqerr <= tail + 1e-3 * float((x.double() ** 2).sum())
+        assert c.nbytes > r * (40 + 24)  # one byte per factor entry at least
+    # lower ranks cost fewer bytes
+    assert cands[_canon("lowrank:rank=1+int4:group=32,scheme=affine")].nbytes < \
+        cands[_canon("lowrank:rank=4+int4:group=32,scheme=affine")].nbytes
+
+
+def _canon(spec: str) -> str:
+    from tvbasis.codecs import parse_codec
+    return parse_codec(spec).spec
+
+
+# ------------------------------------------------------------------------------------------- the allocation
+def _synthetic() -> tuple[dict[str, dict[str, list[Candidate]]], dict[str, float]]:
+    g = torch.Generator().manual_seed(3)
+    cands: dict[str, dict[str, list[Candidate]]] = {}
+    norms2 = {}
+    for t in ("a", "b", "c"):
+        cands[t] = {}
+        total = 0.0
+        for n in ("x", "y"):
+            e0 = float(torch.rand(1, generator=g)) * 10 + 1
+            total += e0
+            pts = []
+            for k in range(4):
+                nbytes = int(100 * (k + 1) + int(torch.randint(0, 50, (1,), generator=g)))
+                pts.append(Candidate(f"{n}{k}", nbytes, e0 * 0.5 ** (k * (1 + (t == "c")))))
+            cands[t][n] = pts
+        norms2[t] = total
+    return cands, norms2
+
+
+def _brute(cands: dict, norms2: dict, budget: int) -> float:
+    best = math.inf
+    tasks = list(cands)
+    per_task = {t: list(itertools.product(*[list(cands[t][n]) for n in cands[t]])) for t in tasks}
+    options = {t: [(sum(c.nbytes for c in combo), math.sqrt(sum(c.sqerr for c in combo) / norms2[t]))
+                   for combo in per_task[t]] for t in tasks}
+    for choice in itertools.product(*[options[t] for t in tasks]):
+        if sum(b for b, _ in choice) <= budget:
+            best = min(best, max(e for _, e in choice))
+    return best
+
+
+@pytest.mark.parametrize("budget", [850, 1000, 1300, 1700, 2200])
+def test_allocate_meets_the_budget_and_the_brute_force_minimax(budget: int) -> None:
+    cands, norms2 = _synthetic()
+    a = allocate(cands, norms2, budget_bytes=budget)
+    chosen = {t: {n: next(c for c in cands[t][n] if c.spec == s) for n, s in a.specs[t].items()} for t in cands}
+    total = sum(c.nbytes for t in chosen for c in chosen[t].values())
+    assert total <= budget and total == a.total_bytes
+    worst = max(math.sqrt(sum(c.sqerr for c in chosen[t].values()) / norms2[t]) for t in chosen)
+    assert worst == pytest.approx(max(a.rel_errors.values()))
+    # hull steps cannot always hit the exact discrete optimum; they must stay close to it
+    opt = _brute(cands, norms2, budget)
+    assert worst <= opt * 1.35 + 1e-12
+
+
+def test_allocate_quality_mode_and_monotone() -> None:
+    cands, norms2 = _synthetic()
+    q = allocate(cands, norms2, max_error=0.4)
+    assert q.feasible and not allocate(cands, norms2, max_error=0.3).feasible
+    assert max(q.rel_errors.values()) <= 0.4
+    # nothing much cheaper reaches 0.4 on every task (brute force over the whole product per task)
+    for t in cands:
+        combos = itertools.product(*[cands[t][n] for n in cands[t]])
+        ok = [sum(c.nbytes for c in cb) for cb in combos
+              if math.sqrt(sum(c.sqerr for c in cb) / norms2[t]) <= 0.4]
+        assert q.task_bytes[t] <= min(ok) * 1.35
+    worst = [max(allocate(cands, norms2, budget_bytes=b).rel_errors.values()) for b in (900, 1200, 1600, 2400)]
+    assert worst == sorted(worst, reverse=True)
+    floor = sum(min(c.nbytes for c in cands[t][n]) for t in cands for n in cands[t])
+    assert not allocate(cands, norms2, budget_bytes=floor - 1).feasible
+    assert allocate(cands, norms2, budget_bytes=floor).feasible
+
+
+# ----------------------------------------------------------------------------------------------- whole stores
+def test_budget_store_fits_and_every_task_matches_its_dense_vector(tmp_path: Path) -> None:
+    pre, fts, deltas = _family(tmp_path)
+    fp32 = 4 * len(fts) * sum(math.prod(s) for s in SHAPES.values())
+    store, report = build_budget_store(pre, fts, tmp_path / "s", budget="10x")
+    size = store_size(tmp_path / "s")
+    assert size == report.store_bytes
+    assert size <= fp32 / 10
+    assert report.M == 0
+    worst = 0.0
+    for t, v in deltas.items():
+        vhat = store.reconstruct(t).to_state_dict()
+        err = _rel(v, {k: vhat[k] for k in v})
+        assert err == pytest.approx(report.allocation.rel_errors[t], rel=1e-3, abs=1e-5)
+        assert err == pytest.approx(store.rel_errors[t], rel=1e-3, abs=1e-5)
+        worst = max(worst, err)
+    # the hardest task (rank 16 deltas) gets the most bytes
+    tb = report.allocation.task_bytes
+    assert tb["t3"] == max(tb.values()) and tb["t0"] < tb["t3"]
+    # one codec for every task (a hand-written plan of about the same size) leaves a worse worst task
+    plan = tmp_path / "plan"
+    from tvbasis.store import build_store
+    uni = build_store(pre, fts, "pca", 0, plan, residual="embedding=sparse-rows+int4:group=32,scheme=affine;"
+                      "matrix=lowrank:rank=6+int4:group=32,scheme=affine;vector=float16")
+    assert store_size(plan) >= size * 0.97
+    assert max(uni.rel_errors.values()) > worst
+    BasisStore.open(tmp_path / "s").close()
+
+
+def test_quality_store_and_add_task_keep_the_error(tmp_path: Path) -> None:
+    pre, fts, deltas = _family(tmp_path)
+    first = {k: fts[k] for k in ("t0", "t1", "t2")}
+    store, report = build_budget_store(pre, first, tmp_path / "q", quality=0.96)  # ε = 0.2
+    assert all(e <= 0.2 + 1e-9 for e in store.rel_errors.values())
+    from tvbasis.store import add_task
+    store = add_task(tmp_path / "q", "t3", fts["t3"], pretrained=pre)
+    vhat = store.reconstruct("t3").to_state_dict()
+    assert _rel(deltas["t3"], {k: vhat[k] for k in deltas["t3"]}) <= 0.2 + 1e-6
+
+
+def test_cli_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pre, fts, _ = _family(tmp_path, ranks=(2, 8))
+    args = ["build", "--pretrained", str(pre), *sum((["--finetuned", f"{k}={v}"] for k, v in fts.items()), [])]
+    assert main(["-q", *args, "--budget", "8x", "--json", "--out", str(tmp_path / "s")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["store_bytes"] <= out["budget_bytes"]
+    assert set(out["plan"]) == {"t0", "t1"} and set(out["plan"]["t0"]) == set(SHAPES)
+    # what the tool chooses itself cannot be given too; nothing is written
+    assert main(["-q", *args, "--budget", "8x", "--method", "pca", "--out", str(tmp_path / "x")]) == 2
+    assert "does not apply" in capsys.readouterr().err
+    assert main(["-q", *args, "--budget", "8x", "--quality", "0.9", "--out", str(tmp_path / "x")]) == 2
+    assert "not both" in capsys.readouterr().err
+    # a budget below the smallest store: one line, nothing written
+    assert main(["-q", *args, "--budget", "100x", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "smallest store" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert main(["-q", *args, "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert main(["-q", *args[:3], "--out", str(tmp_path / "x")]) == 2  # neither --method nor --budget
