@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"bases", "taskset"},
     {"vectors"},
     {"io", "engine", "merge", "codecs"},
+    {"untrusted"},
     {"errors", "_version"},
 ]
 LAYER_OF = {c: i for i, layer in enumerate(LAYERS) for c in layer}

@@ -278,6 +278,7 @@ def test_atomic_output_replaces_with_force_and_cleans_up_on_interrupt(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
+    (out / "README.md").write_text("# Model written by tvbasis\n")  # a model output of tvbasis: replaceable
     with pytest.raises(KeyboardInterrupt), atomic_output(out, force=True) as tmp:
         (tmp / "new").write_text("new")
         raise KeyboardInterrupt
@@ -286,6 +287,11 @@ def test_atomic_output_replaces_with_force_and_cleans_up_on_interrupt(tmp_path):
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a non-empty directory tvbasis did not write is never replaced, --force or not (issue 27)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="did not write"), atomic_output(out, force=True):
+        pytest.fail("the block must not run")
+    assert sorted(p.name for p in out.iterdir()) == ["new", "notes.txt"]
 
 
 def test_stale_temp_of_a_dead_pid_is_removed_and_a_live_one_kept(tmp_path):
@@ -295,12 +301,18 @@ def test_stale_temp_of_a_dead_pid_is_removed_and_a_live_one_kept(tmp_path):
     live = tmp_path / f".out.tvbasis-tmp-{os.getpid()}-0badc0de"
     other = tmp_path / f".other.tvbasis-tmp-{child.pid}-0badc0de"
     dead.mkdir()
+    (dead / ".tvbasis-temp").write_text(dead.name + "\n")  # the marker every tvbasis temporary holds
     (dead / "shard").write_text("partial")
     live.mkdir()
+    (live / ".tvbasis-temp").write_text(live.name + "\n")
     other.write_text("x")
     assert cleanup_stale_temps(tmp_path, "out") == [dead]
     assert live.is_dir() and other.exists() and not dead.exists()
-    assert cleanup_stale_temps(tmp_path) == [other]
+    # a file, or a directory without the marker, merely named like a temporary is not proven ours (issue 27)
+    unmarked = tmp_path / f".x.tvbasis-tmp-{child.pid}-0badc0de"
+    unmarked.mkdir()
+    assert cleanup_stale_temps(tmp_path) == [] and other.exists() and unmarked.is_dir()
+    assert cleanup_stale_temps(tmp_path, in_store=True) == [other]  # in a locked store, files are ours
 
 
 _CHILD = """
@@ -312,6 +324,7 @@ if sys.argv[2] == "after-swap":
     atomic._remove = lambda p: os.kill(os.getpid(), signal.SIGKILL)  # die between the swap and the clean-up
 with atomic.atomic_output(out, force=True) as tmp:
     (tmp / "weights").write_text("new")
+    (tmp / "tvbasis-model.json").write_text("{}")
     if sys.argv[2] == "before-swap":
         os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -322,10 +335,11 @@ def test_kill_9_leaves_the_old_output_or_the_new_one_whole(tmp_path, when):
     out = tmp_path / "out"
     out.mkdir()
     (out / "weights").write_text("old")
+    (out / "tvbasis-model.json").write_text("{}")  # an output of tvbasis: --force may replace it
     r = subprocess.run([sys.executable, "-c", _CHILD, str(out), when], capture_output=True, timeout=120,
                        check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
-    assert sorted(p.name for p in out.iterdir()) == ["weights"]
+    assert sorted(p.name for p in out.iterdir()) == ["tvbasis-model.json", "weights"]
     assert (out / "weights").read_text() == ("old" if when == "before-swap" else "new")
     leftovers = [p for p in tmp_path.iterdir() if p.name != "out"]
     assert len(leftovers) == 1 and ".out.tvbasis-tmp-" in leftovers[0].name

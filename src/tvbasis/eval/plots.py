@@ -26,6 +26,7 @@ from tvbasis.bases import eckart_young_bound
 from tvbasis.errors import ConfigError
 from tvbasis.eval.spread import mean_std, means_view
 from tvbasis.eval.theory import Point, addition_points, negation_points, spearman_per_seed
+from tvbasis.io.outputs import check_not_input, check_output
 from tvbasis.store import BasisStore
 
 
@@ -149,6 +150,9 @@ def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: not a directory")
+    check_not_input(out, [store.root])  # the pictures never go into the store they describe
+    for name in ("cosine.png", "spectrum.png", "rel_errors.png"):
+        check_output(out / name, False)  # never overwrites a picture (inspect has no --force)
     out.mkdir(parents=True, exist_ok=True)
     s = store.summary()
     names, labels = list(s["tasks"]), s.get("labels")

@@ -19,7 +19,7 @@ from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder
 from tvbasis.eval.metrics import CONTROL_THRESHOLD, DEFAULT_GRID, SEARCHES, Evaluator, parse_grid
 from tvbasis.eval.tune import TuneResult, tune_addition, tune_addition_per_task, tune_negation
 from tvbasis.eval.userdata import encoder_resolves, keep_known, load_user_task, score_tasks
-from tvbasis.io import Checkpoint, check_output, open_checkpoint, parse_dtype
+from tvbasis.io import Checkpoint, atomic_output, check_output, open_checkpoint, parse_dtype
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_digests
 from tvbasis.store import BasisStore
 from tvbasis.vectors import TaskVector
@@ -65,11 +65,62 @@ def pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise ConfigError(f"{p}: the folder {p.parent} does not exist")
-    p.write_text(json.dumps(data, indent=1, default=str) + "\n")
+#: most λ values a --grid may hold (every point is a full evaluation; the default grid has 20)
+MAX_GRID_POINTS = 1000
+
+
+def checked_grid(text: str) -> tuple[float, ...]:
+    """``--grid`` parsed, with its size bounded before anything is expanded (a STEP:STOP of 1e-12:1e6 would
+    otherwise build a tuple of 10¹⁸ values)."""
+    if ":" in text:
+        try:
+            step, stop = (float(x) for x in text.strip().split(":"))
+        except ValueError:
+            raise ConfigError(f"bad λ grid {text[:80]!r}: expected 'a,b,c' or 'step:stop'") from None
+        if math.isfinite(step) and math.isfinite(stop) and step > 0 and stop / step > MAX_GRID_POINTS:
+            raise ConfigError(f"--grid {text[:80]!r} has about {stop / step:.3g} points; at most {MAX_GRID_POINTS} "
+                              "(each point is a full evaluation)")
+    elif text.count(",") >= MAX_GRID_POINTS:
+        raise ConfigError(f"--grid has more than {MAX_GRID_POINTS} values")
+    return parse_grid(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --batch-size: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def json_inputs(args: argparse.Namespace) -> list[str]:
+    """Every path a command reads: its --json output may be none of them (nor contain or lie inside one)."""
+    paths: list[str] = []
+    for flag in ("model", "pretrained", "store", "heads_from", "out"):
+        v = getattr(args, flag, None)
+        if v:
+            paths.append(str(v))
+    for flag in ("task", "labels", "test", "finetuned"):
+        paths += [item.partition("=")[2] for item in getattr(args, flag, None) or [] if "=" in item]
+    paths += [str(v).rsplit("=", 1)[0] if "=" in str(v) else str(v) for v in getattr(args, "vector", None) or []]
+    return [p for p in paths if p]
+
+
+def check_json_output(args: argparse.Namespace) -> None:
+    """Before any work: the --json file follows the output rules (io/outputs.py): not an input, an existing file
+    only with --force, never a directory."""
+    if args.json:
+        check_output(Path(args.json), getattr(args, "force", False), json_inputs(args), kind=None)
+
+
+def write_json(args: argparse.Namespace, data: Mapping[str, Any]) -> None:
+    """The --json file, written atomically (a temporary, then renamed into place) under the output rules."""
+    text = json.dumps(data, indent=1, default=str) + "\n"
+    with atomic_output(Path(args.json), getattr(args, "force", False), json_inputs(args), directory=False) as tmp:
+        tmp.write_text(text)
 
 
 def check_store_pretrained(store: BasisStore, pre: Checkpoint) -> None:
@@ -118,8 +169,10 @@ def data_flags(p: argparse.ArgumentParser, task_help: str) -> None:
     p.add_argument("--label-column", default="label", help="column (or JSONL field) of the labels (default label)")
     p.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="file format (default: from the suffix)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens per text (default 128)")
-    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"batch size (default {EVAL_BATCH_SIZE})")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE,
+                   help=f"batch size (default {EVAL_BATCH_SIZE})")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (an existing file only with "
+                   "--force; never one of the inputs)")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -130,6 +183,7 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_eval(args: argparse.Namespace) -> int:
     task_files = pairs(args.task, "--task")
     labels = pairs(args.labels, "--labels")
+    check_json_output(args)
     edit: TaskVector | None = None
     what = None
     if args.vector and args.store:
@@ -152,13 +206,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                fmt=args.format, progress=_progress(args), what=what or "the edit")
     mean = sum(s.accuracy for s in scores.values()) / len(scores)
     model = f"{args.model}" + (f" + {coef:g}·({what})" if what else "")
-    print(f"{model}: {'its own classification head' if head == 'own' else 'encoder adapter, zero-shot heads'}"
+    how = {"own": "its own classification head", "lm": "causal LM, log-likelihood of each label's text"}
+    print(f"{model}: {how.get(head, 'encoder adapter, zero-shot heads')}"
           + (f" from {args.heads_from}" if args.heads_from else ""))
     print(table(["task", "file", "examples", "classes", "accuracy %"],
                 [[n, s.file, s.examples, s.classes, pct(s.accuracy)] for n, s in scores.items()]
                 + ([["mean", "", sum(s.examples for s in scores.values()), "", pct(mean)]] if len(scores) > 1 else [])))
     if args.json:
-        write_json(args.json, {"model": str(args.model), "head": head, "heads_from": args.heads_from,
+        write_json(args, {"model": str(args.model), "head": head, "heads_from": args.heads_from,
                                "edit": what, "scaling_coef": coef if what else None,
                                "tasks": {n: s.to_dict() for n, s in scores.items()}, "mean_accuracy": mean})
     return 0
@@ -204,9 +259,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     unknown = sorted(set(labels) - set(dev_files))
     if unknown:
         raise ConfigError(f"--labels {unknown[0]}=...: no --task named {unknown[0]!r}")
-    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
+    grid = checked_grid(args.grid) if args.grid else DEFAULT_GRID
+    check_json_output(args)
     if args.out:
-        check_output(Path(args.out), args.force)
+        check_output(Path(args.out), args.force, [p for p in json_inputs(args) if p != args.out])
     pre = open_checkpoint(args.pretrained)
     vectors, store = _vectors(args, pre)
 
@@ -267,7 +323,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                 parameters={"edit": what, **({"lambdas": r.lams} if r.lams else {"lambda": coef})})
         print(f"wrote {written}")
     if args.json:
-        write_json(args.json, {"pretrained": str(args.pretrained), "source": str(args.store) if store else "fine-tunes",
+        write_json(args, {"pretrained": str(args.pretrained), "source": str(args.store) if store else "fine-tunes",
                                "edit": what, "grid": list(grid), "search": args.search, **r.to_dict(),
                                "out": str(written) if written else None})
     return 0
@@ -308,9 +364,10 @@ def register(sub: Any) -> None:
     s.add_argument("model", metavar="MODEL_DIR", help="a Hugging Face model directory (with --vector/--store: the "
                    "pretrained model)")
     data_flags(s, "a task and its labelled file (.csv, .tsv, .jsonl); repeat per task")
-    s.add_argument("--head", choices=["auto", "encoder", "own"], default="auto",
-                   help="auto (default): the model's own head for a *ForSequenceClassification checkpoint, else "
-                   "the encoder adapter")
+    s.add_argument("--head", choices=["auto", "encoder", "own", "lm"], default="auto",
+                   help="auto (default): the model's own head for a *ForSequenceClassification checkpoint, the "
+                   "label texts' log-likelihood for a *ForCausalLM one (lm: 'Text: {text}\\nLabel:' then each "
+                   "label; the most likely label wins), else the encoder adapter")
     s.add_argument("--heads-from", metavar="DIR", help="encoder adapter: build the zero-shot heads from this "
                    "model's weights (e.g. the pretrained model of a fine-tune, as the benchmark does)")
     s.add_argument("--vector", action="append", metavar="FILE[=COEF]", help="a saved task vector; repeatable")
@@ -319,6 +376,7 @@ def register(sub: Any) -> None:
     s.add_argument("--negate", metavar="TASK")
     s.add_argument("--combine", metavar="a=1,b=-0.5")
     s.add_argument("--scaling-coef", type=float, help="λ in θ₀ + λ·τ (default 1.0)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     s.set_defaults(fn=cmd_eval)
 
     t = sub.add_parser(
@@ -351,5 +409,5 @@ def register(sub: Any) -> None:
     t.add_argument("--out", metavar="DIR", help="write θ₀ + λ·τ at the chosen λ as a model directory")
     t.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the written model")
     t.add_argument("--max-shard-size", default="5GB")
-    t.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    t.add_argument("--force", action="store_true", help="overwrite an existing --out and --json file")
     t.set_defaults(fn=cmd_tune)

@@ -60,10 +60,8 @@ from tvbasis.io import (
     dtype_name,
     open_checkpoint,
     parse_dtype,
-    replace_atomically,
-    temp_sibling,
 )
-from tvbasis.io.atomic import check_not_input, temp_path
+from tvbasis.io.atomic import AtomicOutput, check_not_input, temp_path
 from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
 from tvbasis.passes import ALL
 from tvbasis.store import BasisStore, Manifest
@@ -423,7 +421,7 @@ def export_tvb(store: BasisStore | str | Path, out: str | Path, *, force: bool =
         store = BasisStore.open(store)
     method = _paper_method(store)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, [store.root], kind="tvb")  # the output rules (io/outputs.py), before any work
     fit = next(iter(store.fits.values()))
     names = list(store.specs)
     M = store.M
@@ -435,8 +433,8 @@ def export_tvb(store: BasisStore | str | Path, out: str | Path, *, force: bool =
     W = torch.as_tensor(fit.W, dtype=torch.float32)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     opts = store.manifest.options
-    tmp = temp_sibling(out)
-    tmp.mkdir(parents=True)
+    output = AtomicOutput(out, force, [store.root], kind="tvb")
+    tmp = output.tmp
     try:
         torch.save({"basis_vectors": bases, "num_basis": M, "method": method}, tmp / BASIS_FILE)
         if method == AE:
@@ -470,8 +468,8 @@ def export_tvb(store: BasisStore | str | Path, out: str | Path, *, force: bool =
             info = {"method": PCA, "M": M, "seed": 0, "datasets": list(store.task_names), "timestamp": stamp,
                     "tvbasis_method": "pca", **({"pretrained": pretrained_label} if pretrained_label else {})}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        replace_atomically(tmp, out)
+        output.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        output.abort()
         raise
     return out

@@ -15,9 +15,13 @@ crash, ``kill -9`` included) sees either the old output, complete, or the new on
   two steps (an empty directory created in between is replaced; anything else makes the rename fail); a new file
   is linked in race-free.
 - Temporaries left by a killed process are removed by ``cleanup_stale_temps`` at the start of every write to the
-  same parent: their pid is in the name, and a pid that no longer exists marks them stale. (A process on another
-  host or in another pid namespace sharing the directory is not seen: do not run concurrent writers of the same
-  output from different machines.)
+  same parent, and by ``tvbasis gc``, only when they prove that tvbasis made them: a temporary directory holds a
+  marker file (``.tvbasis-temp``, naming the directory) written when it was created (``make_temp_dir``), and its
+  process (the pid in its name) is gone. A file or symlink that merely has a temporary's name is never removed
+  (except a temporary file inside a store, under the store's writer lock: the manifest's own temporary), and
+  symlinks are never followed. A file output is written inside a marked temporary directory and moved out of it.
+  (A process on another host or in another pid namespace sharing the directory is not seen: do not run
+  concurrent writers of the same output from different machines.)
 """
 
 from __future__ import annotations
@@ -30,15 +34,23 @@ import platform
 import re
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from tvbasis.errors import ConfigError, OutputExistsError
+from tvbasis.errors import OutputExistsError
+from tvbasis.io.outputs import ANY, check_not_input, check_output, check_replaceable
+
+__all__ = ["ANY", "AtomicOutput", "atomic_output", "check_not_input", "check_output", "cleanup_stale_temps",
+           "exchange", "fsync_dir", "fsync_tree", "make_temp_dir", "rename_noreplace", "replace_atomically",
+           "temp_path"]
 
 TEMP_MARK = ".tvbasis-tmp-"
+#: marker file inside every temporary directory tvbasis creates (its content: the directory's name)
+TEMP_MARKER = ".tvbasis-temp"
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tvbasis-tmp-(?P<pid>\d+)-(?P<rand>[0-9a-f]+)$")
 
 AT_FDCWD = -100
@@ -52,10 +64,65 @@ _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, err
 # ---------------------------------------------------------------------------------------------- temp names
 
 
+class _TempPath(type(Path())):  # type: ignore[misc]
+    """The path of a temporary (``temp_path``): creating it as a directory (``mkdir``) also writes the marker
+    that proves tvbasis made it, so every writer's temporary directory is marked without the writer doing
+    anything (paths derived from it are of this class too, but only the temporary's own name gets a marker)."""
+
+    def mkdir(self, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
+        super().mkdir(mode, parents, exist_ok)
+        if _TEMP_RE.match(self.name) and not os.path.lexists(self / TEMP_MARKER):
+            with open(self / TEMP_MARKER, "x") as f:
+                f.write(self.name + "\n")
+
+
 def temp_path(out: Path) -> Path:
-    """A fresh, recognisable temporary sibling of ``out``: ``.{name}.tvbasis-tmp-{pid}-{random}``."""
+    """A fresh, recognisable temporary sibling of ``out``: ``.{name}.tvbasis-tmp-{pid}-{random}`` (created by the
+    caller; as a directory it holds the marker ``.tvbasis-temp``)."""
     out = Path(out)
-    return out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    return _TempPath(out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def make_temp_dir(out: Path) -> Path:
+    """Create a fresh temporary sibling directory of ``out`` holding the marker that lets ``cleanup_stale_temps``
+    and ``tvbasis gc`` prove tvbasis made it."""
+    tmp = temp_path(out)
+    tmp.mkdir()  # writes the marker
+    return tmp
+
+
+def unmark_temp(tmp: Path) -> None:
+    """Remove a temporary directory's marker before it is moved into place as an output."""
+    try:
+        os.unlink(Path(tmp) / TEMP_MARKER)
+    except FileNotFoundError:
+        pass
+
+
+def _mark_old(out: Path, temp_name: str) -> bool:
+    """Before an existing directory output is swapped to a temporary's path (and removed there), mark it as that
+    temporary, so that if this process dies between the swap and the removal, the old copy left at the temporary's
+    path is provably ours. False when ``out`` is not a directory (nothing written)."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    with open(out / TEMP_MARKER, "w") as f:
+        f.write(temp_name + "\n")
+    return True
+
+
+def _marked(path: Path) -> bool:
+    """True for a real directory (not a symlink) holding the marker of exactly this temporary."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        marker = path / TEMP_MARKER
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return False
+        with open(marker, "rb") as f:
+            return f.read(512).decode("utf-8", "replace").strip() == path.name
+    except OSError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,10 +150,12 @@ def _remove(path: Path) -> None:
         pass
 
 
-def cleanup_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove temporaries (``.{name}.tvbasis-tmp-{pid}-*``) in ``parent`` whose process is gone; only those of
-    output ``name`` when given. Returns the paths removed. A temp whose pid is alive (another write in progress, or
-    this process) is kept. Errors removing one (permissions) leave it in place."""
+def cleanup_stale_temps(parent: Path, name: str | None = None, *, in_store: bool = False) -> list[Path]:
+    """Remove temporaries (``.{name}.tvbasis-tmp-{pid}-*``) in ``parent`` whose process is gone and that prove
+    tvbasis made them (a directory holding its marker; with ``in_store`` — ``parent`` is a store and the caller
+    holds its writer lock — also a plain file); only those of output ``name`` when given. Returns the paths
+    removed. A temp whose pid is alive (another write in progress, or this process) is kept, and so is every
+    symlink and every entry without proof. Errors removing one (permissions) leave it in place."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(parent))
@@ -97,6 +166,10 @@ def cleanup_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
         if m is None or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
             continue
         path = Path(entry.path)
+        if entry.is_symlink():
+            continue
+        if not (_marked(path) or (in_store and entry.is_file(follow_symlinks=False))):
+            continue
         try:
             _remove(path)
         except OSError:
@@ -264,55 +337,29 @@ def replace_atomically(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------- atomic output
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless force; create the parent and check it is writable. Raises before any
-    work."""
-    out = Path(out)
-    if os.path.lexists(out) and not force:
-        raise OutputExistsError(f"{out}: already exists (pass --force to overwrite)")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{parent}: directory is not writable")
-
-
-def check_not_input(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is, contains, or lies inside one of ``inputs`` (paths resolved, symlinks followed):
-    replacing it would destroy an input, possibly while it is still being read."""
-    o = Path(out).expanduser().resolve()
-    for raw in inputs:
-        i = Path(raw).expanduser().resolve()
-        if o == i:
-            how = "is"
-        elif o.is_relative_to(i):
-            how = "lies inside"
-        elif i.is_relative_to(o):
-            how = "contains"
-        else:
-            continue
-        raise ConfigError(f"output {out} {how} the input {raw}: write the output somewhere else")
-
-
 class AtomicOutput:
     """An output being written under a temporary sibling (``self.tmp``), swapped into place by ``commit()`` or
-    removed by ``abort()``. All checks run in the constructor, before any work: an existing ``out`` without
-    ``force`` (OutputExistsError), ``out`` overlapping one of ``inputs`` (ConfigError). Stale temps of ``out`` left
-    by dead processes are removed first. ``directory``: the temp is created as an empty directory (else the caller
-    creates the file at ``self.tmp``).
+    removed by ``abort()``. All checks run in the constructor, before any work (``io.outputs.check_output``): an
+    existing ``out`` without ``force`` (OutputExistsError), ``out`` overlapping one of ``inputs``, a non-empty
+    directory at ``out`` that is not a tvbasis output of the same ``kind`` (ConfigError). Stale temps of ``out``
+    left by dead processes are removed first. ``directory``: the temp is created as an empty directory (apart from
+    its marker, removed at commit) and ``kind`` (default ``model``) says which existing outputs ``--force`` may
+    replace; else the caller creates the file at ``self.tmp``, which lies inside a marked temporary directory.
 
     As a context manager it yields the temp path, commits on success and aborts on any exception (KeyboardInterrupt
     included)."""
 
     def __init__(self, out: str | Path, force: bool = False, inputs: Sequence[str | Path] = (), *,
-                 directory: bool = True) -> None:
+                 directory: bool = True, kind: str | None = None) -> None:
         self.out = Path(out)
         self.force = force
-        check_not_input(self.out, [Path(p) for p in inputs])
-        check_output(self.out, force)
+        self.kind = (kind or "model") if directory else None
+        check_output(self.out, force, inputs, self.kind)
         cleanup_stale_temps(self.out.parent, self.out.name)
-        self.tmp = temp_path(self.out)
-        if directory:
-            self.tmp.mkdir()
+        self.wrap = make_temp_dir(self.out)
+        #: the path the caller writes: the temporary directory itself, or a file inside it
+        self.tmp = self.wrap if directory else self.wrap / self.out.name
+        self.directory = directory
         self.done = False
 
     def commit(self) -> Path:
@@ -321,9 +368,20 @@ class AtomicOutput:
         if self.done:
             return self.out
         try:
-            if self.force:
+            if self.force and self.directory:
+                check_replaceable(self.out, True, self.kind)  # again: what is at ``out`` now
+                old_marked = _mark_old(self.out, self.wrap.name)
+                unmark_temp(self.wrap)
+                try:
+                    replace_atomically(self.tmp, self.out)
+                except BaseException:
+                    if old_marked:
+                        unmark_temp(self.out)
+                    raise
+            elif self.force:
                 replace_atomically(self.tmp, self.out)
             else:
+                unmark_temp(self.wrap)
                 fsync_tree(self.tmp)
                 try:
                     rename_noreplace(self.tmp, self.out)
@@ -335,13 +393,15 @@ class AtomicOutput:
             self.abort()
             raise
         self.done = True
+        if not self.directory:
+            _remove(self.wrap)  # the emptied wrapper (or the old file, moved here by the exchange)
         return self.out
 
     def abort(self) -> None:
         """Remove the temp (idempotent; a no-op after a commit)."""
         if not self.done:
             self.done = True
-            _remove(self.tmp)
+            _remove(self.wrap)
 
     def __enter__(self) -> Path:
         return self.tmp
@@ -355,11 +415,11 @@ class AtomicOutput:
 
 @contextmanager
 def atomic_output(out: str | Path, force: bool = False, inputs: Sequence[str | Path] = (), *,
-                  directory: bool = True) -> Iterator[Path]:
+                  directory: bool = True, kind: str | None = None) -> Iterator[Path]:
     """``with atomic_output(out, force, inputs) as tmp:`` write under ``tmp``; on success it replaces ``out`` in one
     step, on any exception (KeyboardInterrupt included) it is removed and ``out`` is untouched. See AtomicOutput
     for the checks."""
-    a = AtomicOutput(out, force, inputs, directory=directory)
+    a = AtomicOutput(out, force, inputs, directory=directory, kind=kind)
     try:
         yield a.tmp
     except BaseException:

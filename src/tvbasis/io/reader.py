@@ -24,6 +24,7 @@ import torch
 from tvbasis.errors import CheckpointError
 from tvbasis.io.paths import confined_file
 from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
+from tvbasis.untrusted import load_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -167,12 +168,10 @@ def parse_safetensors_header(f: Path) -> tuple[list[tuple[TensorSpec, int]], dic
             raise CheckpointError(f"{f}: not a valid safetensors file (header length {n} exceeds the file size; "
                                   "truncated or not safetensors)")
         raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
-        if not isinstance(header, dict):
-            raise TypeError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header: {e})") from None
+    header = load_json(raw, f"{f}: not a valid safetensors file (corrupt header)", CheckpointError,
+                       MAX_HEADER_BYTES, what="header JSON")  # caps on size, depth, numbers; no repeated keys
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: not a valid safetensors file (corrupt header: header is not a JSON object)")
     meta = header.pop("__metadata__", None)
     if meta is None:
         meta = {}

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -29,10 +30,15 @@ import filelock
 
 from tvbasis.errors import ConfigError, OutputExistsError, StoreError
 from tvbasis.io import cleanup_stale_temps, fsync_dir, rename_noreplace
-from tvbasis.io.atomic import _TEMP_RE, fsync_tree, replace_atomically, temp_path
+from tvbasis.io.atomic import _TEMP_RE, fsync_tree, replace_atomically, temp_path, unmark_temp
+from tvbasis.store.coded import CodedData
+from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.faults import fault_point, interrupts_deferred
 from tvbasis.store.format import MANIFEST, Digests, Manifest
+from tvbasis.store.integrity import StoreData
 from tvbasis.store.layout import generation_of, is_store_file, renamed
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".tvbasis.lock"
 #: seconds a writer waits for another writer of the same store by default
@@ -91,7 +97,7 @@ def unreferenced_files(root: Path, manifest: Manifest | None) -> list[str]:
 
 def remove_leftovers(root: Path, manifest: Manifest | None) -> list[Path]:
     """Under the lock: remove temporaries of dead processes and data files no manifest names."""
-    removed = cleanup_stale_temps(root)
+    removed = cleanup_stale_temps(root, in_store=True)
     for name in unreferenced_files(root, manifest):
         fault_point(f"remove {name}")
         try:
@@ -110,6 +116,57 @@ def next_generation(root: Path, manifest: Manifest | None) -> int:
     if manifest is not None:
         used.append(manifest.generation)
     return max([0, *used]) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def _refusal(out: Path, why: str) -> StoreError:
+    return StoreError(f"{out}: refusing to commit a store that its own reader would refuse: {why}; nothing was "
+                      "committed (an existing store is unchanged)")
+
+
+def checked_manifest(manifest: Manifest, out: Path) -> Manifest:
+    """The manifest as a reader will parse it: its JSON text through ``Manifest.parse``, the reader's validator
+    (a codec chain nested too deep, a name the validator refuses, a non-finite number: refused here)."""
+    try:
+        text = manifest.dumps().encode()
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise _refusal(out, f"its manifest cannot be written as JSON ({type(e).__name__}: {str(e)[:160]})") \
+            from None
+    try:
+        return Manifest.parse(text, str(out / MANIFEST))
+    except StoreError as e:
+        raise _refusal(out, str(e)) from None
+
+
+def validate_store_dir(root: Path, manifest: Manifest, out: Path, new_files: set[str] | None = None) -> None:
+    """Before a commit: open the store in ``root`` under ``manifest`` as a reader would (every data file's size and
+    header against the manifest) and decode every coded entry in ``new_files`` (all when None), checking finite
+    values, shapes and the manifest's recorded norms and errors (``store.decoded``). StoreError, naming ``out``,
+    for the first problem."""
+    try:
+        dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise _refusal(out, f"cannot open {root} ({e.strerror})") from None
+    data: StoreData | None = None
+    coded: CodedData | None = None
+    try:
+        data = StoreData(root, dfd, manifest)
+        coded = CodedData(root, dfd, manifest) if manifest.coded is not None else None
+        keys = None
+        if new_files is not None and manifest.coded is not None:
+            keys = [k for k, e in manifest.coded.entries.items() if e.file in new_files]
+        dense = new_files is None or bool(new_files & set(manifest.files.dense()))
+        problems = plausibility_problems(root, manifest, data, coded, keys, dense=dense)
+    except StoreError as e:
+        raise _refusal(out, str(e)) from None
+    finally:
+        os.close(dfd)
+        for x in (data, coded):
+            if x is not None:
+                x.close()
+    if problems:
+        raise _refusal(out, problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1
+                                           else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- commits
@@ -148,12 +205,25 @@ def commit_generation(root: Path, manifest: Manifest, staged: Mapping[str, Path]
     for f in manifest.files.all():
         if f not in names.values() and not (root / f).is_file():
             raise StoreError(f"{root}: data file {f} is gone; nothing committed")
+    manifest = checked_manifest(manifest, root)
+    moved: list[Path] = []
     with interrupts_deferred():
-        for old, src in staged.items():
-            fault_point(f"move {names[old]}")
-            _move(src, root / names[old])
-        fsync_dir(root)
-        fault_point("data files in place")
+        try:
+            for old, src in staged.items():
+                fault_point(f"move {names[old]}")
+                _move(src, root / names[old])
+                moved.append(root / names[old])
+            fsync_dir(root)
+            fault_point("data files in place")
+            # the reader's own checks of what is about to be committed, before the switch
+            validate_store_dir(root, manifest, root, set(names.values()))
+        except StoreError:
+            for p in moved:  # files of a generation no manifest names: ours to remove
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            raise
         manifest.write(root)  # the commit point
         for name in unreferenced_files(root, manifest):
             fault_point(f"remove old {name}")
@@ -190,6 +260,15 @@ def commit_new_store(tmp: Path, out: Path, manifest: Manifest, kind: str, force:
     (another build that got there first wins unless ``force``), an existing store by a new generation inside it
     (``kind == "store"``; the caller holds its lock), an empty directory or a file by one exchange."""
     fault_point("store written")
+    if kind == "store":
+        manifest = checked_manifest(manifest, out)  # generation-independent checks before anything moves
+    else:
+        try:
+            written = Manifest.read(tmp)
+        except StoreError as e:
+            raise _refusal(out, str(e).replace(str(tmp), str(out))) from None
+        validate_store_dir(tmp, written, out)
+        unmark_temp(tmp)  # the temporary's marker does not go into the store
     if kind == "new":
         fsync_tree(tmp)
         try:
@@ -208,7 +287,7 @@ def commit_new_store(tmp: Path, out: Path, manifest: Manifest, kind: str, force:
             fault_point("committed")
             return
     if kind == "store":
-        cleanup_stale_temps(out)
+        cleanup_stale_temps(out, in_store=True)
         commit_generation(out, manifest, {f: tmp / f for f in manifest.files.all()})
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -219,24 +298,41 @@ def commit_new_store(tmp: Path, out: Path, manifest: Manifest, kind: str, force:
 
 def collect_garbage(directory: Path, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> list[Path]:
     """``tvbasis gc``: remove what killed tvbasis runs left behind in ``directory`` — temporaries of dead
-    processes (any output's), and, in ``directory`` itself and in each store directly inside it, under that
-    store's writer lock, data files its manifest does not name. Foreign entries are never touched."""
+    processes that prove tvbasis made them (``io.atomic.cleanup_stale_temps``: a marker inside, never a name
+    alone), and, in ``directory`` itself and in each store directly inside it, under that store's writer lock,
+    data files its manifest does not name. Foreign entries are never touched, symlinks never followed; a
+    directory whose ``tvbasis.json`` is not a valid manifest is not a store (no lock file is left in it); a store
+    another process is writing is skipped with a warning and the run goes on."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: not a directory")
-    removed = cleanup_stale_temps(directory)
-    stores = [directory] if (directory / MANIFEST).is_file() else []
+    if directory.is_symlink() or not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory (gc does not follow symlinks)")
+    stores = [directory] if _is_store(directory) else []
+    removed = cleanup_stale_temps(directory, in_store=bool(stores))
     try:
         stores += sorted(Path(e.path) for e in os.scandir(directory)
-                         if e.is_dir(follow_symlinks=False) and (Path(e.path) / MANIFEST).is_file())
+                         if e.is_dir(follow_symlinks=False) and _is_store(Path(e.path)))
     except OSError:
         pass
     for root in stores:
-        with store_lock(root, lock_timeout):
-            try:
-                manifest = Manifest.read(root)
-            except StoreError:
-                removed += cleanup_stale_temps(root)  # an unreadable manifest: keep every data file
-                continue
-            removed += remove_leftovers(root, manifest)
+        try:
+            with store_lock(root, lock_timeout):
+                try:
+                    manifest = Manifest.read(root)
+                except StoreError:
+                    removed += cleanup_stale_temps(root, in_store=True)  # unreadable now: keep every data file
+                    continue
+                removed += remove_leftovers(root, manifest)
+        except StoreError as e:
+            log.warning("gc: skipped %s: %s", root, str(e)[:300])
     return removed
+
+
+def _is_store(root: Path) -> bool:
+    """A directory (not a symlink) whose manifest parses: only then may gc take its lock."""
+    if root.is_symlink() or not (root / MANIFEST).is_file() or (root / MANIFEST).is_symlink():
+        return False
+    try:
+        Manifest.read(root)
+    except StoreError:
+        return False
+    return True

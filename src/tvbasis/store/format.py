@@ -44,12 +44,12 @@ from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import TensorSpec, dtype_name, fsync_dir
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.paths import plain_name_problem
-from tvbasis.io.reader import no_duplicate_keys
 from tvbasis.merge import MergeSpec, get_merger
 from tvbasis.passes import ALL
 from tvbasis.store.faults import fault_point
 from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
 from tvbasis.store.peers import LORA_METHODS, PEER_METHODS, check_peer_options
+from tvbasis.untrusted import load_json
 
 FORMAT = "tvbasis.basis_store"
 FORMAT_VERSION = 2
@@ -180,14 +180,9 @@ def _only_numbers(v: Any) -> bool:
 
 
 def _strict_json(raw: bytes, where: str) -> Any:
-    """Parse untrusted JSON: UTF-8, no NaN/Infinity literals, no repeated keys."""
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise StoreError(f"{where}: unreadable manifest ({type(e).__name__}: {e})") from None
+    """Parse untrusted JSON (``untrusted.load_json``): UTF-8, no NaN/Infinity literals nor numbers overflowing to
+    infinity, no repeated keys, integers of at most 40 digits, at most 64 levels deep."""
+    return load_json(raw, where, StoreError, MAX_MANIFEST_BYTES, what="manifest")
 
 
 def manifest_digest(d: Mapping[str, Any]) -> str:
@@ -1024,6 +1019,8 @@ def _check_encoded(c: _Check, d: Any, path: str, prefix: str, available: set[str
             raise c.fail(f"{path}.codec", f"is not a valid codec spec: {e}") from None
     for x in _list(c, c.get(d, "shape", f"{path}."), f"{path}.shape"):
         c.int_(x, f"{path}.shape", 0, 2**40)
+    if spec == NONE_CODEC and (d.get("tensors") or d.get("children")):
+        raise c.fail(path, f"is an empty entry (codec {NONE_CODEC!r}, all zeros) but lists stored tensors")
     c.obj(d.get("meta", {}), f"{path}.meta")
     for i, n in enumerate(c.strs(d.get("tensors", []), f"{path}.tensors")):
         if not n or "." in n:

@@ -24,6 +24,7 @@ from tvbasis.io.checksum import check_pretrained_structure
 from tvbasis.merge import MergeContext, MergeSpec, get_merger
 from tvbasis.passes import ALL, operand_thresholds
 from tvbasis.store.coded import CodedData
+from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest, entry_key
 from tvbasis.store.integrity import MissingFile, StoreData, open_in_store
 from tvbasis.vectors import Producer, TaskVector
@@ -201,8 +202,9 @@ class BasisStore:
     # -- integrity ---------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Re-read every data file (header, every chunk's digest, finite values, size, SHA-256) against the
-        manifest; the problems found, one line each (empty: intact). A version-1 store has no digests to check
-        (reported as a problem: ``tvbasis upgrade`` adds them)."""
+        manifest, then decode every coded entry and compare the data with the manifest's recorded norms and errors
+        (``store/decoded.py``); the problems found, one line each (empty: intact). A version-1 store has no digests
+        to check (reported as a problem: ``tvbasis upgrade`` adds them)."""
         problems: list[str] = []
         if self.manifest.digests is None:
             problems.append(f"{self.root}: store format version {self.manifest.format_version} records no digests "
@@ -212,6 +214,8 @@ class BasisStore:
         if self.coded is not None:
             for f in self.manifest.files.coded:
                 problems.extend(self.coded.verify_file(f))
+        if not problems:
+            problems.extend(plausibility_problems(self.root, self.manifest, self.data, self.coded))
         return problems
 
     # -- arithmetic --------------------------------------------------------------------------------------

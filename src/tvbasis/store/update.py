@@ -51,6 +51,7 @@ from tvbasis.store.commit import (
     remove_leftovers,
     store_lock,
 )
+from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.faults import fault_point
 from tvbasis.store.format import (
     FORMAT_VERSION,
@@ -134,6 +135,17 @@ def needs_digests(store: BasisStore, what: str) -> None:
                          "(reading the store works as it is)")
 
 
+def refuse_unverified(store: BasisStore, what: str) -> None:
+    """StoreError unless the store passes ``verify`` (every file against its digests, every coded entry decoded
+    and its data consistent with the manifest's numbers): a writer never carries corrupt data into a new
+    generation under fresh digests. Reads the whole store once."""
+    problems = store.verify()
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise StoreError(f"{what} refuses a store that fails verification: {problems[0]}{more}; nothing changed "
+                         f"(run `tvbasis verify {store.root}`)")
+
+
 def add_task(store: BasisStore | str | Path, name: str, finetuned: str | Path | Checkpoint,
              pretrained: str | Path | Checkpoint, run: Run = None,
              lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
@@ -163,6 +175,7 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
                           "and a new task's mask would select from a vector that lacks it; rebuild the store with the "
                           "new fine-tune instead")
     needs_digests(store, "add-task")
+    refuse_unverified(store, "add-task")
     store.check_pretrained(pre)
     _check_covers(store, pre, ft)
     remove_leftovers(store.root, store.manifest)
@@ -496,6 +509,9 @@ def upgrade_store(root: str | Path, lock_timeout: float | None = DEFAULT_LOCK_TI
             mf = store.manifest
             if mf.digests is not None and mf.format_version == FORMAT_VERSION:
                 return store, False
+            problems = plausibility_problems(root, mf, store.data, store.coded)
+            if problems:  # digests recorded now would vouch for corrupt data from here on
+                raise StoreError(f"{problems[0]}; the store is corrupt and cannot be upgraded (rebuild it)")
             new = copy.deepcopy(mf)
             new.format_version = FORMAT_VERSION
             chunk = mf.pretrained.checksum_chunk_elements
