@@ -273,60 +273,9 @@ def test_parse_mapping_and_check_paths_off(tmp_path: Path, monkeypatch: pytest.M
                               "inline")
 
 
-# ------------------------------------------------------------------------------------------------ refusals
-def test_ties_example_gradient_density_refused(cwd: Path) -> None:
-    # mergekit's examples/ties.yml, verbatim
-    refused(cwd, """\
-        models:
-          - model: psmathur/orca_mini_v3_13b
-            parameters:
-              density: [1, 0.7, 0.1] # density gradient
-              weight: 1.0
-          - model: garage-bAInd/Platypus2-13B
-            parameters:
-              density: 0.5
-              weight: [0, 0.3, 0.7, 1] # weight gradient
-          - model: WizardLM/WizardMath-13B-V1.0
-            parameters:
-              density: 0.33
-              weight:
-                - filter: mlp
-                  value: 0.5
-                - value: 0
-        merge_method: ties
-        base_model: TheBloke/Llama-2-13B-fp16
-        parameters:
-          normalize: true
-          int8_mask: true
-        dtype: float16
-        """, "models[0].parameters.density", "gradient lists are not supported")
-
-
-def test_gradient_slerp_example_refused(cwd: Path) -> None:
-    # mergekit's examples/gradient-slerp.yml, verbatim
-    refused(cwd, """\
-        slices:
-          - sources:
-              - model: psmathur/orca_mini_v3_13b
-                layer_range: [0, 40]
-              - model: garage-bAInd/Platypus2-13B
-                layer_range: [0, 40]
-        merge_method: slerp
-        base_model: psmathur/orca_mini_v3_13b
-        parameters:
-          t:
-            - filter: self_attn
-              value: [0, 0.5, 0.3, 0.7, 1]
-            - filter: mlp
-              value: [1, 0.5, 0.7, 0.3, 0]
-            - value: 0.5 # fallback for rest of tensors
-        dtype: float16
-        """, "slices", "layer slices are not supported")
-
-
-def test_differing_densities_refused(cwd: Path) -> None:
-    # the final merge of mergekit's docs/multimerge.md
-    refused(cwd, """\
+def test_per_model_densities_give_a_plan(cwd: Path) -> None:
+    # the final merge of mergekit's docs/multimerge.md: one density per model
+    cfg = load(cwd, """\
         merge_method: dare_ties
         base_model: mistralai/Mistral-7B-v0.1
         models:
@@ -338,9 +287,44 @@ def test_differing_densities_refused(cwd: Path) -> None:
             parameters:
               density: 0.8
               weight: 0.5
-        """, "models[1].parameters.density", "tvbasis takes one density per merge")
+        """)
+    assert cfg.plan is not None
+    tm = cfg.plan.for_tensor("model.layers.0.mlp.up_proj.weight")
+    assert tm.per_task == {"density": (0.6, 0.8)} and tm.weights == (0.5, 0.5)
+    assert tm.spec == MergeSpec("dare_ties", {"density": 0.6, "rescale": True, "normalize": False, "sign": "total"})
 
 
+def test_ties_example_plan_values_by_layer_and_filter(cwd: Path) -> None:
+    (cwd / "WizardLM/WizardMath-13B-V1.0").mkdir(parents=True)
+    cfg = load(cwd, """\
+        models:
+          - model: psmathur/orca_mini_v3_13b
+            parameters: {density: [1, 0.7, 0.1], weight: 1.0}
+          - model: garage-bAInd/Platypus2-13B
+            parameters: {density: 0.5, weight: [0, 0.3, 0.7, 1]}
+          - model: WizardLM/WizardMath-13B-V1.0
+            parameters:
+              density: 0.33
+              weight: [{filter: mlp, value: 0.5}, {value: 0}]
+        merge_method: ties
+        base_model: TheBloke/Llama-2-13B-fp16
+        parameters: {normalize: true, lambda: [1, 2]}
+        """)
+    assert cfg.plan is not None and cfg.scaling_coef == 1.0
+    names = [f"model.layers.{i}.{m}.weight" for i in range(5) for m in ("mlp.up_proj", "self_attn.q_proj")]
+    plan = cfg.plan.bind(["model.embed_tokens.weight", *names])
+    # layer 1 of 5: t = 0.25 → density 1 + (0.7 − 1)·0.5 = 0.85; weight 0 + (0.3 − 0)·0.75 = 0.225; λ 1.25
+    tm = plan.for_tensor("model.layers.1.mlp.up_proj.weight")
+    assert tm.weights == pytest.approx((1.0, 0.225, 0.5)) and tm.scale == pytest.approx(1.25)
+    assert tm.per_task["density"] == pytest.approx((0.85, 0.5, 0.33))
+    tm = plan.for_tensor("model.layers.4.self_attn.q_proj.weight")  # t = 1, no mlp: WizardMath's weight 0
+    assert tm.weights == pytest.approx((1.0, 1.0, 0.0)) and tm.per_task["density"] == pytest.approx((0.1, 0.5, 0.33))
+    tm = plan.for_tensor("model.embed_tokens.weight")  # outside the layers: t = 0
+    assert tm.weights == pytest.approx((1.0, 0.0, 0.0)) and tm.scale == 1.0
+    assert tm.per_task["density"] == pytest.approx((1.0, 0.5, 0.33))
+
+
+# ------------------------------------------------------------------------------------------------ refusals
 TA = textwrap.dedent("""\
     merge_method: ties
     base_model: base
@@ -369,16 +353,23 @@ TA = textwrap.dedent("""\
     (TA + "parameters: [1]\n", "parameters", "must be a mapping"),
     (TA.replace("density: 0.5}\n  - model: ft/b", "density: 0.5, normalize: true}\n  - model: ft/b"),
      "models[0].parameters.normalize", "a merge-wide parameter"),
-    (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b", "weight: 1}\n  - model: ft/b"),
-     "models[1].parameters.density", "differs from models[0]'s 1"),
+    (TA.replace("density: 0.5}\n  - model: ft/b", "density: [0.5, 0.5, 'x']}\n  - model: ft/b"),
+     "models[0].parameters.density[2]", "a gradient list holds numbers"),
     (TA.replace("density: 0.5", "density: 0"), "models[0].parameters.density", "must be > 0"),
     (TA.replace("{weight: 1, density: 0.5}\n  - model: ft/b", "{density: 0.5}\n  - model: ft/b"),
      "models[0].parameters.weight", "mergekit requires a weight per model"),
-    (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b", "weight: {filter: mlp, value: 1}}\n"
-                "  - model: ft/b"), "models[0].parameters.weight", "filtered (per-tensor) values"),
+    (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b", "weight: {filter: 3, value: 1}}\n"
+                "  - model: ft/b"), "models[0].parameters.weight.filter", "must be a string"),
     (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b",
-                "weight: [{filter: mlp, value: 1}, {value: 0}]}\n  - model: ft/b"),
-     "models[0].parameters.weight", "filtered (per-tensor) value lists are not supported"),
+                "weight: [{filter: mlp, value: 1}, 0.5]}\n  - model: ft/b"),
+     "models[0].parameters.weight", "mixes {filter, value} entries with plain values"),
+    (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b",
+                "weight: [{filter: mlp, value: 1}]}\n  - model: ft/b"),
+     "models[0].parameters.weight", "missing; mergekit requires a weight"),
+    (TA.replace("weight: 1, density: 0.5}\n  - model: ft/b",
+                "weight: [{filter: mlp, value: 1, op: x}]}\n  - model: ft/b"),
+     "models[0].parameters.weight[0]", "expected {filter: NAME-PART, value: V}"),
+    (TA + "parameters: {normalize: [true, false]}\n", "parameters.normalize", "a list of booleans"),
     (TA.replace("model: ft/a", "model: ft/a+ft/c"), "models[0].model", "LoRA references"),
     (TA.replace("model: ft/a", "model: ft/a@main"), "models[0].model", "revisions"),
     (TA.replace("model: ft/a", "model: {model: ft/a, lora: ft/c}"), "models[0].model.lora", "LoRA references"),
@@ -390,9 +381,36 @@ TA = textwrap.dedent("""\
     (TA.replace("model: ft/a\n", "model: ft/a\n    layer_range: [0, 4]\n"), "models[0].layer_range",
      "unknown key"),
     (TA.replace("base_model: base\n", ""), "base_model", "missing"),
-    (TA.replace("merge_method: ties", "merge_method: slerp"), "merge_method", "mergekit's method 'slerp' is not"),
-    (TA.replace("merge_method: ties", "merge_method: della"), "merge_method", "not supported"),
-    (TA.replace("merge_method: ties", "merge_method: breadcrumbs"), "merge_method", "not supported"),
+    (TA.replace("merge_method: ties", "merge_method: arcee_fusion"), "merge_method",
+     "mergekit's method 'arcee_fusion' is not supported"),
+    (TA.replace("merge_method: ties", "merge_method: passthrough"), "merge_method", "stacks layers"),
+    (TA.replace("merge_method: ties", "merge_method: sce"), "merge_method", "not supported"),
+    ("merge_method: slerp\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\nparameters: {t: 0.5}\n",
+     "models", "ONE other model, got 2"),
+    (TA.replace("merge_method: ties", "merge_method: slerp").replace("  - model: ft/b\n    parameters: "
+                                                                    "{weight: 1, density: 0.5}\n", ""),
+     "models[0].parameters.weight", "not a parameter of mergekit's 'slerp'"),
+    ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft/a\n", "parameters.t", "requires t"),
+    ("merge_method: nuslerp\nbase_model: base\nmodels:\n  - model: base\n  - model: ft/a\n",
+     "models[0].model", "cannot be one of the two"),
+    ("merge_method: nuslerp\nmodels:\n  - model: ft/b\n    parameters: {weight: 1}\n",
+     "models", "exactly two models, got 1"),
+    ("merge_method: model_stock\nbase_model: base\nmodels:\n  - model: ft/a\n", "models",
+     "at least two models besides the base"),
+    (TA.replace("merge_method: ties", "merge_method: della").replace("density: 0.5}", "density: 0.9}"),
+     "parameters.epsilon", "density ± epsilon must lie inside (0, 1)"),
+    (TA.replace("merge_method: ties", "merge_method: della") + "parameters: {rescale: 1}\n",
+     "parameters.rescale", "must be true or false"),
+    ("merge_method: ties\nbase_model: base\nslices:\n  - sources: [{model: ft/a, layer_range: [0, 2]}, "
+     "{model: ft/b, layer_range: 2}]\n", "slices[0].sources[1].layer_range", "must be [START, END]"),
+    ("merge_method: ties\nbase_model: base\nslices:\n  - sources: [{model: ft/a, layer_range: [0, 2]}]\n"
+     "  - sources: [{model: ft/b, layer_range: [0, 2]}]\n", "slices[1]", "several output slices"),
+    ("merge_method: ties\nbase_model: base\nslices:\n  - sources: [{model: ft/a, layer_range: [0, 2]}]\n"
+     "    parameters: {weight: 1}\n", "slices[0].parameters", "per-slice settings are not supported"),
+    ("merge_method: ties\nbase_model: base\nslices:\n  - sources: [{model: ft/a, layer_range: [0, 2]}, "
+     "{model: ft/b, layer_range: [0, 3]}]\n", "slices[0].sources[1].layer_range", "differs from"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: ft/a}]\nslices: [{sources: []}]\n", "slices",
+     "not both"),
     (TA.replace("merge_method: ties", "merge_method: topk"), "merge_method", "method 'topk' is not supported"),
     (TA.replace("merge_method: ties\n", ""), "merge_method", "missing"),
     ("merge_method: ties\nbase_model: base\n", "models", "missing"),

@@ -55,9 +55,11 @@ def cmd_merge_config(args: argparse.Namespace) -> int:
     check_output(Path(args.out), args.force)
     run = run_options(args)
     models = {n: str(p) for n, p in cfg.models.items()}
-    tv = merge_task_vectors(str(cfg.base_model), models, cfg.spec, cfg.weights, None, args.include, args.exclude, run)
+    tv = merge_task_vectors(str(cfg.base_model), models, cfg.spec, cfg.weights, None, args.include, args.exclude, run,
+                            plan=cfg.plan)
     params = {"method": cfg.method, **cfg.spec.params, "models": ", ".join(models), "weights": cfg.weights,
-              "mergekit_config": str(args.config), "mergekit_method": cfg.mergekit_method}
+              "mergekit_config": str(args.config), "mergekit_method": cfg.mergekit_method,
+              **({"per_tensor_values": "gradients/filters/per-model values from the config"} if cfg.plan else {})}
     out = tv.apply_to(str(cfg.base_model), cfg.scaling_coef, args.out, dtype=parse_dtype(cfg.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run, method=cfg.method,
                       parameters=params, inputs=[str(cfg.base_model), *models.values()])
@@ -160,8 +162,10 @@ def register(sub: Any) -> None:
     s = sub.add_parser("merge", help="merge fine-tunes into one model directory",
                        description="Merge fine-tunes of one pretrained model with a merge method and write a Hugging "
                        "Face model directory: θ₀ + scaling_coef · merge(τ_1..τ_T). Or read mergekit's YAML "
-                       "(--config merge.yml: linear, task_arithmetic, ties, dare_linear, dare_ties; anything "
-                       "tvbasis cannot reproduce is refused by key).")
+                       "(--config merge.yml: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
+                       "breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, with gradient lists, "
+                       "filters and per-model densities; anything tvbasis cannot reproduce is refused by key; "
+                       "docs/mergekit.md).")
     from tvbasis.merge import available_methods
     s.add_argument("--config", metavar="MERGE.YML", help="a mergekit config (models: form); replaces --pretrained, "
                    "--finetuned, --method, the merge parameters, --weight, --scaling-coef and --dtype")
