@@ -280,3 +280,52 @@ def test_adapter_bytes_against_the_adapters_files(tmp_path: Path) -> None:
     assert adapter_bytes([tmp_path / "ad0", tmp_path / "ad1"]) == sum(sizes)
     assert adapter_bytes([tmp_path / "ad0", tmp_path]) is None  # one source is not an adapter
     assert adapter_bytes([]) is None
+
+
+# ------------------------------------------------------------------------------------------------ dry runs
+def test_dry_runs_plan_and_write_nothing(tiny: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.tinymodels import SHAPES, ft_args
+    pre_p, fts, pre, sds = tiny
+    floats = {k: v for k, v in pre.items() if v.is_floating_point()}
+    n_float = sum(v.numel() for v in floats.values())
+    # merge: the model it would write, in bf16
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", "--pretrained", str(pre_p), *ft_args(fts), "--method", "ties", "--dtype", "bfloat16",
+                 "--out", str(out), "--dry-run", "--json"]) == 0
+    plan = _one_json(capsys.readouterr().out)
+    assert not out.exists()
+    assert plan["dry_run"] is True and plan["command"] == "merge" and plan["T"] == 4
+    ints = sum(v.numel() * v.element_size() for v in pre.values() if not v.is_floating_point())
+    assert plan["write_bytes"] == 2 * n_float + ints
+    assert sum(r["parameters"] for r in plan["kinds"]) == n_float
+    kinds = {r["kind"]: r["tensors"] for r in plan["kinds"]}
+    assert kinds == {"embedding": 1, "matrix": sum(len(s) == 2 for s in SHAPES.values()) - 1,
+                     "vector": sum(len(s) == 1 for s in SHAPES.values()) - 1}  # position_ids is an int buffer
+    # build: M bases densely, T residuals through int8 (>= 1 byte per value, < 4)
+    store = tmp_path / "store"
+    assert main(["-q", "build", "--pretrained", str(pre_p), *ft_args(fts), "--method", "pca", "-M", "2",
+                 "--residual", "int8", "--out", str(store), "--dry-run", "--json"]) == 0
+    plan = _one_json(capsys.readouterr().out)
+    assert not store.exists()
+    assert sum(r["dense_bytes"] for r in plan["bases"]) == 2 * 4 * n_float
+    coded = sum(r["coded_bytes"] for r in plan["residuals"])
+    assert 4 * n_float <= coded < 4 * 4 * n_float
+    assert all(r["codec"].startswith("int8") for r in plan["residuals"])
+    # the text form says so too
+    assert main(["-q", "build", "--pretrained", str(pre_p), *ft_args(fts), "--method", "pca", "-M", "2",
+                 "--out", str(store), "--dry-run"]) == 0
+    assert "nothing written" in capsys.readouterr().out and not store.exists()
+    # edit and add-task on a real store: nothing changes
+    assert main(["-q", "build", "--pretrained", str(pre_p), *ft_args(dict(list(fts.items())[:3])), "--method", "pca",
+                 "-M", "1", "--out", str(store)]) == 0
+    before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["-q", "edit", str(store), "--pretrained", str(pre_p), "--add", "all", "--scaling-coef", "0.5",
+                 "--out", str(tmp_path / "edited"), "--dry-run", "--json"]) == 0
+    plan = _one_json(capsys.readouterr().out)
+    assert not (tmp_path / "edited").exists() and plan["write_bytes"] == 4 * n_float + ints
+    assert main(["-q", "add-task", str(store), f"task3={fts['task3']}", "--pretrained", str(pre_p),
+                 "--dry-run", "--json"]) == 0
+    plan = _one_json(capsys.readouterr().out)
+    assert plan["T_after"] == 4 and plan["task"] == "task3"
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before

@@ -224,11 +224,14 @@ def print_plan(command: str, plan: dict[str, Any]) -> None:
         if isinstance(v, list) and v and isinstance(v[0], dict):
             print(f"{k}:")
             headers = list(v[0])
-            print_table(headers, [[human_bytes(r[h]) if h.endswith("bytes") and isinstance(r[h], int) else
+            print_table(headers, [[human_bytes(r[h]) if "bytes" in h and isinstance(r[h], int) else
                                    ("–" if r[h] is None else r[h]) for h in headers] for r in v])
         elif isinstance(v, dict):
-            print(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
-        elif k.endswith("bytes") and isinstance(v, int):
+            print(f"{k}: " + (", ".join(f"{a}={human_bytes(b) if 'bytes' in k else b}" for a, b in v.items())
+                              or "–"))
+        elif isinstance(v, float):
+            print(f"{k}: {v:.4g}")
+        elif "bytes" in k and isinstance(v, int) and not isinstance(v, bool):
             print(f"{k}: {human_bytes(v)} ({v:,} B)")
         else:
             print(f"{k}: {v}")

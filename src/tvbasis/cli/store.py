@@ -15,6 +15,8 @@ from tvbasis.cli.common import (
     FT_HELP,
     combo,
     common_io,
+    dry_run,
+    dry_run_flag,
     engine_flags,
     filters,
     finetuned,
@@ -82,6 +84,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tvbasis.store import build_store
     from tvbasis.store.peers import LORA_METHODS
     ft = finetuned(args.finetuned)
+    if (rc := dry_run(args, lambda: _build_plan(args, ft))) is not None:
+        return rc
     if args.budget is not None or args.quality is not None:
         return _build_budget(args, ft)
     if args.method is None:
@@ -166,6 +170,18 @@ def _sizes(s: dict[str, Any]) -> str:
                 "dense task vectors)")
     return (f"{human_bytes(s['bytes_on_disk'])} on disk vs {human_bytes(s['task_vectors_bytes'])} of task vectors "
             f"({s['compression']:.2f}x)")
+
+
+def _build_plan(args: argparse.Namespace, ft: dict[str, str]) -> dict[str, Any]:
+    """``build --dry-run``'s plan (cli/plans.py); a ``--budget``/``--quality`` build plans its inputs only."""
+    from tvbasis.cli.plans import build_plan
+    method = args.method
+    if getattr(args, "budget", None) is not None or getattr(args, "quality", None) is not None:
+        method = "chosen by --budget/--quality"
+    if method is None:
+        raise ConfigError("give --method (how to store the tasks), or --budget/--quality to let tvbasis choose")
+    return build_plan(args.pretrained, ft, method, args.M, args.codec, args.residual, args.include, args.exclude,
+                      args.out, args.dtype)
 
 
 def _report_build(args: argparse.Namespace, store: Any) -> int:
@@ -271,6 +287,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    from tvbasis.cli.plans import edit_plan
     from tvbasis.io import check_output, open_checkpoint, parse_dtype
     from tvbasis.store import BasisStore
     store = BasisStore.open(args.store)
@@ -303,6 +320,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         tv = store.combine(alpha)
         what = f"combine {args.combine}"
         card["coefficients"] = alpha
+    if (rc := dry_run(args, lambda: edit_plan(store, args.pretrained, args.out, args.dtype, what,
+                                              args.max_shard_size))) is not None:
+        return rc
     out = tv.apply_to(pre, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
                       method=f"tvbasis edit ({store.method} store)", parameters={"edit": what, **card},
@@ -313,9 +333,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
+    from tvbasis.cli.plans import add_task_plan
     from tvbasis.store import BasisStore, add_task
     pair = pairs([args.task], "NAME=PATH")
     (name, path), = pair.items()
+    if (rc := dry_run(args, lambda: add_task_plan(BasisStore.open(args.store), name, path,
+                                                  args.pretrained))) is not None:
+        return rc
     new = add_task(BasisStore.open(args.store), name, path, args.pretrained, run=run_options(args),
                    lock_timeout=args.lock_timeout)
     from tvbasis.store.notes import error_warnings
@@ -426,6 +450,7 @@ def register(sub: Any) -> None:
     lock_flag(s)
     filters(s)
     engine_flags(s, device=True)
+    dry_run_flag(s)
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("inspect", help="a store's tasks, sizes, reconstruction errors and cosine matrix")
@@ -463,6 +488,7 @@ def register(sub: Any) -> None:
     common_io(s)
     engine_flags(s)
     json_flag(s)
+    dry_run_flag(s)
     s.set_defaults(fn=cmd_edit)
 
     s = sub.add_parser("add-task", help="fold a new fine-tune into a store without the old checkpoints")
@@ -472,6 +498,7 @@ def register(sub: Any) -> None:
     lock_flag(s)
     engine_flags(s)
     json_flag(s, "the result and any warning")
+    dry_run_flag(s)
     s.set_defaults(fn=cmd_add_task)
 
     s = sub.add_parser("verify", help="check a store completely: manifest, every data file's size, header, "
