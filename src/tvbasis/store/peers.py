@@ -14,6 +14,15 @@
   ``minmax:bits=offset_bits`` (default 2) — the residuals of a mean basis coded with the base's error folded in.
 * ``bitdelta`` — BitDelta (Liu et al., 2024): M = 0, block linear weights as sign bits × one mean-|Δ| scale per
   matrix, every other tensor float16 (no scale distillation).
+* ``deltacome`` — Delta-CoMe (Ping et al., NeurIPS 2024), data-free: M = 0, block linear weights through
+  ``mixed-svd`` (2 / 32 / rest-of-α singular triplets at 8 / 3 / 2 bits, α = 1/16 of the float16 delta; options
+  ``alpha``, ``r8``, ``r3``, ``group``, ``rest``), every other tensor float16 (``tvbasis.compress.deltacome``).
+* ``ultradelta`` — UltraDelta (Wang et al., NeurIPS 2025): M = 0, block linear weights through ``ultra`` (4-bit
+  levels pruned per level to a variance-allocated density around 0.03, rescaled, trace-norm ratio per task;
+  options ``density``, ``bits``, ``step``, ``factor``, ``trace_norm``, ``seed``, ``rest``), the rest not stored
+  (``tvbasis.compress.ultradelta``). Its allocation needs statistics passes first: build it with
+  ``tvbasis.store.ultradelta.build_ultradelta_store`` (what ``tvbasis build --method ultradelta`` runs), which
+  records the per-task densities and scales as the options ``allocation`` and ``scales``.
 * ``-M 0`` with any basis method and ``--residual``: no bases; every task through the residual codec alone.
 * ``lora-factors`` / ``lora-joint`` — stores built from LoRA adapters in factor space (``store.factor``):
   every adapter's own factors as low-rank entries, or shared per-tensor bases with per-adapter cores.
@@ -30,11 +39,14 @@ import numpy as np
 
 from tvbasis.bases import BasisFit
 from tvbasis.codecs import parse_codec
+from tvbasis.compress import Coder
+from tvbasis.compress.deltacome import DELTACOME_DEFAULTS, DeltaComeRule, check_deltacome_options
+from tvbasis.compress.ultradelta import ULTRADELTA_DEFAULTS, UltraDeltaRule, check_ultradelta_options
 from tvbasis.errors import ConfigError
 
 TALL_DEFAULT_LAMBDA = 0.4
 
-PEER_METHODS = ("tall", "tsvc", "tvq", "rtvq", "bitdelta")
+PEER_METHODS = ("tall", "tsvc", "tvq", "rtvq", "bitdelta", "deltacome", "ultradelta")
 #: store methods built from LoRA adapters in factor space (``store.factor.build_lora_store``)
 LORA_METHODS = ("lora-factors", "lora-joint")
 #: core forms of a lora-joint store (``diagonal`` is ``tvbasis.lora.joint``'s ``diag``)
@@ -42,7 +54,9 @@ LORA_CORES = ("full", "diagonal")
 LORA_AFFINITIES = ("cosine", "subspace")
 #: options of each peer method and their defaults
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"tall": {"lambda": TALL_DEFAULT_LAMBDA}, "tsvc": {}, "tvq": {"bits": 4},
-                                           "rtvq": {"base_bits": 3, "offset_bits": 2}, "bitdelta": {}}
+                                           "rtvq": {"base_bits": 3, "offset_bits": 2}, "bitdelta": {},
+                                           "deltacome": dict(DELTACOME_DEFAULTS),
+                                           "ultradelta": dict(ULTRADELTA_DEFAULTS)}
 #: the coders a TSV-C and a BitDelta store record (``tvbasis.compress.Coder``'s named rules)
 TSVC_CODER = "tsvc"
 BITDELTA_CODER = "bitdelta"
@@ -55,6 +69,10 @@ def check_peer_options(method: str, options: Mapping[str, Any], tasks: list[str]
         return check_lora_options(method, opts)
     if method not in PEER_OPTIONS:
         raise ConfigError(f"unknown store method {method!r}")
+    if method == "deltacome":
+        return check_deltacome_options(opts)
+    if method == "ultradelta":
+        return check_ultradelta_options(opts, tasks)
     if method != "tall":
         known = PEER_OPTIONS[method]
         unknown = set(opts) - set(known)
@@ -150,7 +168,7 @@ class PeerPlan:
 
     M: int
     mode: str  # "add" | "mask"
-    residual: str | None
+    residual: str | Coder | None
     codec: str | None
     task_like: bool
 
@@ -177,6 +195,14 @@ def peer_plan(method: str, options: Mapping[str, Any]) -> PeerPlan:
                         False)
     if method == "bitdelta":
         return PeerPlan(0, "add", BITDELTA_CODER, None, False)
+    if method == "deltacome":
+        return PeerPlan(0, "add", DeltaComeRule.from_options(options).spec, None, False)
+    if method == "ultradelta":
+        if options.get("allocation") is None:
+            raise ConfigError("--method ultradelta allocates each task's sparsity from statistics of its tensors: "
+                              "build it with tvbasis build --method ultradelta (the Python API: "
+                              "tvbasis.store.ultradelta.build_ultradelta_store), which runs those passes first")
+        return PeerPlan(0, "add", Coder.with_rule(UltraDeltaRule.from_options(options)), None, False)
     raise ConfigError(f"unknown store method {method!r}")
 
 
