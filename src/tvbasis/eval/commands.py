@@ -70,7 +70,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(model_dir=args.model, num_layers=args.layers, max_train=args.max_train,
                                 max_length=args.max_length, lr=args.lr, weight_decay=args.weight_decay,
                                 warmup=args.warmup, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                                data_seed=args.seed)
+                                data_seed=args.seed, linearized=args.linearized,
+                                sparse_diff=args.sparse_diff or 0.0, train_layers=args.train_layers or "")
     results = finetune_tasks(tasks, args.work, settings, force=args.force, progress=_progress(args))
     for name, r in results.items():
         how = "cached" if r.reused else f"trained in {r.meta.get('train', {}).get('seconds', '?')} s"
@@ -209,6 +210,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     s.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     s.add_argument("--force", action="store_true", help="retrain even when a valid cached fine-tune exists")
+    s.add_argument("--linearized", action="store_true", help="train the model linearised around θ₀ (tangent task "
+                   "arithmetic, torch.func.jvp); its task vectors apply to the linearised model "
+                   "(<work>/finetuned/linear/<task>; eval/finetune_modes.py)")
+    s.add_argument("--sparse-diff", type=float, metavar="DENSITY", help="keep only the top DENSITY fraction of "
+                   "|θ − θ₀| (one global cut), re-train on that support, so the task vector is sparse")
+    s.add_argument("--train-layers", metavar="PATTERN", help="train only the parameters whose names match this "
+                   "regular expression (the task vector is zero elsewhere); --layers N keeps N layers instead")
     s.set_defaults(fn=cmd_finetune)
 
     b = subparsers.add_parser(

@@ -20,6 +20,7 @@ Writes are atomic (temp directory, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,6 +36,7 @@ import torch
 
 from tvbasis._version import __version__
 from tvbasis.errors import CheckpointError, ConfigError
+from tvbasis.eval import finetune_modes as modes
 from tvbasis.eval.encoder import (
     EVAL_BATCH_SIZE,
     Encoder,
@@ -71,6 +73,11 @@ class FinetuneSettings:
     epochs: int = 1
     seed: int = 0
     data_seed: int = 0
+    #: fine-tuning modes (eval/finetune_modes.py): train the linearised model (tangent task arithmetic); keep a
+    #: sparse diff of this density (0 = dense); train only the parameters matching this regex ("" = all)
+    linearized: bool = False
+    sparse_diff: float = 0.0
+    train_layers: str = ""
 
     def check(self) -> None:
         if self.max_train < 1 or self.max_length < 2 or self.batch_size < 1 or self.epochs < 1:
@@ -80,6 +87,16 @@ class FinetuneSettings:
                               f"weight_decay={self.weight_decay}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ConfigError(f"num_layers must be >= 1, got {self.num_layers}")
+        if not 0 <= self.sparse_diff <= 1:
+            raise ConfigError(f"--sparse-diff must be a density in (0, 1], got {self.sparse_diff}")
+
+    def mode_tag(self) -> str:
+        """'' for standard fine-tuning, else a directory tag of the modes (``finetune_dir``), e.g. 'linear'."""
+        parts = (["linear"] if self.linearized else []) + ([f"sparse{self.sparse_diff:g}"] if self.sparse_diff
+                                                           else [])
+        if self.train_layers:
+            parts.append("layers-" + hashlib.sha256(self.train_layers.encode()).hexdigest()[:8])
+        return "-".join(parts)
 
     def source_dir(self) -> Path:
         return Path(self.model_dir) if self.model_dir else default_model_dir()
@@ -237,6 +254,9 @@ def _task_record(task: Task, settings: FinetuneSettings, pretrained_hash: str) -
         data.update(f"{y}\t{text}\n".encode())
     s = asdict(settings)
     s.pop("model_dir")
+    for key, off in (("linearized", False), ("sparse_diff", 0.0), ("train_layers", "")):
+        if s[key] == off:
+            s.pop(key)  # absent when off, so fine-tunes cached before the modes existed stay valid
     return {"kind": "tvbasis-finetune", "recipe_version": RECIPE_VERSION, "pretrained_hash": pretrained_hash,
             "task": task.name, "n_train": len(train), "train_data_sha256": data.hexdigest(),
             "label_texts": list(task.label_texts), "logit_scale": LOGIT_SCALE, **s}
@@ -336,11 +356,26 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
     with encoder.at_pretrained():
         model = copy.deepcopy(encoder.model)
     model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    trained = modes.trained_names(model, settings.train_layers, set())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
     torch.manual_seed(settings.seed)
-    stats = train_loop(encoder, model, list(model.parameters()), settings.lr, task, settings,
-                       f"fine-tune {task.name}", progress)
+    mode = modes.linearized(encoder) if settings.linearized else contextlib.nullcontext()
+    with mode:
+        stats = train_loop(encoder, model, [p for p in model.parameters() if p.requires_grad], settings.lr, task,
+                           settings, f"fine-tune {task.name}", progress)
+        if settings.sparse_diff:  # project onto the top magnitudes, re-train on that support, project again
+            masks = modes.sparse_mask(model, encoder.pretrained_state, trained, settings.sparse_diff)
+            modes.project(model, encoder.pretrained_state, masks)
+            model.train()
+            with modes.masked_gradients(model, masks):
+                again = train_loop(encoder, model, [p for p in model.parameters() if p.requires_grad],
+                                   settings.lr, task, settings, f"sparse {task.name}", progress)
+            modes.project(model, encoder.pretrained_state, masks)
+            stats = dict(stats, sparse_stage=again, nonzero=int(sum(int(m.sum()) for m in masks.values())),
+                         trained_entries=int(sum(m.numel() for m in masks.values())))
+    if settings.train_layers:
+        stats["trained_tensors"] = sorted(trained)
     return model, stats
 
 
@@ -353,6 +388,8 @@ def finetune_dir(work: str | Path, task: str, settings: FinetuneSettings) -> Pat
     ``<work>/finetuned/seed<S>[-data<D>]/<task>``, so fine-tunes of different seeds live side by side instead of
     replacing each other (the settings hash, which includes both seeds, still guards every reuse)."""
     base = Path(work) / "finetuned"
+    if settings.mode_tag():
+        base = base / settings.mode_tag()  # linearised / sparse / subset fine-tunes live beside the standard ones
     if settings.seed == 0 and settings.data_seed == 0:
         return base / task
     tag = f"seed{settings.seed}" + ("" if settings.data_seed == settings.seed else f"-data{settings.data_seed}")
