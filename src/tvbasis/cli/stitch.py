@@ -8,7 +8,6 @@ core CLI needs nothing of the eval extra, and says so clearly when ``--data`` is
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ from tvbasis.cli.common import (
     engine_flags,
     filters,
     finetuned,
+    finish,
+    json_flag,
     pairs,
     print_table,
     run_options,
@@ -82,11 +83,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
                      progress=not args.quiet, **common)
     else:
         ms = localize(args.pretrained, ft, args.out, args.sparsity, args.trim_scope, **common)
-    if args.json:
-        print(json.dumps(ms.summary(), indent=1, default=str))
-    else:
-        _summary(ms, "trained masks" if data else "masks")
-    return 0
+    return finish(args, lambda: _summary(ms, "trained masks" if data else "masks"), {"out": str(ms.path),
+                                                                                     **ms.summary()})
 
 
 def cmd_stitch(args: argparse.Namespace) -> int:
@@ -103,8 +101,9 @@ def cmd_stitch(args: argparse.Namespace) -> int:
                       max_shard_size=args.max_shard_size, force=args.force, run=run,
                       method="localize_and_stitch", parameters=params)
     src = "the fine-tunes" if ft else "the values stored in the masks file"
-    print(f"wrote stitched model {out} ({rule}, {len(ft or masks.tasks)} tasks, τ from {src})")
-    return 0
+    return finish(args, f"wrote stitched model {out} ({rule}, {len(ft or masks.tasks)} tasks, τ from {src})",
+                  {"out": str(out), "rule": rule, "masks": str(masks.path), "tasks": list(ft or masks.tasks),
+                   "values_from": "finetuned" if ft else "masks", "dtype": args.dtype})
 
 
 def _rule_flags(p: argparse.ArgumentParser) -> None:
@@ -156,7 +155,7 @@ def register(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the few-shot choice (default 0)")
     p.add_argument("--out", required=True, metavar="MASKS", help="the masks file (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    json_flag(p, "the masks file's summary")
     engine_flags(p)
     p.set_defaults(fn=cmd_localize)
 
@@ -175,4 +174,5 @@ def register(sub: Any) -> None:
     s.add_argument("--out", required=True, help="output model directory")
     common_io(s)
     engine_flags(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_stitch)
