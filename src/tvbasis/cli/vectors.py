@@ -11,18 +11,23 @@ from typing import Any
 from tvbasis.cli.common import (
     FT_HELP,
     common_io,
+    dry_run,
+    dry_run_flag,
     engine_flags,
     filters,
     finetuned,
+    finish,
     finite,
     finite_float,
     floats,
+    json_flag,
     merge_flags,
     merge_spec,
     pairs,
     print_table,
     run_options,
 )
+from tvbasis.cli.plans import merge_plan
 from tvbasis.errors import ConfigError
 
 
@@ -31,8 +36,8 @@ def cmd_vector(args: argparse.Namespace) -> int:
     from tvbasis.vectors import TaskVector
     tv = TaskVector.from_checkpoints(args.pretrained, args.finetuned, args.include, args.exclude)
     out = tv.save(args.out, dtype=parse_dtype(args.dtype), force=args.force, run=run_options(args))
-    print(f"wrote task vector {out} ({len(tv)} tensors, {tv.num_parameters:,} parameters)")
-    return 0
+    return finish(args, f"wrote task vector {out} ({len(tv)} tensors, {tv.num_parameters:,} parameters)",
+                  {"out": str(out), "tensors": len(tv), "parameters": tv.num_parameters, "dtype": args.dtype or "float32"})
 
 
 #: PEFT's add_weighted_adapter combinations, for --out-format peft only (tvbasis.lora.merge_peft.PEFT_MERGES)
@@ -55,9 +60,12 @@ def cmd_merge_config(args: argparse.Namespace) -> int:
     cfg = load_mergekit_config(args.config)
     for note in cfg.notes:
         print(f"note: {args.config}: {note}", file=sys.stderr)
+    models = {n: str(p) for n, p in cfg.models.items()}
+    if (rc := dry_run(args, lambda: merge_plan(str(cfg.base_model), models, cfg.method, cfg.spec.params, args.include,
+                                               args.exclude, args.out, cfg.dtype, args.max_shard_size))) is not None:
+        return rc
     check_output(Path(args.out), args.force)
     run = run_options(args)
-    models = {n: str(p) for n, p in cfg.models.items()}
     tv = merge_task_vectors(str(cfg.base_model), models, cfg.spec, cfg.weights, None, args.include, args.exclude, run,
                             plan=cfg.plan)
     params = {"method": cfg.method, **cfg.spec.params, "models": ", ".join(models), "weights": cfg.weights,
@@ -66,9 +74,10 @@ def cmd_merge_config(args: argparse.Namespace) -> int:
     out = tv.apply_to(str(cfg.base_model), cfg.scaling_coef, args.out, dtype=parse_dtype(cfg.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run, method=cfg.method,
                       parameters=params, inputs=[str(cfg.base_model), *models.values()])
-    print(f"wrote merged model {out} (mergekit {cfg.mergekit_method} as tvbasis {cfg.method}, {len(models)} models, "
-          f"scaling_coef {cfg.scaling_coef:g}" + (f", {cfg.dtype}" if cfg.dtype else "") + ")")
-    return 0
+    return finish(args, f"wrote merged model {out} (mergekit {cfg.mergekit_method} as tvbasis {cfg.method}, "
+                  f"{len(models)} models, scaling_coef {cfg.scaling_coef:g}" + (f", {cfg.dtype}" if cfg.dtype else "")
+                  + ")", {"out": str(out), "method": cfg.method, "mergekit_method": cfg.mergekit_method,
+                          "models": models, "scaling_coef": cfg.scaling_coef, "dtype": cfg.dtype})
 
 
 def cmd_merge_peft(args: argparse.Namespace) -> int:
@@ -96,6 +105,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if getattr(args, "out_format", "model") == "peft":
         if not args.pretrained:
             raise ConfigError("merge --out-format peft needs --pretrained and --finetuned NAME=ADAPTER_DIR")
+        if getattr(args, "dry_run", False):  # never write on a dry run
+            raise ConfigError("--dry-run does not plan --out-format peft merges yet")
         return cmd_merge_peft(args)
     if args.rank is not None:
         raise ConfigError("--rank applies to --out-format peft (the rank of the merged adapter)")
@@ -112,6 +123,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     spec = merge_spec(args)
     weights = floats(pairs(args.weight, "--weight"), "--weight")
     fisher = pairs(args.fisher, "--fisher") or None
+    if (rc := dry_run(args, lambda: merge_plan(args.pretrained, ft, spec.method, spec.params, args.include,
+                                               args.exclude, args.out, args.dtype, args.max_shard_size))) is not None:
+        return rc
     from tvbasis.io import check_output
     check_output(Path(args.out), args.force)
     run = run_options(args)
@@ -120,8 +134,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run, method=spec.method,
                       parameters=params, inputs=[args.pretrained, *ft.values(), *(fisher or {}).values()])
-    print(f"wrote merged model {out} ({spec.method}, {len(ft)} models, scaling_coef {args.scaling_coef})")
-    return 0
+    return finish(args, f"wrote merged model {out} ({spec.method}, {len(ft)} models, scaling_coef "
+                  f"{args.scaling_coef})", {"out": str(out), "method": spec.method, "parameters": spec.params,
+                                            "models": ft, "scaling_coef": args.scaling_coef, "dtype": args.dtype})
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -139,8 +154,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = tv.apply_to(args.pretrained, args.scaling_coef, args.out, dtype=parse_dtype(args.dtype),
                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
                       method="task_arithmetic", parameters={"vectors": ", ".join(args.vector)})
-    print(f"wrote {out} (θ₀ + {args.scaling_coef}·Σ coef·τ over {len(vectors)} vector(s))")
-    return 0
+    return finish(args, f"wrote {out} (θ₀ + {args.scaling_coef}·Σ coef·τ over {len(vectors)} vector(s))",
+                  {"out": str(out), "vectors": dict(zip(args.vector, coefs)), "scaling_coef": args.scaling_coef,
+                   "dtype": args.dtype})
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -188,6 +204,7 @@ def register(sub: Any) -> None:
     common_io(s)
     filters(s)
     engine_flags(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_vector)
 
     s = sub.add_parser("merge", help="merge fine-tunes into one model directory",
@@ -219,6 +236,8 @@ def register(sub: Any) -> None:
     common_io(s)
     filters(s)
     engine_flags(s, device=True)
+    json_flag(s)
+    dry_run_flag(s)
     s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("apply", help="apply saved task vectors with signed coefficients (add, negate, analogy)",
@@ -231,11 +250,12 @@ def register(sub: Any) -> None:
     common_io(s)
     filters(s)
     engine_flags(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_apply)
 
     s = sub.add_parser("info", help="tensors, parameter count, dtypes and norms of a checkpoint or task vector")
     s.add_argument("path")
     s.add_argument("--norms", action="store_true", help="compute per-tensor L2 norms (reads the data)")
     s.add_argument("--all", action="store_true", help="list every tensor")
-    s.add_argument("--json", action="store_true")
+    json_flag(s, "the checkpoint's summary and tensor list")
     s.set_defaults(fn=cmd_info)
