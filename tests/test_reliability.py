@@ -57,11 +57,20 @@ def build_args(fam, out: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ validate before commit
-def test_build_force_with_a_spec_the_reader_refuses_keeps_the_old_store(fam3, tmp_path, capsys):
+@pytest.fixture()
+def reader_stricter(monkeypatch):
+    """The store's reader refuses any chained codec (as when writer and reader disagree): only the validation
+    before the commit can stop such a store."""
+    import tvbasis.store.format as fmt
+    monkeypatch.setattr(fmt, "MAX_CODEC_DEPTH", 0)
+    return "lowrank:rank=2+int8"
+
+
+def test_build_force_with_a_spec_the_reader_refuses_keeps_the_old_store(fam3, tmp_path, capsys, reader_stricter):
     out = tmp_path / "s"
     assert main(build_args(fam3, out)) == 0
     before = snapshot(out)
-    rc = main(build_args(fam3, out, "--force", "--residual", DEEP))
+    rc = main(build_args(fam3, out, "--force", "--residual", reader_stricter))
     assert rc != 0
     assert "nests deeper" in one_line_error(capsys)
     assert snapshot(out) == before  # the old generation: same files, same bytes
@@ -69,11 +78,18 @@ def test_build_force_with_a_spec_the_reader_refuses_keeps_the_old_store(fam3, tm
     assert siblings(out) == []  # no temporary left next to it
 
 
-def test_build_without_force_commits_nothing_unreadable(fam3, tmp_path, capsys):
+def test_build_without_force_commits_nothing_unreadable(fam3, tmp_path, capsys, reader_stricter):
     out = tmp_path / "new"
-    assert main(build_args(fam3, out, "--residual", DEEP)) != 0
+    assert main(build_args(fam3, out, "--residual", reader_stricter)) != 0
     one_line_error(capsys)
     assert not out.exists() and siblings(out) == []
+
+
+def test_codec_specs_the_reader_would_refuse_are_refused_before_any_work(fam3, tmp_path, capsys):
+    for spec in (DEEP, "int8:group=" + "9" * 30, "lowrank:rank=" + "9" * 5000, "int8+" * 400 + "int8"):
+        assert main(build_args(fam3, tmp_path / "s", "--residual", spec)) != 0
+        assert len(one_line_error(capsys)) < 400
+    assert not (tmp_path / "s").exists()
 
 
 def test_import_tvb_with_a_name_the_validator_refuses_keeps_the_store(fam3, tmp_path, capsys):
@@ -97,6 +113,51 @@ def test_import_tvb_with_a_name_the_validator_refuses_keeps_the_store(fam3, tmp_
     assert snapshot(out) == before
     rc = main(["-q", "import-tvb", str(folder), "--pretrained", str(pre_p), "--out", str(tmp_path / "n")])
     assert rc != 0 and not (tmp_path / "n").exists()
+
+
+@pytest.fixture()
+def validator_refuses_x(monkeypatch):
+    """The manifest validator refuses task names starting with 'x'; the writers' own up-front checks do not (a
+    writer and its reader disagreeing): only the validation before the commit can stop the write."""
+    import tvbasis.store.format as fmt
+    real = fmt.task_name_problem
+    monkeypatch.setattr(fmt, "task_name_problem", lambda n: "starts with x" if str(n).startswith("x") else real(n))
+
+
+@pytest.mark.parametrize("residual", [None, "int8"])
+def test_add_task_and_rename_task_validate_before_commit(fam3, tmp_path, validator_refuses_x, residual):
+    from tvbasis.store import add_task
+    from tvbasis.store.lifecycle import rename_task
+    pre_p, fts, *_ = fam3
+    names = list(fts)
+    store = build_store(pre_p, {n: fts[n] for n in names[:2]}, "pca", 1, tmp_path / "s", residual=residual)
+    root = store.root
+    store.close()
+    before = snapshot(root)
+    with pytest.raises(StoreError, match="refusing to commit.*starts with x"):
+        add_task(root, "xnew", fts[names[2]], pre_p)
+    assert snapshot(root) == before
+    with pytest.raises(StoreError, match="refusing to commit.*starts with x"):
+        rename_task(root, names[0], "xrenamed")
+    assert snapshot(root) == before and BasisStore.open(root).verify() == []
+
+
+def test_upgrade_refuses_implausible_version_1_data(fam3, tmp_path):
+    from tvbasis.store.update import upgrade_store
+    pre_p, fts, *_ = fam3
+    build_store(pre_p, fts, "pca", 1, tmp_path / "s").close()
+    root = tmp_path / "s"
+    mf = json.loads((root / "tvbasis.json").read_text())
+    for k in ("generation", "digests", "manifest_sha256"):
+        mf.pop(k)
+    mf["format_version"] = 1
+    g = next(iter(mf["cross"]))
+    mf["cross"][g]["K"][0][0] *= 4  # the data does not have the norm the manifest records
+    (root / "tvbasis.json").write_text(json.dumps(mf))
+    before = snapshot(root)
+    with pytest.raises(StoreError, match="cannot be upgraded"):
+        upgrade_store(root)
+    assert snapshot(root) == before
 
 
 # ------------------------------------------------------------------------------------------ coded data checked
@@ -403,3 +464,57 @@ def pca_store_path(fam3, tmp_path):
     pre_p, fts, *_ = fam3
     build_store(pre_p, fts, "pca", 1, tmp_path / "p").close()
     return tmp_path / "p"
+
+
+# ------------------------------------------------------------------------------------------ caps on imported work
+def _pca_folder(fam3, tmp_path):
+    from tests.test_interop import write_pca_folder
+    folder = tmp_path / "pca"
+    write_pca_folder(folder, fam3)
+    return folder
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d.__setitem__("mean_vector", d["mean_vector"][:-3]), "fewer"),
+    (lambda d: d["param_shapes"].__setitem__(d["keys_order"][0], "8x8"), "list of integers"),
+    (lambda d: d.__setitem__("coefficients", d["coefficients"][:, :1].expand(d["coefficients"].shape)),
+     "stride-0"),
+])
+def test_paper_folder_malformed_pca_components_are_one_line(fam3, tmp_path, capsys, mutate, match):
+    import torch
+    folder = _pca_folder(fam3, tmp_path)
+    d = torch.load(folder / "pca_components.pt", weights_only=True)
+    mutate(d)
+    torch.save(d, folder / "pca_components.pt")
+    pre_p = fam3[0]
+    assert main(["-q", "import-tvb", str(folder), "--pretrained", str(pre_p), "--out", str(tmp_path / "s")]) != 0
+    assert match in one_line_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_paper_folder_claiming_a_million_tasks_or_huge_bases_is_refused_up_front(fam3, tmp_path, capsys):
+    import torch
+    folder = _pca_folder(fam3, tmp_path)
+    info = json.loads((folder / "method_info.json").read_text())
+    info["datasets"] = [f"t{i}" for i in range(10**6)]
+    (folder / "method_info.json").write_text(json.dumps(info))
+    pre_p = fam3[0]
+    assert main(["-q", "import-tvb", str(folder), "--pretrained", str(pre_p), "--out", str(tmp_path / "s")]) != 0
+    assert "at most" in one_line_error(capsys)
+    folder = _pca_folder(fam3, tmp_path / "b")
+    d = torch.load(folder / "basis_vectors.pt", weights_only=True)
+    k = next(iter(d["basis_vectors"][0]))
+    d["basis_vectors"][0][k] = torch.zeros(1).expand(2**20, 2**20)  # 4 bytes claiming 4 TiB
+    torch.save(d, folder / "basis_vectors.pt")
+    assert main(["-q", "import-tvb", str(folder), "--pretrained", str(pre_p), "--out", str(tmp_path / "s")]) != 0
+    one_line_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_fifo_named_as_a_data_file_is_refused_not_waited_on(fam3, tmp_path):
+    pre_p, fts, *_ = fam3
+    build_store(pre_p, fts, "pca", 1, tmp_path / "s").close()
+    (tmp_path / "s" / "mean.safetensors").unlink()
+    os.mkfifo(tmp_path / "s" / "mean.safetensors")
+    with pytest.raises(StoreError, match="not a regular file"):
+        BasisStore.open(tmp_path / "s")

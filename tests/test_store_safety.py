@@ -633,8 +633,10 @@ def test_gc_removes_leftovers_of_dead_runs_and_nothing_else(pca_store, tmp_path)
     dead = int(child.stdout)
     work = tmp_path / "w"
     shutil.copytree(pca_store.root, work / "s")
-    (work / f".s.tvbasis-tmp-{dead}-0badc0de").mkdir()  # a build killed before its store moved in
-    (work / "s" / f".bases.tvbasis-tmp-{dead}-0badc0de").mkdir()  # an add-task's staging
+    for t in (work / f".s.tvbasis-tmp-{dead}-0badc0de",  # a build killed before its store moved in
+              work / "s" / f".bases.tvbasis-tmp-{dead}-0badc0de"):  # an add-task's staging
+        t.mkdir()
+        (t / ".tvbasis-temp").write_text(t.name + "\n")  # the marker every tvbasis temporary holds (issue 27)
     (work / "s" / "bases.g9.safetensors").write_bytes(b"orphan")  # moved in, never committed
     (work / "s" / f".tvbasis.json.tvbasis-tmp-{os.getpid()}-00000000").write_text("live")  # a live process's
     (work / "s" / "mine.txt").write_text("foreign")

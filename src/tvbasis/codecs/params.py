@@ -70,7 +70,7 @@ class Param:
         if isinstance(v, bool):
             raise bad()
         if self.kind is int:
-            if not isinstance(v, int):
+            if not isinstance(v, int) or abs(v) > MAX_INT_PARAM:  # no size or count here exceeds it
                 raise bad()
         elif self.kind is float:
             if not isinstance(v, int | float) or not math.isfinite(v):
@@ -94,11 +94,22 @@ class Param:
         return str(value)
 
 
+#: largest integer codec parameter (a rank, a group size, a count: 2^40 exceeds any tensor dimension)
+MAX_INT_PARAM = 2**40
+#: most characters of one codec spec, and most codecs in one chain (the store manifest's nesting limit)
+MAX_SPEC_CHARS = 1000
+MAX_CHAIN = 7
+
+
 def split_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     """Split a spec into ``[(name, {key: value text}), ...]``, outermost codec first; ConfigError on bad syntax."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"bad codec spec {spec!r}: expected NAME[:key=value,...][+NEXT]")
+        raise ConfigError(f"bad codec spec {str(spec)[:80]!r}: expected NAME[:key=value,...][+NEXT]")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ConfigError(f"bad codec spec {spec[:80]!r}…: {len(spec)} characters (at most {MAX_SPEC_CHARS})")
     links: list[tuple[str, dict[str, str]]] = []
+    if len(_LINK_SPLIT.split(spec)) > MAX_CHAIN:  # a store's reader refuses deeper chains (store/format.py)
+        raise ConfigError(f"bad codec spec {spec[:80]!r}: a chain of more than {MAX_CHAIN} codecs")
     for link in _LINK_SPLIT.split(spec):
         name, sep, rest = link.partition(":")
         name = name.strip().lower()

@@ -69,6 +69,7 @@ from tvbasis.store.build import StoreLayout, output_path
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
 from tvbasis.store.format import RESERVED_TASK_NAMES, STORE_DTYPES, Cross, PretrainedRef, StoreFiles, TaskEntry
 from tvbasis.taskset import TaskSet, chunk_for
+from tvbasis.untrusted import load_json, quote
 
 SOURCE = "uiuctml/TaskVectorBasis"
 BASIS_FILE = "basis_vectors.pt"
@@ -81,6 +82,10 @@ _REFUSED = {
                          "flattened model, which tvbasis does not reproduce",
     "RandomSampleMethod": "the authors' code recovers no task vector from it (only the sampled ones are bases)",
 }
+#: most datasets (tasks) and values of the bases a folder may claim, and the size of its method_info.json
+MAX_TASKS = 10_000
+MAX_ELEMENTS = 2**36
+MAX_INFO_BYTES = 16 * 2**20
 #: the keys the authors' loader (BasisMethod.load_method_from_artifacts) reads from AWB.pt's metadata
 _AWB_KEYS = ("M", "steps", "lr", "tau_init", "weight_decay", "grad_clip", "batch_cols", "device", "seed",
              "anneal_every", "anneal_factor", "softmax_w")
@@ -115,10 +120,22 @@ def _field(obj: Any, key: str, path: Path) -> Any:
     return obj[key]
 
 
+def _check_stored(t: torch.Tensor, what: str) -> None:
+    """A tensor must hold every value it claims: a view with stride 0 (or any layout whose storage is smaller than
+    its values) would let a few bytes claim 10⁶ tasks or terabytes of bases."""
+    need = t.numel() * t.element_size()
+    if need > MAX_ELEMENTS * 8 or t.untyped_storage().nbytes() < need or \
+            any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise CheckpointError(f"{what}: shape {tuple(t.shape)} is not backed by stored values (a stride-0 or "
+                              "oversized view); refused")
+
+
 def _matrix(obj: Any, key: str, shape: tuple[int, int], path: Path) -> np.ndarray:
     t = _field(obj, key, path)
     if not isinstance(t, torch.Tensor):
         raise CheckpointError(f"{path}: {key!r} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) == shape:
+        _check_stored(t, f"{path}: {key!r}")
     if tuple(t.shape) != shape:
         raise CheckpointError(f"{path}: {key!r} has shape {tuple(t.shape)}, expected {shape} (from the M basis "
                               f"vectors and the T datasets of {INFO_FILE})")
@@ -161,9 +178,11 @@ def read_tvb_folder(folder: str | Path) -> TvbFolder:
     if not info_path.is_file():
         raise CheckpointError(f"{info_path}: missing (it names the method and the dataset order)")
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{info_path}: not readable JSON ({e})") from None
+        with open(info_path, "rb") as f:
+            raw = f.read(MAX_INFO_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{info_path}: not readable ({e.strerror})") from None
+    info = load_json(raw, info_path.as_posix(), CheckpointError, MAX_INFO_BYTES)
     if not isinstance(info, dict):
         raise CheckpointError(f"{info_path}: expected a JSON object")
     method = info.get("method")
@@ -174,11 +193,13 @@ def read_tvb_folder(folder: str | Path) -> TvbFolder:
     tasks = info.get("datasets")
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise CheckpointError(f"{info_path}: 'datasets' must be the non-empty list of task names, in order")
+    if len(tasks) > MAX_TASKS:
+        raise ConfigError(f"{info_path}: lists {len(tasks)} datasets; at most {MAX_TASKS} are imported")
     for t in tasks:
         if not t or "=" in t or "," in t or t in RESERVED_TASK_NAMES:
-            raise ConfigError(f"{info_path}: dataset name {t!r} cannot be a task name of a store")
+            raise ConfigError(f"{info_path}: dataset name {quote(t)} cannot be a task name of a store")
     if len(set(tasks)) != len(tasks):
-        raise ConfigError(f"{info_path}: a dataset is listed twice: {tasks}")
+        raise ConfigError(f"{info_path}: a dataset is listed twice: {quote(tasks)}")
     T = len(tasks)
 
     bpath = root / BASIS_FILE
@@ -186,6 +207,8 @@ def read_tvb_folder(folder: str | Path) -> TvbFolder:
     bases = _field(data, "basis_vectors", bpath)
     if not isinstance(bases, list) or not bases:
         raise CheckpointError(f"{bpath}: 'basis_vectors' must be a non-empty list of dicts (name -> tensor)")
+    if len(bases) >= T:
+        raise ConfigError(f"{root}: M = {len(bases)} basis vectors for T = {T} tasks; a store needs M < T")
     M = len(bases)
     if isinstance(data, Mapping) and data.get("num_basis") not in (None, M):
         raise CheckpointError(f"{bpath}: num_basis is {data['num_basis']}, but it holds {M} basis vectors")
@@ -201,7 +224,12 @@ def read_tvb_folder(folder: str | Path) -> TvbFolder:
             raise CheckpointError(f"{bpath}: basis vector {m} has other tensors or shapes than basis vector 0")
         bad = [k for k, v in b.items() if not v.is_floating_point()]
         if bad:
-            raise CheckpointError(f"{bpath}: basis vector {m}: tensor {bad[0]!r} is not floating point")
+            raise CheckpointError(f"{bpath}: basis vector {m}: tensor {quote(bad[0])} is not floating point")
+        for k, v in b.items():
+            _check_stored(v, f"{bpath}: basis vector {m}: tensor {quote(k)}")
+    if M * sum(v.numel() for v in first.values()) > MAX_ELEMENTS:
+        raise CheckpointError(f"{bpath}: {M} basis vectors of {sum(v.numel() for v in first.values())} values "
+                              f"exceed the limit of {MAX_ELEMENTS} values")
 
     notes: list[str] = []
     if method == AE:
@@ -226,25 +254,35 @@ def read_tvb_folder(folder: str | Path) -> TvbFolder:
     mean_flat = _field(pca, "mean_vector", ppath)
     keys = _field(pca, "keys_order", ppath)
     shapes = _field(pca, "param_shapes", ppath)
-    if not isinstance(mean_flat, torch.Tensor) or mean_flat.dim() != 1:
-        raise CheckpointError(f"{ppath}: 'mean_vector' must be a flat (D,) tensor")
+    if not isinstance(mean_flat, torch.Tensor) or mean_flat.dim() != 1 or not mean_flat.is_floating_point():
+        raise CheckpointError(f"{ppath}: 'mean_vector' must be a flat (D,) floating-point tensor")
+    _check_stored(mean_flat, f"{ppath}: 'mean_vector'")
     if not isinstance(keys, list) or not isinstance(shapes, Mapping) or set(keys) != set(first):
         raise CheckpointError(f"{ppath}: 'keys_order' must list the tensors of {BASIS_FILE} "
                               f"({len(first)} tensors), with their 'param_shapes'")
     mean: dict[str, torch.Tensor] = {}
     at = 0
     for k in keys:
-        shape = tuple(int(x) for x in shapes.get(k, ()))
+        raw_shape = shapes.get(k, ())
+        if not isinstance(raw_shape, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in raw_shape):
+            raise CheckpointError(f"{ppath}: param_shapes[{quote(k)}] must be a list of integers, got "
+                                  f"{quote(raw_shape)}")
+        shape = tuple(raw_shape)
         if shape != tuple(first[k].shape):
             raise CheckpointError(f"{ppath}: param_shapes[{k!r}] is {shape}, the basis tensor is {tuple(first[k].shape)}")
         n = math.prod(shape)
+        if at + n > mean_flat.numel():
+            raise CheckpointError(f"{ppath}: 'mean_vector' has {mean_flat.numel()} entries, fewer than the tensors "
+                                  "of keys_order need")
         mean[k] = mean_flat[at:at + n].reshape(shape)
         at += n
     if at != mean_flat.numel():
         raise CheckpointError(f"{ppath}: 'mean_vector' has {mean_flat.numel()} entries, the tensors {at}")
     names = pca.get("dataset_names") if isinstance(pca, Mapping) else None
-    if names is not None and list(names) != list(tasks):
-        raise CheckpointError(f"{ppath}: dataset_names {list(names)} differ from {INFO_FILE}'s datasets {tasks}")
+    if names is not None and (not isinstance(names, list) or list(names) != list(tasks)):
+        raise CheckpointError(f"{ppath}: dataset_names {quote(names)} differ from {INFO_FILE}'s datasets "
+                              f"{quote(tasks)}")
     B = W.T - W.T.mean(axis=0, keepdims=True)  # H·Wᵀ: s_m = Σ_t (v_t − μ)·W[m, t]
     return TvbFolder(root, method, info, list(tasks), [dict(b) for b in bases], B, W, mean, tuple(notes))
 

@@ -85,12 +85,19 @@ def open_in_store(root: Path, dfd: int, name: str, field: str, missing: StoreErr
     inside the store (``field`` names where it came from). Raises ``missing`` when it does not exist and a
     StoreError "<unreadable> (<reason>)" when it cannot be opened; the caller closes the descriptor."""
     confined_file(root, name, field, StoreError)
-    try:
-        return os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+    try:  # O_NONBLOCK: opening a FIFO put where a file should be must not wait for a writer forever
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
     except FileNotFoundError:
         raise missing from None
     except OSError as e:
         raise StoreError(f"{unreadable} ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        os.close(fd)
+        raise StoreError(f"{unreadable} (not a regular file: a FIFO, socket or device)")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
 
 
 def open_data_file(root: Path, dfd: int, fname: str, part: str, where: str) -> tuple[int, os.stat_result]:
