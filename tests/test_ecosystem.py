@@ -329,3 +329,56 @@ def test_dry_runs_plan_and_write_nothing(tiny: tuple, tmp_path: Path, capsys: py
     plan = _one_json(capsys.readouterr().out)
     assert plan["T_after"] == 4 and plan["task"] == "task3"
     assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------------------------------ hub ids
+def _fake_hub_cache(cache: Path, repo: str, src: Path, commit: str) -> Path:
+    """``src``'s files laid out as huggingface_hub caches a download: blobs/, refs/main, snapshots/<commit>/ with
+    relative symlinks into blobs/."""
+    import hashlib
+    import os
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    return snap
+
+
+def test_hub_ids_resolve_through_the_local_cache(tiny: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from tvbasis.io import open_checkpoint
+    pre_p, fts, pre, sds = tiny
+    cache = tmp_path / "hf"
+    c1, c2 = "a" * 40, "b" * 40
+    _fake_hub_cache(cache, "org/base", pre_p, c1)
+    _fake_hub_cache(cache, "org/ft0", fts["task0"], c2)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no local folder named org/
+    ckpt = open_checkpoint("org/base")
+    k = "pooler.dense.weight"
+    assert torch.equal(ckpt.get(k), pre[k])
+    assert torch.equal(open_checkpoint(f"org/ft0@{c2}").get(k), sds[0][k])  # a revision given as a commit
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", "--pretrained", "org/base", "--finetuned", "a=org/ft0@main",
+                 "--finetuned", f"b={fts['task1']}", "--out", str(out)]) == 0
+    want = pre[k] + (sds[0][k] - pre[k]) + (sds[1][k] - pre[k])
+    assert torch.allclose(open_checkpoint(out).get(k), want, atol=1e-6)
+    assert (out / "config.json").is_file() and not (out / "config.json").is_symlink()
+    capsys.readouterr()
+    # not cached: one line saying so, nothing written
+    assert main(["-q", "merge", "--pretrained", "org/missing", "--finetuned", "a=org/ft0", "--out",
+                 str(tmp_path / "m2")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "org/missing" in err and "not in the local Hugging Face cache" in err
+    assert not (tmp_path / "m2").exists()
+    # an unknown revision of a cached model is not cached either
+    with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+        open_checkpoint("org/base@v9")

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from tvbasis.errors import CheckpointError, TensorMismatchError
+from tvbasis.io.hub import resolve_model_path
 from tvbasis.io.reader import Checkpoint, open_checkpoint
 from tvbasis.io.specs import TensorSpec
 
@@ -58,9 +59,10 @@ def open_finetuned(path: str | Path | Checkpoint, pretrained: Checkpoint) -> Che
     ``pretrained``."""
     if isinstance(path, Checkpoint):
         return path
-    if is_adapter(path):
-        return LoraCheckpoint(Path(path).expanduser(), pretrained)
-    return open_checkpoint(path)
+    local = resolve_model_path(path)  # a hub id in the local Hugging Face cache: its snapshot folder
+    if is_adapter(local):
+        return LoraCheckpoint(local, pretrained)
+    return open_checkpoint(local)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Self
 import torch
 
 from tvbasis.errors import CheckpointError
+from tvbasis.io.hub import resolve_model_path
 from tvbasis.io.paths import confined_file
 from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
 from tvbasis.untrusted import load_json
@@ -421,8 +422,9 @@ def _from_index(path: Path, index: Path, kind: str) -> Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open any supported checkpoint layout lazily. Raises CheckpointError with the path on failure."""
-    p = Path(path).expanduser()
+    """Open any supported checkpoint layout lazily. Raises CheckpointError with the path on failure. A string
+    ``ORG/NAME[@REV]`` that is no local path is looked up in the local Hugging Face cache (``io.hub``)."""
+    p = resolve_model_path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_file():
