@@ -20,9 +20,11 @@ from tvbasis.compress import TALL_LAMBDAS, CodecPlan, tensor_kind, truncated_svd
 from tvbasis.errors import ConfigError
 from tvbasis.eval.bench import BenchConfig, _state
 from tvbasis.eval.frontier import (
+    PEER_FAMILIES,
     PLANS,
     Config,
     Context,
+    annotate,
     compress,
     default_configs,
     dominating,
@@ -151,7 +153,10 @@ def test_plans_and_bases_rows(family) -> None:
 def test_default_configs_cover_peers_and_budgets() -> None:
     cs = default_configs(6)
     methods = {c.method for c in cs}
-    assert methods == {"full", "tall", "tsvc", "tvq", "rtvq", "bitdelta", "plan", "bases"}
+    assert methods == {"full", "tall", "tsvc", "tvq", "rtvq", "bitdelta", "deltacome", "ultradelta", "plan", "bases",
+                       "budget"}
+    assert [c.params["budget"] for c in cs if c.method == "budget"] == ["16x", "32x", "64x", "128x", "256x"]
+    assert {c.family for c in cs if c.method in ("deltacome", "ultradelta")} <= set(PEER_FAMILIES)
     assert {c.M for c in cs if c.method == "bases"} == {1, 2, 4}
     assert len({c.label for c in cs}) == len(cs)
     assert all(c.M < 3 for c in default_configs(3))
@@ -244,10 +249,11 @@ def test_table_and_plots(tmp_path: Path) -> None:
               "finetuned": {"test": {"a": 0.8, "b": 0.9}}}
     result["goals"] = goals(result)
     md = markdown_table(result)
-    assert "| plan x | tvbasis M=0 | 0.0 kB | 100.0 | 99.5 / 99.5 | 0.100 | 0.50 | 94.0 | 31.0 (97.0) λ=0.50 |" in md
+    assert ("| plan x | tvbasis M=0 | 0.0 kB | 100.0 |  | 99.5 / 99.5 | 0.100 (0.100) | 0.50 | 94.0 |  | "
+            "31.0 (97.0) λ=0.50 |") in md
     assert "TALL masks: dominated by plan x" in md and "per-task ≥ 0.99 at ≥ 64×: plan x" in md
     paths = make_plots(result, tmp_path)
-    assert [p.name for p in paths] == ["frontier_per_task.png", "frontier_addition.png"]
+    assert [p.name for p in paths] == ["frontier_per_task.png", "frontier_addition.png", "frontier_per_task_min.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
@@ -269,3 +275,35 @@ def test_fast_svd_matches_lapack_on_a_task_matrix(family) -> None:
     U, S, Vh = torch.linalg.svd(x, full_matrices=False)
     assert torch.allclose((u * s) @ vh, (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-5)
     assert list(itertools.islice(PLANS, 1)) == ["int4"]
+
+
+def test_negation_fidelity_on_disk_and_budget_goals(tmp_path: Path) -> None:
+    def neg(target_test, feasible=True):
+        return {"target": "a", "control": "b", "target_test": target_test, "control_retained": 0.99, "lam": 0.5,
+                "feasible": feasible, "pretrained_target_test": 0.60}
+
+    rows = [_row("full", "task vectors", 1000, 1.0, 0.93, False, False),
+            _row("peer", "TVQ / RTVQ", 40, 0.99, 0.92, False, True),
+            _row("b128", "tvbasis --budget", 6, 0.992, 0.93, True, False),
+            _row("b256", "tvbasis --budget", 3, 0.97, 0.93, True, False)]
+    for r, n in zip(rows, [neg(0.20), neg(0.30), neg(0.22), neg(0.50, feasible=False)]):
+        r["negation"] = [n]
+    disk = {"full": None, "peer": 50, "b128": 7, "b256": 4}
+    for r in rows:
+        r["extra"] = {"store_bytes_on_disk": disk[r["label"]]} if disk[r["label"]] else {}
+    annotate(rows, 1000)
+    fid = {r["label"]: r["negation_fidelity_min"] for r in rows}
+    # (0.60 − acc through the row) / (0.60 − 0.20 through the true vector); an infeasible negation counts 0
+    assert fid == pytest.approx({"full": 1.0, "peer": 0.75, "b128": 0.95, "b256": 0.0})
+    assert [r["bytes_on_disk"] for r in rows] == [1000, 50, 7, 4]
+    assert rows[2]["compression_on_disk"] == pytest.approx(1000 / 7)
+    g = goals({"rows": rows})
+    assert g["every_task_at_128x_on_disk"] == ["b128"]      # 142.9× on disk, minimum 0.992
+    assert g["negation_fidelity_at_least_0.9"] == ["b128"]
+    assert g["peers_dominated_on_disk_by"] == {"peer": "b128"}  # b256 is smaller but worse on every other axis
+    result = {"rows": rows, "all_vectors_bytes": 1000,
+              "zero_shot": {"test": {"a": 0.5}, "normalized_test": {"a": 0.6}}, "finetuned": {"test": {"a": 0.8}}}
+    md = markdown_table(result)
+    assert "every task ≥ 0.99 (the minimum) at ≥ 128× on disk: b128" in md
+    paths = make_plots(result, tmp_path)
+    assert "frontier_negation.png" in [p.name for p in paths]

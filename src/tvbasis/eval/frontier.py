@@ -102,7 +102,11 @@ class Config:
         return self.family in PEER_FAMILIES
 
 
-PEER_FAMILIES = ("TALL", "TSV-C", "TVQ / RTVQ", "BitDelta")
+PEER_FAMILIES = ("TALL", "TSV-C", "TVQ / RTVQ", "BitDelta", "Delta-CoMe", "UltraDelta")
+#: the budget sweep (``tvbasis build --budget``): ratios against float32 task vectors, store on disk
+BUDGETS: tuple[str, ...] = ("16x", "32x", "64x", "128x", "256x")
+#: the budget issue's goals: every task ≥ 0.99 at ≥ 128× on disk, negation fidelity ≥ 0.9 on every pair
+GOAL_MIN_ACCURACY, GOAL_BUDGET_COMPRESSION, GOAL_NEGATION_FIDELITY = 0.99, 128.0, 0.9
 
 
 def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca") -> list[Config]:
@@ -115,7 +119,12 @@ def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca")
            Config("TVQ int2", "TVQ / RTVQ", "tvq", {"bits": 2}),
            Config("RTVQ B3O2", "TVQ / RTVQ", "rtvq", {"base_bits": 3, "offset_bits": 2}),
            Config("BitDelta", "BitDelta", "bitdelta")]
+    out += [Config("Delta-CoMe (1/16 fp16)", "Delta-CoMe", "deltacome"),
+            Config("Delta-CoMe (1/64 fp16)", "Delta-CoMe", "deltacome", {"alpha": 0.015625}),
+            Config("UltraDelta (paper)", "UltraDelta", "ultradelta"),
+            Config("UltraDelta density 0.01", "UltraDelta", "ultradelta", {"density": 0.01})]
     out += [Config(f"plan {name}", "tvbasis M=0", "plan", {"plan": spec}) for name, spec in PLANS.items()]
+    out += [Config(f"budget {b}", "tvbasis --budget", "budget", {"budget": b}) for b in BUDGETS]
     Ms = [M for M in Ms if 1 <= M < T]
     if Ms:
         M0 = 2 if 2 in Ms else Ms[0]
@@ -185,6 +194,10 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
                 "options": {"base_bits": int(p["base_bits"]), "offset_bits": int(p["offset_bits"])}}, {}
     if config.method == "plan":
         return {"method": "pca", "M": 0, "residual": p["plan"]}, {"plan": CodecPlan.parse(p["plan"]).spec}
+    if config.method in ("deltacome", "ultradelta"):
+        return {"method": config.method, "M": None, "options": dict(p)}, {}
+    if config.method == "budget":
+        return {"budget": str(p["budget"])}, {}
     if config.method == "bases":
         basis = p.get("basis", "pca")
         options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
@@ -201,8 +214,24 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     from tvbasis.store import build_store
 
     kwargs, facts = store_args(config, ctx, seed)
+    run = RunOptions(progress=ctx.progress)
+    if config.method == "budget":
+        from tvbasis.store.budget import build_budget_store
+
+        def budget_build(path: Path) -> Any:
+            store, report = build_budget_store(ctx.pre_dir, ctx.ft_dirs, path, budget=kwargs["budget"], force=True,
+                                               run=run)
+            facts_out.update({"budget": report.to_json()})
+            return store
+
+        facts_out: dict[str, Any] = dict(facts)
+        return read_store(config, ctx, budget_build, kwargs, facts_out)
+    if config.method == "ultradelta":
+        from tvbasis.store.ultradelta import build_ultradelta_store
+        return read_store(config, ctx, lambda path: build_ultradelta_store(
+            ctx.pre_dir, ctx.ft_dirs, path, options=kwargs.get("options"), force=True, run=run), kwargs, facts)
     return read_store(config, ctx, lambda path: build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True,
-                                                            run=RunOptions(progress=ctx.progress), **kwargs),
+                                                            run=run, **kwargs),
                       kwargs, facts)
 
 
@@ -346,7 +375,7 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
         Ms = tuple(Ms) if Ms is not None else tuple(M for M in FRONTIER_MS if M < len(names))
         todo = list(configs) if configs is not None else default_configs(len(names), Ms)
 
-        rows = measure(todo, ctx, ev, ft_dev, ft_test, cfg)
+        rows = annotate(measure(todo, ctx, ev, ft_dev, ft_test, cfg), all_vectors)
         extra_result = None
         if extra is not None:
             extra_result = extra.measure(pre_dir, names, ev, cfg, work / "stores" / extra.key)
@@ -429,6 +458,45 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
 
 
 # --------------------------------------------------------------------------------------------- analysis
+def negation_fidelity(row: Mapping[str, Any], full: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """Per negation pair: (target accuracy drop through the row's vector) ÷ (drop through the true vector), both at
+    the λ each chose on dev with the control ≥ 95 % of zero-shot; None where the true vector's drop is ≤ 0 or no
+    λ kept the row's control (a failed negation counts as fidelity 0)."""
+    if full is None:
+        return {}
+    true = {(n["target"], n["control"]): n for n in full["negation"]}
+    out: dict[str, float | None] = {}
+    for n in row["negation"]:
+        ref = true.get((n["target"], n["control"]))
+        key = f"{n['target']}/{n['control']}"
+        if ref is None:
+            out[key] = None
+            continue
+        drop_true = ref["pretrained_target_test"] - ref["target_test"]
+        if drop_true <= 0:
+            out[key] = None
+        elif not n["feasible"]:
+            out[key] = 0.0
+        else:
+            out[key] = (n["pretrained_target_test"] - n["target_test"]) / drop_true
+    return out
+
+
+def annotate(rows: list[dict[str, Any]], all_vectors: int) -> list[dict[str, Any]]:
+    """Add what every row is compared on besides its data bytes: the store on disk (manifest and headers included;
+    the float32 task vectors count as their bytes), × on disk, and negation fidelity per pair and its minimum."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        disk = (r.get("extra") or {}).get("store_bytes_on_disk") or r["bytes_stored"]
+        r["bytes_on_disk"] = int(disk)
+        r["compression_on_disk"] = all_vectors / max(1, int(disk))
+        fid = negation_fidelity(r, full)
+        r["negation_fidelity"] = fid
+        known = [v for v in fid.values() if v is not None]
+        r["negation_fidelity_min"] = min(known) if known else None
+    return rows
+
+
 def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points (bytes, accuracy) not beaten by a point with ≤ bytes and ≥ accuracy (one strictly), by bytes."""
     out: list[tuple[float, float]] = []
@@ -450,6 +518,15 @@ def dominating(peer: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> li
             and r["per_task_mean"] >= peer["per_task_mean"] and _add(r) >= _add(peer)]
 
 
+def dominating_on_disk(peer: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The budget issue's domination: tvbasis rows with ≤ bytes on disk, ≥ per-task minimum, ≥ addition and ≥
+    negation fidelity (where the peer has one) than ``peer``."""
+    pf = peer.get("negation_fidelity_min")
+    return [r for r in rows if r["tvbasis"] and r["bytes_on_disk"] <= peer["bytes_on_disk"]
+            and r["per_task_min"] >= peer["per_task_min"] and _add(r) >= _add(peer)
+            and (pf is None or (r.get("negation_fidelity_min") is not None and r["negation_fidelity_min"] >= pf))]
+
+
 def goals(result: Mapping[str, Any]) -> dict[str, Any]:
     """The issue's goals, checked on this run's rows."""
     rows = result["rows"]
@@ -461,6 +538,16 @@ def goals(result: Mapping[str, Any]) -> dict[str, Any]:
         d = dominating(p, rows)
         dom[p["label"]] = min(d, key=lambda r: r["bytes_stored"])["label"] if d else None
     out: dict[str, Any] = {"per_task_at_64x": hit, "peers_dominated_by": dom}
+    if rows and "compression_on_disk" in rows[0]:
+        out["every_task_at_128x_on_disk"] = [
+            r["label"] for r in tv if r["per_task_min"] >= GOAL_MIN_ACCURACY
+            and r["compression_on_disk"] >= GOAL_BUDGET_COMPRESSION]
+        out["negation_fidelity_at_least_0.9"] = [
+            r["label"] for r in tv if r.get("negation_fidelity_min") is not None
+            and r["negation_fidelity_min"] >= GOAL_NEGATION_FIDELITY]
+        out["peers_dominated_on_disk_by"] = {
+            p["label"]: (min(d, key=lambda r: r["bytes_on_disk"])["label"] if d else None)
+            for p in rows if p["peer"] for d in [dominating_on_disk(p, rows)]}
     if full is not None:
         ta = _add(full)
         out["addition_at_least_task_arithmetic"] = [r["label"] for r in tv if _add(r) >= ta]
@@ -482,15 +569,18 @@ def goals(result: Mapping[str, Any]) -> dict[str, Any]:
 def markdown_table(result: Mapping[str, Any]) -> str:
     rows = result["rows"]
     pairs = [(n["target"], n["control"]) for n in next((r["negation"] for r in rows if r["negation"]), [])]
-    head = ["config", "family", "stored", "×", "per-task norm (mean / min)", "rel. err", "λ add", "add norm"]
+    head = ["config", "family", "stored", "×", "× on disk", "per-task norm (mean / min)", "rel. err (max)", "λ add",
+            "add norm", "neg. fidelity (min)"]
     head += [f"neg {t} (ctrl {c} %)" for t, c in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         add = r["addition"]
         errs = list(r["rel_errors"].values())
+        fid = r.get("negation_fidelity_min")
         cells = [r["label"], r["family"], _fmt_bytes(r["bytes_stored"]), f"{r['compression']:.1f}",
-                 f"{_pct(r['per_task_mean'])} / {_pct(r['per_task_min'])}", f"{mean(errs):.3f}",
-                 f"{add['lam']:.2f}", _pct(add["mean_normalized_test"])]
+                 f"{r['compression_on_disk']:.1f}" if "compression_on_disk" in r else "",
+                 f"{_pct(r['per_task_mean'])} / {_pct(r['per_task_min'])}", f"{mean(errs):.3f} ({max(errs):.3f})",
+                 f"{add['lam']:.2f}", _pct(add["mean_normalized_test"]), "" if fid is None else f"{fid:.2f}"]
         for n in r["negation"]:
             flag = "" if n["feasible"] else "*"
             cells.append(f"{_pct(n['target_test'])} ({_pct(n['control_retained'])}) λ={n['lam']:.2f}{flag}")
@@ -508,6 +598,15 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     for peer, by in g["peers_dominated_by"].items():
         goal_lines.append(f"- {peer}: " + (f"dominated by {by} (≤ bytes, ≥ per-task and addition)" if by
                                            else "not dominated by a tvbasis point"))
+    if "every_task_at_128x_on_disk" in g:
+        goal_lines.append(f"- every task ≥ {GOAL_MIN_ACCURACY:.2f} (the minimum) at ≥ {GOAL_BUDGET_COMPRESSION:.0f}× "
+                          "on disk: " + (", ".join(g["every_task_at_128x_on_disk"]) or "not met"))
+        goal_lines.append(f"- negation fidelity ≥ {GOAL_NEGATION_FIDELITY} on every pair: "
+                          + (", ".join(g["negation_fidelity_at_least_0.9"]) or "none"))
+        for peer, by in g["peers_dominated_on_disk_by"].items():
+            goal_lines.append(f"- {peer}: " + (f"dominated on disk by {by} (≤ bytes on disk, ≥ per-task minimum, "
+                                               "≥ addition, ≥ negation fidelity)" if by else
+                                               "not dominated on disk by a tvbasis point"))
     if "addition_at_least_task_arithmetic" in g:
         goal_lines.append("- addition ≥ task arithmetic: " + (", ".join(g["addition_at_least_task_arithmetic"])
                                                               or "none"))
@@ -517,7 +616,9 @@ def markdown_table(result: Mapping[str, Any]) -> str:
              "rel. err = mean ‖ṽ_t − v_t‖/‖v_t‖; add norm = mean normalized test accuracy of θ₀ + λ·Σ_t ṽ_t (TALL: its "
              "stored τ_MTL) at the λ chosen on dev; neg = target test accuracy after θ₀ − λ·ṽ_target (control as % of pretrained), "
              "* = no λ kept the control ≥ 95 %; stored = exact bytes of everything stored; × = T float32 task "
-             "vectors / stored.")
+             "vectors / stored; × on disk = the same against the store directory (manifest and headers included); "
+             "neg. fidelity = target accuracy drop through the row's vector ÷ drop through the true vector "
+             "(minimum over pairs; 0 when no λ kept the control).")
     return "\n".join(lines + per_task + goal_lines + list(notes))
 
 
@@ -531,8 +632,14 @@ def _short(label: str) -> str:
     return label
 
 
+def _x(r: Mapping[str, Any]) -> float:
+    """A row's bytes for the plots: on disk where measured (every byte counted), else the stored data bytes."""
+    return float(r.get("bytes_on_disk") or r["bytes_stored"])
+
+
 def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
-    """frontier_per_task.png and frontier_addition.png: accuracy vs bytes (log x), a Pareto front per family."""
+    """frontier_per_task.png, frontier_addition.png, frontier_per_task_min.png and frontier_negation.png: each metric
+    vs bytes on disk (log x), a Pareto front per family."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -548,13 +655,20 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     for key, ylabel, fname, value in (
             ("per_task", "per-task normalized accuracy (each task alone, λ = 1)", "frontier_per_task.png",
              lambda r: r["per_task_mean"]),
-            ("addition", "addition: mean normalized accuracy (λ on dev)", "frontier_addition.png", _add)):
+            ("addition", "addition: mean normalized accuracy (λ on dev)", "frontier_addition.png", _add),
+            ("per_task_min", "worst task's normalized accuracy (each task alone, λ = 1)", "frontier_per_task_min.png",
+             lambda r: r["per_task_min"]),
+            ("negation", "negation fidelity (worst pair; drop through ṽ ÷ drop through v)",
+             "frontier_negation.png",
+             lambda r: math.nan if r.get("negation_fidelity_min") is None else r["negation_fidelity_min"])):
+        if key == "negation" and not any(r.get("negation_fidelity_min") is not None for r in rows):
+            continue
         fig, ax = plt.subplots(figsize=(10, 5.6))
-        shown = [value(r) for r in rows if r["bytes_stored"] > 0 and not math.isnan(value(r))]
+        shown = [value(r) for r in rows if _x(r) > 0 and not math.isnan(value(r))]
         lo, hi = min(shown) - 0.01, max(1.0, max(shown)) + 0.008
         for f in families:
-            pts = [(r["bytes_stored"] / 1e6, value(r), r["label"]) for r in rows
-                   if r["family"] == f and r["bytes_stored"] > 0]
+            pts = [(_x(r) / 1e6, value(r), r["label"]) for r in rows
+                   if r["family"] == f and _x(r) > 0 and not math.isnan(value(r))]
             if not pts:
                 continue
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color[f], marker=marker[f],
@@ -570,24 +684,30 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
                 ax.annotate(_short(lab), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
                             color=color[f])
         ax.axhline(1.0, color="black", ls=":", lw=1, label="fine-tuned")
-        if key == "per_task":
+        if key in ("per_task", "per_task_min"):
+            ratio = GOAL_COMPRESSION if key == "per_task" else GOAL_BUDGET_COMPRESSION
             ax.axhline(GOAL_ACCURACY, color="green", ls="--", lw=0.8, label=f"goal {GOAL_ACCURACY:.2f}")
-            ax.axvline(result["all_vectors_bytes"] / GOAL_COMPRESSION / 1e6, color="green", ls="-.", lw=0.8,
-                       label=f"{GOAL_COMPRESSION:.0f}× less storage")
-        if zs >= lo:
+            ax.axvline(result["all_vectors_bytes"] / ratio / 1e6, color="green", ls="-.", lw=0.8,
+                       label=f"{ratio:.0f}× less storage")
+        if key == "negation":
+            ax.axhline(GOAL_NEGATION_FIDELITY, color="green", ls="--", lw=0.8, label=f"goal {GOAL_NEGATION_FIDELITY}")
+        if key == "negation":
+            lo, hi = min(lo, 0.0), max(hi, 1.1)
+        elif zs >= lo:
             ax.axhline(zs, color="grey", ls="--", lw=1, label="zero-shot")
         else:
             ax.plot([], [], " ", label=f"zero-shot: {zs:.3f} (below)")
         ax.set_xscale("log")
-        xs = [r["bytes_stored"] / 1e6 for r in rows if r["bytes_stored"] > 0]
+        xs = [_x(r) / 1e6 for r in rows if _x(r) > 0]
         ax.set_xlim(min(xs) / 1.3, max(xs) * 1.9)  # room for the labels of the extreme points
-        ax.set_xlabel("bytes stored for all T tasks (MB, log scale)")
+        ax.set_xlabel("bytes on disk for all T tasks (store directory; MB, log scale)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(lo, hi)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         T = len(result["zero_shot"]["test"])
-        ax.set_title(f"storage vs {'per-task' if key == 'per_task' else 'addition'} accuracy, T = {T} tasks "
-                     "(lines: each family's Pareto front)", fontsize=10)
+        what = {"per_task": "per-task accuracy", "addition": "addition accuracy",
+                "per_task_min": "worst-task accuracy", "negation": "negation fidelity"}[key]
+        ax.set_title(f"storage vs {what}, T = {T} tasks (lines: each family's Pareto front)", fontsize=10)
         fig.tight_layout()
         paths.append(out / fname)
         fig.savefig(paths[-1], dpi=130)
