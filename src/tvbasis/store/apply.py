@@ -175,9 +175,41 @@ def _row_chunks(spec: TensorSpec, parts: int) -> Iterator[tuple[int, int] | None
         yield (a, min(spec.shape[0], a + step))
 
 
+def _factor_terms(store: BasisStore, name: str, coefs: Mapping[str, np.ndarray], means: Mapping[str, float],
+                  per_task: Mapping[str, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """The (P, Q, α_t) of every per-task term of tensor ``name`` when all of them are low-rank products and there
+    is no bases part (stores with M = 0, or coefficients 0 on the bases); else None."""
+    spec = store.specs[name]
+    g = store.group_of.get(name, ALL)
+    if len(spec.shape) < 2 or store.masks or not per_task or store.coded is None:
+        return None
+    if store.M > 0 and (np.any(np.asarray(coefs[g]) != 0) or means[g] != 0.0):
+        return None
+    out = []
+    for t, a in per_task.items():
+        key = entry_key("residual", name, t)
+        if a == 0.0 or store.coded.codec_of(key) == NONE_CODEC:
+            continue
+        f = store.coded.factors(key)
+        if f is None:
+            return None
+        out.append((f[0], f[1], a))
+    return out
+
+
 def _add_into(store: BasisStore, name: str, target: torch.Tensor, coefs: Mapping[str, np.ndarray],
               means: Mapping[str, float], per_task: Mapping[str, float], scale: float) -> None:
-    """target ← target + scale·Σ α_t ṽ_t (one float32 accumulator; the parameter changes only once it is full)."""
+    """target ← target + scale·Σ α_t ṽ_t (one float32 accumulator; the parameter changes only once it is full).
+    A float32 tensor whose terms are all low-rank factors (no bases part) gets them by ``addmm`` straight into it,
+    every factor read (and digest-checked) before the tensor changes."""
+    direct = target.dtype == torch.float32 and target.is_contiguous()
+    factors = _factor_terms(store, name, coefs, means, per_task) if direct else None
+    if factors is not None:
+        with torch.no_grad():
+            view = target.view(target.shape[0], -1)
+            for P, Q, a in factors:
+                view.addmm_(P.to(target.device), Q.to(target.device), alpha=a * scale)
+        return
     acc = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
     accumulate(store, name, acc, coefs, means, per_task, scale)
     with torch.no_grad():
