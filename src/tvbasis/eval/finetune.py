@@ -73,6 +73,9 @@ class FinetuneSettings:
     epochs: int = 1
     seed: int = 0
     data_seed: int = 0
+    #: train with the input embeddings frozen (the paper's RoBERTa setting, ``--model mpnet``): task vectors are
+    #: then exactly zero outside the encoder layers
+    freeze_embeddings: bool = False
     #: fine-tuning modes (eval/finetune_modes.py): train the linearised model (tangent task arithmetic); keep a
     #: sparse diff of this density (0 = dense); train only the parameters matching this regex ("" = all)
     linearized: bool = False
@@ -254,9 +257,11 @@ def _task_record(task: Task, settings: FinetuneSettings, pretrained_hash: str) -
         data.update(f"{y}\t{text}\n".encode())
     s = asdict(settings)
     s.pop("model_dir")
+    if not s["freeze_embeddings"]:
+        s.pop("freeze_embeddings")  # absent when off, so fine-tunes cached before the setting existed stay valid
     for key, off in (("linearized", False), ("sparse_diff", 0.0), ("train_layers", "")):
         if s[key] == off:
-            s.pop(key)  # absent when off, so fine-tunes cached before the modes existed stay valid
+            s.pop(key)  # the same for the fine-tuning modes
     return {"kind": "tvbasis-finetune", "recipe_version": RECIPE_VERSION, "pretrained_hash": pretrained_hash,
             "task": task.name, "n_train": len(train), "train_data_sha256": data.hexdigest(),
             "label_texts": list(task.label_texts), "logit_scale": LOGIT_SCALE, **s}
@@ -356,7 +361,8 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
     with encoder.at_pretrained():
         model = copy.deepcopy(encoder.model)
     model.train()
-    trained = modes.trained_names(model, settings.train_layers, set())
+    frozen = embedding_parameter_names(model) if settings.freeze_embeddings else set()
+    trained = modes.trained_names(model, settings.train_layers, frozen)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
     torch.manual_seed(settings.seed)
@@ -376,7 +382,24 @@ def train_encoder(encoder: Encoder, task: Task, settings: FinetuneSettings, prog
                          trained_entries=int(sum(m.numel() for m in masks.values())))
     if settings.train_layers:
         stats["trained_tensors"] = sorted(trained)
+    if frozen:
+        stats["frozen_parameters"] = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
     return model, stats
+
+
+def embedding_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters of the model's input-embedding block (``model.get_input_embeddings()`` and the
+    module that holds it: word, position and token-type embeddings and their LayerNorm, as the paper's RoBERTa
+    setting freezes ``roberta.embeddings``). A tied output head shares the word-embedding tensor, so it is frozen
+    with it."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        raise ConfigError(f"{type(model).__name__} has no input embeddings to freeze")
+    holder = next((name for name, module in model.named_modules()
+                   if any(child is emb for child in module.children())), "")
+    block = model.get_submodule(holder) if holder.rsplit(".", 1)[-1].endswith("embeddings") else emb
+    ids = {id(p) for p in block.parameters()}  # a BERT-like embeddings block, else the embedding alone (LLMs)
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
 def mean_or_nan(xs: list[float]) -> float:

@@ -33,6 +33,7 @@ import torch
 
 from tvbasis.errors import ConfigError, TensorMismatchError, UnknownTaskError
 from tvbasis.eval.encoder import CHARS_PER_TOKEN, EVAL_BATCH_SIZE, Encoder, check_encoder_dir, set_threads
+from tvbasis.eval.inplace import InPlaceEdit
 from tvbasis.eval.metrics import Evaluator
 from tvbasis.eval.tasks import Split, Task, canonical_name, label_text
 from tvbasis.io import open_checkpoint
@@ -275,6 +276,15 @@ def load_user_task(name: str, files: Mapping[str, str | Path], text_column: str 
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+def is_causal_lm(model_dir: str | Path) -> bool:
+    """True when the checkpoint's config names a ``*ForCausalLM`` architecture."""
+    try:
+        archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
 def is_sequence_classifier(model_dir: str | Path) -> bool:
     """True when the checkpoint's config names a ``*ForSequenceClassification`` architecture."""
     p = Path(model_dir) / "config.json"
@@ -285,7 +295,7 @@ def is_sequence_classifier(model_dir: str | Path) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
-class SequenceClassifier:
+class SequenceClassifier(InPlaceEdit):
     """A local sequence-classification checkpoint with its own head: predictions are the argmax of its logits.
     ``set_delta`` edits the weights in place (θ + scale·delta), as ``Encoder.set_delta`` does."""
 
@@ -310,30 +320,6 @@ class SequenceClassifier:
         self.class_names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(n))
         self._params = dict(self.model.state_dict(keep_vars=True))
         self._base: dict[str, torch.Tensor] = {}
-
-    def resolve(self, name: str) -> str | None:
-        if name in self._params:
-            return name
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        for cand in (f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None):
-            if cand and cand in self._params:
-                return cand
-        return None
-
-    @torch.no_grad()
-    def set_delta(self, delta: Mapping[str, torch.Tensor] | None, scale: float = 1.0) -> None:
-        for key, base in self._base.items():
-            self._params[key].copy_(base)
-        self._base = {}
-        for name, d in (delta or {}).items():
-            key = self.resolve(name)
-            if key is None:
-                raise TensorMismatchError(f"tensor {name!r} is not a parameter of {self.model_dir}")
-            p = self._params[key]
-            if tuple(d.shape) != tuple(p.shape):
-                raise TensorMismatchError(f"{name}: delta shape {tuple(d.shape)} != parameter shape {tuple(p.shape)}")
-            self._base[key] = p.detach().clone()
-            p.copy_((p.float() + scale * d.float()).to(p.dtype))
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], progress: bool | str = False) -> torch.Tensor:
@@ -412,13 +398,28 @@ def score_tasks(model_dir: str | Path, *, task_files: Mapping[str, str | Path] |
     unknown = sorted(set(labels) - set(task_files))
     if unknown:
         raise ConfigError(f"--labels {unknown[0]}=...: no --task named {unknown[0]!r}")
-    if head not in ("auto", "encoder", "own"):
-        raise ConfigError(f"unknown head {head!r}; expected auto, encoder or own")
+    if head not in ("auto", "encoder", "own", "lm"):
+        raise ConfigError(f"unknown head {head!r}; expected auto, encoder, own or lm")
     if head == "auto":
         head = "own" if is_sequence_classifier(model_dir) and heads_from is None else "encoder"
-    if head == "own" and heads_from is not None:
+        if heads_from is None and is_causal_lm(model_dir):
+            head = "lm"
+    if head in ("own", "lm") and heads_from is not None:
         raise ConfigError("--heads-from builds zero-shot heads: it applies to --head encoder only")
     out: dict[str, TaskScore] = {}
+    if head == "lm":  # a causal LM: each class scored by the log-likelihood of its label text (eval/causal_lm.py)
+        from tvbasis.eval.causal_lm import CausalLMScorer
+
+        lm = CausalLMScorer(model_dir, max_length, batch_size)
+        loaded = {n: load_user_task(n, {"test": f}, text_column, label_column, labels.get(n), fmt)
+                  for n, f in task_files.items()}
+        if delta is not None:
+            lm.set_delta(keep_known(delta, lm.resolve, what), scale)
+        for n, t in loaded.items():
+            pred = lm.predict(t["test"].texts, progress=f"{n}" if progress else False, label_texts=t.label_texts)
+            correct = int((pred == torch.as_tensor(t["test"].labels)).sum())
+            out[n] = TaskScore(n, str(task_files[n]), len(t["test"]), t.num_classes, correct)
+        return head, out
     if head == "own":
         clf = SequenceClassifier(model_dir, max_length, batch_size)
         loaded = {n: load_user_task(n, {"test": f}, text_column, label_column, labels.get(n), fmt,
