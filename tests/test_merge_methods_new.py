@@ -320,3 +320,19 @@ def test_streamed_slerp_and_model_stock_through_merge_task_vectors(tmp_path) -> 
     for k in vs[0]:
         V = np.stack([v[k].numpy().ravel() for v in vs])
         np.testing.assert_allclose(ms[k].double().numpy().ravel(), ref_model_stock(V), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(("method", "params"), [
+    ("slerp", {"t": 0.3}), ("nuslerp", {"nuslerp_flatten": False}), ("model_stock", {}),
+    ("della", {"density": 0.5, "epsilon": 0.1}), ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}),
+])
+def test_new_methods_on_cuda_match_cpu(method: str, params: dict) -> None:
+    x = rand(2, 16, 9, seed=20)
+    base = rand(16, 9, seed=21)
+    m = get_merger(MergeSpec(method, params))
+    w = torch.ones(2)
+    cpu = m.merge(x, w, MergeContext(name="w", base=base))
+    gpu = m.merge(x.cuda(), w.cuda(), MergeContext(name="w", base=base.cuda())).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,7 @@ RESCALES = ("l1", "inverse", "none")
 def _ranks(a: torch.Tensor, dim: int) -> torch.Tensor:
     """0-based ascending ranks of ``a`` along ``dim``, equal values ranked by index (stable)."""
     order = torch.sort(a, dim=dim, stable=True).indices
-    return torch.empty_like(order).scatter_(dim, order, torch.arange(a.shape[dim]).view(
+    return torch.empty_like(order).scatter_(dim, order, torch.arange(a.shape[dim], device=a.device).view(
         [-1 if d == dim % a.dim() else 1 for d in range(a.dim())]).expand_as(order))
 
 
@@ -98,7 +98,7 @@ class DellaLinear(_SparseGTA):
         r = _ranks(rows.abs(), 1).to(torch.float32)
         norm = r / (n - 1) if n > 1 else torch.full_like(r, 0.5)
         p = (d - eps) + norm * (2 * eps)
-        keep = uniforms(tuple(rows.shape), self.params["seed"], ctx.name, t, ctx.offset) < p
+        keep = uniforms(tuple(rows.shape), self.params["seed"], ctx.name, t, ctx.offset).to(rows.device) < p
         kept = torch.where(keep, rows, 0.0)
         if self.params["rescale"] == "inverse":
             kept = kept / p
