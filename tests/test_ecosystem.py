@@ -382,3 +382,25 @@ def test_hub_ids_resolve_through_the_local_cache(tiny: tuple, tmp_path: Path, mo
     # an unknown revision of a cached model is not cached either
     with pytest.raises(Exception, match="not in the local Hugging Face cache"):
         open_checkpoint("org/base@v9")
+
+
+# ------------------------------------------------------------------------------------------------ docstrings
+def test_every_public_callable_has_a_docstring() -> None:
+    """The package's public API (tvbasis.__all__): every function, class, and public method or property of those
+    classes has a docstring (pdoc's API reference, docs/api, is built from them)."""
+    import inspect
+
+    import tvbasis
+    missing = []
+    for name in tvbasis.__all__:
+        obj = getattr(tvbasis, name)
+        if not (inspect.getdoc(obj) or "").strip():
+            missing.append(name)
+        if inspect.isclass(obj) and not issubclass(obj, BaseException):
+            for m, v in vars(obj).items():
+                f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
+                if m.startswith("_") or not (callable(f) or isinstance(v, property)):
+                    continue
+                if not (getattr(f, "__doc__", None) or "").strip():
+                    missing.append(f"{name}.{m}")
+    assert not missing, missing

@@ -230,6 +230,9 @@ class TaskVector:
     def from_checkpoints(cls, pretrained: str | Path | Checkpoint, finetuned: str | Path | Checkpoint,
                          include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                          name: str | None = None) -> TaskVector:
+        """The task vector fine-tuned − pretrained, lazily: only headers are read here, each tensor's delta is
+        computed when asked for. ``finetuned`` may be a PEFT LoRA adapter directory (then only the tensors the adapter
+        changes). ``include``/``exclude``: glob or ``re:REGEX`` patterns on tensor names."""
         pre = pretrained if isinstance(pretrained, Checkpoint) else open_checkpoint(pretrained)
         ft = open_finetuned(finetuned, pre)
         specs = changed_specs(vector_specs(pre, ft, KeyFilter.of(include, exclude)), [ft])
@@ -260,10 +263,13 @@ class TaskVector:
     @classmethod
     def from_producer(cls, specs: Mapping[str, TensorSpec], fn: Producer, pretrained: Checkpoint | None = None,
                       name: str = "task_vector") -> TaskVector:
+        """A task vector whose tensors come from ``fn`` (a picklable per-tensor Producer: a merge, a store's
+        reconstruction), over the tensors of ``specs``."""
         return cls(specs, [(1.0, FnSource(fn))], pretrained, name)
 
     # -- access ----------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """The names of the tensors this vector has (floating tensors of the pretrained model it changes)."""
         return list(self.specs)
 
     def __contains__(self, name: object) -> bool:
@@ -274,6 +280,7 @@ class TaskVector:
 
     @property
     def num_parameters(self) -> int:
+        """Number of parameters (elements) over all tensors of the vector."""
         return sum(s.numel for s in self.specs.values())
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
@@ -297,6 +304,7 @@ class TaskVector:
         return out
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, float32 tensor) pairs, computed one at a time in tensor order."""
         for name in self.specs:
             yield name, self.get(name)
 
@@ -351,6 +359,7 @@ class TaskVector:
 
     @staticmethod
     def sum(vectors: Sequence[TaskVector]) -> TaskVector:
+        """Σ of the vectors (lazy); ConfigError for an empty sequence."""
         if not vectors:
             raise ConfigError("sum of no task vectors")
         out = vectors[0]
@@ -367,15 +376,19 @@ class TaskVector:
 
     # -- reductions (float64) --------------------------------------------------------------------------
     def dot(self, other: TaskVector, run: Run = None) -> float:
+        """⟨self, other⟩ over every tensor, accumulated in float64 tensor by tensor (math.fsum of the per-tensor
+        products); the vectors must have the same tensors and shapes."""
         self._check_compatible(other)
         eng = as_run(run).quiet().get_engine()
         return math.fsum(eng.map(_DotTask(self, other), self.keys()))
 
     def norm(self, run: Run = None) -> float:
+        """‖self‖₂ over every tensor, accumulated in float64."""
         eng = as_run(run).quiet().get_engine()
         return math.sqrt(math.fsum(eng.map(_DotTask(self, None), self.keys())))
 
     def cosine(self, other: TaskVector, run: Run = None) -> float:
+        """Cosine similarity ⟨a, b⟩ / (‖a‖‖b‖) in float64; 0.0 when either vector is zero."""
         d = self.dot(other, run)
         n = self.norm(run) * other.norm(run)
         return d / n if n > 0 else 0.0

@@ -28,6 +28,8 @@ BASIS_METHODS: dict[str, type[BasisMethod]] = {
 
 
 def get_basis_method(name: str, **options: Any) -> BasisMethod:
+    """The basis method registered as ``name``, configured with ``options``; ConfigError naming the methods
+    when there is none."""
     try:
         cls = BASIS_METHODS[name]
     except KeyError:

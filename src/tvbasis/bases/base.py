@@ -141,6 +141,7 @@ class BasisFit:
         return None if self.B is None else np.asarray(self.B, dtype=np.float64).sum(axis=1)
 
     def to_json(self) -> dict[str, Any]:
+        """The fit as JSON (matrices as nested lists of float64), as stored in the manifest."""
         def arr(x: np.ndarray | None) -> list[Any] | None:
             return None if x is None else np.asarray(x, dtype=np.float64).tolist()
         return {"M": self.M, "B": arr(self.B), "W": arr(self.W), "mean_weights": arr(self.mean_weights),
@@ -150,6 +151,7 @@ class BasisFit:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> BasisFit:
+        """The fit back from ``to_json``'s form."""
         def arr(x: Any) -> np.ndarray | None:
             return None if x is None else np.asarray(x, dtype=np.float64)
         inner = d.get("inner")
@@ -183,7 +185,9 @@ class BasisMethod(ABC):
                                   f"got {self.params[key]!r}")
 
     @abstractmethod
-    def fit(self, G: np.ndarray, M: int | None) -> BasisFit: ...
+    def fit(self, G: np.ndarray, M: int | None) -> BasisFit:
+        """Fit M bases from the T×T Gram matrix ``G`` alone (M None: the method chooses, e.g. the eigengap);
+        the fit holds the coefficients that map task vectors to bases and back (``BasisFit``)."""
 
 
 def check_M(M: int | None, T: int, method: str) -> int:

@@ -109,6 +109,9 @@ def random_assignment(labels: list[int], seed: int) -> list[int]:
 
 
 def spectral_clusters(C: np.ndarray, k: int, seed: int) -> list[int]:
+    """Spectral clustering of T tasks into ``k`` groups from their cosine matrix ``C``: negative similarities
+    clipped to 0, the normalised Laplacian's first k eigenvectors, rows normalised, seeded k-means; canonical
+    labels (first task in cluster 0, ...)."""
     A = np.clip(C, 0.0, None)
     np.fill_diagonal(A, 0.0)
     L = normalized_laplacian(A)

@@ -44,6 +44,7 @@ class Encoded:
 
     @property
     def numel(self) -> int:
+        """Number of elements of the decoded tensor."""
         n = 1
         for d in self.shape:
             n *= d

@@ -39,6 +39,7 @@ class Param:
     optional: bool = False
 
     def describe(self) -> str:
+        """What the parameter accepts, for error messages (e.g. 'an int (or none)')."""
         base = self.expected or (" or ".join(self.choices) if self.choices else f"a {self.kind.__name__}")
         return base + (" (or none)" if self.optional else "")
 

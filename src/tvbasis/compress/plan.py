@@ -84,6 +84,8 @@ class CodecPlan:
         return None if spec.strip().lower() == NONE else parse_codec(spec)
 
     def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
+        """The codec of the kind of tensor ``name`` with ``shape`` (``compress.kinds``); None when the plan does not
+        store that kind."""
         return self.codec(tensor_kind(name, shape))
 
     def encode(self, name: str, x: torch.Tensor, svd: SVD | None = None) -> Encoded | None:
@@ -177,6 +179,8 @@ class Coder:
         return coder
 
     def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
+        """The codec this coder uses for tensor ``name`` of ``shape`` (one codec, a plan's per-kind codec, or a rule's
+        choice); None when the tensor is not stored. Coders that choose per task and tensor refuse (use ``encode``)."""
         if self._task_rule is not None:
             raise ConfigError(f"the {self.spec.partition(':')[0]} coder chooses a codec per task and tensor: use "
                               "encode(name, x, task=...)")

@@ -61,6 +61,8 @@ class SVDCache:
         self._store: dict[Hashable, Factors] = {}
 
     def get(self, key: Hashable, x: torch.Tensor, rank: int) -> Factors:
+        """The rank-``rank`` truncated SVD factors of ``x``, computed once per ``key`` (at ``min_rank`` or more) and
+        cut from the cached factors afterwards."""
         have = self._store.get(key)
         if have is None or (have[1].numel() < rank and have[1].numel() < min(x.shape)):
             have = truncated_svd(x, max(rank, self.min_rank))
@@ -74,6 +76,7 @@ class SVDCache:
         return lambda x, rank: self.get(key, x, rank)
 
     def clear(self) -> None:
+        """Forget every cached SVD."""
         self._store.clear()
 
 

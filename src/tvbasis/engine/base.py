@@ -19,6 +19,8 @@ R = TypeVar("R")
 
 
 def progress_bar(total: int, desc: str | None, enabled: bool, unit_scale: bool, unit: str) -> Any:
+    """A tqdm bar over ``total`` units, hidden when disabled or without a description; bytes shown in decimal
+    units when ``unit_scale``."""
     return tqdm(total=total, desc=desc, disable=not enabled or desc is None, unit=unit,
                 unit_scale=unit_scale, unit_divisor=1000, dynamic_ncols=True, leave=False)
 

@@ -30,6 +30,8 @@ class LocalEngine(Engine):
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str | None = None,
             sizes: Sequence[int] | None = None) -> Iterator[R]:
+        """``fn`` over ``items`` on a thread pool, results yielded in the order of the items (at most
+        ``max_in_flight`` pending); ``sizes`` (bytes per item) drive a byte progress bar, else it counts items."""
         total = int(sum(sizes)) if sizes is not None else len(items)
         bar = progress_bar(total, desc, self.progress, sizes is not None, "B" if sizes is not None else "it")
         try:

@@ -83,6 +83,7 @@ class RunOptions:
             raise ConfigError(f"--workers must be >= 1 (got {self.workers})")
 
     def get_engine(self) -> Engine:
+        """The engine these options describe (created on first use, then reused): local threads or Ray."""
         if self._engine is None:
             self._engine = get_engine(self.engine, self.workers, self.address, self.progress)
         return self._engine

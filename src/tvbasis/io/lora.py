@@ -283,6 +283,7 @@ class LoraCheckpoint(Checkpoint):
         return "conv" if len(self.weights.spec(d.B).shape) > 2 else "linear"
 
     def metadata(self) -> dict[str, str]:
+        """The adapter's path and the base model its config names."""
         return {"adapter": str(self.path), "base_model": str(self.config.get("base_model_name_or_path") or "")}
 
     def changed_tensors(self) -> frozenset[str]:
@@ -290,6 +291,7 @@ class LoraCheckpoint(Checkpoint):
         return self._touched
 
     def close(self) -> None:
+        """Close the adapter's weights file."""
         self.weights.close()
 
     def __reduce__(self) -> tuple[object, tuple[str, Checkpoint]]:

@@ -54,20 +54,24 @@ class Checkpoint(ABC):
         return len(self._specs)
 
     def spec(self, name: str) -> TensorSpec:
+        """Name, shape and dtype of tensor ``name`` (from the header, nothing read); CheckpointError if absent."""
         try:
             return self._specs[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def specs(self) -> list[TensorSpec]:
+        """Every tensor's spec, in the checkpoint's order."""
         return list(self._specs.values())
 
     @property
     def num_parameters(self) -> int:
+        """Total number of elements over all tensors."""
         return sum(s.numel for s in self._specs.values())
 
     @property
     def nbytes(self) -> int:
+        """Total bytes of all tensors in their stored dtypes."""
         return sum(s.nbytes for s in self._specs.values())
 
     def get(self, name: str) -> torch.Tensor:
@@ -93,6 +97,7 @@ class Checkpoint(ABC):
         return self._get(name)[:, start:stop]
 
     def metadata(self) -> dict[str, str]:
+        """The file's string metadata (safetensors ``__metadata__``); empty where the layout has none."""
         return {}
 
     def changed_tensors(self) -> frozenset[str] | None:
@@ -107,6 +112,7 @@ class Checkpoint(ABC):
         return self._get(name)[start:stop]
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release open files (memory maps); a no-op for layouts that hold none."""
         pass
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
@@ -463,6 +469,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def row_chunks(spec: TensorSpec, max_elements: int) -> Iterator[tuple[int, int]]:
+    """(start, end) row ranges of a tensor, each of at most ``max_elements`` elements (at least one row); one
+    range for a scalar, a vector or a tensor that fits whole."""
     if not spec.shape or spec.numel <= max_elements:
         yield (0, spec.shape[0] if spec.shape else 1)
         return

@@ -49,6 +49,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the name configs and manifests use)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -62,17 +63,21 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
+        """Number of elements (1 for a scalar)."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor in its dtype."""
         return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
+        """Whether the dtype is floating point (integer buffers and masks are not part of a task vector)."""
         return self.dtype.is_floating_point
 
     def with_dtype(self, dtype: torch.dtype) -> TensorSpec:
+        """The same tensor in another dtype."""
         return TensorSpec(self.name, self.shape, dtype)
 
 
@@ -98,6 +103,7 @@ def parse_size(text: str | int) -> int:
 
 
 def human_bytes(n: float) -> str:
+    """A byte count in decimal units, e.g. 1234567 -> '1.23 MB'."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

@@ -310,9 +310,12 @@ class ModelWriter:
 
     @property
     def shard_paths(self) -> list[Path]:
+        """Paths of the shards inside the temporary directory, in order."""
         return [self.tmp / n for n in self.names]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of its shard (in the order of the specs), cast to its planned dtype and checked
+        finite; a shard is closed (and fsynced) as soon as its last tensor is written."""
         try:
             i = self._shard_of[name]
         except KeyError:
@@ -354,6 +357,7 @@ class ModelWriter:
         return self.out
 
     def abort(self) -> None:
+        """Drop everything written so far: close the shard writers and remove the temporary directory."""
         for w in self._writers.values():
             w.abort()
         self._atomic.abort()

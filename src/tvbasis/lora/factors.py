@@ -59,6 +59,8 @@ class AdapterFactors:
 
     @classmethod
     def from_checkpoint(cls, ck: LoraCheckpoint) -> AdapterFactors:
+        """A LoRA adapter checkpoint's ΔW in factor form, read into memory: (B, A) per factored tensor with the
+        scale and layout applied (``LoraCheckpoint.factors``), the tensors it replaces whole in ``dense``."""
         src = as_source(ck)
         out = cls()
         for name in src.tensors():
@@ -71,6 +73,7 @@ class AdapterFactors:
         return out
 
     def changed_tensors(self) -> frozenset[str]:
+        """Names of every pretrained tensor the adapter changes (through factors or whole)."""
         return frozenset(self.factors) | frozenset(self.dense)
 
 
@@ -87,6 +90,7 @@ class Source:
         self.adapter = adapter
 
     def tensors(self) -> list[str]:
+        """Names of the tensors the adapter changes, in the pretrained model's order."""
         a = self.adapter
         if isinstance(a, LoraCheckpoint):
             touched = a.changed_tensors()
@@ -94,10 +98,12 @@ class Source:
         return list(a.factors) + [k for k in a.dense if k not in a.factors]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of pretrained tensor ``name``."""
         a = self.adapter
         return tuple(a.spec(name).shape) if isinstance(a, LoraCheckpoint) else tuple(a.shapes[name])
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) of tensor ``name`` with the scale folded in, or None when the tensor is changed whole."""
         a = self.adapter
         return a.factors(name) if isinstance(a, LoraCheckpoint) else a.factors.get(name)
 
@@ -118,6 +124,7 @@ class Source:
 
 
 def as_source(adapter: AdapterLike | Source) -> Source:
+    """``adapter`` wrapped as a Source (a Source passes through)."""
     return adapter if isinstance(adapter, Source) else Source(adapter)
 
 
@@ -149,10 +156,12 @@ class TensorDeltas:
 
     @property
     def rows(self) -> int:
+        """Rows of the tensor (1 for a scalar)."""
         return self.shape[0] if self.shape else 1
 
     @property
     def cols(self) -> int:
+        """Elements per row."""
         return math.prod(self.shape) // max(1, self.rows) if self.shape else 1
 
 
@@ -223,10 +232,12 @@ class FactorGram:
 
     @property
     def norms(self) -> np.ndarray:
+        """‖ΔW_t‖ of every adapter, from the Gram diagonal."""
         return np.sqrt(np.clip(np.diag(self.G), 0.0, None))
 
     @property
     def cosine(self) -> np.ndarray:
+        """The adapters' cosine similarity matrix, from the Gram matrix."""
         return cosine_from_gram(self.G)
 
 

@@ -100,14 +100,17 @@ class JointFit:
 
     @property
     def k(self) -> int:
+        """Size of the shared bases (columns of U and V)."""
         return self.U.shape[1]
 
     @property
     def diagonal(self) -> bool:
+        """Whether the per-adapter cores are diagonal (k values) rather than k × k."""
         return self.cores.dim() == 2
 
     @property
     def nbytes(self) -> int:
+        """Bytes of U, V and the cores."""
         return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.cores))
 
     def core(self, i: int) -> torch.Tensor:
@@ -143,19 +146,23 @@ class JointCompression:
     # -- sizes ------------------------------------------------------------------------------------------------
     @property
     def T(self) -> int:
+        """Number of adapters compressed."""
         return len(self.names)
 
     @property
     def bases_nbytes(self) -> int:
+        """Bytes of the shared bases U, V over every tensor and cluster."""
         return sum(f.U.numel() * f.U.element_size() + f.V.numel() * f.V.element_size()
                    for fs in self.fits.values() for f in fs)
 
     @property
     def cores_nbytes(self) -> int:
+        """Bytes of the per-adapter cores."""
         return sum(f.cores.numel() * f.cores.element_size() for fs in self.fits.values() for f in fs)
 
     @property
     def dense_nbytes(self) -> int:
+        """Bytes of the tensors kept dense (not low-rank in the adapters)."""
         return sum(d.numel() * d.element_size() for ds in self.dense.values() for d in ds.values())
 
     @property
@@ -203,6 +210,7 @@ class JointCompression:
             raise UnknownTaskError(f"unknown adapter {adapter!r}; known: {', '.join(self.names)}") from None
 
     def fit_of(self, adapter: str | int, tensor: str) -> JointFit | None:
+        """The joint fit that holds ``adapter`` (name or index) for ``tensor``; None if the tensor is not factored."""
         i = self._index(adapter)
         return next((f for f in self.fits.get(tensor, []) if i in f.members), None)
 
@@ -256,6 +264,7 @@ class JointCompression:
         return torch.cat([B.to(torch.float32), -P], dim=1), torch.cat([A.to(torch.float32), Vt], dim=0)
 
     def summary(self) -> dict[str, object]:
+        """A JSON-ready description: cores, k, clusters, sizes of each part and the relative errors."""
         return {"cores": self.cores, "k": self.k, "dtype": str(self.dtype).replace("torch.", ""),
                 "clusters": len(set(self.labels)), "labels": list(self.labels), "nbytes": self.nbytes,
                 "bases_nbytes": self.bases_nbytes, "cores_nbytes": self.cores_nbytes,

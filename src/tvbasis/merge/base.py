@@ -100,6 +100,7 @@ class BaseMerger:
 
     @classmethod
     def accepted(cls) -> str:
+        """The method's parameters and their defaults as one line (for error messages and --help)."""
         return ", ".join(f"{k}={v!r}" for k, v in sorted(cls.defaults.items())) or "none"
 
     def _typed(self, key: str, value: Any) -> Any:
@@ -141,6 +142,9 @@ class BaseMerger:
         return [float(v) for v in given]
 
     def merge(self, deltas: torch.Tensor, weights: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
+        """Merge the stacked task-vector slices ``deltas`` (T, ...) of one tensor with per-task ``weights`` (T,)
+        into one slice; ``ctx`` carries the tensor's name, global thresholds, Fisher rows and per-task values the
+        method may need. Checks shapes, then calls the method's own ``_merge``."""
         if deltas.dim() < 1 or weights.dim() != 1 or deltas.shape[0] != weights.shape[0]:
             raise ConfigError(f"merge {self.name!r} of {ctx.name!r}: deltas of shape {tuple(deltas.shape)} need "
                               f"one weight per task slice, got weights of shape {tuple(weights.shape)}")

@@ -28,6 +28,7 @@ MERGE_METHODS: dict[str, type[BaseMerger]] = {
 
 
 def available_methods() -> list[str]:
+    """The names of every registered merge method, sorted."""
     return sorted(MERGE_METHODS)
 
 

@@ -38,10 +38,12 @@ class GramResult:
 
     @property
     def norms(self) -> np.ndarray:
+        """‖v_t‖ of every task, from the Gram diagonal."""
         return np.sqrt(np.clip(np.diag(self.G), 0.0, None))
 
     @property
     def cosine(self) -> np.ndarray:
+        """The tasks' cosine similarity matrix, from the Gram matrix."""
         return cosine_from_gram(self.G)
 
 

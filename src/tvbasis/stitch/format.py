@@ -169,6 +169,7 @@ class MaskSet:
     # -- facts --------------------------------------------------------------------------------------------
     @property
     def T(self) -> int:
+        """Number of tasks the masks file covers."""
         return len(self.tasks)
 
     @property
@@ -183,15 +184,18 @@ class MaskSet:
 
     @property
     def mask_bytes(self) -> int:
+        """Bytes of the stored masks."""
         return sum(self.ckpt.spec(mask_key(i, n)).nbytes for i in range(len(self.masks)) for n in self.specs)
 
     @property
     def value_bytes(self) -> int:
+        """Bytes of the task-vector values stored on the masks (0 for masks only)."""
         if not self.has_values:
             return 0
         return sum(self.ckpt.spec(value_key(t, n)).nbytes for t in range(self.T) for n in self.specs)
 
     def task_index(self, task: str) -> int:
+        """Position of ``task``; ConfigError naming the tasks if there is none."""
         try:
             return self.tasks.index(task)
         except ValueError:
@@ -203,6 +207,7 @@ class MaskSet:
         return sum(popcount(self.ckpt.get(mask_key(i, n))) for n in self.specs)
 
     def density(self, task: str) -> float:
+        """Fraction of the parameters ``task``'s mask keeps."""
         return self.support(task) / max(1, self.num_parameters)
 
     # -- reads --------------------------------------------------------------------------------------------
@@ -220,6 +225,7 @@ class MaskSet:
         return unpack_range(self.ckpt.get_rows(mask_key(i, name), lo, hi), a, b, lo).reshape(shape)
 
     def task_mask(self, task: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The mask of ``task`` over tensor ``name`` (or rows of it), as stored (shared masks: its group's)."""
         return self.mask(self.mask_of[task], name, rows)
 
     def stacked_masks(self, tasks: Sequence[str], name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -255,6 +261,7 @@ class MaskSet:
         return out.reshape(shape)
 
     def summary(self) -> dict[str, Any]:
+        """A JSON-ready description: tasks, masks and which task uses which, rule, sizes, densities, settings."""
         return {"path": str(self.path), "tasks": self.tasks, "masks": self.masks, "mask_of": self.mask_of,
                 "rule": self.rule, "tensors": len(self.specs), "parameters": self.num_parameters,
                 "density": {t: self.density(t) for t in self.tasks}, "bytes": self.nbytes,

@@ -39,6 +39,8 @@ class MaskTraining:
     budget: str = "round"
 
     def check(self) -> MaskTraining:
+        """These settings, validated (ConfigError for a non-positive bias, negative epochs, rates or L1, an unknown
+        budget)."""
         if self.sigmoid_bias <= 0 or self.epochs < 0 or self.lr < 0 or self.l1 < 0:
             raise ConfigError(f"invalid mask training settings: {self}")
         if self.budget not in BUDGETS:
@@ -46,6 +48,7 @@ class MaskTraining:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (recorded in the masks file)."""
         return asdict(self)
 
 

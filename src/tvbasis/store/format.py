@@ -434,20 +434,25 @@ class Manifest:
     # -- derived ---------------------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:
+        """The tasks' names in store order."""
         return [t.name for t in self.tasks]
 
     def gram_of_group(self, group: str) -> np.ndarray:
+        """The Gram matrix of one layer group (layer-wise stores), else the whole-vector Gram."""
         return self.group_grams[group] if group in self.group_grams else self.gram
 
     def specs(self) -> dict[str, TensorSpec]:
+        """Tensor name → spec of every tensor the store covers (the pretrained dtypes)."""
         return {s.name: s for s in self.tensors}
 
     @property
     def has_residuals(self) -> bool:
+        """Whether the store keeps a coded per-task residual for every task."""
         return self.coded is not None and self.coded.residual_codec is not None
 
     @property
     def bases_coded(self) -> bool:
+        """Whether the bases (and PCA mean) are stored through a codec rather than densely."""
         return self.coded is not None and self.coded.bases_codec is not None
 
     def stacked_specs(self, part: str, names: list[str]) -> list[TensorSpec]:
@@ -457,6 +462,7 @@ class Manifest:
 
     # -- JSON ------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        """The manifest as the JSON object written to ``tvbasis.json`` (docs/store-format.md)."""
         d = {
             "format": self.format, "format_version": self.format_version, "tool": self.tool, "created": self.created,
             "generation": self.generation,
@@ -654,6 +660,8 @@ class Manifest:
 
     @classmethod
     def read(cls, root: Path) -> Manifest:
+        """Read and validate the manifest of the store at ``root`` (every field checked; StoreError naming the field
+        and the file on anything malformed)."""
         mf = root / MANIFEST
         if not root.exists():
             raise StoreError(f"{root}: no such store")
@@ -667,6 +675,7 @@ class Manifest:
         return cls.parse(raw, str(mf))
 
     def dumps(self) -> str:
+        """``to_json`` as the text written to disk (NaN/Inf refused)."""
         return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
 
     def write(self, root: Path) -> None:

@@ -87,6 +87,7 @@ class BasisStore:
         return (_reopen, (str(self.root), self.manifest.manifest_sha256))
 
     def close(self) -> None:
+        """Close the store's open data files (bases, means and coded entries); the store cannot be read after."""
         self.data.close()
         if self.coded is not None:
             self.coded.close()
@@ -94,6 +95,7 @@ class BasisStore:
     # -- facts -------------------------------------------------------------------------------------------
     @property
     def T(self) -> int:
+        """Number of tasks the store holds."""
         return len(self.task_names)
 
     @property
@@ -130,21 +132,29 @@ class BasisStore:
 
     @property
     def gram(self) -> np.ndarray:
+        """The T×T Gram matrix G = VᵀV of the task vectors (float64), as recorded at build time (rows of
+        imported or estimated tasks come from their reconstructions: ``manifest.gram_estimated_rows``)."""
         return self.manifest.gram
 
     @property
     def cosine(self) -> np.ndarray:
+        """The T×T cosine similarity matrix of the task vectors, from ``gram``."""
         return cosine_from_gram(self.gram)
 
     @property
     def labels(self) -> list[int] | None:
+        """Cluster label of every task (cluster bases), else None."""
         return self.fits[next(iter(self.fits))].labels
 
     @property
     def rel_errors(self) -> dict[str, float]:
+        """Task name → relative reconstruction error ‖v_t − ṽ_t‖ / ‖v_t‖ as recorded in the manifest (exact
+        unless the task's ``error_exact`` is false; unknown for an imported basis without its fine-tunes:
+        ``tvbasis.store.notes.unknown_errors``)."""
         return {t.name: t.rel_error for t in self.manifest.tasks}
 
     def task_index(self, task: str) -> int:
+        """Position of ``task`` in the store's task order; UnknownTaskError naming the tasks if there is none."""
         try:
             return self.task_names.index(task)
         except ValueError:
@@ -167,6 +177,8 @@ class BasisStore:
         return self.data.read("bases", name, rows if spec.shape else None).to(torch.float32)
 
     def mean_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The stored mean μ of tensor ``name`` (PCA stores), or rows ``rows`` of it, in float32; None when the
+        store (or this tensor's layer group) keeps no mean."""
         if self.manifest.bases_coded:
             if not self.fits[self.group_of.get(name, ALL)].has_mean:
                 return None
@@ -338,6 +350,10 @@ class BasisStore:
 
     # -- add a task --------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
+        """A JSON-ready description of the store: method, M, T, sizes and compression, per-task norms and relative
+        errors (and whether exact), the cosine matrix, cluster labels, addition weights, the basis loss and its
+        Eckart–Young bound, the pretrained model's reference and the coded parts (what ``tvbasis inspect --json``
+        prints, with the CLI's additions)."""
         first = self.fits[next(iter(self.fits))]
         # r_t = Σ_m B[t, m], v_t's weight in the paper's sum Σ_m s_m (bases linear in V only; layer-wise: the
         # ‖v_t‖²-weighted mean over groups, and the range)
