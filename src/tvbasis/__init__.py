@@ -20,8 +20,8 @@ from tvbasis.errors import (
 from tvbasis.merge import MergeSpec
 from tvbasis.passes import merge_task_vectors
 from tvbasis.store import BasisStore, add_task, build_store, open_store
-from tvbasis.store.load import load_task
 from tvbasis.store.lifecycle import remove_task, rename_task
+from tvbasis.store.load import load_task
 from tvbasis.store.lora_export import export_lora
 from tvbasis.vectors import TaskVector
 
