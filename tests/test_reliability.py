@@ -518,3 +518,17 @@ def test_a_fifo_named_as_a_data_file_is_refused_not_waited_on(fam3, tmp_path):
     os.mkfifo(tmp_path / "s" / "mean.safetensors")
     with pytest.raises(StoreError, match="not a regular file"):
         BasisStore.open(tmp_path / "s")
+
+
+# ------------------------------------------------------------------------------------------ wrong-model inputs
+def test_masks_file_from_another_pretrained_of_the_same_shapes_is_refused(fam3, tmp_path, capsys):
+    pre_p, fts, *_ = fam3
+    other = make_family(tmp_path / "other", T=1, seed=7)[0]  # same names, shapes and dtypes, other weights
+    masks = tmp_path / "m.safetensors"
+    assert main(["-q", "localize", "--pretrained", str(pre_p), *ft_args(fts), "--out", str(masks)]) == 0
+    out = tmp_path / "stitched"
+    assert main(["-q", "stitch", "--pretrained", str(other), "--masks", str(masks), "--out", str(out)]) != 0
+    err = one_line_error(capsys)
+    assert "checksum" in err or "weights differ" in err
+    assert str(masks) in err and not out.exists()
+    assert main(["-q", "stitch", "--pretrained", str(pre_p), "--masks", str(masks), "--out", str(out)]) == 0

@@ -33,10 +33,16 @@ from tvbasis.codecs.bits import unpack_bits
 from tvbasis.errors import CheckpointError, ConfigError
 from tvbasis.io import Checkpoint, TensorSpec, atomic_output, dtype_name, open_checkpoint
 from tvbasis.io.writer import header_for
+from tvbasis.untrusted import load_json, quote
 
 MASKS_FORMAT = "tvbasis.masks"
 MASKS_VERSION = 1
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: dtypes a localized tensor may have (the pretrained's), and the size cap of one metadata field
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_META_CHARS = 64 * 2**20
+#: row-chunk size of the pretrained checksum a masks file records (``settings.pretrained_checksum``)
+MASKS_CHECKSUM_CHUNK = 1 << 22
 
 #: popcount of every byte value
 _POP = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
@@ -132,20 +138,41 @@ class MaskSet:
         if meta.get("tvbasis") != MASKS_FORMAT:
             raise CheckpointError(f"{self.path}: not a tvbasis masks file (write one with `tvbasis localize`)")
         if meta.get("format_version") != str(MASKS_VERSION):
-            raise CheckpointError(f"{self.path}: masks format version {meta.get('format_version')!r}; this "
+            raise CheckpointError(f"{self.path}: masks format version {quote(meta.get('format_version'))}; this "
                                   f"tvbasis reads version {MASKS_VERSION}")
-        try:
-            self.tasks: list[str] = json.loads(meta["tasks"])
-            self.masks: list[str] = json.loads(meta["masks"])
-            self.mask_of: dict[str, int] = {k: int(v) for k, v in json.loads(meta["mask_of"]).items()}
-            tensors = json.loads(meta["tensors"])
-            self.settings: dict[str, Any] = json.loads(meta.get("settings", "{}"))
-            self.stats: dict[str, Any] = json.loads(meta.get("stats", "{}"))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: corrupt masks metadata ({e})") from None
+        def field(key: str, kind: type, default: str | None = None) -> Any:
+            if key not in meta and default is None:
+                raise CheckpointError(f"{self.path}: corrupt masks metadata (no {key!r})")
+            v = load_json(meta.get(key, default or ""), f"{self.path}: masks metadata {key!r}", CheckpointError,
+                          MAX_META_CHARS)
+            if not isinstance(v, kind):
+                raise CheckpointError(f"{self.path}: corrupt masks metadata ({key!r} must be a {kind.__name__})")
+            return v
+
+        self.tasks: list[str] = field("tasks", list)
+        self.masks: list[str] = field("masks", list)
+        mask_of = field("mask_of", dict)
+        tensors = field("tensors", dict)
+        self.settings: dict[str, Any] = field("settings", dict, "{}")
+        self.stats: dict[str, Any] = field("stats", dict, "{}")
+        if not all(isinstance(x, str) for x in [*self.tasks, *self.masks]) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in mask_of.values()):
+            raise CheckpointError(f"{self.path}: corrupt masks metadata (task and mask names must be strings, "
+                                  "mask_of must map tasks to mask indices)")
+        self.mask_of: dict[str, int] = dict(mask_of)
         self.values_dtype = meta.get("values_dtype", "none")
+        if self.values_dtype != "none" and self.values_dtype not in VALUE_DTYPES:
+            raise CheckpointError(f"{self.path}: corrupt masks metadata (values_dtype {quote(self.values_dtype)})")
         self.has_values = self.values_dtype != "none"
-        self.specs = {n: TensorSpec(n, tuple(shape), getattr(torch, dt)) for n, (shape, dt) in tensors.items()}
+        self.specs = {}
+        for n, entry in tensors.items():
+            ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and \
+                all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40 for x in entry[0]) and \
+                len(entry[0]) <= 8 and entry[1] in FLOAT_DTYPES
+            if not ok:
+                raise CheckpointError(f"{self.path}: corrupt masks metadata (tensors[{quote(n)}] must be [shape, "
+                                      f"float dtype], got {quote(entry)})")
+            self.specs[n] = TensorSpec(n, tuple(entry[0]), getattr(torch, entry[1]))
         self.rule: str = str(self.settings.get("rule", "stitch"))
         self._check()
 
@@ -160,8 +187,12 @@ class MaskSet:
                     raise CheckpointError(f"{self.path}: mask tensor {k!r} missing or not uint8 of shape {want}")
             if self.has_values:
                 for t in range(len(self.tasks)):
-                    if value_key(t, name) not in self.ckpt:
-                        raise CheckpointError(f"{self.path}: value tensor {value_key(t, name)!r} missing")
+                    k = value_key(t, name)
+                    if k not in self.ckpt or len(self.ckpt.spec(k).shape) != 1 or \
+                            self.ckpt.spec(k).dtype != VALUE_DTYPES[self.values_dtype] or \
+                            self.ckpt.spec(k).shape[0] > s.numel:
+                        raise CheckpointError(f"{self.path}: value tensor {quote(k)} missing or not a 1-d "
+                                              f"{self.values_dtype} tensor of at most {s.numel} values")
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         return (MaskSet, (str(self.path),))

@@ -30,11 +30,12 @@ from tvbasis.codecs.bits import pack_bits
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError, TensorMismatchError
 from tvbasis.io import Checkpoint, TensorSpec, dtype_name
-from tvbasis.io.checksum import structure_fingerprint
+from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
 from tvbasis.merge import global_thresholds
 from tvbasis.merge.trim import magnitude_mask
 from tvbasis.passes.thresholds import taskset_thresholds
 from tvbasis.stitch.format import (
+    MASKS_CHECKSUM_CHUNK,
     MaskSet,
     base_settings,
     mask_key,
@@ -245,6 +246,11 @@ def write_mask_set(out: str | Path, read: TaskSetDeltas | StoredDeltas, source: 
         if pretrained is not None:
             full.setdefault("pretrained", str(pretrained.root_dir or pretrained.path))
             full["pretrained_fingerprint"] = structure_fingerprint(pretrained)
+            # the content too, of the localized tensors (as a store records it): a pretrained model of the same
+            # shapes but other weights is refused when the masks are applied to it
+            full["pretrained_checksum"] = combine_digests(
+                d for s in specs.values() for d in chunk_digests(s, pretrained.get(s.name), MASKS_CHECKSUM_CHUNK))
+            full["checksum_chunk_elements"] = MASKS_CHECKSUM_CHUNK
         return {"tasks": tasks, "masks": groups, "mask_of": dict(zip(tasks, task.mask_of)),
                 "tensors": tensors_meta(specs), "values_dtype": dtype_name(dtype) if dtype is not None else "none",
                 "settings": full,
