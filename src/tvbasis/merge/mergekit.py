@@ -1,7 +1,8 @@
 """Reading mergekit's YAML merge configurations (``mergekit-yaml``'s ``models:`` form) as tvbasis merges.
 
-``load_mergekit_config("merge.yml")`` parses the file with ``yaml.safe_load`` (never ``yaml.load``: tags such
-as ``!!python/object`` are refused) and returns a ``MergekitConfig``: the base model, the fine-tuned models by
+``load_mergekit_config("merge.yml")`` parses the file with ``untrusted.load_yaml`` (``yaml.SafeLoader``: tags
+such as ``!!python/object`` are refused; no anchors or aliases, so no alias bomb; no repeated keys; size, depth
+and integer caps) and returns a ``MergekitConfig``: the base model, the fine-tuned models by
 task name, one weight per task, the tvbasis ``MergeSpec``, the output dtype and the scaling coefficient, so that
 θ = θ₀ + scaling_coef · merge(w_1·τ_1, …, w_T·τ_T) is what mergekit would have written. Everything tvbasis cannot
 reproduce is refused with ``ConfigError`` naming the file and the key path, e.g.
@@ -70,6 +71,7 @@ from tvbasis.errors import ConfigError
 from tvbasis.merge.base import MergeSpec
 from tvbasis.merge.registry import get_merger
 from tvbasis.merge.settings import Resolver, Scalar, Setting, TensorMerge, TensorPlan
+from tvbasis.untrusted import describe_yaml_error, load_yaml
 
 #: mergekit method -> (tvbasis method, mergekit's default normalize, mergekit's default rescale)
 _GTA_METHODS: dict[str, tuple[str, bool, bool]] = {
@@ -165,19 +167,7 @@ def load_mergekit_config(path: str | Path, *, check_paths: bool = True) -> Merge
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: cannot read mergekit config: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except ConstructorError as e:
-        raise ConfigError(f"{source}: unsupported YAML tag (read with yaml.safe_load: plain YAML only): "
-                          f"{e.problem}{_mark(e)}") from None
-    except ComposerError as e:
-        if "single document" in str(e):
-            raise ConfigError(f"{source}: several YAML documents (mergekit-multi) are not supported; "
-                              f"give one merge per file") from None
-        raise ConfigError(f"{source}: malformed YAML: {e.problem}{_mark(e)}") from None
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{source}: malformed YAML: {problem}{_mark(e)}") from None
+    data = load_yaml(text, source, ConfigError, on_error=_yaml_problem)
     if not isinstance(data, Mapping):
         what = "empty" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{source}: a mergekit config must be a YAML mapping, got {what}")
@@ -188,6 +178,15 @@ def parse_mergekit_config(data: Mapping[str, Any], source: str, *, check_paths: 
     """A parsed mergekit config (the mapping ``yaml.safe_load`` returns) as a MergekitConfig; ``source`` names
     it in messages. See the module docstring for the mapping and what is refused."""
     return _Parser(source, check_paths).parse(data)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The tail of the one-line error of an unreadable config."""
+    if isinstance(e, ConstructorError) and "tag" in str(e.problem):
+        return f"unsupported YAML tag (plain YAML only): {str(e.problem)[:200]}{_mark(e)}"
+    if isinstance(e, ComposerError) and "single document" in str(e):
+        return "several YAML documents (mergekit-multi) are not supported; give one merge per file"
+    return describe_yaml_error(e)
 
 
 def _mark(e: yaml.YAMLError) -> str:
