@@ -307,3 +307,14 @@ def test_negation_fidelity_on_disk_and_budget_goals(tmp_path: Path) -> None:
     assert "every task ≥ 0.99 (the minimum) at ≥ 128× on disk: b128" in md
     paths = make_plots(result, tmp_path)
     assert "frontier_negation.png" in [p.name for p in paths]
+
+
+def test_select_configs() -> None:
+    from tvbasis.eval.frontier import select_configs
+
+    cs = default_configs(6)
+    got = [c.label for c in select_configs(cs, ["budget", "full", "tvq"])]
+    want = [c.label for c in cs if c.method in ("full", "budget") or "tvq" in c.label.lower()]
+    assert got == want and len(got) == 1 + 5 + 3
+    with pytest.raises(ConfigError, match="matches no frontier row"):
+        select_configs(cs, ["nothing-like-this"])

@@ -136,6 +136,21 @@ def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca")
     return out
 
 
+def select_configs(configs: Sequence[Config], patterns: Sequence[str]) -> list[Config]:
+    """The configurations whose label or family contains one of ``patterns``, or whose method is one
+    (case-insensitive); ConfigError when a pattern matches none."""
+    pats = [p.strip().lower() for p in patterns if p.strip()]
+
+    def hit(p: str, c: Config) -> bool:
+        return p in c.label.lower() or p in c.family.lower() or p == c.method
+
+    for p in pats:
+        if not any(hit(p, c) for c in configs):
+            raise ConfigError(f"--rows: {p!r} matches no frontier row; rows: "
+                              + ", ".join(c.label for c in configs)[:400])
+    return [c for c in configs if any(hit(p, c) for p in pats)]
+
+
 @dataclass
 class Compressed:
     """The T compressed task vectors of one configuration, their stored bytes and facts about them."""
