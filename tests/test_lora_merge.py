@@ -156,3 +156,23 @@ def test_cli_writes_a_loadable_adapter_and_refuses_clearly(family, tmp_path, cap
     assert main(["-q", "merge", "--pretrained", str(root / "pre"), "--finetuned", f"a={root / 'a'}",
                  "--method", "cat", "--out", str(tmp_path / "bad")]) != 0
     assert "add --out-format peft" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_cli_json_and_dry_run(family, tmp_path, capsys):
+    root, base = family
+    args = ["merge", "--pretrained", str(root / "pre"), "--finetuned", f"a={root / 'a'}", "--finetuned",
+            f"b={root / 'b'}", "--out-format", "peft", "--json"]
+    assert main([*args, "--method", "cat", "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and not (tmp_path / "dry").exists()
+    rows = {r["layout"]: r for r in plan["modules"]}
+    # a: query, value, word_embeddings (r 4); b: query (r 2) and the 4 `dense` modules (attention output,
+    # intermediate, output, pooler; r 3 by rank_pattern): cat ranks add up
+    assert rows["embedding"]["modules"] == 1 and rows["embedding"]["output_rank"] == "4"
+    assert rows["linear"]["modules"] == 1 + 1 + 4 and rows["linear"]["output_rank"] == "3,4,6"
+    emb = 40 + 16  # vocab + hidden, rank 4, float32
+    lin = 4 * (16 + 16) + 6 * (16 + 16) + 3 * ((16 + 16) + (24 + 16) + (16 + 24) + (16 + 16))
+    assert plan["write_bytes"] == 4 * (4 * emb + lin)
+    assert main([*args, "--method", "svd", "--rank", "2", "--out", str(tmp_path / "o")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["out"] == str(tmp_path / "o") and set(out["ranks"].values()) == {2} and 0 < out["rel_error"] < 1

@@ -83,20 +83,25 @@ def cmd_merge_config(args: argparse.Namespace) -> int:
 def cmd_merge_peft(args: argparse.Namespace) -> int:
     """``merge --out-format peft``: PEFT adapters merged into one adapter (tvbasis.lora.merge_peft)."""
     from tvbasis.io import parse_dtype
-    from tvbasis.lora.merge_peft import merge_adapters
+    from tvbasis.lora.merge_peft import merge_adapters, plan_merge
     given = [f"--{f.replace('_', '-')}" for f in ("fisher", "scaling_coef", "trim_scope", "k", "mean", "param")
              if getattr(args, f, None) not in (None, False, [])]
     if given or args.config:
         raise ConfigError(f"--out-format peft merges adapters with PEFT's combinations (--method, --weight, --rank, "
                           f"--density, --sign, --seed, --dtype); drop {', '.join(given) or '--config'}")
-    res = merge_adapters(args.pretrained, finetuned(args.finetuned), args.out, args.method or "cat",
-                         floats(pairs(args.weight, "--weight"), "--weight"), rank=args.rank,
-                         density=1.0 if args.density is None else args.density, sign=args.sign or "total",
-                         seed=args.seed or 0, dtype=parse_dtype(args.dtype), force=args.force)
+    adapters, method = finetuned(args.finetuned), args.method or "cat"
+    weights = floats(pairs(args.weight, "--weight"), "--weight")
+    kw: dict[str, Any] = {"rank": args.rank, "density": 1.0 if args.density is None else args.density,
+                          "sign": args.sign or "total"}
+    if (rc := dry_run(args, lambda: plan_merge(args.pretrained, adapters, args.out, method, weights, **kw))) is not None:
+        return rc
+    res = merge_adapters(args.pretrained, adapters, args.out, method, weights, seed=args.seed or 0,
+                         dtype=parse_dtype(args.dtype), force=args.force, **kw)
     err = "n/a" if res.rel_error is None else f"{res.rel_error:.3g}"
-    print(f"wrote PEFT adapter {res.path} ({res.method}, {len(res.ranks)} modules, rank "
-          f"{min(res.ranks.values())}..{max(res.ranks.values())}, relative error of the rank cut {err})")
-    return 0
+    return finish(args, f"wrote PEFT adapter {res.path} ({res.method}, {len(res.ranks)} modules, rank "
+                  f"{min(res.ranks.values())}..{max(res.ranks.values())}, relative error of the rank cut {err})",
+                  {"out": str(res.path), "out_format": "peft", "method": res.method, "adapters": adapters,
+                   "ranks": res.ranks, "rel_error": res.rel_error})
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -105,8 +110,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if getattr(args, "out_format", "model") == "peft":
         if not args.pretrained:
             raise ConfigError("merge --out-format peft needs --pretrained and --finetuned NAME=ADAPTER_DIR")
-        if getattr(args, "dry_run", False):  # never write on a dry run
-            raise ConfigError("--dry-run does not plan --out-format peft merges yet")
         return cmd_merge_peft(args)
     if args.rank is not None:
         raise ConfigError("--rank applies to --out-format peft (the rank of the merged adapter)")

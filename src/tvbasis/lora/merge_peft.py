@@ -153,14 +153,19 @@ def _peft_disjoint(pruned: torch.Tensor, w: torch.Tensor, sign: str) -> torch.Te
     return (wx * agree).sum(0) / agree.sum(0).clamp(min=1).to(wx.dtype)
 
 
-def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint],
-                   out_dir: str | Path, method: str = "cat", weights: Mapping[str, float] | None = None, *,
-                   rank: int | None = None, density: float = 1.0, sign: str = "total", seed: int = 0,
-                   dtype: torch.dtype | None = None, force: bool = False) -> PeftMerge:
-    """Merge PEFT LoRA ``adapters`` (name -> adapter directory) of ``pretrained`` into one PEFT adapter at
-    ``out_dir`` (atomically) with PEFT's ``method``; see the module docstring. ``weights``: per adapter (default
-    1). ``rank``: of the SVD methods (default the largest input rank). ``density``, ``sign``, ``seed``: of the
-    pruning methods. ``dtype``: of the written factors (default float32)."""
+@dataclass
+class _Inputs:
+    pre: Checkpoint
+    cks: dict[str, LoraCheckpoint]
+    weights: torch.Tensor  # (T,) float64, in adapter order
+    targets: list[str]  # pretrained tensors some adapter changes by a product
+    in_ranks: dict[str, list[int]]  # target -> ranks of the adapters that change it
+    rank: int  # R of the SVD methods
+
+
+def _prepare(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint], method: str,
+             weights: Mapping[str, float] | None, rank: int | None, density: float, sign: str) -> _Inputs:
+    """Validate the arguments and open the adapters (headers only)."""
     if method not in PEFT_MERGES:
         raise ConfigError(f"--out-format peft: method {method!r} is not one of PEFT's adapter merges "
                           f"{list(PEFT_MERGES)}")
@@ -183,11 +188,65 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
         raise ConfigError(f"--weight given for unknown adapter(s) {sorted(unknown)}; adapters: {names}")
     wt = torch.tensor([float(w.get(n, 1.0)) for n in names], dtype=torch.float64)
     targets = sorted(set().union(*(ck.factored() for ck in cks.values())))
-    in_ranks = [int(ck.factors(t)[0].shape[1]) for ck in cks.values() for t in ck.factored()]  # type: ignore[index]
-    if method == "linear" and len(set(in_ranks)) > 1:
+    in_ranks = {t: [_rank(ck, t) for ck in cks.values() if t in ck.factored()] for t in targets}
+    all_ranks = {r for rs in in_ranks.values() for r in rs}
+    if method == "linear" and len(all_ranks) > 1:
         raise ConfigError(f"method 'linear' (PEFT's) averages the factors and needs one rank; the adapters have "
-                          f"ranks {sorted(set(in_ranks))} (use cat or svd)")
-    R = rank or max(in_ranks)
+                          f"ranks {sorted(all_ranks)} (use cat or svd)")
+    return _Inputs(pre, cks, wt, targets, in_ranks, rank or max(all_ranks))
+
+
+def _rank(ck: LoraCheckpoint, target: str) -> int:
+    """The rank of an adapter's product for ``target``, from its A matrix's header (no data read)."""
+    return int(ck.weights.spec(ck._deltas[target].A).shape[0])
+
+
+def _out_rank(method: str, ranks: list[int], R: int) -> int:
+    return sum(ranks) if method == "cat" else ranks[0] if method == "linear" else R
+
+
+def plan_merge(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint],
+               out_dir: str | Path, method: str = "cat", weights: Mapping[str, float] | None = None, *,
+               rank: int | None = None, density: float = 1.0, sign: str = "total") -> dict[str, Any]:
+    """What ``merge_adapters`` would read and write (``--dry-run``): the adapters, the modules by layout with
+    their input and output ranks, and the bytes; reads headers only, writes nothing."""
+    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign)
+    rows: dict[str, dict[str, Any]] = {}
+    out_bytes = 0
+    for target in inp.targets:
+        first = next(ck for ck in inp.cks.values() if target in ck.factored())
+        layout = first.layout(target) or "linear"
+        shape = tuple(inp.pre.spec(target).shape)
+        r_out = _out_rank(method, inp.in_ranks[target], inp.rank)
+        b = (shape[0] + math.prod(shape[1:])) * r_out * 4
+        row = rows.setdefault(layout, {"layout": layout, "modules": 0, "input_ranks": set(), "output_rank": set(),
+                                       "output_bytes": 0})
+        row["modules"] += 1
+        row["input_ranks"].update(inp.in_ranks[target])
+        row["output_rank"].add(r_out)
+        row["output_bytes"] += b
+        out_bytes += b
+    table = [{**r, "input_ranks": ",".join(map(str, sorted(r["input_ranks"]))),
+              "output_rank": ",".join(map(str, sorted(r["output_rank"])))} for r in rows.values()]
+    read = sum(f.stat().st_size for ck in inp.cks.values() for f in Path(str(ck.path)).glob("adapter_model.*"))
+    return {"out": str(out_dir), "out_format": "peft", "method": method, "adapters": {n: str(ck.path) for n, ck in
+                                                                                      inp.cks.items()},
+            "weights": dict(zip(inp.cks, inp.weights.tolist(), strict=True)),
+            "rank": inp.rank if method.endswith("svd") else None, "read_bytes": read, "write_bytes": out_bytes,
+            "modules": table}
+
+
+def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint],
+                   out_dir: str | Path, method: str = "cat", weights: Mapping[str, float] | None = None, *,
+                   rank: int | None = None, density: float = 1.0, sign: str = "total", seed: int = 0,
+                   dtype: torch.dtype | None = None, force: bool = False) -> PeftMerge:
+    """Merge PEFT LoRA ``adapters`` (name -> adapter directory) of ``pretrained`` into one PEFT adapter at
+    ``out_dir`` (atomically) with PEFT's ``method``; see the module docstring. ``weights``: per adapter (default
+    1). ``rank``: of the SVD methods (default the largest input rank). ``density``, ``sign``, ``seed``: of the
+    pruning methods. ``dtype``: of the written factors (default float32)."""
+    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign)
+    pre, cks, wt, targets, R = inp.pre, inp.cks, inp.weights, inp.targets, inp.rank
+    names = list(cks)
     result = PeftMerge(Path(out_dir), method, rel_error=None if method == "linear" else 0.0)
     tensors: dict[str, torch.Tensor] = {}
     err2 = tot2 = 0.0
@@ -274,4 +333,4 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
     return result
 
 
-__all__ = ["PEFT_MERGES", "PeftMerge", "merge_adapters", "peft_keys"]
+__all__ = ["PEFT_MERGES", "PeftMerge", "merge_adapters", "peft_keys", "plan_merge"]
