@@ -404,3 +404,20 @@ def test_every_public_callable_has_a_docstring() -> None:
                 if not (getattr(f, "__doc__", None) or "").strip():
                     missing.append(f"{name}.{m}")
     assert not missing, missing
+
+
+def test_get_writes_the_dtype_it_states_and_dry_run_writes_nothing(bert: tuple[Path, dict[str, Path]],
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pre, fts = bert
+    store = tmp_path / "store"
+    assert main(["-q", "build", "--pretrained", str(pre), *_ft_args(fts), "--method", "pca", "-M", "1",
+                 "--out", str(store)]) == 0
+    out = tmp_path / "got"
+    assert main(["-q", "get", str(store), "t1", "--pretrained", str(pre), "--dtype", "bfloat16", "--out", str(out),
+                 "--dry-run"]) == 0
+    assert "nothing written" in capsys.readouterr().out and not out.exists()
+    assert main(["-q", "get", str(store), "t1", "--pretrained", str(pre), "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert _param_dtypes(out) == {torch.bfloat16}

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tvbasis.cli.common import common_io, lock_flag
+from tvbasis.cli.common import common_io, dry_run, dry_run_flag, lock_flag
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    from tvbasis.cli.plans import edit_plan
     from tvbasis.io import check_output, open_checkpoint, parse_dtype
     from tvbasis.store import BasisStore
 
@@ -18,6 +19,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     check_output(Path(args.out), args.force)
     pre = open_checkpoint(args.pretrained)
     store.check_pretrained(pre)
+    if (rc := dry_run(args, lambda: edit_plan(store, args.pretrained, args.out, args.dtype, f"get {args.task}",
+                                              args.max_shard_size))) is not None:
+        return rc
     out = store.reconstruct(args.task).apply_to(pre, 1.0, args.out, dtype=parse_dtype(args.dtype),
                                                 max_shard_size=args.max_shard_size, force=args.force,
                                                 method=f"tvbasis get ({store.method} store)",
@@ -80,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--pretrained", required=True)
     s.add_argument("--out", required=True)
     common_io(s)
+    dry_run_flag(s)
     s.set_defaults(fn=cmd_get)
 
     s = sub.add_parser("export-lora", help="a task of any store as a PEFT LoRA adapter directory",
