@@ -3,6 +3,7 @@ and still measured against the dense task vectors computed here; refusals leave 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,8 @@ def test_cli(fam, tmp_path, capsys):
     assert main(["-q", "remove-task", str(tmp_path / "s"), "task3"]) == 0
     out = capsys.readouterr().out
     assert "task3" in out and "task0" in out  # the errors after, per remaining task
-    assert main(["-q", "rename-task", str(tmp_path / "s"), "task0", "first"]) == 0
+    assert main(["-q", "rename-task", str(tmp_path / "s"), "task0", "first", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == ["first", "task1", "task2"]
     assert BasisStore.open(tmp_path / "s").task_names == ["first", "task1", "task2"]
     assert main(["-q", "remove-task", str(tmp_path / "s"), "nosuch"]) != 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tvbasis.cli.common import common_io, dry_run, dry_run_flag, lock_flag
+from tvbasis.cli.common import common_io, dry_run, dry_run_flag, finish, json_flag, lock_flag
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -26,9 +26,10 @@ def cmd_get(args: argparse.Namespace) -> int:
                                                 max_shard_size=args.max_shard_size, force=args.force,
                                                 method=f"tvbasis get ({store.method} store)",
                                                 parameters={"task": args.task})
-    print(f"wrote task {args.task} to {out} (the store's relative reconstruction error of this task: "
-          f"{store.rel_errors[args.task]:.4g})")
-    return 0
+    return finish(args, f"wrote task {args.task} to {out} (the store's relative reconstruction error of this task: "
+                  f"{store.rel_errors[args.task]:.4g})",
+                  {"out": str(out), "store": str(store.root), "task": args.task,
+                   "rel_error": store.rel_errors[args.task], "dtype": args.dtype})
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
@@ -39,11 +40,15 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     for r in res.tensors.values():
         hows[r["how"]] = hows.get(r["how"], 0) + 1
     ranks = sorted(set(res.ranks.values()))
-    print(f"wrote {res.path}: {hows.get('factors', 0)} module(s) as the store's own factors, {hows.get('svd', 0)} by "
-          f"truncated SVD, {len(res.modules_to_save)} module(s) to save; rank {'/'.join(map(str, ranks))}")
-    print(f"relative error of the adapter against the store's task: {res.rel_error:.4g} (the store's own error "
-          f"against the fine-tune: {res.store_rel_error:.4g}); per tensor in {res.path}/tvbasis_export.json")
-    return 0
+
+    def text() -> None:
+        print(f"wrote {res.path}: {hows.get('factors', 0)} module(s) as the store's own factors, {hows.get('svd', 0)} "
+              f"by truncated SVD, {len(res.modules_to_save)} module(s) to save; rank {'/'.join(map(str, ranks))}")
+        print(f"relative error of the adapter against the store's task: {res.rel_error:.4g} (the store's own error "
+              f"against the fine-tune: {res.store_rel_error:.4g}); per tensor in {res.path}/tvbasis_export.json")
+    return finish(args, text, {"out": str(res.path), "task": args.task, "rel_error": res.rel_error,
+                               "store_rel_error": res.store_rel_error, "ranks": res.ranks,
+                               "modules_to_save": res.modules_to_save, "tensors": hows})
 
 
 def _errors(store: object) -> None:
@@ -60,18 +65,22 @@ def cmd_remove_task(args: argparse.Namespace) -> int:
 
     new = remove_task(args.store, args.name, lock_timeout=args.lock_timeout)
     kept = "" if new.M == 0 else f"; its {new.M} bases are kept as they were fit (with {args.name})"
-    print(f"removed task {args.name} from {new.root} (T = {new.T}, generation {new.manifest.generation}{kept}); "
-          "the remaining tasks' errors:")
-    _errors(new)
-    return 0
+
+    def text() -> None:
+        print(f"removed task {args.name} from {new.root} (T = {new.T}, generation {new.manifest.generation}{kept}); "
+              "the remaining tasks' errors:")
+        _errors(new)
+    return finish(args, text, {"store": str(new.root), "removed": args.name, "T": new.T,
+                               "generation": new.manifest.generation, "rel_errors": new.rel_errors})
 
 
 def cmd_rename_task(args: argparse.Namespace) -> int:
     from tvbasis.store.lifecycle import rename_task
 
     new = rename_task(args.store, args.old, args.new, lock_timeout=args.lock_timeout)
-    print(f"renamed task {args.old} to {args.new} in {new.root} (generation {new.manifest.generation})")
-    return 0
+    return finish(args, f"renamed task {args.old} to {args.new} in {new.root} (generation "
+                  f"{new.manifest.generation})", {"store": str(new.root), "old": args.old, "new": args.new,
+                                                  "generation": new.manifest.generation, "tasks": new.task_names})
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -84,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--pretrained", required=True)
     s.add_argument("--out", required=True)
     common_io(s)
+    json_flag(s)
     dry_run_flag(s)
     s.set_defaults(fn=cmd_get)
 
@@ -100,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("--pretrained", help="the pretrained model: module classes from its config.json, and the values "
                    "of modules_to_save (checked against the store)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    json_flag(s)
     s.set_defaults(fn=cmd_export_lora)
 
     s = sub.add_parser("remove-task", help="remove a task from a store (a new generation; bases kept)",
@@ -111,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("store")
     s.add_argument("name")
     lock_flag(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_remove_task)
 
     s = sub.add_parser("rename-task", help="rename a task of a store (a new generation)",
@@ -120,4 +132,5 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.add_argument("old")
     s.add_argument("new")
     lock_flag(s)
+    json_flag(s)
     s.set_defaults(fn=cmd_rename_task)
