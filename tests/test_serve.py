@@ -220,7 +220,7 @@ def test_get_cli(fam, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_tied_and_state_dict_models(fam):
+def test_a_state_dict_as_a_module(fam):
     """A model given as a module whose state dict is plain tensors (the state-dict path of load_task)."""
     _, pre_p, _, pre, sds, stores = fam
     from tvbasis.store.apply import StateModule
