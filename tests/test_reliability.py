@@ -532,3 +532,16 @@ def test_masks_file_from_another_pretrained_of_the_same_shapes_is_refused(fam3, 
     assert "checksum" in err or "weights differ" in err
     assert str(masks) in err and not out.exists()
     assert main(["-q", "stitch", "--pretrained", str(pre_p), "--masks", str(masks), "--out", str(out)]) == 0
+
+
+def test_saved_task_vector_onto_another_pretrained_of_the_same_shapes_is_refused(fam3, tmp_path, capsys):
+    pre_p, fts, *_ = fam3
+    other = make_family(tmp_path / "other", T=1, seed=7)[0]
+    vec = tmp_path / "a.safetensors"
+    assert main(["-q", "vector", "--pretrained", str(pre_p), "--finetuned", str(next(iter(fts.values()))),
+                 "--out", str(vec)]) == 0
+    out = tmp_path / "applied"
+    assert main(["-q", "apply", "--pretrained", str(other), "--vector", f"{vec}=1", "--out", str(out)]) != 0
+    err = one_line_error(capsys)
+    assert str(vec) in err and "weights differ" in err and not out.exists()
+    assert main(["-q", "apply", "--pretrained", str(pre_p), "--vector", f"{vec}=1", "--out", str(out)]) == 0

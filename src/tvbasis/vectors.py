@@ -33,9 +33,19 @@ from tvbasis.io import (
     open_finetuned,
     write_single_file_atomic,
 )
-from tvbasis.io.checksum import check_pretrained_checksum, check_pretrained_structure, chunk_digests
+from tvbasis.io.checksum import (
+    check_pretrained_checksum,
+    check_pretrained_structure,
+    chunk_digests,
+    combine_digests,
+    structure_fingerprint,
+)
+from tvbasis.untrusted import load_json
 
 VECTOR_FORMAT = "tvbasis.task_vector"
+#: row-chunk size of the pretrained checksum a saved task vector records
+VECTOR_CHECKSUM_CHUNK = 1 << 22
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 # ----------------------------------------------------------------------------------------------- filters
@@ -250,7 +260,9 @@ class TaskVector:
         meta = ckpt.metadata()
         dtypes = {}
         if "dtypes" in meta:
-            dtypes = json.loads(meta["dtypes"])
+            dtypes = load_json(meta["dtypes"], f"{ckpt.path}: metadata 'dtypes'", CheckpointError, 64 * 2**20)
+            if not isinstance(dtypes, dict) or not all(v in _FLOAT_DTYPES for v in dtypes.values()):
+                raise CheckpointError(f"{ckpt.path}: metadata 'dtypes' must map tensor names to float dtypes")
         specs = {}
         for s in ckpt.specs():
             if s.is_float and keep(s.name):
@@ -258,7 +270,14 @@ class TaskVector:
                 specs[s.name] = TensorSpec(s.name, s.shape, dt)
         if not specs:
             raise CheckpointError(f"{ckpt.path}: holds no floating-point tensors")
-        return cls(specs, [(1.0, FileSource(ckpt))], None, Path(str(path)).stem)
+        tv = cls(specs, [(1.0, FileSource(ckpt))], None, Path(str(path)).stem)
+        fp, checksum, chunk = (meta.get(k) for k in ("pretrained_fingerprint", "pretrained_checksum",
+                                                      "checksum_chunk_elements"))
+        if fp:  # applied to a model, it is checked against the pretrained model it was made from
+            tv.expected_pretrained = {"fingerprint": fp, "path": f"the task vector {ckpt.path}"}
+            if checksum and chunk and chunk.isdigit() and int(chunk) > 0:
+                tv.expected_pretrained |= {"checksum": checksum, "checksum_chunk_elements": int(chunk)}
+        return tv
 
     @classmethod
     def from_producer(cls, specs: Mapping[str, TensorSpec], fn: Producer, pretrained: Checkpoint | None = None,
@@ -412,6 +431,12 @@ class TaskVector:
         meta = {"format": "pt", "tvbasis": VECTOR_FORMAT, "name": self.name,
                 "pretrained": str(self.pretrained.path) if self.pretrained else "",
                 "dtypes": json.dumps({n: dtype_name(s.dtype) for n, s in self.specs.items()})}
+        if self.pretrained is not None:  # the model it belongs to: names, shapes, dtypes and the weights it changes
+            pre = self.pretrained
+            meta["pretrained_fingerprint"] = structure_fingerprint(pre)
+            meta["pretrained_checksum"] = combine_digests(
+                d for n, sp in self.specs.items() for d in chunk_digests(sp, pre.get(n), VECTOR_CHECKSUM_CHUNK))
+            meta["checksum_chunk_elements"] = str(VECTOR_CHECKSUM_CHUNK)
         eng = as_run(run).get_engine()
         names = self.keys()
         stream = zip(names, eng.map(_GetTask(self), names, desc="task vector",
