@@ -40,7 +40,7 @@ def uniform_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, f
     lo, hi = float(flat.min()), float(flat.max())
     levels = (1 << bits) - 1
     if not hi > lo:
-        return torch.zeros(flat.numel(), dtype=torch.uint8), lo, hi
+        return torch.zeros(flat.numel(), dtype=torch.uint8, device=flat.device), lo, hi
     q = torch.round((flat - lo) / (hi - lo) * levels).clamp_(0, levels).to(torch.uint8)
     return q, lo, hi
 
@@ -72,14 +72,14 @@ def prune_levels(q: torch.Tensor, zero_levels: torch.Tensor, density: float, see
     ``zero_levels``: bool per level, True where the level's value is exactly 0 (never stored: it decodes to 0)."""
     n = q.numel()
     nlev = zero_levels.numel()
-    counts = torch.bincount(q.long(), minlength=nlev)
-    zeros = int(counts[zero_levels].sum())
+    counts = torch.bincount(q.long(), minlength=nlev).cpu()
+    zeros = int(counts[zero_levels.cpu()].sum())
     rate = 1.0 - density
     cur = zeros / n
     sub = 0.0 if cur >= 1.0 else max(0.0, (rate - cur) / (1.0 - cur))
     g = torch.Generator().manual_seed(seed)
-    rank = torch.randperm(n, generator=g, dtype=torch.int32)
-    keep = torch.zeros(n, dtype=torch.bool)
+    rank = torch.randperm(n, generator=g, dtype=torch.int32).to(q.device)  # CPU generator: same on any device
+    keep = torch.zeros(n, dtype=torch.bool, device=q.device)
     for level in range(nlev):
         c = int(counts[level])
         if c == 0 or bool(zero_levels[level]):
@@ -128,6 +128,6 @@ class Ultra(Codec):
         if k and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError(f"codec {self.spec!r}: a stored position lies outside the tensor")
         q = unpack_uint(expect_numel(enc.tensors["q"], packed_size(k, bits), self.name, "codes"), bits, k)
-        out = torch.zeros(n, dtype=torch.float32)
-        out[index] = level_values(lo, hi, bits)[q.long()] * self.factor
+        out = torch.zeros(n, dtype=torch.float32, device=index.device)
+        out[index] = level_values(lo, hi, bits).to(index.device)[q.long()] * self.factor
         return out
