@@ -315,6 +315,6 @@ def test_select_configs() -> None:
     cs = default_configs(6)
     got = [c.label for c in select_configs(cs, ["budget", "full", "tvq"])]
     want = [c.label for c in cs if c.method in ("full", "budget") or "tvq" in c.label.lower()]
-    assert got == want and len(got) == 1 + 5 + 3
+    assert got == want and len(got) == 1 + 5 + 4  # TVQ int4/3/2 and RTVQ
     with pytest.raises(ConfigError, match="matches no frontier row"):
         select_configs(cs, ["nothing-like-this"])
