@@ -421,3 +421,47 @@ def test_get_writes_the_dtype_it_states_and_dry_run_writes_nothing(bert: tuple[P
                  "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert _param_dtypes(out) == {torch.bfloat16}
+
+
+def test_lora_store_is_compared_with_the_adapters_files(bert: tuple[Path, dict[str, Path]], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    peft = pytest.importorskip("peft")
+    pre, _ = bert
+    ads = {}
+    for i in range(2):
+        torch.manual_seed(i)
+        model = peft.get_peft_model(transformers.AutoModel.from_pretrained(pre),
+                                    peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(str(tmp_path / f"ad{i}"))
+        ads[f"a{i}"] = tmp_path / f"ad{i}"
+    files = sum((d / "adapter_model.safetensors").stat().st_size for d in ads.values())
+    store = tmp_path / "store"
+    assert main(["-q", "build", "--pretrained", str(pre), *_ft_args(ads), "--method", "lora-factors",
+                 "--out", str(store), "--json"]) == 0
+    got = _one_json(capsys.readouterr().out)
+    assert got["adapter_bytes"] == files
+    assert got["compression_vs_adapters"] == pytest.approx(files / got["bytes_on_disk"])
+    assert main(["inspect", str(store)]) == 0
+    assert "of the adapters' weight files" in capsys.readouterr().out
+
+
+def test_error_warnings_say_why() -> None:
+    from types import SimpleNamespace
+
+    from tvbasis.store.format import TaskEntry
+    from tvbasis.store.notes import error_warnings
+
+    def fake(method: str, errors: dict[str, float], added: tuple[str, ...] = (), masks: bool = False) -> object:
+        tasks = [TaskEntry(t, "src", 1.0, e, added=t in added) for t, e in errors.items()]
+        return SimpleNamespace(method=method, masks=masks, task_names=list(errors),
+                               manifest=SimpleNamespace(tasks=tasks, gram_estimated_rows=[]))
+
+    w = error_warnings(fake("tall", {"a": 1.3, "b": 0.2}, masks=True))  # type: ignore[arg-type]
+    assert len(w) == 1 and w[0].startswith("task a: relative error 1.3000 > 1") and "TALL" in w[0]
+    w = error_warnings(fake("pca", {"a": 1.05, "n": 0.95, "m": 0.9, "ok": 0.89}, added=("n",)))  # type: ignore[arg-type]
+    assert [x.split(":")[0] for x in w] == ["task a", "task n", "task m"]
+    assert "mean" in w[0] and "add-task" in w[1] and "--residual" in w[2]
