@@ -133,14 +133,16 @@ def build_plan(pretrained: str, finetuned: Mapping[str, str], method: str, M: in
         if method == "pca":
             mean_rows = kind_rows(specs, out_dtype, bases_coder)
             parts["mean"] = sum(r.get("coded_bytes", r["dense_bytes"]) for r in mean_rows)
-    elif m is None:
+    elif m is None and method in ("cluster", "autoencoder", "pca", "random", "random-sample"):
         plan["bytes_per_basis"] = sum(s.numel * (out_dtype or s.dtype).itemsize for s in specs)
     if residual:
         rows = kind_rows(specs, torch.float32, Coder(residual, ts.T), copies=ts.T)
         plan["residuals"] = rows
         parts["residuals"] = sum(r.get("coded_bytes", 0) for r in rows)
     if method not in ("autoencoder", "pca", "cluster", "random", "random-sample") and not residual:
-        warnings.append(f"--method {method}: the store's size depends on the data; only the inputs are planned")
+        plan["M"] = M
+        warnings.append(f"--method {method}: the store's size depends on the data (and the choices a --budget or "
+                        "--quality build makes); only the inputs are planned")
     plan["parts_bytes"] = parts
     if parts and (m is not None):
         plan["write_bytes"] = sum(parts.values())

@@ -166,7 +166,9 @@ def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
     head = f"{store.method} store, M = {store.M}, T = {store.T}"
     return [
         plot_cosine(np.asarray(s["cosine"]), names, labels, out / "cosine.png", note=head + note),
-        plot_spectrum(store.gram, store.M, out / "spectrum.png", s.get("loss"), note=head + note),
+        plot_spectrum(store.gram, store.M, out / "spectrum.png", s.get("loss"),
+                      note=head + note + ("\nPCA also keeps the mean (M + 1 directions): its loss can be below the "
+                                          "rank-M bound" if store.method == "pca" else "")),
         plot_rel_errors(names, [s["rel_errors"][t] for t in names], [s["errors_exact"][t] for t in names],
                         out / "rel_errors.png", labels, note=head),
     ]
