@@ -21,9 +21,10 @@ from tvbasis.store import BasisStore, build_store  # noqa: E402
 
 EXACT = {"residual-f32": dict(method="pca", M=2, residual="float32"),
          "lowrank-M0-full": dict(method="pca", M=0, residual="lowrank:rank=32")}
-LOSSY = {"pca": dict(method="pca", M=1), "autoencoder": dict(method="autoencoder", M=2, options={"steps": 50}),
+LOSSY = {"pca": dict(method="pca", M=1),
          "int8-bases": dict(method="pca", M=2, codec="int8"), "random": dict(method="random", M=2),
          "residual-lowrank": dict(method="pca", M=1, residual="lowrank:rank=2"),
+         "all-lowrank": dict(method="pca", M=2, codec="lowrank:rank=4", residual="lowrank:rank=2"),
          "tall": dict(method="tall", M=None)}
 
 
@@ -65,7 +66,7 @@ def test_lossy_stores_match_their_reported_error(fam, kind):
         assert measured == pytest.approx(store.rel_errors[task], rel=1e-3, abs=1e-5), task
 
 
-@pytest.mark.parametrize("kind", ["pca", "residual-lowrank", "tall", "residual-f32"])
+@pytest.mark.parametrize("kind", ["pca", "residual-lowrank", "all-lowrank", "tall", "residual-f32"])
 def test_a_combination_equals_the_written_model(fam, tmp_path, kind):
     """apply_into of an analogy with a scale equals the same edit written to disk and read back."""
     _, pre_p, _, pre, sds, stores = fam

@@ -129,11 +129,9 @@ def accumulate(store: BasisStore, name: str, acc: torch.Tensor, coefs: Mapping[s
             assert store.coded is not None
             for m in range(store.M):
                 if c[m] != 0:
-                    acc.add_(store.coded.decode(entry_key("bases", name, m)).to(dev), alpha=float(c[m]))
+                    _add_entry(store, entry_key("bases", name, m), acc, float(c[m]))
             if means[g] != 0.0:
-                mu = store.mean_rows(name)
-                assert mu is not None
-                acc.add_(mu.to(dev), alpha=means[g] * scale)
+                _add_entry(store, entry_key("mean", name), acc, means[g] * scale)
         else:
             ct = torch.as_tensor(c, dtype=torch.float32)
             for rows in _row_chunks(spec, store.M + 1):
@@ -151,17 +149,23 @@ def accumulate(store: BasisStore, name: str, acc: torch.Tensor, coefs: Mapping[s
     if not per_task:
         return
     assert store.coded is not None
-    coded = store.coded
     for t, a in per_task.items():
-        key = entry_key("residual", name, t)
-        if coded.codec_of(key) == NONE_CODEC or a == 0.0:
-            continue
-        f = coded.factors(key) if spec.shape and len(spec.shape) >= 2 else None
-        if f is not None:
-            P, Q = f
-            acc.view(spec.shape[0], -1).addmm_(P.to(dev), Q.to(dev), alpha=a * scale)
-        else:
-            acc.add_(coded.decode(key).to(dev), alpha=a * scale)
+        if a != 0.0:
+            _add_entry(store, entry_key("residual", name, t), acc, a * scale)
+
+
+def _add_entry(store: BasisStore, key: str, acc: torch.Tensor, alpha: float) -> None:
+    """acc += alpha · coded entry ``key``: an ``addmm`` of its factors where it is a low-rank product, else decoded
+    and added; nothing for an entry that stores nothing."""
+    coded = store.coded
+    assert coded is not None
+    if coded.codec_of(key) == NONE_CODEC:
+        return
+    f = coded.factors(key) if acc.dim() >= 2 else None
+    if f is not None:
+        acc.view(acc.shape[0], -1).addmm_(f[0].to(acc.device), f[1].to(acc.device), alpha=alpha)
+    else:
+        acc.add_(coded.decode(key).to(acc.device), alpha=alpha)
 
 
 def _row_chunks(spec: TensorSpec, parts: int) -> Iterator[tuple[int, int] | None]:
@@ -177,18 +181,25 @@ def _row_chunks(spec: TensorSpec, parts: int) -> Iterator[tuple[int, int] | None
 
 def _factor_terms(store: BasisStore, name: str, coefs: Mapping[str, np.ndarray], means: Mapping[str, float],
                   per_task: Mapping[str, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
-    """The (P, Q, α_t) of every per-task term of tensor ``name`` when all of them are low-rank products and there
-    is no bases part (stores with M = 0, or coefficients 0 on the bases); else None."""
+    """The (P, Q, coefficient) of every term of tensor ``name`` when all of them are low-rank products — per-task
+    entries, and coded bases and mean where the coefficients on them are not 0 — else None (dense or seeded bases,
+    TALL masks, a term stored densely)."""
     spec = store.specs[name]
     g = store.group_of.get(name, ALL)
-    if len(spec.shape) < 2 or store.masks or not per_task or store.coded is None:
+    if len(spec.shape) < 2 or store.masks or store.coded is None:
         return None
-    if store.M > 0 and (np.any(np.asarray(coefs[g]) != 0) or means[g] != 0.0):
-        return None
+    c = np.asarray(coefs[g], dtype=np.float64)
+    terms: list[tuple[str, float]] = []
+    if store.M > 0 and (np.any(c != 0) or means[g] != 0.0):
+        if not store.manifest.bases_coded:
+            return None
+        terms += [(entry_key("bases", name, m), float(c[m])) for m in range(store.M) if c[m] != 0]
+        if means[g] != 0.0:
+            terms.append((entry_key("mean", name), means[g]))
+    terms += [(entry_key("residual", name, t), a) for t, a in per_task.items() if a != 0.0]
     out = []
-    for t, a in per_task.items():
-        key = entry_key("residual", name, t)
-        if a == 0.0 or store.coded.codec_of(key) == NONE_CODEC:
+    for key, a in terms:
+        if store.coded.codec_of(key) == NONE_CODEC:
             continue
         f = store.coded.factors(key)
         if f is None:
