@@ -363,6 +363,26 @@ def test_ultradelta_without_trace_norm_keeps_the_plain_rescale(fam3, tmp_path):
     assert float(recon(store, "task0")["pooler.dense.weight"].abs().max()) > 0  # rest=float16 stores the rest
 
 
+def test_zstd_option_gives_the_same_tasks_never_in_more_bytes(fam3, tmp_path):
+    pytest.importorskip("zstandard")
+    pre_p, fts, *_ = fam3
+    for method in ("deltacome", "ultradelta"):
+        stores = []
+        for z in (False, True):
+            opts = {"zstd": z, **({"density": 0.2} if method == "ultradelta" else {})}
+            out = tmp_path / f"{method}-{z}"
+            stores.append(build_ultradelta_store(pre_p, fts, out, options=opts) if method == "ultradelta"
+                          else build_store(pre_p, fts, method, None, out, options=opts))
+        plain, packed = stores
+        assert packed.manifest.coded.residual_codec.endswith("zstd=true")
+        for t in plain.task_names:
+            a, b = recon(plain, t), recon(packed, t)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        # tiny tensors: a frame is kept only where smaller, so never more bytes (savings: the codec tests above)
+        assert packed.summary()["coded"]["per_task_bytes"] <= plain.summary()["coded"]["per_task_bytes"]
+        assert packed.verify() == []
+
+
 @pytest.mark.parametrize(("method", "options", "pattern"), [
     ("ultradelta", {"density": 0.0}, "density"), ("ultradelta", {"bits": 9}, "bits"),
     ("ultradelta", {"allocation": {}}, "computed by the build"), ("ultradelta", {"what": 1}, "unknown"),

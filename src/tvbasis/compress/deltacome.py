@@ -17,7 +17,8 @@ parameters of the fine-tuned model; ``none`` drops their deltas).
 Where it differs from the reference: the factors are rounded to nearest (data-free) instead of GPTQ on
 calibration text, so a delta is coded from its weights alone; the paper reports GPTQ ahead of round-to-nearest at
 the same bits. Options: ``alpha``, ``r8``, ``r3``, ``group``, ``rest`` (``tvbasis build --method deltacome
---option alpha=0.03125``).
+--option alpha=0.03125``), and ``zstd`` (false; true wraps each matrix's codes in the lossless ``zstd`` stage: not
+the paper's, 13 % fewer bytes on MiniLM deltas, ``benchmarks/results/codec_rd.md``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from tvbasis.compress.bitdelta import is_block_linear
 from tvbasis.errors import ConfigError
 
 #: the paper's setting: α = 1/16 of the float16 delta, 2 triplets at 8 bits, 32 at 3 bits, the rest at 2 bits
-DELTACOME_DEFAULTS: dict[str, Any] = {"alpha": 0.0625, "r8": 2, "r3": 32, "group": 128, "rest": "float16"}
+DELTACOME_DEFAULTS: dict[str, Any] = {"alpha": 0.0625, "r8": 2, "r3": 32, "group": 128, "rest": "float16",
+                                      "zstd": False}
 REST_CODECS = ("float16", "bfloat16", "float32", "none")
 BLOCK_BITS = (8, 3, 2)
 
@@ -54,6 +56,8 @@ def check_deltacome_options(options: Mapping[str, Any]) -> dict[str, Any]:
         v = out[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"--method deltacome: option {k} must be an integer >= {lo}, got {v!r}")
+    if not isinstance(out["zstd"], bool):
+        raise ConfigError(f"--method deltacome: option zstd must be true or false, got {out['zstd']!r}")
     if out["rest"] not in REST_CODECS:
         raise ConfigError(f"--method deltacome: option rest must be one of {', '.join(REST_CODECS)}, "
                           f"got {out['rest']!r}")
@@ -76,8 +80,8 @@ def deltacome_codec(name: str, shape: tuple[int, ...] | torch.Size, options: Map
     shape = tuple(shape)
     if is_block_linear(name, shape):
         a8, a3, a2 = deltacome_ranks(shape, float(options["alpha"]), int(options["r8"]), int(options["r3"]))
-        return parse_codec(f"mixed-svd:ranks={a8}/{a3}/{a2},bits=8/3/2,group={int(options['group'])},"
-                           "scheme=affine")
+        spec = f"mixed-svd:ranks={a8}/{a3}/{a2},bits=8/3/2,group={int(options['group'])},scheme=affine"
+        return parse_codec(("zstd+" if options.get("zstd") else "") + spec)
     rest = str(options["rest"])
     return None if rest == "none" else parse_codec(rest)
 
@@ -96,7 +100,7 @@ class DeltaComeRule:
     def spec(self) -> str:
         o = self.options
         return (f"deltacome:alpha={o['alpha']!r},r8={o['r8']},r3={o['r3']},group={o['group']},"
-                f"rest={o['rest']}")
+                f"rest={o['rest']},zstd={str(o['zstd']).lower()}")
 
     @classmethod
     def parse(cls, text: str) -> DeltaComeRule:
@@ -121,6 +125,8 @@ class DeltaComeRule:
 
 
 def _number(v: str) -> Any:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
     try:
         return int(v)
     except ValueError:
