@@ -545,3 +545,22 @@ def test_saved_task_vector_onto_another_pretrained_of_the_same_shapes_is_refused
     err = one_line_error(capsys)
     assert str(vec) in err and "weights differ" in err and not out.exists()
     assert main(["-q", "apply", "--pretrained", str(pre_p), "--vector", f"{vec}=1", "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("alpha,nan", [(1e300, False), (8, True)])
+def test_lora_adapter_with_huge_alpha_or_nan_factors_is_one_line(fam3, tmp_path, capsys, alpha, nan):
+    import torch
+    from safetensors.torch import save_file
+    pre_p = fam3[0]
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": alpha,
+                                                       "target_modules": ["query"]}))
+    A, B = torch.randn(2, 8), torch.randn(8, 2)
+    if nan:
+        A[0, 0] = float("nan")
+    pre = "base_model.model.encoder.layer.0.attention.query"
+    save_file({f"{pre}.lora_A.weight": A, f"{pre}.lora_B.weight": B}, str(d / "adapter_model.safetensors"))
+    out = tmp_path / "v.safetensors"
+    assert main(["-q", "vector", "--pretrained", str(pre_p), "--finetuned", str(d), "--out", str(out)]) != 0
+    assert str(d) in one_line_error(capsys) and not out.exists()

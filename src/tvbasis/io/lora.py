@@ -75,9 +75,16 @@ class _Delta:
     transpose: bool  # ΔW = (B·A)ᵀ (fan_in_fan_out, embeddings)
 
 
+#: largest |lora_alpha| accepted: the scale alpha/r multiplies B·A in float32, and no LoRA recipe uses alphas beyond a
+#: few thousand; 1e300 would overflow float32 (an internal error before, issue 27)
+MAX_ALPHA = 1e6
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CheckpointError(f"{what} must be a finite number, got {value!r}")
+        raise CheckpointError(f"{what} must be a finite number, got {str(value)[:40]!r}")
+    if abs(value) > MAX_ALPHA:
+        raise CheckpointError(f"{what} is {float(value):.3g}; at most {MAX_ALPHA:g} in magnitude is accepted")
     return float(value)
 
 
