@@ -564,3 +564,18 @@ def test_lora_adapter_with_huge_alpha_or_nan_factors_is_one_line(fam3, tmp_path,
     out = tmp_path / "v.safetensors"
     assert main(["-q", "vector", "--pretrained", str(pre_p), "--finetuned", str(d), "--out", str(out)]) != 0
     assert str(d) in one_line_error(capsys) and not out.exists()
+
+
+def test_export_tvb_on_a_full_disk_is_one_line_and_leaves_nothing(fam3, tmp_path, capsys, monkeypatch):
+    import torch
+    store = tmp_path / "store"
+    assert main(build_args(fam3, store)) == 0
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nmore")
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "tvb"
+    assert main(["-q", "export-tvb", str(store), "--out", str(out)]) != 0
+    assert "nothing written" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

@@ -507,6 +507,10 @@ def export_tvb(store: BasisStore | str | Path, out: str | Path, *, force: bool =
                     "tvbasis_method": "pca", **({"pretrained": pretrained_label} if pretrained_label else {})}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         output.commit()
+    except RuntimeError as e:  # torch.save reports a full disk or a write error as a RuntimeError
+        output.abort()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{out}: could not write the basis folder ({first}); nothing written") from None
     except BaseException:
         output.abort()
         raise
