@@ -32,7 +32,7 @@ import torch
 from tvbasis.errors import ConfigError
 
 
-class _Functional:
+class Functional:
     """Calls ``module`` with the parameters ``params`` (torch.func.functional_call), like ``module(**inputs)``."""
 
     def __init__(self, module: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> None:
@@ -58,7 +58,7 @@ def linear_forward(encoder: Any) -> Callable[..., torch.Tensor]:
         try:
             # the math attention kernel: the fused CPU/GPU kernels have no forward-mode derivative
             with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-                out, jv = torch.func.jvp(lambda ps: base_forward(encoder, inputs, model=_Functional(m, ps)),
+                out, jv = torch.func.jvp(lambda ps: base_forward(encoder, inputs, model=Functional(m, ps)),
                                          (primals,), (tangents,))
         finally:
             m.train(was)

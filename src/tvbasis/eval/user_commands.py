@@ -276,6 +276,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def state(tv: TaskVector, what: str) -> dict[str, torch.Tensor]:
         return keep_known(tv.to_state_dict(), known, what)
 
+    if args.method == "atlas":  # learned per-block coefficients (eval/atlas.py)
+        from tvbasis.eval.atlas import tune_atlas
+        return tune_atlas(args, pre, vectors, store, tasks, encoder, report, _progress(args))
+
     finetuned_dev = None
     if args.criterion == "normalized":
         if store is not None:
@@ -406,6 +410,16 @@ def register(sub: Any) -> None:
     t.add_argument("--criterion", choices=["accuracy", "normalized"], default="accuracy",
                    help="addition: mean dev accuracy (default) or mean accuracy normalized by each fine-tune's "
                    "(needs --finetuned for every task)")
+    t.add_argument("--method", choices=["lambda", "atlas"], default="lambda",
+                   help="lambda (default): choose λ on a grid; atlas: learn one coefficient per task vector (or "
+                        "store basis) and parameter tensor by gradient descent on the dev files (aTLAS)")
+    t.add_argument("--objective", choices=["supervised", "entropy"], default="supervised",
+                   help="atlas: cross-entropy on the labels, or the predictions' entropy (no labels used)")
+    t.add_argument("--scalar", action="store_true", help="atlas: one coefficient per task vector, not per tensor")
+    t.add_argument("--epochs", type=int, default=10, help="atlas: epochs over the dev examples (default 10)")
+    t.add_argument("--atlas-lr", type=float, default=0.1, help="atlas: AdamW learning rate (default 0.1)")
+    t.add_argument("--save-coefficients", metavar="FILE", help="atlas: write the learned coefficients (JSON)")
+    t.add_argument("--apply-coefficients", metavar="FILE", help="atlas: apply saved coefficients, learn nothing")
     t.add_argument("--out", metavar="DIR", help="write θ₀ + λ·τ at the chosen λ as a model directory")
     t.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the written model")
     t.add_argument("--max-shard-size", default="5GB")
