@@ -277,8 +277,8 @@ def main() -> int:
                             "‖τ_tv‖/‖τ_mk‖", "entries > 1e-6 apart (max per tensor)", "worst tensor"], rows)
     note = (f"mergekit {mk_version} vs tvbasis merge --config, tiny Llama (hidden 64, {L} layers, float32), fine-tunes "
             "= base + 0.05 N(0,1). 'random' rows draw drop masks from different generators: only the norm ratio "
-            "is comparable there. ties.yml's gradient densities make density*n fractional, where tvbasis keeps "
-            "ceil(density*n) entries and mergekit int(density*n): the differing entries are those.")
+            "is comparable there. tvbasis maps mergekit's TIES to rounding=floor, mergekit's int(density*n) kept "
+            "entries, so ties.yml's fractional gradient densities match too.")
     save_results(args.name, {"mergekit_version": mk_version, "layers": L, "seed": args.seed, "rows": results,
                              "note": note}, note + "\n\n" + table)
     return 0

@@ -4,6 +4,7 @@ per-task densities: each against a dense float64 reference written here from the
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,29 @@ def test_new_methods_on_cuda_match_cpu(method: str, params: dict) -> None:
     cpu = m.merge(x, w, MergeContext(name="w", base=base))
     gpu = m.merge(x.cuda(), w.cuda(), MergeContext(name="w", base=base.cuda())).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_rounding_floor_keeps_mergekits_count() -> None:
+    # n = 10, density 0.35: ceil keeps 4 entries per task, floor (mergekit's int(density·n)) keeps 3
+    x = torch.tensor([[1.0, -9.0, 3.0, 7.0, -2.0, 5.0, 0.5, 8.0, -4.0, 6.0]])
+    ceil = run("topk", x, density=0.35)
+    floor = run("topk", x, density=0.35, rounding="floor")
+    np.testing.assert_allclose(ceil, [0, -9, 0, 7, 0, 0, 0, 8, 0, 6])
+    np.testing.assert_allclose(floor, [0, -9, 0, 7, 0, 0, 0, 8, 0, 0])
+    from tvbasis.io import TensorSpec
+    from tvbasis.passes.merge import merge_tensor
+    y = rand(2, 40, 5, seed=30)
+    spec = MergeSpec("ties", {"density": 0.33, "rounding": "floor"})
+    ts = TensorSpec("w", (40, 5), torch.float32)
+    whole = merge_tensor(spec, lambda a, b: y[:, a:b], ts, 2, torch.ones(2), chunk_elements=10_000)
+    chunked = merge_tensor(spec, lambda a, b: y[:, a:b], ts, 2, torch.ones(2), chunk_elements=40)
+    torch.testing.assert_close(chunked, whole)
+    assert int((run("topk", y[:1], density=0.33, rounding="floor") != 0).sum()) == 66  # ⌊0.33·200⌋
+    with pytest.raises(ConfigError, match="rounding=floor"):
+        import tempfile
+
+        from tests.tinymodels import make_family
+        from tvbasis.passes import merge_task_vectors
+        with tempfile.TemporaryDirectory() as d:
+            pre_p, fts, _, _ = make_family(Path(d), T=2)
+            merge_task_vectors(pre_p, fts, MergeSpec("ties", {"rounding": "floor", "trim_scope": "global"}))

@@ -74,7 +74,8 @@ def test_bio_merge_example_ties(cwd: Path) -> None:
                           "BioMistral-7B": cwd / "BioMistral/BioMistral-7B"}
     assert list(cfg.models) == ["Mistral-7B-Instruct-v0.2", "BioMistral-7B"]
     assert cfg.weights == {"Mistral-7B-Instruct-v0.2": 0.5, "BioMistral-7B": 0.5}
-    assert cfg.spec == MergeSpec("ties", {"density": 0.5, "sign": "total", "normalize": False, "trim_scope": "tensor"})
+    assert cfg.spec == MergeSpec("ties", {"density": 0.5, "sign": "total", "normalize": False, "trim_scope": "tensor",
+                                          "rounding": "floor"})
     assert cfg.dtype == "float16" and cfg.scaling_coef == 1.0
     assert cfg.source == str(cwd / "merge.yml")
 
@@ -99,7 +100,8 @@ def test_ties_base_listed_global_defaults_and_lambda(cwd: Path) -> None:
     assert cfg.base_model == cwd / "base"
     assert cfg.models == {"a": cwd / "ft/a", "b": cwd / "ft/b"}
     assert cfg.weights == {"a": 0.7, "b": 0.4}
-    assert cfg.spec == MergeSpec("ties", {"density": 0.3, "sign": "total", "normalize": True, "trim_scope": "tensor"})
+    assert cfg.spec == MergeSpec("ties", {"density": 0.3, "sign": "total", "normalize": True, "trim_scope": "tensor",
+                                          "rounding": "floor"})
     assert cfg.scaling_coef == 0.8 and cfg.dtype is None
 
 

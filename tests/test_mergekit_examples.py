@@ -6,7 +6,6 @@ over the layer index, filters by tensor name, per-model densities), or is refuse
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from pathlib import Path
 
@@ -82,11 +81,11 @@ def grad(values: list[float], t: float) -> float:
 
 
 def topk(d: np.ndarray, density: float) -> np.ndarray:
-    """tvbasis's per-tensor trim: the ceil(density*n) largest |d| (mergekit keeps int(density*n))."""
+    """mergekit's per-tensor trim: the int(density*n) largest |d| (tvbasis maps it to rounding=floor)."""
     if density >= 1:
         return d
     flat = d.ravel()
-    k = max(1, math.ceil(density * flat.size))
+    k = max(1, int(density * flat.size))
     order = np.lexsort((np.arange(flat.size), -np.abs(flat)))
     out = np.zeros_like(flat)
     out[order[:k]] = flat[order[:k]]

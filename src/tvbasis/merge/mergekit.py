@@ -14,11 +14,11 @@ spec because several differ from tvbasis's own, e.g. dare_ties' ``normalize``):
 
 - ``task_arithmetic`` → ``task_arithmetic {normalize: false}``; ``density`` and ``rescale`` are accepted and
   ignored, as mergekit ignores them (no sparsification).
-- ``ties`` → ``ties {density: 1.0, sign: total, normalize: true, trim_scope: tensor}`` (mergekit's consensus is
-  the summed mass, tvbasis's ``total``; it trims each tensor on its own; mergekit keeps int(density·n) entries of
-  an n-entry tensor where tvbasis keeps ceil(density·n), so the two differ by one entry where density·n is not
-  whole). ``rescale: true`` is refused (mergekit would rescale the kept entries to the task's L1 norm; tvbasis's
-  ties does not rescale).
+- ``ties`` → ``ties {density: 1.0, sign: total, normalize: true, trim_scope: tensor, rounding: floor}``
+  (mergekit's consensus is the summed mass, tvbasis's ``total``; it trims each tensor on its own and keeps
+  int(density·n) entries of an n-entry tensor, tvbasis's ``rounding: floor``; tvbasis's own default keeps
+  ceil(density·n)). ``rescale: true`` is refused (mergekit would rescale the kept entries to the task's L1 norm;
+  tvbasis's ties does not rescale).
 - ``dare_linear`` → ``dare_linear {density: 1.0, rescale: true, normalize: false}``; ``dare_ties`` → ``dare_ties
   {density: 1.0, rescale: true, sign: total, normalize: false}``. ``rescale`` differs slightly: mergekit
   rescales each pruned tensor to its original L1 norm, tvbasis by 1/density (DARE's rule; equal in expectation);
@@ -647,7 +647,7 @@ class _GTAResolve:
         if len(set(dens)) > 1:
             per_task["density"] = tuple(dens)
         if self.method == "ties":
-            params.update(sign="total", normalize=normalize, trim_scope="tensor")
+            params.update(sign="total", normalize=normalize, trim_scope="tensor", rounding="floor")
         elif self.method.startswith("dare"):
             params.update(rescale=rescale, normalize=normalize)
             if self.method == "dare_ties":

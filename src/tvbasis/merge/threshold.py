@@ -90,10 +90,10 @@ def kth_largest(bits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def global_thresholds(iter_factory: Callable[[], Iterable[torch.Tensor]], num_tasks: int,
-                      density: float | Sequence[float]) -> torch.Tensor:
+                      density: float | Sequence[float], rounding: str = "ceil") -> torch.Tensor:
     """(T,) float32 thresholds: th_t is exactly the ceil(density·D)-th largest |x| of task t over all D entries,
     so keeping |x| ≥ th_t keeps task t's top ceil(density·D) magnitudes (more only where values tie at th_t).
-    ``density`` is one fraction or T fractions, one per task.
+    ``density`` is one fraction or T fractions, one per task; ``rounding="floor"`` counts ⌊density·D⌋ instead.
 
     ``iter_factory()`` returns a fresh iterator of (T, n) chunks covering the vector once; it is called twice.
     Histograms live on the device of the first chunk; the result is on the CPU."""
@@ -115,7 +115,8 @@ def global_thresholds(iter_factory: Callable[[], Iterable[torch.Tensor]], num_ta
         sel.add_high(b)
     if sel is None or total == 0:
         return torch.zeros(T, dtype=torch.float32)
-    sel.locate(torch.tensor([min(total, max(1, math.ceil(d * total))) for d in ds], dtype=torch.int64,
+    rnd = math.floor if rounding == "floor" else math.ceil
+    sel.locate(torch.tensor([min(total, max(1, rnd(d * total))) for d in ds], dtype=torch.int64,
                             device=sel.device))
     for b in _bits(iter_factory(), T):
         sel.add_low(b)

@@ -23,20 +23,28 @@ from tvbasis.merge.threshold import abs_bits, kth_largest
 RADIX_MIN = 1 << 16
 
 
-def keep_count(n: int, density: float) -> int:
-    """How many of n entries a top-``density`` trim keeps: ceil(density·n), at least 1 when n > 0."""
-    return min(n, max(1, math.ceil(density * n))) if n else 0
+#: how a trim turns density·n into a count: ``ceil`` (tvbasis's default) or ``floor`` (mergekit's and PEFT's
+#: int(density·n), for configs that must reproduce mergekit entry by entry)
+ROUNDINGS = ("ceil", "floor")
+
+
+def keep_count(n: int, density: float, rounding: str = "ceil") -> int:
+    """How many of n entries a top-``density`` trim keeps: ceil(density·n) (``rounding="floor"``: ⌊density·n⌋),
+    at least 1 when n > 0."""
+    k = math.floor(density * n) if rounding == "floor" else math.ceil(density * n)
+    return min(n, max(1, k)) if n else 0
 
 
 def magnitude_mask(x: torch.Tensor, density: float | Sequence[float],
-                   thresholds: torch.Tensor | None = None) -> torch.Tensor:
+                   thresholds: torch.Tensor | None = None, rounding: str = "ceil") -> torch.Tensor:
     """Boolean mask (T, *shape) of the entries each task keeps (see the module doc); ``x`` float32.
-    ``density`` is one fraction for every task or T fractions, one per task (mergekit's per-model densities)."""
+    ``density`` is one fraction for every task or T fractions, one per task (mergekit's per-model densities);
+    ``rounding``: see ``keep_count``."""
     T = x.shape[0]
     if not isinstance(density, (int, float)):
         ds = [float(d) for d in density]
         if len(set(ds)) > 1 and thresholds is None:
-            return torch.cat([magnitude_mask(x[t:t + 1], ds[t]) for t in range(T)])
+            return torch.cat([magnitude_mask(x[t:t + 1], ds[t], rounding=rounding) for t in range(T)])
         density = ds[0]
     if thresholds is not None:
         th = thresholds.to(x.device, torch.float32).view(T, *([1] * (x.dim() - 1)))
@@ -44,7 +52,7 @@ def magnitude_mask(x: torch.Tensor, density: float | Sequence[float],
     bits = abs_bits(x.reshape(T, -1))
     a = bits.view(torch.float32)  # |x|, sharing the bits' memory
     n = a.shape[1]
-    k = keep_count(n, density)
+    k = keep_count(n, density, rounding)
     if k >= n:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
     # the exact k-th largest |δ| per task: radix selection (about 2x faster than kthvalue on big slices),

@@ -57,7 +57,8 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
         def factory() -> Iterator[torch.Tensor]:
             for a, b in chunks:
                 yield read(a, b).reshape(num_tasks, -1)
-        thresholds = global_thresholds(factory, num_tasks, per_task.get("density", merger.density))
+        thresholds = global_thresholds(factory, num_tasks, per_task.get("density", merger.density),
+                                       merger.params.get("rounding", "ceil"))
         per_task.pop("density", None)  # the per-task cuts are in the thresholds now
         chunk_merger = get_merger(MergeSpec(spec.method, {**spec.params, "trim_scope": "global"}))
     out = torch.empty(tensor.shape, dtype=torch.float32)
@@ -157,6 +158,9 @@ def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     thresholds = None
     if merger.needs_global_thresholds:
         assert merger.density is not None
+        if merger.params.get("rounding", "ceil") != "ceil":
+            raise ConfigError(f"merge {spec.method!r}: rounding={merger.params['rounding']} (mergekit's per-tensor "
+                              f"count) applies to trim_scope=tensor")
         thresholds = taskset_thresholds(taskset, opts.get_engine(), merger.density, chunk_elements=chunk_elements)
     return TaskVector.from_producer(taskset.specs, MergeProducer(taskset, spec, wt, thresholds, fisher_ckpts,
                                                                  opts.device, plan=plan),
