@@ -465,3 +465,21 @@ def test_error_warnings_say_why() -> None:
     w = error_warnings(fake("pca", {"a": 1.05, "n": 0.95, "m": 0.9, "ok": 0.89}, added=("n",)))  # type: ignore[arg-type]
     assert [x.split(":")[0] for x in w] == ["task a", "task n", "task m"]
     assert "mean" in w[0] and "add-task" in w[1] and "--residual" in w[2]
+
+
+def test_imported_basis_errors_are_unknown_not_zero(tiny: tuple, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_interop import write_ae_folder
+    pre_p, fts, pre, sds = tiny
+    ref = write_ae_folder(tmp_path / "ae", tiny)
+    assert main(["-q", "import-tvb", str(tmp_path / "ae"), "--pretrained", str(pre_p), "--out", str(tmp_path / "s"),
+                 "--json"]) == 0
+    got = _one_json(capsys.readouterr().out)
+    assert got["rel_errors"] == {t: None for t in ref["tasks"]}
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    cap = capsys.readouterr()
+    T = len(ref["tasks"])
+    rows = [line.split("|") for line in cap.out.splitlines() if line.startswith("| task") and "‖" not in line][:T]
+    assert [r[1].strip() for r in rows] == ref["tasks"]  # the errors table comes first, the cosine matrix after
+    assert all(r[3].strip() == "unknown" for r in rows)
+    assert "are unknown" in cap.err
