@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,8 @@ def test_cli_writes_a_loadable_adapter_and_refuses_clearly(family, tmp_path, cap
     assert json.loads((tmp_path / "svd" / "tvbasis_merge.json").read_text())["rank"] == 2
     capsys.readouterr()
     for extra, fragment in [(["--method", "cat", "--rank", "2"], "--rank applies to the SVD merges"),
-                            (["--method", "ties"], "not one of PEFT's adapter merges"),
+                            (["--method", "ties", "--trim-scope", "global"], "trim_scope=global is not supported"),
+                            (["--method", "ties_svd", "--param", "x=1"], "drop --param"),
                             (["--scaling-coef", "2"], "drop --scaling-coef")]:
         assert main([*args, *extra, "--out", str(tmp_path / "bad")]) != 0
         err = capsys.readouterr().err
@@ -176,3 +178,33 @@ def test_cli_json_and_dry_run(family, tmp_path, capsys):
     assert main([*args, "--method", "svd", "--rank", "2", "--out", str(tmp_path / "o")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["out"] == str(tmp_path / "o") and set(out["ranks"].values()) == {2} and 0 < out["rel_error"] < 1
+
+
+def test_tvbasis_method_on_each_modules_delta(family, tmp_path):
+    # tvbasis's own TIES (weighted sign election, divided by the agreeing weights, ceil(density·n) kept) on the
+    # adapters' ΔW of each module, then the rank cut (here the full rank: no cut)
+    root, base = family
+    names, w = ["a", "b", "c"], [1.0, -0.5, 2.0]
+    res = merge_adapters(root / "pre", {n: root / n for n in names}, tmp_path / "out", "ties", dict(zip(names, w)),
+                         rank=40, params={"density": 0.4})
+    assert res.rel_error < 1e-6
+    full = [deltas_of(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / n), adapter_name=n), n)
+            for n in names]
+    got = ours(root, base, tmp_path / "out")
+    assert set(got) == set().union(*full)
+    for k in got:
+        X = torch.stack([d.get(k, torch.zeros_like(got[k])) for d in full])
+        kept = torch.zeros_like(X)
+        for t in range(3):
+            flat = X[t].reshape(-1)
+            n_keep = math.ceil(0.4 * flat.numel())
+            idx = torch.argsort(flat.abs(), descending=True, stable=True)[:n_keep]
+            kept[t].view(-1)[idx] = flat[idx]
+        wx = kept * torch.tensor(w, dtype=torch.float64).view(3, 1, 1)
+        sign = torch.where(wx.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(wx) == sign)
+        den = (torch.tensor(w, dtype=torch.float64).view(3, 1, 1) * agree).sum(0)
+        ref = (wx * agree).sum(0) / torch.where(den == 0, torch.ones_like(den), den)
+        torch.testing.assert_close(got[k], ref, rtol=0, atol=2e-5, msg=k)
+    rec = json.loads((tmp_path / "out" / "tvbasis_merge.json").read_text())
+    assert rec["parameters"]["density"] == 0.4 and rec["rank"] == 40

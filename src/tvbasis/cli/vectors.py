@@ -84,19 +84,26 @@ def cmd_merge_peft(args: argparse.Namespace) -> int:
     """``merge --out-format peft``: PEFT adapters merged into one adapter (tvbasis.lora.merge_peft)."""
     from tvbasis.io import parse_dtype
     from tvbasis.lora.merge_peft import merge_adapters, plan_merge
-    given = [f"--{f.replace('_', '-')}" for f in ("fisher", "scaling_coef", "trim_scope", "k", "mean", "param")
-             if getattr(args, f, None) not in (None, False, [])]
+    method = args.method or "cat"
+    peft_method = method in _PEFT_ONLY  # else a tvbasis merge method on each module's ΔW, cut to --rank
+    flags = ("fisher", "scaling_coef", *(("trim_scope", "k", "mean", "param") if peft_method else ()))
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f, None) not in (None, False, [])]
     if given or args.config:
-        raise ConfigError(f"--out-format peft merges adapters with PEFT's combinations (--method, --weight, --rank, "
-                          f"--density, --sign, --seed, --dtype); drop {', '.join(given) or '--config'}")
-    adapters, method = finetuned(args.finetuned), args.method or "cat"
+        raise ConfigError(f"--out-format peft merges adapters into an adapter (--method, --weight, --rank, the "
+                          f"method's parameters, --dtype); drop {', '.join(given) or '--config'}")
+    adapters = finetuned(args.finetuned)
     weights = floats(pairs(args.weight, "--weight"), "--weight")
-    kw: dict[str, Any] = {"rank": args.rank, "density": 1.0 if args.density is None else args.density,
-                          "sign": args.sign or "total"}
-    if (rc := dry_run(args, lambda: plan_merge(args.pretrained, adapters, args.out, method, weights, **kw))) is not None:
+    kw: dict[str, Any] = {"rank": args.rank}
+    if peft_method:
+        kw.update(density=1.0 if args.density is None else args.density, sign=args.sign or "total",
+                  seed=args.seed or 0)
+    else:
+        kw["params"] = merge_spec(args, method).params
+    if (rc := dry_run(args, lambda: plan_merge(args.pretrained, adapters, args.out, method, weights,
+                                               **{k: v for k, v in kw.items() if k != "seed"}))) is not None:
         return rc
-    res = merge_adapters(args.pretrained, adapters, args.out, method, weights, seed=args.seed or 0,
-                         dtype=parse_dtype(args.dtype), force=args.force, **kw)
+    res = merge_adapters(args.pretrained, adapters, args.out, method, weights, dtype=parse_dtype(args.dtype),
+                         force=args.force, **kw)
     err = "n/a" if res.rel_error is None else f"{res.rel_error:.3g}"
     return finish(args, f"wrote PEFT adapter {res.path} ({res.method}, {len(res.ranks)} modules, rank "
                   f"{min(res.ranks.values())}..{max(res.ranks.values())}, relative error of the rank cut {err})",
@@ -225,7 +232,8 @@ def register(sub: Any) -> None:
                    help="task name and " + FT_HELP + "; repeat per task")
     s.add_argument("--method", choices=sorted({*available_methods(), *_PEFT_ONLY}),
                    help="merge method (default task_arithmetic; with --out-format peft: PEFT's cat (default), svd, "
-                   "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd or linear)")
+                   "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd or linear, or any tvbasis method "
+                   "on each module's ΔW, cut to --rank)")
     s.add_argument("--scaling-coef", type=finite_float, help="λ in θ₀ + λ·τ (default 1.0)")
     s.add_argument("--weight", action="append", metavar="NAME=W", help="per-model weight (default 1)")
     s.add_argument("--fisher", action="append", metavar="NAME=FILE", help="diagonal Fisher safetensors per model")

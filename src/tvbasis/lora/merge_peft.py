@@ -19,6 +19,9 @@ pattern scale, folded in by ``LoraCheckpoint.factors``); w_t is its weight. Meth
 - ``magnitude_prune_svd``: magnitude pruning as in ``ties_svd``, then Σ w_t·ΔW_t and the rank-R SVD.
 - ``linear`` (PEFT's own: "a very rough approximation"): needs one rank; A = Σ_t σ_t·√|w_t·s_t|·A_t,
   B = Σ_t √|w_t·s_t|·B_t with σ_t the sign of w_t·s_t — the factors are averaged, not the products.
+- any tvbasis merge method (``ties``, ``dare_ties``, ``slerp``, ``tsv_merge``, …, with its own parameters): applied
+  to the T adapters' ΔW of each module (an adapter that leaves the module alone contributes ΔW = 0), then the
+  rank-R SVD. Module-wise only: ``trim_scope=global`` and Fisher merges are refused.
 
 The output adapter has scale 1 (``lora_alpha`` = r, per module through ``rank_pattern``/``alpha_pattern`` where
 ranks differ), the first adapter's other settings and its module names; ``tvbasis_merge.json`` records the
@@ -44,7 +47,9 @@ from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint, open_checkpoint
 from tvbasis.io.atomic import atomic_output
 from tvbasis.io.lora import PEFT_PREFIX, LoraCheckpoint, open_finetuned
+from tvbasis.merge.base import BaseMerger, MergeContext, MergeSpec
 from tvbasis.merge.dare import dare_mask
+from tvbasis.merge.registry import MERGE_METHODS, get_merger
 
 #: PEFT's add_weighted_adapter combination types that give an adapter (the SVD ones at rank R)
 PEFT_MERGES = ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "linear")
@@ -163,18 +168,39 @@ class _Inputs:
     rank: int  # R of the SVD methods
 
 
+def _svd_like(method: str) -> bool:
+    """True for the merges cut to rank R by an SVD: PEFT's *svd and every tvbasis merge method."""
+    return method.endswith("svd") or method not in PEFT_MERGES
+
+
+def _tvbasis_merger(method: str, params: Mapping[str, Any] | None) -> BaseMerger:
+    """A tvbasis merge method applied to the adapters' ΔW per module (then cut to rank R)."""
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"--out-format peft: method {method!r} is neither one of PEFT's adapter merges "
+                          f"{list(PEFT_MERGES)} nor a tvbasis merge method")
+    merger = get_merger(MergeSpec(method, dict(params or {})))
+    if merger.needs_global_thresholds or merger.needs_fisher:
+        raise ConfigError(f"--out-format peft merges module by module: {method!r} with "
+                          f"{'trim_scope=global' if merger.needs_global_thresholds else 'Fisher weights'} is not "
+                          f"supported there")
+    return merger
+
+
 def _prepare(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint], method: str,
-             weights: Mapping[str, float] | None, rank: int | None, density: float, sign: str) -> _Inputs:
+             weights: Mapping[str, float] | None, rank: int | None, density: float, sign: str,
+             params: Mapping[str, Any] | None = None) -> _Inputs:
     """Validate the arguments and open the adapters (headers only)."""
     if method not in PEFT_MERGES:
-        raise ConfigError(f"--out-format peft: method {method!r} is not one of PEFT's adapter merges "
-                          f"{list(PEFT_MERGES)}")
+        _tvbasis_merger(method, params)
+    elif params:
+        raise ConfigError(f"--out-format peft: PEFT's {method!r} takes --density, --sign and --seed, not "
+                          f"{sorted(params)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"--rank must be a positive integer, got {rank!r}")
-    if rank is not None and not method.endswith("svd"):
+    if rank is not None and not _svd_like(method):
         raise ConfigError(f"--rank applies to the SVD merges; {method!r} has the rank "
                           f"{'Σ r_t of its inputs (exact)' if method == 'cat' else 'of its inputs'}")
-    if method != "cat" and method != "svd" and method != "linear" and not 0 < density <= 1:
+    if method in PEFT_MERGES and method not in ("cat", "svd", "linear") and not 0 < density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {density!r}")
     if sign not in ("total", "frequency"):
         raise ConfigError(f"--sign must be total or frequency, got {sign!r}")
@@ -207,10 +233,11 @@ def _out_rank(method: str, ranks: list[int], R: int) -> int:
 
 def plan_merge(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint],
                out_dir: str | Path, method: str = "cat", weights: Mapping[str, float] | None = None, *,
-               rank: int | None = None, density: float = 1.0, sign: str = "total") -> dict[str, Any]:
+               rank: int | None = None, density: float = 1.0, sign: str = "total",
+               params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What ``merge_adapters`` would read and write (``--dry-run``): the adapters, the modules by layout with
     their input and output ranks, and the bytes; reads headers only, writes nothing."""
-    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign)
+    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign, params)
     rows: dict[str, dict[str, Any]] = {}
     out_bytes = 0
     for target in inp.targets:
@@ -232,19 +259,22 @@ def plan_merge(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str |
     return {"out": str(out_dir), "out_format": "peft", "method": method, "adapters": {n: str(ck.path) for n, ck in
                                                                                       inp.cks.items()},
             "weights": dict(zip(inp.cks, inp.weights.tolist(), strict=True)),
-            "rank": inp.rank if method.endswith("svd") else None, "read_bytes": read, "write_bytes": out_bytes,
+            "rank": inp.rank if _svd_like(method) else None, "read_bytes": read, "write_bytes": out_bytes,
             "modules": table}
 
 
 def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | Checkpoint],
                    out_dir: str | Path, method: str = "cat", weights: Mapping[str, float] | None = None, *,
                    rank: int | None = None, density: float = 1.0, sign: str = "total", seed: int = 0,
-                   dtype: torch.dtype | None = None, force: bool = False) -> PeftMerge:
+                   dtype: torch.dtype | None = None, force: bool = False,
+                   params: Mapping[str, Any] | None = None) -> PeftMerge:
     """Merge PEFT LoRA ``adapters`` (name -> adapter directory) of ``pretrained`` into one PEFT adapter at
-    ``out_dir`` (atomically) with PEFT's ``method``; see the module docstring. ``weights``: per adapter (default
-    1). ``rank``: of the SVD methods (default the largest input rank). ``density``, ``sign``, ``seed``: of the
-    pruning methods. ``dtype``: of the written factors (default float32)."""
-    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign)
+    ``out_dir`` (atomically) with PEFT's ``method``, or any tvbasis merge ``method`` (with ``params``) applied
+    to the adapters' ΔW per module and cut to rank R; see the module docstring. ``weights``: per adapter
+    (default 1). ``rank``: of the SVD methods (default the largest input rank). ``density``, ``sign``, ``seed``:
+    of PEFT's pruning methods. ``dtype``: of the written factors (default float32)."""
+    inp = _prepare(pretrained, adapters, method, weights, rank, density, sign, params)
+    merger = _tvbasis_merger(method, params) if method not in PEFT_MERGES else None
     pre, cks, wt, targets, R = inp.pre, inp.cks, inp.weights, inp.targets, inp.rank
     names = list(cks)
     result = PeftMerge(Path(out_dir), method, rel_error=None if method == "linear" else 0.0)
@@ -281,6 +311,14 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
                     P += root * f[0] / s
                     Q += sgn * root * f[1]
             e2 = n2 = 0.0
+        elif merger is not None:
+            x = torch.zeros((len(names), *shape), dtype=torch.float32)
+            for i, f in facs:
+                assert f is not None
+                x[i] = (f[0] @ f[1]).reshape(shape)
+            ctx = MergeContext(name=target, base=pre.get(target).to(torch.float32) if merger.needs_base else None)
+            merged = merger.merge(x, wt.to(torch.float32), ctx).reshape(rows, -1)
+            P, Q, e2, n2 = _dense_svd(merged, R)
         elif method == "svd":
             P, Q, e2, n2 = _low_rank_svd([f[0] * float(wt[i]) for i, f in facs if f is not None],
                                          [f[1] for _, f in facs if f is not None], R)
@@ -320,8 +358,9 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
               "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
               "init_lora_weights": True, "lora_bias": False, "lora_dropout": 0.0,
               "fan_in_fan_out": bool(first_config.get("fan_in_fan_out", False))}
-    record = {"method": method, "adapters": {n: str(ck.path) for n, ck in cks.items()},
-              "weights": dict(zip(names, wt.tolist(), strict=True)), "rank": R if method.endswith("svd") else None,
+    record = {"method": method, **({"parameters": merger.params} if merger is not None else {}),
+              "adapters": {n: str(ck.path) for n, ck in cks.items()},
+              "weights": dict(zip(names, wt.tolist(), strict=True)), "rank": R if _svd_like(method) else None,
               "density": density, "sign": sign, "seed": seed, "rel_error": result.rel_error,
               "note": "rel_error: ||merged delta - written adapter delta|| / ||merged delta||, the merged delta "
                       "being what the method defines before its rank cut", "modules": result.modules}
