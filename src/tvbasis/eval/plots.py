@@ -112,7 +112,7 @@ def plot_spectrum(G: np.ndarray, M: int, path: Path, loss: float | None = None, 
         ax.text(k[i], floor, "≈0", ha="center", va="bottom", fontsize=7)
     text = f"Eckart–Young bound (Σ over k > M of λ_k) / T² = {bound:.4g}"
     if loss is not None:
-        text += f"; this store's loss tr(EᵀGE) / T² = {loss:.4g}"
+        text += f"\nthis store's loss tr(EᵀGE) / T² = {loss:.4g}"
     lo, hi = spectrum_limits(shown)
     ax.set_ylim(lo, hi)  # every eigenvalue inside, those beyond the cut included; the text sits outside the axes
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
