@@ -483,3 +483,26 @@ def test_imported_basis_errors_are_unknown_not_zero(tiny: tuple, tmp_path: Path,
     assert [r[1].strip() for r in rows] == ref["tasks"]  # the errors table comes first, the cosine matrix after
     assert all(r[3].strip() == "unknown" for r in rows)
     assert "are unknown" in cap.err
+
+
+# ------------------------------------------------------------------------------------------------ the torch requirement
+def test_torch_is_a_floor_and_the_exact_pin_is_a_constraint() -> None:
+    """Installing tvbasis keeps a user's torch: the package asks for torch>=, the exact CI version lives in
+    constraints.txt, which the README's set-up commands and .ci/run both use."""
+    import re
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = [d for d in deps if re.match(r"torch\b", d)]
+    assert len(torch_req) == 1 and re.fullmatch(r"torch>=[0-9.]+", torch_req[0].replace(" ", "")), torch_req
+    pins = [ln.strip() for ln in (root / "constraints.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    assert any(re.fullmatch(r"torch==[0-9.]+", p) for p in pins), pins
+    floor = torch_req[0].split(">=")[1]
+    pinned = next(p for p in pins if p.startswith("torch==")).split("==")[1]
+    assert tuple(map(int, pinned.split("."))) >= tuple(map(int, floor.split(".")))
+    readme = (root / "README.md").read_text()
+    installs = re.findall(r"pip install -e \"[^\"]*\"[^&\n]*", readme.split("## The command line")[0])
+    assert len(installs) == 2 and all("-c constraints.txt" in i for i in installs), installs
+    assert "Python ≥ 3.11" in readme
+    assert "-c constraints.txt" in (root / ".ci" / "run").read_text()
