@@ -293,6 +293,19 @@ def test_deltacome_store_codes_block_linears_mixed_and_the_rest_in_float16(fam3,
     assert max(float((add[k] - sum(recon(store, t)[k] for t in store.task_names)).abs().max()) for k in add) < 1e-6
 
 
+def test_deltacome_rest_in_sparse_rows(fam3, tmp_path):
+    pre_p, fts, pre, sds = fam3
+    store = build_store(pre_p, fts, "deltacome", None, tmp_path / "s", options={"rest": "sparse-rows+int8"})
+    v = vectors(pre, sds)[0]
+    got = recon(store, "task0")
+    for k, x in v.items():
+        if k not in BLOCK:  # int8 symmetric, groups of 128 over the kept rows: within half a step of each group
+            rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+            flat = rows.reshape(-1)
+            step = max(float(flat[a:a + 128].abs().max()) / 127 for a in range(0, flat.numel(), 128))
+            assert float((got[k] - x).abs().max()) <= step / 2 + 1e-7
+
+
 def quantized_std_ref(x: torch.Tensor, bits: int) -> float:
     levels, q = ultra_reference_parts(x, bits)
     return float(levels[q].std(unbiased=False))

@@ -12,7 +12,10 @@ matrix, is exactly α = 1/16; ``deltacome_ranks`` scales it to any shape: r2 = �
 stored on top of α (the reference does not count them either; ``Encoded.nbytes`` does).
 
 Every other tensor — embeddings, norms, biases, heads — is kept as ``rest`` (float16, as the reference keeps those
-parameters of the fine-tuned model; ``none`` drops their deltas).
+parameters of the fine-tuned model; ``none`` drops their deltas; ``sparse-rows+float16`` / ``sparse-rows+int8``
+keep only the rows a fine-tune changed — not the paper's, but what makes the method comparable on a model whose
+embedding table is half its parameters, as MiniLM's: there ``rest=float16`` caps the store at 3.5×,
+``benchmarks/results/peer_stores.md``).
 
 Where it differs from the reference: the factors are rounded to nearest (data-free) instead of GPTQ on
 calibration text, so a delta is coded from its weights alone; the paper reports GPTQ ahead of round-to-nearest at
@@ -37,7 +40,8 @@ from tvbasis.errors import ConfigError
 #: the paper's setting: α = 1/16 of the float16 delta, 2 triplets at 8 bits, 32 at 3 bits, the rest at 2 bits
 DELTACOME_DEFAULTS: dict[str, Any] = {"alpha": 0.0625, "r8": 2, "r3": 32, "group": 128, "rest": "float16",
                                       "zstd": False}
-REST_CODECS = ("float16", "bfloat16", "float32", "none")
+#: codecs for the tensors the method does not compress (sparse rows: an embedding table's touched rows)
+REST_CODECS = ("float16", "bfloat16", "float32", "none", "sparse-rows+float16", "sparse-rows+int8")
 BLOCK_BITS = (8, 3, 2)
 
 

@@ -46,7 +46,8 @@ from tvbasis.errors import ConfigError
 #: the reference's run.sh: MASK_RATE 0.97, QUANT_BIT 4, STEP_SIZE 0.01, ADDITIONAL_FACTOR 1.0, USE_TRACE_NORM True
 ULTRADELTA_DEFAULTS: dict[str, Any] = {"density": 0.03, "bits": 4, "step": 0.01, "factor": 1.0, "trace_norm": True,
                                        "seed": 0, "rest": "none", "zstd": False}
-REST_CODECS = ("none", "float16", "bfloat16", "float32")
+#: codecs for the tensors the method does not compress (sparse rows: an embedding table's touched rows)
+REST_CODECS = ("none", "float16", "bfloat16", "float32", "sparse-rows+float16", "sparse-rows+int8")
 #: the reference clamps the high-variance third's sparsity to this
 MAX_SPARSITY = 0.99
 
