@@ -86,10 +86,12 @@ class MixedSVD(Codec):
 
     @property
     def ranks(self) -> list[int]:
+        """Rank of each singular-triplet block, in order (the ``ranks`` parameter, e.g. 2/32/40 -> [2, 32, 40])."""
         return [int(r) for r in self.values["ranks"].split("/")]
 
     @property
     def bits(self) -> list[int]:
+        """Bits of each block's factors, in order (the ``bits`` parameter, e.g. 8/3/2 -> [8, 3, 2])."""
         return [int(b) for b in self.values["bits"].split("/")]
 
     def _codecs(self, blocks: list[int]) -> list[tuple[Codec, Codec]]:

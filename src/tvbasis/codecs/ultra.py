@@ -106,6 +106,7 @@ class Ultra(Codec):
 
     @property
     def factor(self) -> float:
+        """The rescale applied to the kept values: the ``scale`` parameter, or 1 / ``density`` when none is given."""
         s = self.values["scale"]
         return float(s) if s is not None else 1.0 / float(self.values["density"])
 
