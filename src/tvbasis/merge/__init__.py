@@ -13,6 +13,14 @@ defaults):
 - tsv_merge (rank_fraction=0.0, i.e. 1/T): Task Singular Vectors merge (TSV-M); whole 2-D tensors only.
 - iso_c: Iso-C, the summed task matrix with a flat (isotropic) singular spectrum; whole 2-D tensors only.
 - iso_cts (common_fraction=0.8): Iso-CTS, common + task-specific subspaces, flat spectrum; whole 2-D tensors only.
+- slerp (t=0.5), nuslerp (nuslerp_flatten=True, nuslerp_row_wise=False, on_weights=False): mergekit's spherical
+  interpolations (slerp of θ₀ and θ₀ + τ, or of two fine-tunes: needs ``ctx.base``); whole tensors.
+- model_stock (filter_wise=False): Model Stock's t·mean(τ) from the mean pairwise cosine; whole tensors.
+- della, della_linear (density=0.5, epsilon=0.15, seed=0, rescale=l1|inverse|none, normalize) and breadcrumbs,
+  breadcrumbs_ties (density=0.9, gamma=0.01, rescale, normalize=False): mergekit's sparsifiers, then TIES or a sum.
+
+Per-task values of ``density`` (and ``gamma``, ``epsilon``) may come in ``MergeContext.per_task`` (mergekit's
+per-model densities); ``ties``/``topk`` take ``rounding=floor`` to keep mergekit's int(density·n) entries.
 
 Per-tensor trims (``trim_scope=tensor``) rank the whole tensor: pass whole tensors. ``trim_scope=global`` ranks
 each task over the whole vector: the caller computes ``global_thresholds`` (two streaming passes) and passes
