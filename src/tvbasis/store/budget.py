@@ -55,6 +55,10 @@ def fixed_overhead_guess(T: int, n_tensors: int) -> int:
     return 6144 + 420 * n_tensors + 30 * T * T + 400 * T
 
 
+#: what the measuring pass keeps: ``cands[task][tensor]`` and ``norms2[task]``
+Measured = tuple[dict[str, dict[str, list[Candidate]]], dict[str, float]]
+
+
 @dataclass
 class BudgetReport:
     """What a budget build chose and what it measured."""
@@ -68,6 +72,8 @@ class BudgetReport:
     M: int
     seconds: dict[str, float] = field(default_factory=dict)
     attempts: int = 1
+    #: the measuring pass's candidates and task norms (for ``build_budget_store(measured=…)``)
+    measured: Measured | None = None
 
     @property
     def ratio(self) -> float:
@@ -133,9 +139,12 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        out: str | Path, budget: str | Budget | None = None, quality: float | None = None,
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        max_shard_size: int | str = "5GB", force: bool = False, run: Run = None,
-                       chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS) -> tuple[BasisStore, BudgetReport]:
+                       chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+                       measured: Measured | None = None) -> tuple[BasisStore, BudgetReport]:
     """Build the store at ``out`` that fits ``budget`` (``"128x"``, ``"20MB"`` or a ``Budget``), or the smallest
-    whose every task keeps ``quality`` of its energy; returns the store and what was chosen and measured."""
+    whose every task keeps ``quality`` of its energy; returns the store and what was chosen and measured.
+    ``measured``: the measuring pass of an earlier budget build of the same inputs (``report.measured``), so a
+    sweep over budgets measures once."""
     if (budget is None) == (quality is None):
         raise ConfigError("give exactly one of --budget and --quality")
     b = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -149,12 +158,16 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     M = choose_M(taskset.T, (fp32 / budget_bytes) if budget_bytes else 1.0)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    stage = temp_path(out.parent / f".{out.name}-measure")
-    stage.mkdir(parents=True)
-    try:
-        cands, norms2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    if measured is not None and set(measured[1]) == set(taskset.names) and \
+            all(set(c) == set(taskset.specs) for c in measured[0].values()):
+        cands, norms2 = measured
+    else:
+        stage = temp_path(out.parent / f".{out.name}-measure")
+        stage.mkdir(parents=True)
+        try:
+            cands, norms2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     seconds["measure"] = time.perf_counter() - t0
     if any(v == 0.0 for v in norms2.values()):
         zero = [t for t, v in norms2.items() if v == 0.0]
@@ -194,7 +207,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         overhead = max(fixed, 0) + int(0.002 * budget_bytes)  # aim a little inside the window
     seconds["total"] = time.perf_counter() - t0
     report = BudgetReport(b.text if b is not None else None, budget_bytes, max_error, size, fp32, alloc, M,
-                          seconds, attempts)
+                          seconds, attempts, (cands, norms2))
     if budget_bytes is not None and size > budget_bytes:
         alloc.notes.append(f"the store takes {size} B, above the budget of {budget_bytes} B")
     return store, report
