@@ -1,7 +1,9 @@
 """The Delta-CoMe and UltraDelta store methods built as a user would, on real MiniLM fine-tunes: bytes on disk (every
 file of the store: data, manifest, headers), the ratio to the float32 task vectors, each task's relative error as
 the store records it, and the build's wall time — next to a plain PCA build (the time reference), an M = 0
-``lowrank:rank=32+int4`` store and BitDelta.
+``lowrank:rank=32+int4`` store and BitDelta. Rows with ``rest sparse-rows+int8`` code the tensors the peer leaves
+alone (embeddings, norms, biases) as the touched rows at int8 instead of the papers' float16 (``none`` for
+UltraDelta).
 
 One store per row, built in this process one after the other on one thread (``--threads``), ``RunOptions(
 progress=False)``; wall time includes the statistics passes of ``ultradelta`` (``tvbasis.store.ultradelta``).
@@ -33,10 +35,14 @@ ROWS = [("pca M=1 (plain build: the time reference)", "pca", 1, {}, None),
         ("M=0 lowrank:rank=32+int4", "pca", 0, {}, "lowrank:rank=32+int4"),
         ("bitdelta", "bitdelta", None, {}, None),
         ("deltacome (α = 1/16)", "deltacome", None, {}, None),
-        ("deltacome (α = 1/16) + zstd", "deltacome", None, {"zstd": True}, None),
         ("deltacome (α = 1/32)", "deltacome", None, {"alpha": 0.03125}, None),
+        ("deltacome (α = 1/16), rest sparse-rows+int8", "deltacome", None, {"rest": "sparse-rows+int8"}, None),
+        ("deltacome (α = 1/16), rest sparse-rows+int8, + zstd", "deltacome", None,
+         {"rest": "sparse-rows+int8", "zstd": True}, None),
         ("ultradelta (density 0.03)", "ultradelta", None, {}, None),
-        ("ultradelta (density 0.03) + zstd", "ultradelta", None, {"zstd": True}, None)]
+        ("ultradelta (density 0.03) + zstd", "ultradelta", None, {"zstd": True}, None),
+        ("ultradelta (density 0.03) + zstd, rest sparse-rows+int8", "ultradelta", None,
+         {"zstd": True, "rest": "sparse-rows+int8"}, None)]
 
 
 def dir_bytes(path: Path) -> int:
