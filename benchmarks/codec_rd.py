@@ -2,7 +2,7 @@
 ``ultra``, the ``zstd`` entropy stage, against ``lowrank:rank=R+int4`` and plain integer quantisation.
 
 Per task vector (fine-tune − pretrained, ``tvbasis finetune`` directories) and per codec setting, every linear
-weight of the transformer blocks (``is_block_linear``: the 36 attention and feed-forward matrices of MiniLM-L6,
+weight of the transformer blocks (``is_block_weight``: the 36 attention and feed-forward matrices of MiniLM-L6,
 10.6 M of its 22.7 M parameters, the tensors every one of these peers compresses) is encoded and decoded:
 
 * bytes: Σ ``Encoded.nbytes`` (every stored tensor: codes, scales, minima, positions, σ), and the ratio to the
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, markdown_table, save_results
 from tvbasis.codecs import parse_codec
-from tvbasis.compress.bitdelta import is_block_linear
+from tvbasis.compress.blocks import is_block_weight
 from tvbasis.compress.deltacome import DELTACOME_DEFAULTS, deltacome_codec
 from tvbasis.eval.finetune import task_vector_state
 
@@ -110,7 +110,7 @@ def main() -> None:
     vectors, embeddings = {}, {}
     for task, d in fts.items():
         tv = task_vector_state(pre, d)
-        vectors[task] = {k: v for k, v in tv.items() if is_block_linear(k, tuple(v.shape))}
+        vectors[task] = {k: v for k, v in tv.items() if is_block_weight(k, tuple(v.shape))}
         embeddings[task] = {k: v for k, v in tv.items() if k.endswith("word_embeddings.weight")}
     n = sum(v.numel() for v in next(iter(vectors.values())).values())
     log(f"{len(vectors)} task vectors, {len(next(iter(vectors.values())))} block linear matrices, {n} parameters")

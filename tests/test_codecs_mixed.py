@@ -236,6 +236,17 @@ def test_zstd_saves_on_peaked_codes_and_refuses_forged_frames():
         parse_codec("zstd")
 
 
+def test_block_weights_include_openclip_resblocks():
+    from tvbasis.compress.blocks import is_block_weight
+    assert is_block_weight("visual.transformer.resblocks.3.attn.in_proj_weight", (2304, 768))
+    assert is_block_weight("visual.transformer.resblocks.3.mlp.c_fc.weight", (3072, 768))
+    assert is_block_weight("model.layers.0.self_attn.q_proj.weight", (64, 64))
+    assert not is_block_weight("visual.transformer.resblocks.3.ln_1.weight", (768,))
+    assert not is_block_weight("visual.transformer.resblocks.3.attn.in_proj_bias", (2304,))
+    assert not is_block_weight("token_embedding.weight", (49408, 512))
+    assert not is_block_weight("visual.proj", (768, 512))
+
+
 # ------------------------------------------------------------------------------------------------ allocation
 def test_allocate_densities_follows_the_reference_thirds():
     # stds 1 < 2 < 3 < 4 over sizes 10/10/10/30 (total 60): cumulative 10, 20 ≤ 20 → low third (s + step); 30 ≤ 40

@@ -13,6 +13,9 @@ method is elementwise) and sums the byte counts:
 ``tsvc``        TSV-C: per 2-D tensor and task, the top 1/T singular triplets (Gargiulo et al. 2025)
 ``tvq``         TVQ / RTVQ: b-bit task vectors; shared base + low-bit offsets (Kim et al. 2025)
 ``bitdelta``    BitDelta: sign bits + one scale per block linear weight, the rest float16 (Liu et al. 2024)
+``deltacome``   Delta-CoMe: block weights through ``mixed-svd`` under an α budget (Ping et al. 2024), data-free
+``ultradelta``  UltraDelta: variance-allocated densities, ``ultra`` codes, trace-norm ratios (Wang et al. 2025)
+``blocks``      which tensors those two compress (block linear weights, OpenCLIP ``resblocks`` included)
 ==============  ===============================================================================================
 
 Each peer module's docstring states where it follows the paper, where the reference code differs, and what is

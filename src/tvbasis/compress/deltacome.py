@@ -1,7 +1,7 @@
 """Delta-CoMe (Ping et al., NeurIPS 2024, arXiv 2406.08903, "Training-Free Delta-Compression with Mixed-Precision
 for Large Language Models"), data-free form, as a per-tensor rule.
 
-Every linear weight of the transformer blocks (``tvbasis.compress.bitdelta.is_block_linear``: query/key/value/
+Every linear weight of the transformer blocks (``tvbasis.compress.blocks.is_block_weight``: query/key/value/
 output and the feed-forward matrices) goes through ``mixed-svd`` (``tvbasis.codecs.mixed_svd``): its singular
 triplets in three blocks, the first ``r8`` at 8 bits, the next ``r3`` at 3 bits and the rest of a bit budget at
 2 bits, the tail dropped. The budget is the paper's α: Σ_k b_k·r_k·(m + n) ≤ α·16·m·n, a fraction α of the
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from tvbasis.codecs import Codec, Encoded, parse_codec
-from tvbasis.compress.bitdelta import is_block_linear
+from tvbasis.compress.blocks import is_block_weight
 from tvbasis.errors import ConfigError
 
 #: the paper's setting: α = 1/16 of the float16 delta, 2 triplets at 8 bits, 32 at 3 bits, the rest at 2 bits
@@ -82,7 +82,7 @@ def deltacome_ranks(shape: tuple[int, ...], alpha: float, r8: int, r3: int) -> t
 def deltacome_codec(name: str, shape: tuple[int, ...] | torch.Size, options: Mapping[str, Any]) -> Codec | None:
     """The codec of one tensor: ``mixed-svd`` for a block linear weight, ``rest`` otherwise (None: not stored)."""
     shape = tuple(shape)
-    if is_block_linear(name, shape):
+    if is_block_weight(name, shape):
         a8, a3, a2 = deltacome_ranks(shape, float(options["alpha"]), int(options["r8"]), int(options["r3"]))
         spec = f"mixed-svd:ranks={a8}/{a3}/{a2},bits=8/3/2,group={int(options['group'])},scheme=affine"
         return parse_codec(("zstd+" if options.get("zstd") else "") + spec)

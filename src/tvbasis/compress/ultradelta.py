@@ -4,7 +4,7 @@ for Ultra-Efficient Delta Compression"): the per-task rules around the ``ultra``
 As the reference code (``xiaohuiwang000/UltraDelta``: ``src/ViT.py``, ``src/ultradelta_compression.py``, defaults
 of ``run.sh``), per task vector:
 
-1. **Which tensors**: the linear weights of the transformer blocks (``is_block_linear``; the reference's
+1. **Which tensors**: the linear weights of the transformer blocks (``is_block_weight``; the reference's
    ``attn.in_proj``/``attn.out_proj``/``mlp.c_fc``/``mlp.c_proj`` weights). The reference applies only those deltas
    (every other tensor stays pretrained): ``rest=none``, the default; ``rest=float16`` keeps the others' deltas.
 2. **Variance-based mixed sparsity allocation** (``allocate_densities``, the reference's
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tvbasis.codecs import Codec, Encoded, parse_codec
-from tvbasis.compress.bitdelta import is_block_linear
+from tvbasis.compress.blocks import is_block_weight
 from tvbasis.errors import ConfigError
 
 #: the reference's run.sh: MASK_RATE 0.97, QUANT_BIT 4, STEP_SIZE 0.01, ADDITIONAL_FACTOR 1.0, USE_TRACE_NORM True
@@ -111,7 +111,7 @@ def _num(out: dict[str, Any], key: str, lo: float, hi: float, lo_open: bool = Fa
 
 def is_target(name: str, shape: tuple[int, ...] | torch.Size) -> bool:
     """Whether UltraDelta compresses this tensor (a linear weight of a transformer block)."""
-    return is_block_linear(name, tuple(shape))
+    return is_block_weight(name, tuple(shape))
 
 
 def allocate_densities(stats: Mapping[str, tuple[int, float]], density: float, step: float) -> dict[str, float]:
