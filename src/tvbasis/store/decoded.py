@@ -39,7 +39,24 @@ RESIDUAL_RTOL = 1e-3
 
 
 def _sq(x: torch.Tensor) -> float:
-    return float(torch.sum(x.double() ** 2))
+    return float(torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64)) ** 2
+
+
+def entry_sq_norm(coded: CodedData, key: str) -> float:
+    """‖decoded entry‖² (float64). A low-rank entry is decoded to its factors P, Q (their own codec chain decoded
+    and checked finite) and ‖P·Q‖² = Σ (PᵀP) ∘ (Q·Qᵀ) formed from them, without expanding P·Q (a low-rank
+    residual store would otherwise cost a dense product per entry); any other entry is decoded whole."""
+    try:
+        if not key.startswith("shared/") and coded.codec_of(key).startswith("lowrank"):
+            f = coded.factors(key)
+            if f is not None:
+                P, Q = f[0].double(), f[1].double()
+                return float(((P.T @ P) * (Q @ Q.T)).sum())
+    except TvbasisError:
+        raise
+    except Exception as e:
+        raise coded_error(coded.root, key, e) from None
+    return _sq(decode_entry(coded, key))
 
 
 def decode_entry(coded: CodedData, key: str) -> torch.Tensor:
@@ -68,7 +85,7 @@ def decode_problems(root: Path, coded: CodedData, keys: Iterable[str]) -> tuple[
     norms: dict[str, float] = {}
     for key in keys:
         try:
-            norms[key] = _sq(decode_entry(coded, key))
+            norms[key] = entry_sq_norm(coded, key)
         except TvbasisError as e:
             problems.append(str(e))
     return problems, norms
