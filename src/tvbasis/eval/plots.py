@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tvbasis.bases import eckart_young_bound
-from tvbasis.errors import ConfigError
+from tvbasis.errors import ConfigError, OutputExistsError
 from tvbasis.eval.spread import mean_std, means_view
 from tvbasis.eval.theory import Point, addition_points, negation_points, spearman_per_seed
 from tvbasis.io.outputs import check_not_input, check_output
@@ -152,7 +153,10 @@ def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
         raise ConfigError(f"{out}: not a directory")
     check_not_input(out, [store.root])  # the pictures never go into the store they describe
     for name in ("cosine.png", "spectrum.png", "rel_errors.png"):
-        check_output(out / name, False)  # never overwrites a picture (inspect has no --force)
+        if os.path.lexists(out / name):  # never overwrites a picture (inspect has no --force)
+            raise OutputExistsError(f"{out / name}: already exists; inspect --plot does not overwrite pictures "
+                                    "(choose a new or empty folder)")
+    check_output(out / "cosine.png", False)  # the folder can be created and written
     out.mkdir(parents=True, exist_ok=True)
     s = store.summary()
     names, labels = list(s["tasks"]), s.get("labels")
