@@ -274,7 +274,8 @@ class TaskVector:
         fp, checksum, chunk = (meta.get(k) for k in ("pretrained_fingerprint", "pretrained_checksum",
                                                       "checksum_chunk_elements"))
         if fp:  # applied to a model, it is checked against the pretrained model it was made from
-            tv.expected_pretrained = {"fingerprint": fp, "path": f"the task vector {ckpt.path}"}
+            tv.expected_pretrained = {"fingerprint": fp, "path": meta.get("pretrained") or "unknown",
+                                      "what": f"the task vector {ckpt.path}"}
             if checksum and chunk and chunk.isdigit() and int(chunk) > 0:
                 tv.expected_pretrained |= {"checksum": checksum, "checksum_chunk_elements": int(chunk)}
         return tv

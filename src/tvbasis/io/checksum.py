@@ -68,6 +68,9 @@ def structure_fingerprint(ckpt: Checkpoint) -> str:
 def check_pretrained_structure(ref: Mapping[str, Any], pretrained: Checkpoint, where: Path | str) -> None:
     """StoreError unless ``pretrained`` has the tensor names, shapes and dtypes recorded in ``ref``."""
     if ref.get("fingerprint") and structure_fingerprint(pretrained) != ref["fingerprint"]:
+        if ref.get("what"):  # a masks file or a saved task vector: name it, and the model it was made from
+            raise StoreError(f"{ref['what']}: was made from another pretrained model ({ref.get('path')}); "
+                             f"{pretrained.path} has different tensor names, shapes or dtypes")
         raise StoreError(f"{where}: was built from another pretrained model ({ref.get('path')}); "
                          f"{pretrained.path} has different tensor names, shapes or dtypes")
 
@@ -76,5 +79,6 @@ def check_pretrained_checksum(digests: Iterable[tuple[str, bytes]], ref: Mapping
                               suffix: str = "") -> None:
     """StoreError unless the combined digests equal the checksum recorded in ``ref``."""
     if combine_digests(digests) != ref["checksum"]:
-        raise StoreError(f"{pretrained_path}: is not the pretrained model the store was built from "
+        what = ref.get("what") or "the store"
+        raise StoreError(f"{pretrained_path}: is not the pretrained model {what} was made from "
                          f"({ref.get('path')}): the weights differ (checksum mismatch){suffix}")

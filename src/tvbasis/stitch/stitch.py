@@ -95,7 +95,8 @@ def _vector(masks: MaskSet, producer: StitchProducer, pre: Checkpoint | None, na
     tv = TaskVector.from_producer(masks.specs, producer, pre, name)
     fp = masks.settings.get("pretrained_fingerprint")
     if fp:  # apply_to checks the model's tensor names, shapes and dtypes against those the masks were made on
-        tv.expected_pretrained = {"fingerprint": fp, "path": f"the masks file {masks.path}"}
+        tv.expected_pretrained = {"fingerprint": fp, "path": masks.settings.get("pretrained", "unknown"),
+                                  "what": f"the masks file {masks.path}"}
         checksum, chunk = masks.settings.get("pretrained_checksum"), masks.settings.get("checksum_chunk_elements")
         if isinstance(checksum, str) and isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0:
             tv.expected_pretrained |= {"checksum": checksum, "checksum_chunk_elements": chunk}  # and the weights
