@@ -50,6 +50,7 @@ from tvbasis.io.lora import PEFT_PREFIX, LoraCheckpoint, open_finetuned
 from tvbasis.merge.base import BaseMerger, MergeContext, MergeSpec
 from tvbasis.merge.dare import dare_mask
 from tvbasis.merge.registry import MERGE_METHODS, get_merger
+from tvbasis.merge.trim import magnitude_mask
 
 #: PEFT's add_weighted_adapter combination types that give an adapter (the SVD ones at rank R)
 PEFT_MERGES = ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd", "linear")
@@ -129,23 +130,24 @@ def _low_rank_svd(Ps: list[torch.Tensor], Qs: list[torch.Tensor], rank: int) -> 
 
 
 def _dense_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    """Best rank-``rank`` factors of the dense float32 ``D`` (a float32 SVD, as PEFT's; the squared error and
+    norm from the singular values in float64)."""
+    U, S, Vh = torch.linalg.svd(D.float(), full_matrices=False)
     k = min(rank, S.numel())
-    return (U[:, :k] * S[:k]).float(), Vh[:k].float(), float(S[k:].pow(2).sum()), float(S.pow(2).sum())
+    S64 = S.double()
+    return (U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), float(S64[k:].pow(2).sum()), \
+        float(S64.pow(2).sum())
 
 
 def _magnitude_prune(d: torch.Tensor, density: float) -> torch.Tensor:
-    """PEFT's magnitude pruning: the int(density·n) largest |d| kept (none pruned at density >= 1); equal
-    magnitudes at the cut: the lowest indices first."""
+    """PEFT's magnitude pruning of each task slice of ``d`` (T, ...): the int(density·n) largest |d| kept (none
+    pruned at density >= 1, none kept where int(density·n) = 0); equal magnitudes at the cut: the lowest indices
+    first (``merge.trim.magnitude_mask`` with mergekit's and PEFT's floor count)."""
     if density >= 1:
         return d
-    flat = d.reshape(-1)
-    k = int(density * flat.numel())
-    out = torch.zeros_like(flat)
-    if k > 0:
-        order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
-        out[order] = flat[order]
-    return out.reshape(d.shape)
+    if int(density * d[0].numel()) == 0:
+        return torch.zeros_like(d)
+    return torch.where(magnitude_mask(d, density, rounding="floor"), d, 0.0)
 
 
 def _peft_disjoint(pruned: torch.Tensor, w: torch.Tensor, sign: str) -> torch.Tensor:
@@ -323,21 +325,22 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
             P, Q, e2, n2 = _low_rank_svd([f[0] * float(wt[i]) for i, f in facs if f is not None],
                                          [f[1] for _, f in facs if f is not None], R)
         else:
-            deltas = torch.zeros((len(names), rows, math.prod(shape[1:])), dtype=torch.float64)
+            deltas = torch.zeros((len(names), rows, math.prod(shape[1:])), dtype=torch.float32)
             for i, f in facs:
                 assert f is not None
-                deltas[i] = f[0].double() @ f[1].double()
+                torch.mm(f[0], f[1], out=deltas[i])
             if method.startswith("dare"):
                 for i in range(len(names)):
                     if density < 1:
                         keep = dare_mask(tuple(deltas.shape[1:]), density, seed, target, i)
                         deltas[i] = torch.where(keep, deltas[i] / density, 0.0)
             else:
-                deltas = torch.stack([_magnitude_prune(d, density) for d in deltas])
+                deltas = _magnitude_prune(deltas, density)
+            w32 = wt.to(torch.float32)
             if method in ("ties_svd", "dare_ties_svd"):
-                D = _peft_disjoint(deltas, wt, sign)
+                D = _peft_disjoint(deltas, w32, sign)
             else:
-                D = torch.tensordot(wt, deltas, dims=1)
+                D = torch.tensordot(w32, deltas, dims=1)
             P, Q, e2, n2 = _dense_svd(D, R)
         if not (bool(torch.isfinite(P).all()) and bool(torch.isfinite(Q).all())):
             raise ConfigError(f"{target!r}: the merge gives non-finite factors")
@@ -349,9 +352,9 @@ def merge_adapters(pretrained: str | Path | Checkpoint, adapters: Mapping[str, s
         err2, tot2 = err2 + e2, tot2 + n2
     if result.rel_error is not None:
         result.rel_error = math.sqrt(err2 / tot2) if tot2 > 0 else 0.0
-    base_cfg = dict(first_config := next(iter(cks.values())).config)
+    first_config = next(iter(cks.values())).config  # PEFT's add_weighted_adapter keeps the first's settings too
     top = max(result.ranks.values())
-    config = {**base_cfg, "peft_type": "LORA", "r": top, "lora_alpha": top, "target_modules": sorted(result.ranks),
+    config = {**first_config, "peft_type": "LORA", "r": top, "lora_alpha": top, "target_modules": sorted(result.ranks),
               "rank_pattern": {m: r for m, r in result.ranks.items() if r != top},
               "alpha_pattern": {m: r for m, r in result.ranks.items() if r != top},
               "use_rslora": False, "use_dora": False, "modules_to_save": None, "bias": "none",
