@@ -169,7 +169,7 @@ def _tiny_gemma(d: Path | None = None, seed: int = 0) -> torch.nn.Module:
     cfg = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
                            sliding_window=16, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
-                           eos_token_id=1)
+                           eos_token_id=1, initializer_range=0.3)  # a head able to move logits
     model = Gemma3ForCausalLM(cfg)
     if d is not None:
         model.save_pretrained(str(d))
@@ -288,3 +288,45 @@ def test_tvbasis_eval_scores_a_causal_lm_csv(tmp_path: Path, capsys: pytest.Capt
     assert result["head"] == "lm"
     assert result["tasks"]["toy"]["accuracy"] == pytest.approx(expected)
     assert "log-likelihood" in capsys.readouterr().out
+
+
+def test_lm_lora_label_loss_learns_the_task_and_the_adapter_reads_as_peft_merges(tmp_path: Path) -> None:
+    """A LoRA fine-tune of a tiny causal LM with the label-token loss: tvbasis reads the adapter directory as
+    the delta PEFT's merge_and_unload gives, and that delta, applied in memory, classifies the task."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tvbasis.eval.causal_lm import CausalLMScorer
+    from tvbasis.eval.finetune import FinetuneSettings
+    from tvbasis.eval.lm_lora import lm_lora_finetune, lm_lora_settings
+    from tvbasis.vectors import TaskVector
+
+    d = _tiny_lm_dir(tmp_path / "lm")
+    task = _task()
+    settings = FinetuneSettings(max_train=32, max_length=24, batch_size=8, epochs=6, warmup=0.0)
+    lora = replace(lm_lora_settings(4), lr=3e-2)
+    r = lm_lora_finetune(task, tmp_path / "work", d, settings, lora)  # type: ignore[arg-type]
+    assert not r.reused and (r.path / "adapter_model.safetensors").is_file()
+    assert lm_lora_finetune(task, tmp_path / "work", d, settings, lora).reused  # type: ignore[arg-type]
+    stats = r.meta["train"]
+    assert stats["steps"] == 24 and stats["loss_last"] < stats["loss_first"]
+
+    delta = {k: v.float() for k, v in TaskVector.from_checkpoints(d, r.path).to_state_dict().items()}
+    base = AutoModelForCausalLM.from_pretrained(str(d))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, str(r.path)).merge_and_unload().state_dict()
+    moved = {k for k in before if not torch.equal(merged[k], before[k])}
+    assert moved and set(delta) >= moved and all(".layers." in k for k in moved)
+    for k in moved:
+        assert torch.allclose(delta[k], merged[k] - before[k], atol=1e-6), k
+    for k in set(delta) - moved:
+        assert not delta[k].any()
+
+    texts, y = task["test"].texts, torch.tensor(task["test"].labels)  # type: ignore[index]
+    lm = CausalLMScorer(d, max_length=24)
+    zero = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
+    lm.set_delta(delta)
+    tuned = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
+    assert tuned >= 0.9 > zero

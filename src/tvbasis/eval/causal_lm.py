@@ -81,6 +81,8 @@ def _cut(prompt: list[int], room: int, tokenizer: object) -> list[int]:
 
 
 def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper: its LoRA layers are injected into the base model
+        model = model.get_base_model()
     head = model.get_output_embeddings()
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if head is None or base is None:
@@ -109,7 +111,7 @@ def label_logprobs(model: torch.nn.Module, seqs: Sequences, rows: Sequence[int],
             owner.append(j)
     h = hidden[torch.tensor(b_idx), torch.tensor(pos)]
     logits = head(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1)

@@ -17,6 +17,7 @@ reused when its ``tvbasis-model.json`` records the same source checksum, else re
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -231,8 +232,8 @@ def convert_gguf(gguf_file: Path, out: Path, source_sha256: str) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
+        dequantised(model).save_pretrained(str(tmp), safe_serialization=True)
         (tmp / MODEL_META).write_text(json.dumps({"version": ASSEMBLY_VERSION, "source_sha256": source_sha256,
                                                   "source": str(gguf_file), "seconds": round(time.time() - t0, 1),
                                                   "created": time.time()}))
@@ -241,6 +242,22 @@ def convert_gguf(gguf_file: Path, out: Path, source_sha256: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def dequantised(model: object) -> object:
+    """The same weights in a plain model of the same class: a model loaded from GGUF is flagged as quantised
+    (``save_pretrained`` refuses it) although transformers has already dequantised every tensor to float."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model.config, "quantization_config", None):
+        return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = type(model)(config)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:  # a tied head is not stored twice
+        raise ConfigError(f"dequantised copy: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.tie_weights()
+    return plain
 
 
 MODELS: dict[str, ModelSpec] = {
