@@ -15,8 +15,12 @@ low-rank matrix deltas) loaded as a ``transformers.BertModel``:
 
 Memory: the peak of this process's private (anonymous) RSS during each step, polled every 2 ms, minus its value
 before the step — against the model's bytes and the largest tensor's float32 bytes (the goal: a switch needs at
-most the model plus one decoded tensor). Drift: ``--drift-swaps`` swaps in ``restore="subtract"`` mode (float32)
-and ``"copy"`` mode (bf16) on a ``--drift-size`` model of the same family, max |θ − θ₀| after them.
+most the model plus one decoded tensor). ``from_pretrained`` memory-maps the safetensors file, so its weights
+are only read on first use: (a) is timed both as the call alone and with every weight read once (the baseline of
+the speed-ups); the model (c) updates is first copied into private memory (an in-place update of a mapped
+checkpoint would copy its pages on first write). Drift: ``--drift-swaps`` swaps in ``restore="subtract"`` mode
+(float32) and ``"copy"`` mode (float32, bf16) with a lora-factors store of adapters on the first encoder layer of a
+``--drift-size`` model of the same family, max |θ − θ₀| after them.
 
     python benchmarks/serve.py                                  # 1 GB fp32 model, T = 4, 3 repeats
     python benchmarks/serve.py --size 100MB --T 4 --repeats 2 --name serve-small
@@ -96,15 +100,18 @@ def peak_extra() -> Iterator[dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def write_adapters(root: Path, pre_dir: Path, config: dict[str, Any], T: int, rank: int) -> dict[str, Path]:
-    """T PEFT LoRA adapters (rank ``rank`` on every linear layer) of the family's pretrained model."""
+def write_adapters(root: Path, pre_dir: Path, config: dict[str, Any], T: int, rank: int,
+                   layers: int | None = None) -> dict[str, Path]:
+    """T PEFT LoRA adapters (rank ``rank`` on every linear layer of the first ``layers`` encoder layers, default
+    all) of the family's pretrained model."""
     from safetensors.torch import save_file
 
     h, L = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    L = min(L, layers or L)
     shapes = {"attention.output.dense": (h, h), "intermediate.dense": (4 * h, h), "output.dense": (h, 4 * h)}
     out = {}
     for t in range(T):
-        d = root / f"lora-r{rank}-{t:02d}"
+        d = root / f"lora-r{rank}-{t:02d}" if layers is None else root / f"lora-r{rank}-L{L}-{t:02d}"
         out[f"task{t:02d}"] = d
         if (d / "adapter_model.safetensors").is_file():
             continue
@@ -124,7 +131,11 @@ def write_adapters(root: Path, pre_dir: Path, config: dict[str, Any], T: int, ra
     return out
 
 
-def build_stores(fam: Any, root: Path, rank: int) -> dict[str, tuple[BasisStore, float]]:
+STORE_KINDS = ("dense", "residual", "lora")
+
+
+def build_stores(fam: Any, root: Path, rank: int, kinds: tuple[str, ...] = STORE_KINDS
+                 ) -> dict[str, tuple[BasisStore, float]]:
     from tvbasis.eval.frontier import BASES_PLAN, PLANS
 
     run = RunOptions(progress=False)
@@ -139,6 +150,8 @@ def build_stores(fam: Any, root: Path, rank: int) -> dict[str, tuple[BasisStore,
     }
     stores = {}
     for i, (label, make) in enumerate(specs.items()):
+        if STORE_KINDS[i] not in kinds:
+            continue
         out = root / f"serve-store-{i}-T{T}"
         t0 = time.perf_counter()
         if (out / "tvbasis.json").is_file():
@@ -163,7 +176,26 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def bench_from_pretrained(fam: Any, tasks: list[str], repeats: int, cold: bool) -> dict[str, Any]:
+def read_weights(m: torch.nn.Module) -> float:
+    """Read every weight once (a sum per tensor): from_pretrained memory-maps safetensors files, so the weights
+    are only paged in when first used — this is that first use."""
+    with torch.no_grad():
+        return float(sum(float(t.sum()) for t in m.state_dict().values() if t.is_floating_point()))
+
+
+def in_memory(m: torch.nn.Module) -> torch.nn.Module:
+    """The model's tensors copied into private memory (no longer backed by the memory-mapped checkpoint, whose
+    pages an in-place update would copy on first write)."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.data = p.data.clone()
+        for b in m.buffers():
+            b.data = b.data.clone()
+    return m
+
+
+def bench_from_pretrained(fam: Any, tasks: list[str], repeats: int, cold: bool,
+                          touch: bool = False) -> dict[str, Any]:
     secs, extra = [], []
     for t in tasks:
         d = fam.finetuned[t]
@@ -176,6 +208,8 @@ def bench_from_pretrained(fam: Any, tasks: list[str], repeats: int, cold: bool) 
                 drop_caches()
             with peak_extra() as r:
                 m = load(d)
+                if touch:
+                    read_weights(m)
             del m
             secs.append(r["seconds"])
             extra.append(r["extra"])
@@ -188,6 +222,7 @@ def bench_get(store: BasisStore, fam: Any, task: str, tmp: Path) -> dict[str, An
     with peak_extra() as r:
         store.reconstruct(task).apply_to(fam.pretrained, 1.0, out=out, run=RunOptions(progress=False))
         m = load(out)
+        read_weights(m)
     del m
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": r["seconds"], "peak_extra_bytes": r["extra"]}
@@ -214,9 +249,11 @@ def bench_apply(store: BasisStore, model: torch.nn.Module, theta0: dict[str, tor
 
 
 def drift(fam_small: Any, rank: int, root: Path, swaps: int) -> dict[str, Any]:
-    """Max |θ − θ₀| after ``swaps`` swaps: float32 with restore="subtract", bf16 with restore="copy"."""
-    ads = write_adapters(root, fam_small.pretrained, fam_small.config, 2, rank)
-    out = root / f"serve-drift-store-r{rank}"
+    """Max |θ − θ₀| after ``swaps`` swaps: float32 with restore="subtract", bf16 with restore="copy". The adapters
+    cover the six linear layers of the first encoder layer: the drift is per element, so the number of swaps is
+    what matters, and 1,000 swaps of a whole model would take hours on this machine."""
+    ads = write_adapters(root, fam_small.pretrained, fam_small.config, 2, rank, layers=1)
+    out = root / f"serve-drift-store-r{rank}-L1"
     store = BasisStore.open(out) if (out / "tvbasis.json").is_file() else \
         build_lora_store(fam_small.pretrained, ads, out, method="factors", run=RunOptions(progress=False))
     res: dict[str, Any] = {"swaps": swaps, "model_bytes": fam_small.model_bytes}
@@ -252,17 +289,23 @@ def main() -> None:
     p.add_argument("--drift-size", default="100MB")
     p.add_argument("--drift-swaps", type=int, default=1000)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--stores", default=",".join(STORE_KINDS),
+                   help=f"which stores to time, comma-separated from {','.join(STORE_KINDS)} (default all)")
     p.add_argument("--name", default="serve")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every step (default 1: on an "
                    "oversubscribed machine two OpenMP threads made small products 100x slower)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load0 = os.getloadavg()[0]
     fam = make_family(args.work, args.size, "float32", T=args.T)
     root = fam.root
     tasks = list(fam.finetuned)[: args.tasks]
-    stores = build_stores(fam, root, args.rank)
-    model = load(fam.pretrained)
+    kinds = tuple(k.strip() for k in args.stores.split(","))
+    if not kinds or any(k not in STORE_KINDS for k in kinds):
+        p.error(f"--stores: choose from {','.join(STORE_KINDS)}")
+    stores = build_stores(fam, root, args.rank, kinds)
+    model = in_memory(load(fam.pretrained))
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in theta0.values())
     largest = max(v.numel() * 4 for v in theta0.values() if v.is_floating_point())
@@ -270,11 +313,14 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     warm = bench_from_pretrained(fam, tasks, args.repeats, cold=False)
-    rows.append({"how": "(a) from_pretrained(ft), warm cache", **warm})
+    rows.append({"how": "(a) from_pretrained(ft), warm cache (weights memory-mapped, not yet read)", **warm})
     log(f"(a) warm {warm['seconds']:.2f} s")
+    warm = bench_from_pretrained(fam, tasks, args.repeats, cold=False, touch=True)
+    rows.append({"how": "(a) from_pretrained(ft), warm cache, then every weight read once", **warm})
+    log(f"(a) warm + read {warm['seconds']:.2f} s")
     if drop_caches():
-        cold = bench_from_pretrained(fam, tasks, 1, cold=True)
-        rows.append({"how": "(a) from_pretrained(ft), cold cache", **cold})
+        cold = bench_from_pretrained(fam, tasks, 1, cold=True, touch=True)
+        rows.append({"how": "(a) from_pretrained(ft), cold cache, then every weight read once", **cold})
         log(f"(a) cold {cold['seconds']:.2f} s")
     else:
         log("(a) cold: cannot drop the page cache here (not root); not measured")
@@ -290,8 +336,10 @@ def main() -> None:
         log(f"(c) {label}: {a['seconds']:.3f} s (swap round trip {a['swap_round_trip_seconds']:.3f} s)")
     del model, theta0
     gc.collect()
-    small = make_family(args.work, args.drift_size, "float32", T=2)
-    dr = drift(small, args.rank, small.root, args.drift_swaps)
+    dr: dict[str, Any] = {"swaps": 0, "model_bytes": 0}
+    if args.drift_swaps > 0:
+        small = make_family(args.work, args.drift_size, "float32", T=2)
+        dr = drift(small, args.rank, small.root, args.drift_swaps)
 
     base = warm["seconds"]
     table_rows = []
@@ -301,20 +349,21 @@ def main() -> None:
                            mb(extra), f"{extra / model_bytes:.2f}",
                            f"{r['swap_round_trip_seconds']:.3f}" if "swap_round_trip_seconds" in r else "",
                            mb(r["store_bytes"]) if "store_bytes" in r else ""])
-    table = markdown_table(["switch to task t by", "seconds (median)", "speed-up vs (a) warm",
+    table = markdown_table(["switch to task t by", "seconds (median)", "speed-up vs (a) warm + read",
                             "peak extra private memory", "÷ model bytes", "swapped round trip (s)", "store on disk"],
                            table_rows)
     drift_rows = [[k, v["max_abs"], f"{v['rel']:.2e}", v["bit_exact"], f"{v['seconds_per_swap'] * 1e3:.1f}"]
                   for k, v in dr.items() if isinstance(v, dict)]
     table += (f"\n\nModel: synthetic BERT-like, {gb(model_bytes)} float32 ({len(fam.finetuned)} fine-tunes; largest "
               f"tensor {mb(largest)} in float32); tasks timed {tasks}, {args.repeats} repeats each; load average at "
-              f"start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch on {args.threads} thread(s).\n\n"
-              f"Drift after {args.drift_swaps} swaps (lora-factors store, {gb(dr['model_bytes'])} model):\n\n"
-              + markdown_table(["dtype-restore", "max |θ − θ₀|", "‖θ − θ₀‖/‖θ₀‖", "bit-exact", "ms per swap"],
-                               drift_rows))
+              f"start {load0:.1f}, at the end {os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs, torch on {args.threads} thread(s).\n\n"
+              + (f"Drift after {args.drift_swaps} swaps (lora-factors store, {gb(dr['model_bytes'])} model):\n\n"
+                 + markdown_table(["dtype-restore", "max |θ − θ₀|", "‖θ − θ₀‖/‖θ₀‖", "bit-exact", "ms per swap"],
+                                  drift_rows) if drift_rows else "(drift not measured in this run)"))
     save_results(args.name, {"model_bytes": model_bytes, "largest_tensor_f32_bytes": largest, "tasks": tasks,
                              "repeats": args.repeats, "rows": rows, "drift": dr, "size": args.size, "T": args.T,
-                             "rank": args.rank}, table)
+                             "rank": args.rank, "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
+                             "threads": args.threads}, table)
 
 
 if __name__ == "__main__":
