@@ -156,6 +156,14 @@ CONFIGS: dict[str, tuple[str, str]] = {  # name -> (kind: exact | random, YAML)
         parameters: {normalize: true}
         dtype: float32
         """),
+    "arcee_fusion (examples/arcee_fusion.yml, float32)": ("exact", """\
+        models:
+          - model: ft_a
+          - model: ft_b
+        merge_method: arcee_fusion
+        base_model: ft_a
+        dtype: float32
+        """),
     "dare_ties": ("random", """\
         models:
           - model: ft_a

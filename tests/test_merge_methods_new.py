@@ -363,3 +363,16 @@ def test_ties_rounding_floor_keeps_mergekits_count() -> None:
         with tempfile.TemporaryDirectory() as d:
             pre_p, fts, _, _ = make_family(Path(d), T=2)
             merge_task_vectors(pre_p, fts, MergeSpec("ties", {"rounding": "floor", "trim_scope": "global"}))
+
+
+def test_arcee_fusion_keeps_the_outlying_importances() -> None:
+    # one row of 9: importance = |τ|·KL(row), so the kept entries are those with |τ| ≥ median + 1.5·IQR of |τ|
+    base = torch.zeros(1, 9)
+    tau = torch.tensor([[0.1, -0.2, 0.15, 3.0, 0.05, -0.12, 0.18, -2.5, 0.11]])
+    got = run("arcee_fusion", tau.unsqueeze(0), ctx=MergeContext(name="w", base=base))
+    s = np.sort(np.abs(tau.numpy().ravel()))
+    th = s[4] + 1.5 * (s[6] - s[2])  # ⌊q·8⌋ = 4, 6, 2
+    np.testing.assert_allclose(got, np.where(np.abs(tau.numpy()) >= th, tau.numpy(), 0.0), atol=1e-7)
+    np.testing.assert_allclose(got, [[0, 0, 0, 3.0, 0, 0, 0, -2.5, 0]], atol=1e-7)
+    with pytest.raises(ConfigError, match="ONE fine-tune"):
+        run("arcee_fusion", rand(2, 4), ctx=MergeContext(name="w", base=torch.zeros(4)))

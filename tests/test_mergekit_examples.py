@@ -337,6 +337,35 @@ def test_new_methods_from_configs(zoo):
     assert np.isfinite(kept).all() and not np.allclose(kept, ((a[k] + b[k]) / 2 - base[k]).numpy())
 
 
+def test_arcee_fusion_example(zoo):
+    rc, out = merge_config("""\
+        models:
+          - model: model_a
+          - model: model_b
+        merge_method: arcee_fusion
+        base_model: model_a
+        dtype: bfloat16
+        """)
+    assert rc == 0
+    a, b = zoo["model_a"], zoo["model_b"]
+    kept_some = dropped_some = False
+    for k in SHAPES:
+        base, tau = a[k].numpy(), (b[k] - a[k]).numpy()
+
+        def softmax(v: np.ndarray) -> np.ndarray:
+            e = np.exp(v - v.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+        p, q = softmax(base + tau) + 1e-8, softmax(base) + 1e-8
+        importance = np.abs(tau) * (p * np.log(p / q)).sum(-1, keepdims=True)
+        srt = np.sort(importance.ravel())
+        q1, med, q3 = (srt[int(qq * (srt.size - 1))] for qq in (0.25, 0.5, 0.75))  # mergekit's: no interpolation
+        keep = importance >= med + 1.5 * (q3 - q1)
+        kept_some |= bool(keep.any())
+        dropped_some |= bool((~keep).any())
+        near(out[k], base + np.where(keep, tau, 0.0), 2e-2)  # bfloat16 output
+    assert kept_some and dropped_some
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(("text", "fragment"), [
     ("""\
@@ -350,14 +379,6 @@ def test_new_methods_from_configs(zoo):
         merge_method: passthrough
         dtype: float16
         """, "merge_method: mergekit's method 'passthrough' is not supported (it copies or stacks layers"),
-    ("""\
-        models:
-          - model: model_a
-          - model: model_b
-        merge_method: arcee_fusion
-        base_model: model_a
-        dtype: bfloat16
-        """, "merge_method: mergekit's method 'arcee_fusion' is not supported"),
 ])
 def test_refused_examples(zoo, capsys, text, fragment):
     rc, _ = merge_config(text)

@@ -84,13 +84,12 @@ _GTA_METHODS: dict[str, tuple[str, bool, bool]] = {
     "della": ("della", True, True),
     "della_linear": ("della_linear", False, True),
 }
-SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "model_stock")
+SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "model_stock", "arcee_fusion")
 #: mergekit's other methods, refused with a message naming them as mergekit's
-_MERGEKIT_ONLY = ("multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl")
+_MERGEKIT_ONLY = ("multislerp", "karcher", "sce", "nearswap", "passthrough", "ram", "ramplus_tl")
 #: why a mergekit method is refused (appended to the message)
 _UNSUPPORTED_WHY = {
     "passthrough": " (it copies or stacks layers, e.g. frankenmerges: the output is not θ₀ + a task vector)",
-    "arcee_fusion": " (its dynamic importance threshold is not implemented here)",
     "multislerp": " (multi-model spherical interpolation is not implemented here)",
     "karcher": " (the Karcher mean is not implemented here)",
     "sce": " (SCE's variance-based selection is not implemented here)",
@@ -113,12 +112,13 @@ _GLOBAL_PARAMS: dict[str, dict[str, str]] = {
     "slerp": {"t": "number"},
     "nuslerp": {"nuslerp_flatten": "bool", "nuslerp_row_wise": "bool"},
     "model_stock": {"filter_wise": "bool"},
+    "arcee_fusion": {},
 }
 #: per-model parameters (mergekit's ``tensor_parameters()``), also accepted as defaults under ``parameters``
 #: (breadcrumbs add ``gamma``, della ``epsilon``: ``_params_of``)
 _MODEL_PARAMS: dict[str, dict[str, str]] = {
     "linear": {"weight": "number"}, "gta": {"weight": "number", "density": "number"}, "slerp": {},
-    "nuslerp": {"weight": "number"}, "model_stock": {},
+    "nuslerp": {"weight": "number"}, "model_stock": {}, "arcee_fusion": {},
 }
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -398,7 +398,7 @@ class _Parser:
         base: Path | None = None
         if base_ref is not None:
             base = self.local(self.model_ref(base_ref, "base_model"), "base_model")
-        elif family in ("gta", "slerp", "model_stock"):
+        elif family in ("gta", "slerp", "model_stock", "arcee_fusion"):
             raise self.err("base_model", f"missing; mergekit's {method!r} needs a base model")
 
         entries: list[tuple[str, str, Path, dict[str, Setting]]] = []
@@ -463,8 +463,8 @@ class _Parser:
             return entries[0][2], [0, 1], None  # interpolates whole weights: models[0] only serves as θ₀
         assert base is not None
         tasks = [i for i in range(len(entries)) if i != base_idx]
-        if family == "slerp" and len(tasks) != 1:
-            raise self.err("models", f"slerp interpolates the base model and ONE other model, got {len(tasks)} "
+        if family in ("slerp", "arcee_fusion") and len(tasks) != 1:
+            raise self.err("models", f"{method} combines the base model and ONE other model, got {len(tasks)} "
                                      f"other(s)")
         if family == "model_stock" and len(tasks) < 2:
             raise self.err("models", f"model_stock needs at least two models besides the base, got {len(tasks)}")
@@ -488,6 +488,8 @@ class _Parser:
             resolver = _SlerpResolve(len(tasks))
         elif family == "nuslerp":
             resolver = _NuSlerpResolve(wheres, tuple(tasks), on_weights=base == entries[0][2])
+        elif family == "arcee_fusion":
+            resolver = _ArceeFusionResolve()
         else:
             resolver = _ModelStockResolve(len(tasks))
         plan = TensorPlan(self.source, gparams, tuple(e[3] for e in entries), resolver, layer_range)
@@ -704,3 +706,11 @@ class _ModelStockResolve:
     def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
         return TensorMerge(MergeSpec("model_stock", {"filter_wise": bool(g.get("filter_wise", False))}),
                            (1.0,) * self.count)
+
+
+@dataclass(frozen=True)
+class _ArceeFusionResolve:
+    """arcee_fusion: the base model and one other; no parameters."""
+
+    def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
+        return TensorMerge(MergeSpec("arcee_fusion"), (1.0,))

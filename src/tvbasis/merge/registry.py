@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tvbasis.errors import ConfigError
+from tvbasis.merge.arcee_fusion import ArceeFusion
 from tvbasis.merge.awd import AWD
 from tvbasis.merge.base import BaseMerger, MergeSpec
 from tvbasis.merge.consensus import Consensus
@@ -21,7 +22,7 @@ MERGE_METHODS: dict[str, type[BaseMerger]] = {
                               TSVMerge, IsoC, IsoCTS)
 } | {
     cls.name: cls for cls in (Slerp, NuSlerp, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
-                              ModelStock)  # issue 25: mergekit's methods
+                              ModelStock, ArceeFusion)  # issue 25: mergekit's methods
 } | {
     cls.name: cls for cls in (AWD, FedNova, FedGMA, Median, CClip)  # issue 29: AWD, one-shot FL rules
 }
