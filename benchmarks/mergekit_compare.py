@@ -164,6 +164,16 @@ CONFIGS: dict[str, tuple[str, str]] = {  # name -> (kind: exact | random, YAML)
         base_model: ft_a
         dtype: float32
         """),
+    "sce": ("exact", """\
+        models:
+          - model: ft_a
+          - model: ft_b
+          - model: ft_c
+        merge_method: sce
+        base_model: base
+        parameters: {select_topk: 0.4}
+        dtype: float32
+        """),
     "dare_ties": ("random", """\
         models:
           - model: ft_a

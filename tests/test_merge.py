@@ -351,7 +351,8 @@ def test_registry_and_parsing():
     assert set(available_methods()) == set(MERGE_METHODS) == {
         "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus",
         "tsv_merge", "iso_c", "iso_cts"} | {"awd", "fednova", "fedgma", "median", "cclip"} | {
-        "slerp", "nuslerp", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "arcee_fusion"}
+        "slerp", "nuslerp", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "arcee_fusion",
+        "sce"}
     m = get_merger(MergeSpec("ties", {"density": 1}))
     assert m.density == 1.0 and not m.needs_global_thresholds and not m.needs_fisher
     assert get_merger(MergeSpec("task_arithmetic")).density is None

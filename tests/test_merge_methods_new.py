@@ -376,3 +376,27 @@ def test_arcee_fusion_keeps_the_outlying_importances() -> None:
     np.testing.assert_allclose(got, [[0, 0, 0, 3.0, 0, 0, 0, -2.5, 0]], atol=1e-7)
     with pytest.raises(ConfigError, match="ONE fine-tune"):
         run("arcee_fusion", rand(2, 4), ctx=MergeContext(name="w", base=torch.zeros(4)))
+
+
+def ref_sce(X: np.ndarray, select: float) -> np.ndarray:
+    T = X.shape[0]
+    tv = X.copy()
+    if select < 1:
+        var = tv.var(0).ravel()
+        k = int(np.count_nonzero(var) * select)
+        keep = np.zeros(var.size, dtype=bool)
+        keep[np.argsort(-np.abs(var), kind="stable")[:k]] = True
+        tv = tv * keep.reshape(X.shape[1:])
+    ms = (tv.reshape(T, -1) ** 2).mean(1)
+    w = ms / ms.sum()
+    sign = np.where(tv.sum(0) >= 0, 1.0, -1.0)
+    ew = w.reshape(T, *[1] * (X.ndim - 1)) * (np.sign(tv) == sign)
+    return (tv * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)
+
+
+@pytest.mark.parametrize("select", [1.0, 0.3])
+def test_sce_matches_reference(select: float) -> None:
+    x = rand(3, 7, 5, seed=40) * torch.tensor([1.0, 2.0, 0.5]).view(3, 1, 1)
+    np.testing.assert_allclose(run("sce", x, select_topk=select), ref_sce(x.double().numpy(), select), atol=1e-5)
+    with pytest.raises(ConfigError, match="select_topk must be in"):
+        get_merger(MergeSpec("sce", {"select_topk": 1.5}))

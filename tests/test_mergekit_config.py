@@ -275,6 +275,18 @@ def test_parse_mapping_and_check_paths_off(tmp_path: Path, monkeypatch: pytest.M
                               "inline")
 
 
+def test_sce_and_arcee_fusion_mappings(cwd: Path) -> None:
+    cfg = load(cwd, """\
+        merge_method: sce
+        base_model: base
+        models: [{model: ft/a}, {model: ft/b}, {model: ft/c}]
+        parameters: {select_topk: 0.4, int8_mask: true}
+        """)
+    assert cfg.spec == MergeSpec("sce", {"select_topk": 0.4}) and cfg.weights == {"a": 1.0, "b": 1.0, "c": 1.0}
+    cfg = load(cwd, "merge_method: arcee_fusion\nbase_model: ft/a\nmodels: [{model: ft/a}, {model: ft/b}]\n")
+    assert cfg.spec == MergeSpec("arcee_fusion") and cfg.models == {"b": cwd / "ft/b"} and cfg.plan is None
+
+
 def test_per_model_densities_give_a_plan(cwd: Path) -> None:
     # the final merge of mergekit's docs/multimerge.md: one density per model
     cfg = load(cwd, """\
@@ -390,7 +402,9 @@ TA = textwrap.dedent("""\
     ("merge_method: arcee_fusion\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\n", "models",
      "ONE other model, got 2"),
     (TA.replace("merge_method: ties", "merge_method: passthrough"), "merge_method", "stacks layers"),
-    (TA.replace("merge_method: ties", "merge_method: sce"), "merge_method", "not supported"),
+    (TA.replace("merge_method: ties", "merge_method: nearswap"), "merge_method", "not supported"),
+    (TA.replace("merge_method: ties", "merge_method: sce"), "models[0].parameters.weight",
+     "not a parameter of mergekit's 'sce'"),
     ("merge_method: slerp\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\nparameters: {t: 0.5}\n",
      "models", "ONE other model, got 2"),
     (TA.replace("merge_method: ties", "merge_method: slerp").replace("  - model: ft/b\n    parameters: "

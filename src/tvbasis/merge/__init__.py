@@ -16,6 +16,8 @@ defaults):
 - slerp (t=0.5), nuslerp (nuslerp_flatten=True, nuslerp_row_wise=False, on_weights=False): mergekit's spherical
   interpolations (slerp of θ₀ and θ₀ + τ, or of two fine-tunes: needs ``ctx.base``); whole tensors.
 - model_stock (filter_wise=False): Model Stock's t·mean(τ) from the mean pairwise cosine; whole tensors.
+- sce (select_topk=1.0): SCE's select (cross-task variance), calculate (mean-square task weights), erase (minority
+  signs); whole tensors.
 - arcee_fusion: mergekit's Arcee Fusion of one fine-tune (τ kept where |τ|·KL ≥ median + 1.5·IQR); needs
   ``ctx.base``; whole tensors.
 - della, della_linear (density=0.5, epsilon=0.15, seed=0, rescale=l1|inverse|none, normalize) and breadcrumbs,

@@ -84,15 +84,15 @@ _GTA_METHODS: dict[str, tuple[str, bool, bool]] = {
     "della": ("della", True, True),
     "della_linear": ("della_linear", False, True),
 }
-SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "model_stock", "arcee_fusion")
+SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "model_stock", "arcee_fusion",
+                                      "sce")
 #: mergekit's other methods, refused with a message naming them as mergekit's
-_MERGEKIT_ONLY = ("multislerp", "karcher", "sce", "nearswap", "passthrough", "ram", "ramplus_tl")
+_MERGEKIT_ONLY = ("multislerp", "karcher", "nearswap", "passthrough", "ram", "ramplus_tl")
 #: why a mergekit method is refused (appended to the message)
 _UNSUPPORTED_WHY = {
     "passthrough": " (it copies or stacks layers, e.g. frankenmerges: the output is not θ₀ + a task vector)",
     "multislerp": " (multi-model spherical interpolation is not implemented here)",
     "karcher": " (the Karcher mean is not implemented here)",
-    "sce": " (SCE's variance-based selection is not implemented here)",
     "nearswap": " (not implemented here)",
     "ram": " (not implemented here)",
     "ramplus_tl": " (not implemented here)",
@@ -113,12 +113,13 @@ _GLOBAL_PARAMS: dict[str, dict[str, str]] = {
     "nuslerp": {"nuslerp_flatten": "bool", "nuslerp_row_wise": "bool"},
     "model_stock": {"filter_wise": "bool"},
     "arcee_fusion": {},
+    "sce": {"select_topk": "number", "int8_mask": "bool"},
 }
 #: per-model parameters (mergekit's ``tensor_parameters()``), also accepted as defaults under ``parameters``
 #: (breadcrumbs add ``gamma``, della ``epsilon``: ``_params_of``)
 _MODEL_PARAMS: dict[str, dict[str, str]] = {
     "linear": {"weight": "number"}, "gta": {"weight": "number", "density": "number"}, "slerp": {},
-    "nuslerp": {"weight": "number"}, "model_stock": {}, "arcee_fusion": {},
+    "nuslerp": {"weight": "number"}, "model_stock": {}, "arcee_fusion": {}, "sce": {},
 }
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -398,7 +399,7 @@ class _Parser:
         base: Path | None = None
         if base_ref is not None:
             base = self.local(self.model_ref(base_ref, "base_model"), "base_model")
-        elif family in ("gta", "slerp", "model_stock", "arcee_fusion"):
+        elif family in ("gta", "slerp", "model_stock", "arcee_fusion", "sce"):
             raise self.err("base_model", f"missing; mergekit's {method!r} needs a base model")
 
         entries: list[tuple[str, str, Path, dict[str, Setting]]] = []
@@ -490,6 +491,8 @@ class _Parser:
             resolver = _NuSlerpResolve(wheres, tuple(tasks), on_weights=base == entries[0][2])
         elif family == "arcee_fusion":
             resolver = _ArceeFusionResolve()
+        elif family == "sce":
+            resolver = _SCEResolve(len(tasks))
         else:
             resolver = _ModelStockResolve(len(tasks))
         plan = TensorPlan(self.source, gparams, tuple(e[3] for e in entries), resolver, layer_range)
@@ -714,3 +717,13 @@ class _ArceeFusionResolve:
 
     def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
         return TensorMerge(MergeSpec("arcee_fusion"), (1.0,))
+
+
+@dataclass(frozen=True)
+class _SCEResolve:
+    """sce: ``select_topk`` merge-wide (``int8_mask`` has no numerical effect); no weights."""
+
+    count: int
+
+    def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
+        return TensorMerge(MergeSpec("sce", {"select_topk": float(g.get("select_topk", 1.0))}), (1.0,) * self.count)
