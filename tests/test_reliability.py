@@ -158,6 +158,8 @@ def test_upgrade_refuses_implausible_version_1_data(fam3, tmp_path):
     with pytest.raises(StoreError, match="cannot be upgraded"):
         upgrade_store(root)
     assert snapshot(root) == before
+    problems = BasisStore.open(root).verify()  # a version-1 store: no digests, but the decoded checks still run
+    assert len(problems) == 2 and "no digests" in problems[0] and "basis 0" in problems[1]
 
 
 # ------------------------------------------------------------------------------------------ coded data checked

@@ -218,16 +218,17 @@ class BasisStore:
         (``store/decoded.py``); the problems found, one line each (empty: intact). A version-1 store has no digests
         to check (reported as a problem: ``tvbasis upgrade`` adds them)."""
         problems: list[str] = []
-        if self.manifest.digests is None:
-            problems.append(f"{self.root}: store format version {self.manifest.format_version} records no digests "
-                            "of its data, so corruption cannot be detected; run `tvbasis upgrade STORE`")
         for f in self.manifest.files.dense():
             problems.extend(self.data.verify_file(f))
         if self.coded is not None:
             for f in self.manifest.files.coded:
                 problems.extend(self.coded.verify_file(f))
-        if not problems:
+        if not problems:  # the bytes are those recorded (or, version 1, finite): are they what the manifest says?
             problems.extend(plausibility_problems(self.root, self.manifest, self.data, self.coded))
+        if self.manifest.digests is None:
+            problems.insert(0, f"{self.root}: store format version {self.manifest.format_version} records no "
+                            "digests of its data, so corruption is only detected by the checks of its decoded "
+                            "values against the manifest; run `tvbasis upgrade STORE`")
         return problems
 
     # -- arithmetic --------------------------------------------------------------------------------------
