@@ -164,6 +164,12 @@ def test_swapped_subtract_float32_and_rollback_on_corruption(fam, tmp_path):
         with broken.swapped(model, "task1"):
             pass
     assert all(torch.equal(state(model)[k], after[k]) for k in after)
+    # a bare apply_into of a combination: the tensor that failed midway (task0's term added, task1's corrupt) and
+    # the ones before it are rolled back by subtraction, within float32 rounding
+    with pytest.raises(StoreError, match="restored by subtraction"):
+        broken.apply_into(model, {"task0": 1.0, "task1": 1.0})
+    for k, v in state(model).items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=1e-6)
 
 
 def test_load_task(fam, tmp_path):

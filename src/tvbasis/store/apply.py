@@ -2,23 +2,24 @@
 
 ``apply_into(store, model, {"a": 1.0, "b": -0.5}, scale=λ)`` adds λ·Σ_t α_t ṽ_t into the parameters of a loaded
 ``torch.nn.Module`` in place, tensor by tensor, without writing anything and without materialising the task
-vector: per tensor, one float32 accumulator (the tensor's shape) receives
+vector: per tensor, in additive steps of which at most one decoded tensor is alive,
 
-* the bases part S·(W·α) (+ μ·Σ mean_coef·α), read in row chunks of at most one tensor's elements in all (so the
-  M bases of a tensor are never all in memory at once) — dense, coded or seed-regenerated bases alike;
-* the per-task terms: a low-rank entry (``lowrank`` codec residuals, lora-factors entries, lora-joint cores) as
-  one ``addmm`` of its factors — ΔW is never decoded on its own; any other coded entry decoded and added; a TALL
-  store's s_0 ∘ Σ_t α_t m_t;
+* the bases part S·(W·α) (+ μ·Σ mean_coef·α): dense or seed-regenerated bases read in row chunks of at most
+  ``ROWS_CHUNK_ELEMENTS`` in all (the M bases of a tensor are never all in memory at once), coded bases entry by
+  entry;
+* the per-task terms: a low-rank entry (``lowrank`` codec residuals, lora-factors entries, lora-joint cores, and
+  coded bases that are low-rank) as one ``addmm`` of its factors — ΔW is never decoded on its own; any other coded
+  entry decoded and added; a TALL store's s_0 ∘ Σ_t α_t m_t.
 
-then the parameter becomes θ + acc (float32 parameters in place; 16-bit ones as (θ.float() + acc).to(dtype), the
-rounding ``TaskVector.apply_to`` does). Peak memory: the model plus that one accumulator (plus, for a 16-bit
-parameter, its float32 copy while it is updated).
+A float32 parameter receives the steps in place (no accumulator); a 16-bit one through one float32 accumulator,
+then (θ.float() + acc).to(dtype), the rounding ``TaskVector.apply_to`` does. Peak memory: the model plus one
+decoded tensor (float32); for a 16-bit parameter plus its float32 accumulator and copy while it is updated.
 
 Store tensors are matched to the model's ``state_dict`` names as the readers match checkpoint keys: the same
 name, else the one name that ends with it or that it ends with (a checkpoint saved with or without a task head's
-prefix such as ``bert.``); shapes must agree. Everything is checked before the first parameter changes; an error
-while decoding (a corrupt chunk) rolls back the tensors already changed — exactly, from copies, inside
-``swapped``; by subtraction (float32 rounding) in a bare ``apply_into``.
+prefix such as ``bert.``); shapes must agree, all checked before the first parameter changes. An error while
+decoding (a corrupt chunk) rolls back what was already changed — exactly, from copies, inside ``swapped``; by
+subtracting the completed steps again (float32 rounding) in a bare ``apply_into``.
 
 ``swapped(store, model, "a")`` applies on entry and restores θ₀ on exit. ``restore="copy"`` (default) keeps a
 copy of every touched tensor and copies it back: exact, bit for bit, for every dtype, at the cost of one copy of
@@ -105,36 +106,56 @@ def _plan(store: BasisStore, alpha: Mapping[str, float]) -> tuple[dict[str, np.n
     return coefs, means, per_task
 
 
+class Steps:
+    """Counts the additive steps ``accumulate`` completed; with ``limit``, only the first ``limit`` are run (how a
+    tensor that failed midway is rolled back: the steps it completed, again, with the opposite sign)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.done, self.limit = 0, limit
+
+    def go(self) -> bool:
+        return self.limit is None or self.done < self.limit
+
+
 def accumulate(store: BasisStore, name: str, acc: torch.Tensor, coefs: Mapping[str, np.ndarray],
-               means: Mapping[str, float], per_task: Mapping[str, float], scale: float) -> None:
-    """``acc`` (float32, tensor ``name``'s shape, any device) += scale·Σ_t α_t ṽ_t of that tensor; see the module
-    docstring for what is read and decoded."""
+               means: Mapping[str, float], per_task: Mapping[str, float], scale: float,
+               steps: Steps | None = None) -> None:
+    """``acc`` (float32, tensor ``name``'s shape, any device) += scale·Σ_t α_t ṽ_t of that tensor, in additive
+    steps (a coded entry, a row chunk of the dense bases, a TALL mask sum) of which at most one decoded tensor is
+    alive; see the module docstring for what is read and decoded."""
+    st = steps or Steps()
     spec = store.specs[name]
     g = store.group_of.get(name, ALL)
     c = np.asarray(coefs[g], dtype=np.float64) * scale
     dev = acc.device
     if store.masks:
         assert store.coded is not None
-        S0 = store.bases_rows(name)[0].to(dev)
-        weight = torch.zeros_like(acc)
-        for t, a in per_task.items():
-            m = store.task_rows(t, name)
-            assert m is not None
-            weight.add_(m.to(dev), alpha=a)
-        acc.addcmul_(S0, weight, value=scale)
-        del weight
-        per_task = {}
-    elif store.M > 0 and (np.any(c != 0) or means[g] != 0.0):
+        if st.go():
+            S0 = store.bases_rows(name)[0].to(dev)
+            weight = torch.zeros_like(acc)
+            for t, a in per_task.items():
+                m = store.task_rows(t, name)
+                assert m is not None
+                weight.add_(m.to(dev), alpha=a)
+            acc.addcmul_(S0, weight, value=scale)
+            del weight, S0
+            st.done += 1
+        return
+    if store.M > 0 and (np.any(c != 0) or means[g] != 0.0):
         if store.manifest.bases_coded:
             assert store.coded is not None
             for m in range(store.M):
-                if c[m] != 0:
+                if c[m] != 0 and st.go():
                     _add_entry(store, entry_key("bases", name, m), acc, float(c[m]))
-            if means[g] != 0.0:
+                    st.done += 1
+            if means[g] != 0.0 and st.go():
                 _add_entry(store, entry_key("mean", name), acc, means[g] * scale)
+                st.done += 1
         else:
             ct = torch.as_tensor(c, dtype=torch.float32)
             for rows in _row_chunks(spec, store.M + 1):
+                if not st.go():
+                    break
                 S = store.bases_rows(name, rows)
                 part = torch.tensordot(ct, S, dims=1).to(dev)
                 if means[g] != 0.0:
@@ -146,12 +167,11 @@ def accumulate(store: BasisStore, name: str, acc: torch.Tensor, coefs: Mapping[s
                 else:
                     acc[rows[0]:rows[1]].add_(part)
                 del S, part
-    if not per_task:
-        return
-    assert store.coded is not None
+                st.done += 1
     for t, a in per_task.items():
-        if a != 0.0:
+        if a != 0.0 and st.go():
             _add_entry(store, entry_key("residual", name, t), acc, a * scale)
+            st.done += 1
 
 
 def _add_entry(store: BasisStore, key: str, acc: torch.Tensor, alpha: float) -> None:
@@ -179,55 +199,24 @@ def _row_chunks(spec: TensorSpec, parts: int) -> Iterator[tuple[int, int] | None
         yield (a, min(spec.shape[0], a + step))
 
 
-def _factor_terms(store: BasisStore, name: str, coefs: Mapping[str, np.ndarray], means: Mapping[str, float],
-                  per_task: Mapping[str, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
-    """The (P, Q, coefficient) of every term of tensor ``name`` when all of them are low-rank products — per-task
-    entries, and coded bases and mean where the coefficients on them are not 0 — else None (dense or seeded bases,
-    TALL masks, a term stored densely)."""
-    spec = store.specs[name]
-    g = store.group_of.get(name, ALL)
-    if len(spec.shape) < 2 or store.masks or store.coded is None:
-        return None
-    c = np.asarray(coefs[g], dtype=np.float64)
-    terms: list[tuple[str, float]] = []
-    if store.M > 0 and (np.any(c != 0) or means[g] != 0.0):
-        if not store.manifest.bases_coded:
-            return None
-        terms += [(entry_key("bases", name, m), float(c[m])) for m in range(store.M) if c[m] != 0]
-        if means[g] != 0.0:
-            terms.append((entry_key("mean", name), means[g]))
-    terms += [(entry_key("residual", name, t), a) for t, a in per_task.items() if a != 0.0]
-    out = []
-    for key, a in terms:
-        if store.coded.codec_of(key) == NONE_CODEC:
-            continue
-        f = store.coded.factors(key)
-        if f is None:
-            return None
-        out.append((f[0], f[1], a))
-    return out
-
-
 def _add_into(store: BasisStore, name: str, target: torch.Tensor, coefs: Mapping[str, np.ndarray],
               means: Mapping[str, float], per_task: Mapping[str, float], scale: float) -> None:
-    """target ← target + scale·Σ α_t ṽ_t (one float32 accumulator; the parameter changes only once it is full).
-    A float32 tensor whose terms are all low-rank factors (no bases part) gets them by ``addmm`` straight into it,
-    every factor read (and digest-checked) before the tensor changes."""
-    direct = target.dtype == torch.float32 and target.is_contiguous()
-    factors = _factor_terms(store, name, coefs, means, per_task) if direct else None
-    if factors is not None:
-        with torch.no_grad():
-            view = target.view(target.shape[0], -1)
-            for P, Q, a in factors:
-                view.addmm_(P.to(target.device), Q.to(target.device), alpha=a * scale)
-        return
-    acc = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
-    accumulate(store, name, acc, coefs, means, per_task, scale)
+    """target ← target + scale·Σ α_t ṽ_t. A float32 tensor receives the steps of ``accumulate`` straight into it
+    (low-rank entries as ``addmm``, at most one decoded tensor alive; a step that fails is rolled back by
+    subtracting the completed ones); a 16-bit one through one float32 accumulator, then (θ.float() + acc).to(dtype)
+    in one step."""
     with torch.no_grad():
-        if target.dtype == torch.float32:
-            target.add_(acc)
-        else:
-            target.copy_(target.to(torch.float32).add_(acc))
+        if target.dtype == torch.float32 and target.is_contiguous():
+            steps = Steps()
+            try:
+                accumulate(store, name, target, coefs, means, per_task, scale, steps)
+            except BaseException:
+                accumulate(store, name, target, coefs, means, per_task, -scale, Steps(steps.done))
+                raise
+            return
+        acc = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+        accumulate(store, name, acc, coefs, means, per_task, scale)
+        target.copy_(target.to(torch.float32).add_(acc))
 
 
 # ------------------------------------------------------------------------------------------------- checks
