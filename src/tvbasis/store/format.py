@@ -91,7 +91,8 @@ class _Check:
         self.where = where
 
     def fail(self, path: str, what: str) -> StoreError:
-        return StoreError(f"{self.where}: field {path!r} {what}")
+        what = what if len(what) <= 400 else what[:400] + "…"  # an offending value is quoted, never printed whole
+        return StoreError(f"{self.where}: field {path[:300]!r} {what}")
 
     def obj(self, d: Any, path: str) -> dict[str, Any]:
         if not isinstance(d, dict):
