@@ -174,6 +174,35 @@ CONFIGS: dict[str, tuple[str, str]] = {  # name -> (kind: exact | random, YAML)
         parameters: {select_topk: 0.4}
         dtype: float32
         """),
+    "multislerp (base model)": ("exact", """\
+        models:
+          - model: ft_a
+            parameters: {weight: 1.0}
+          - model: ft_b
+            parameters: {weight: 2.0}
+          - model: ft_c
+            parameters: {weight: 0.5}
+        merge_method: multislerp
+        base_model: base
+        dtype: float32
+        """),
+    "multislerp (no base)": ("exact", """\
+        models:
+          - model: ft_a
+            parameters: {weight: 1.0}
+          - model: ft_b
+            parameters: {weight: 0.7}
+        merge_method: multislerp
+        dtype: float32
+        """),
+    "nearswap": ("exact", """\
+        models:
+          - model: ft_a
+        merge_method: nearswap
+        base_model: base
+        parameters: {t: 0.02}
+        dtype: float32
+        """),
     "dare_ties": ("random", """\
         models:
           - model: ft_a

@@ -99,7 +99,7 @@ def test_any_shape_and_dtype_gives_float32_of_the_slice_shape():
     x = torch.randn(3, 4, 5, 2).to(torch.bfloat16)
     for method in available_methods():
         ctx = MergeContext(name="t", fisher=torch.rand(3, 4, 5, 2), base=torch.rand(4, 5, 2))
-        out = merge(method, x[:2] if "slerp" in method else x[:1] if method == "arcee_fusion" else x, ctx=ctx)
+        out = merge(method, x[:2] if "slerp" in method else x[:1] if method in ("arcee_fusion", "nearswap") else x, ctx=ctx)
         assert out.shape == (4, 5, 2) and out.dtype == torch.float32, method
     scalar = merge("ties", torch.tensor([1.0, -2.0, 3.0]), density=1.0)
     assert scalar.shape == () and float(scalar) == 2.0  # + elected (mass 2): mean of 1 and 3
@@ -352,7 +352,7 @@ def test_registry_and_parsing():
         "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus",
         "tsv_merge", "iso_c", "iso_cts"} | {"awd", "fednova", "fedgma", "median", "cclip"} | {
         "slerp", "nuslerp", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "arcee_fusion",
-        "sce"}
+        "sce", "multislerp", "nearswap"}
     m = get_merger(MergeSpec("ties", {"density": 1}))
     assert m.density == 1.0 and not m.needs_global_thresholds and not m.needs_fisher
     assert get_merger(MergeSpec("task_arithmetic")).density is None

@@ -400,3 +400,38 @@ def test_sce_matches_reference(select: float) -> None:
     np.testing.assert_allclose(run("sce", x, select_topk=select), ref_sce(x.double().numpy(), select), atol=1e-5)
     with pytest.raises(ConfigError, match="select_topk must be in"):
         get_merger(MergeSpec("sce", {"select_topk": 1.5}))
+
+
+def ref_multislerp(V: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Barycentric interpolation on the sphere: tangent-space mean at the weighted mean direction, exp map back,
+    scaled by the weighted mean norm."""
+    w = w / w.sum()
+    norms = np.linalg.norm(V, axis=1)
+    U = V / norms[:, None]
+    m = (w[:, None] * U).sum(0)
+    m /= np.linalg.norm(m)
+    tang = U - (U @ m)[:, None] * m
+    g = (w[:, None] * tang).sum(0)
+    gn = np.linalg.norm(g)
+    return (m * np.cos(gn) + g * np.sin(gn) / gn) * (w * norms).sum()
+
+
+def test_multislerp_and_nearswap_match_references() -> None:
+    x = rand(3, 6, 4, seed=50)
+    w = np.array([1.0, 2.0, 0.5])
+    got = run("multislerp", x, list(w), MergeContext(name="w", base=torch.zeros(6, 4)))
+    np.testing.assert_allclose(got.ravel(), ref_multislerp(x.double().numpy().reshape(3, -1), w), atol=1e-5)
+    # two orthogonal unit vectors, equal weights: the midpoint of the arc, norm 1
+    two = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(run("multislerp", two, ctx=MergeContext(name="w", base=torch.zeros(2))),
+                               [2 ** -0.5, 2 ** -0.5], atol=1e-6)
+    base = rand(6, 4, seed=51)
+    on_w = run("multislerp", x, list(w), MergeContext(name="w", base=base), on_weights=True)
+    B = base.double().numpy().ravel()
+    np.testing.assert_allclose(on_w.ravel(), ref_multislerp(x.double().numpy().reshape(3, -1) + B, w) - B, atol=1e-5)
+    with pytest.raises(ConfigError, match="weighted mean direction"):
+        run("multislerp", torch.tensor([[1.0, 0], [-1.0, 0], [0, 0.0]]), [1.0, 1.0, 0.0],
+            MergeContext(name="w", base=torch.zeros(2)))
+    tau = torch.tensor([[0.0005, -0.002, 0.01, -0.0001]])
+    np.testing.assert_allclose(run("nearswap", tau.unsqueeze(0), t=0.001), [[0.0005, -0.001, 0.001, -0.0001]],
+                               atol=1e-9)

@@ -287,6 +287,29 @@ def test_sce_and_arcee_fusion_mappings(cwd: Path) -> None:
     assert cfg.spec == MergeSpec("arcee_fusion") and cfg.models == {"b": cwd / "ft/b"} and cfg.plan is None
 
 
+def test_multislerp_and_nearswap_mappings(cwd: Path) -> None:
+    cfg = load(cwd, """\
+        merge_method: multislerp
+        models:
+          - {model: ft/a, parameters: {weight: 1}}
+          - {model: ft/b, parameters: {weight: 2}}
+        """)  # no base model: whole weights, ft/a serves as θ₀ and is a task (its τ = 0)
+    assert cfg.base_model == cwd / "ft/a" and cfg.models == {"a": cwd / "ft/a", "b": cwd / "ft/b"}
+    assert cfg.spec == MergeSpec("multislerp", {"normalize_weights": True, "on_weights": True})
+    cfg = load(cwd, """\
+        merge_method: multislerp
+        base_model: base
+        models:
+          - {model: ft/a, parameters: {weight: 1}}
+          - {model: ft/b, parameters: {weight: 2}}
+        parameters: {normalize_weights: false}
+        """)
+    assert cfg.spec == MergeSpec("multislerp", {"normalize_weights": False, "on_weights": False})
+    assert cfg.weights == {"a": 1.0, "b": 2.0}
+    cfg = load(cwd, "merge_method: nearswap\nbase_model: base\nmodels: [{model: ft/a}]\nparameters: {t: 0.01}\n")
+    assert cfg.spec == MergeSpec("nearswap", {"t": 0.01})
+
+
 def test_per_model_densities_give_a_plan(cwd: Path) -> None:
     # the final merge of mergekit's docs/multimerge.md: one density per model
     cfg = load(cwd, """\
@@ -402,7 +425,10 @@ TA = textwrap.dedent("""\
     ("merge_method: arcee_fusion\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\n", "models",
      "ONE other model, got 2"),
     (TA.replace("merge_method: ties", "merge_method: passthrough"), "merge_method", "stacks layers"),
-    (TA.replace("merge_method: ties", "merge_method: nearswap"), "merge_method", "not supported"),
+    (TA.replace("merge_method: ties", "merge_method: ram"), "merge_method", "not supported"),
+    ("merge_method: nearswap\nbase_model: base\nmodels: [{model: ft/a}]\n", "parameters.t", "requires t"),
+    ("merge_method: multislerp\nmodels: [{model: ft/a, parameters: {weight: 1}}]\n", "models",
+     "at least two models, got 1"),
     (TA.replace("merge_method: ties", "merge_method: sce"), "models[0].parameters.weight",
      "not a parameter of mergekit's 'sce'"),
     ("merge_method: slerp\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\nparameters: {t: 0.5}\n",

@@ -18,6 +18,8 @@ defaults):
 - model_stock (filter_wise=False): Model Stock's t·mean(τ) from the mean pairwise cosine; whole tensors.
 - sce (select_topk=1.0): SCE's select (cross-task variance), calculate (mean-square task weights), erase (minority
   signs); whole tensors.
+- multislerp (normalize_weights=True, on_weights=False): mergekit's barycentric interpolation of T ≥ 2 vectors on
+  the hypersphere; nearswap (t=0.001): τ·clamp(t/|τ|, 0, 1) of one fine-tune.
 - arcee_fusion: mergekit's Arcee Fusion of one fine-tune (τ kept where |τ|·KL ≥ median + 1.5·IQR); needs
   ``ctx.base``; whole tensors.
 - della, della_linear (density=0.5, epsilon=0.15, seed=0, rescale=l1|inverse|none, normalize) and breadcrumbs,

@@ -84,16 +84,14 @@ _GTA_METHODS: dict[str, tuple[str, bool, bool]] = {
     "della": ("della", True, True),
     "della_linear": ("della_linear", False, True),
 }
-SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "model_stock", "arcee_fusion",
-                                      "sce")
+SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "multislerp", "model_stock",
+                                      "arcee_fusion", "sce", "nearswap")
 #: mergekit's other methods, refused with a message naming them as mergekit's
-_MERGEKIT_ONLY = ("multislerp", "karcher", "nearswap", "passthrough", "ram", "ramplus_tl")
+_MERGEKIT_ONLY = ("karcher", "passthrough", "ram", "ramplus_tl")
 #: why a mergekit method is refused (appended to the message)
 _UNSUPPORTED_WHY = {
     "passthrough": " (it copies or stacks layers, e.g. frankenmerges: the output is not θ₀ + a task vector)",
-    "multislerp": " (multi-model spherical interpolation is not implemented here)",
     "karcher": " (the Karcher mean is not implemented here)",
-    "nearswap": " (not implemented here)",
     "ram": " (not implemented here)",
     "ramplus_tl": " (not implemented here)",
 }
@@ -114,12 +112,15 @@ _GLOBAL_PARAMS: dict[str, dict[str, str]] = {
     "model_stock": {"filter_wise": "bool"},
     "arcee_fusion": {},
     "sce": {"select_topk": "number", "int8_mask": "bool"},
+    "multislerp": {"normalize_weights": "bool"},
+    "nearswap": {"t": "number"},
 }
 #: per-model parameters (mergekit's ``tensor_parameters()``), also accepted as defaults under ``parameters``
 #: (breadcrumbs add ``gamma``, della ``epsilon``: ``_params_of``)
 _MODEL_PARAMS: dict[str, dict[str, str]] = {
     "linear": {"weight": "number"}, "gta": {"weight": "number", "density": "number"}, "slerp": {},
     "nuslerp": {"weight": "number"}, "model_stock": {}, "arcee_fusion": {}, "sce": {},
+    "multislerp": {"weight": "number"}, "nearswap": {},
 }
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -399,7 +400,7 @@ class _Parser:
         base: Path | None = None
         if base_ref is not None:
             base = self.local(self.model_ref(base_ref, "base_model"), "base_model")
-        elif family in ("gta", "slerp", "model_stock", "arcee_fusion", "sce"):
+        elif family in ("gta", "slerp", "model_stock", "arcee_fusion", "sce", "nearswap"):
             raise self.err("base_model", f"missing; mergekit's {method!r} needs a base model")
 
         entries: list[tuple[str, str, Path, dict[str, Setting]]] = []
@@ -462,9 +463,13 @@ class _Parser:
             if len(entries) != 2:
                 raise self.err("models", f"nuslerp interpolates exactly two models, got {len(entries)}")
             return entries[0][2], [0, 1], None  # interpolates whole weights: models[0] only serves as θ₀
+        if family == "multislerp" and base is None:  # whole weights: the first model only serves as θ₀
+            if len(entries) < 2:
+                raise self.err("models", f"multislerp interpolates at least two models, got {len(entries)}")
+            return entries[0][2], list(range(len(entries))), None
         assert base is not None
         tasks = [i for i in range(len(entries)) if i != base_idx]
-        if family in ("slerp", "arcee_fusion") and len(tasks) != 1:
+        if family in ("slerp", "arcee_fusion", "nearswap") and len(tasks) != 1:
             raise self.err("models", f"{method} combines the base model and ONE other model, got {len(tasks)} "
                                      f"other(s)")
         if family == "model_stock" and len(tasks) < 2:
@@ -476,6 +481,7 @@ class _Parser:
     def build(self, method: str, family: str, base: Path | None,
               entries: list[tuple[str, str, Path, dict[str, Setting]]], gparams: dict[str, Setting],
               out: str | None, layer_range: tuple[int, int] | None) -> MergekitConfig:
+        given_base = base is not None
         base, tasks, base_idx = self.roles(method, family, base, entries)
         wheres = tuple(e[0] for e in entries)
         own = tuple(frozenset(e[3]) for e in entries)
@@ -493,6 +499,11 @@ class _Parser:
             resolver = _ArceeFusionResolve()
         elif family == "sce":
             resolver = _SCEResolve(len(tasks))
+        elif family == "multislerp":
+            # no base_model: whole weights, models[0] only serves as θ₀
+            resolver = _MultiSlerpResolve(wheres, tuple(tasks), on_weights=not given_base)
+        elif family == "nearswap":
+            resolver = _NearSwapResolve()
         else:
             resolver = _ModelStockResolve(len(tasks))
         plan = TensorPlan(self.source, gparams, tuple(e[3] for e in entries), resolver, layer_range)
@@ -559,7 +570,7 @@ class _Parser:
 def _family(method: str) -> str:
     if method in _GTA_METHODS:
         return "gta"
-    return method  # linear, slerp, nuslerp, model_stock
+    return method  # linear, slerp, nuslerp, multislerp, model_stock, arcee_fusion, sce, nearswap
 
 
 def _params_of(method: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -727,3 +738,28 @@ class _SCEResolve:
 
     def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
         return TensorMerge(MergeSpec("sce", {"select_topk": float(g.get("select_topk", 1.0))}), (1.0,) * self.count)
+
+
+@dataclass(frozen=True)
+class _MultiSlerpResolve:
+    """multislerp: per-model weights; task vectors with a base model, else whole weights."""
+
+    wheres: tuple[str, ...]
+    tasks: tuple[int, ...]
+    on_weights: bool
+
+    def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
+        weights = tuple(_weight(models, i, self.wheres[i]) for i in self.tasks)
+        return TensorMerge(MergeSpec("multislerp", {"normalize_weights": bool(g.get("normalize_weights", True)),
+                                                    "on_weights": self.on_weights}), weights)
+
+
+@dataclass(frozen=True)
+class _NearSwapResolve:
+    """nearswap: the base model and one other; ``t`` merge-wide and required."""
+
+    def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
+        t = g.get("t")
+        if t is None:
+            raise ConfigError("parameters.t: missing; mergekit's nearswap requires t (the closeness threshold)")
+        return TensorMerge(MergeSpec("nearswap", {"t": float(t)}), (1.0,))

@@ -12,8 +12,9 @@ from tvbasis.merge.federated import CClip, FedGMA, FedNova, Median
 from tvbasis.merge.fisher import Fisher
 from tvbasis.merge.linear import Mean, TaskArithmetic
 from tvbasis.merge.model_stock import ModelStock
+from tvbasis.merge.nearswap import NearSwap
 from tvbasis.merge.sce import SCE
-from tvbasis.merge.slerp import NuSlerp, Slerp
+from tvbasis.merge.slerp import MultiSlerp, NuSlerp, Slerp
 from tvbasis.merge.sparse_gta import Breadcrumbs, BreadcrumbsTies, Della, DellaLinear
 from tvbasis.merge.svd import IsoC, IsoCTS, TSVMerge
 from tvbasis.merge.ties import Ties, TopK
@@ -23,7 +24,7 @@ MERGE_METHODS: dict[str, type[BaseMerger]] = {
                               TSVMerge, IsoC, IsoCTS)
 } | {
     cls.name: cls for cls in (Slerp, NuSlerp, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
-                              ModelStock, ArceeFusion, SCE)  # issue 25: mergekit's methods
+                              ModelStock, ArceeFusion, SCE, MultiSlerp, NearSwap)  # issue 25: mergekit's
 } | {
     cls.name: cls for cls in (AWD, FedNova, FedGMA, Median, CClip)  # issue 29: AWD, one-shot FL rules
 }

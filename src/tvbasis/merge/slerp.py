@@ -122,3 +122,47 @@ class NuSlerp(BaseMerger):
             return nuslerp_pair(t, x[0], x[1], flat, rows)
         base = _base(self.name, ctx)
         return nuslerp_pair(t, base + x[0], base + x[1], flat, rows).sub_(base)
+
+
+class MultiSlerp(BaseMerger):
+    """mergekit's Multi-SLERP: barycentric interpolation of T ≥ 2 task vectors (or, ``on_weights``, whole
+    weights) on the hypersphere.
+
+    Per tensor, flattened, with weights w (÷ Σw when ``normalize_weights``): u_t = v_t/(‖v_t‖ + 1e-8); the
+    weighted mean m = Σ w_t·u_t, normalised; the tangent vectors u_t − (u_t·m)·m averaged with the weights to g;
+    back to the sphere by the exponential map: m·cos‖g‖ + g·sin‖g‖/‖g‖ (‖g‖ + 1e-8); scaled by Σ w_t·‖v_t‖. When
+    ‖m‖ < 1e-8: two vectors are lerped with the weights, more are refused (they cancel)."""
+
+    name = "multislerp"
+    whole_tensor = True
+    needs_base = True
+    defaults: ClassVar[dict[str, Any]] = {"normalize_weights": True, "on_weights": False}
+
+    def _merge(self, x: torch.Tensor, w: torch.Tensor, ctx: MergeContext) -> torch.Tensor:
+        T = x.shape[0]
+        base = _base(self.name, ctx) if self.params["on_weights"] else None
+        v = x if base is None else x + base
+        if T == 1:
+            return x[0].clone()
+        eps = 1e-8
+        flat = v.reshape(T, -1).to(torch.float64)
+        ww = w.to(torch.float64)
+        if self.params["normalize_weights"]:
+            ww = ww / ww.sum()
+        norms = flat.norm(dim=-1, keepdim=True)
+        unit = flat / (norms + eps)
+        mean = (unit * ww.view(-1, 1)).sum(0)
+        mn = float(mean.norm())
+        if mn < eps:
+            if T != 2:
+                raise ConfigError(f"multislerp of {ctx.name!r}: the weighted mean direction of the {T} vectors is "
+                                  f"zero (antipodal vectors with balancing weights); change the weights")
+            res = flat[0] * ww[0] + flat[1] * ww[1]
+        else:
+            mean = mean / mn
+            tangent = unit - (unit * mean).sum(-1, keepdim=True) * mean
+            g = (tangent * ww.view(-1, 1)).sum(0)
+            gn = g.norm() + eps
+            res = (mean * torch.cos(gn) + g * (torch.sin(gn) / gn)) * (norms.squeeze(-1) * ww).sum()
+        out = res.to(torch.float32).view(x.shape[1:])
+        return out if base is None else out.sub_(base)
