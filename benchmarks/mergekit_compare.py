@@ -203,6 +203,23 @@ CONFIGS: dict[str, tuple[str, str]] = {  # name -> (kind: exact | random, YAML)
         parameters: {t: 0.02}
         dtype: float32
         """),
+    "karcher (base model)": ("exact", """\
+        models:
+          - model: ft_a
+          - model: ft_b
+        merge_method: karcher
+        base_model: base
+        dtype: float32
+        """),
+    "karcher (no base)": ("exact", """\
+        models:
+          - model: ft_a
+          - model: ft_b
+          - model: ft_c
+        merge_method: karcher
+        parameters: {max_iter: 20}
+        dtype: float32
+        """),
     "dare_ties": ("random", """\
         models:
           - model: ft_a

@@ -352,7 +352,7 @@ def test_registry_and_parsing():
         "task_arithmetic", "mean", "ties", "topk", "dare_linear", "dare_ties", "fisher", "consensus",
         "tsv_merge", "iso_c", "iso_cts"} | {"awd", "fednova", "fedgma", "median", "cclip"} | {
         "slerp", "nuslerp", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "arcee_fusion",
-        "sce", "multislerp", "nearswap"}
+        "sce", "multislerp", "nearswap", "karcher"}
     m = get_merger(MergeSpec("ties", {"density": 1}))
     assert m.density == 1.0 and not m.needs_global_thresholds and not m.needs_fisher
     assert get_merger(MergeSpec("task_arithmetic")).density is None

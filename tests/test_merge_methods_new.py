@@ -435,3 +435,32 @@ def test_multislerp_and_nearswap_match_references() -> None:
     tau = torch.tensor([[0.0005, -0.002, 0.01, -0.0001]])
     np.testing.assert_allclose(run("nearswap", tau.unsqueeze(0), t=0.001), [[0.0005, -0.001, 0.001, -0.0001]],
                                atol=1e-9)
+
+
+def ref_karcher(P: np.ndarray, iters: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """Riemannian mean on the unit sphere by gradient steps in the tangent space, scaled by the mean norm."""
+    norms = np.linalg.norm(P, axis=1)
+    U = P / norms[:, None]
+    u = U.mean(0)
+    u /= np.linalg.norm(u)
+    for _ in range(iters):
+        th = np.arccos(np.clip(U @ u, -1, 1))
+        step = sum(th[i] / np.sin(th[i]) * (U[i] - np.cos(th[i]) * u) for i in range(len(P)) if th[i] >= tol) / len(P)
+        n = np.linalg.norm(step)
+        if n < tol:
+            break
+        u = np.cos(n) * u + np.sin(n) * step / n
+        u /= np.linalg.norm(u)
+    return norms.mean() * u
+
+
+def test_karcher_matches_reference() -> None:
+    base = rand(5, 3, seed=60)
+    x = 0.8 * rand(2, 5, 3, seed=61)
+    got = run("karcher", x, ctx=MergeContext(name="w", base=base), include_base=True)
+    B = base.double().numpy().ravel()
+    P = np.stack([B, *(B + x.double().numpy().reshape(2, -1))])
+    np.testing.assert_allclose(got.ravel(), ref_karcher(P) - B, atol=1e-5)
+    # two orthogonal unit vectors: the arc's midpoint, norm 1
+    two = run("karcher", torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ctx=MergeContext(name="w", base=torch.zeros(2)))
+    np.testing.assert_allclose(two, [2 ** -0.5, 2 ** -0.5], atol=1e-6)

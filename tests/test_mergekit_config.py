@@ -308,6 +308,11 @@ def test_multislerp_and_nearswap_mappings(cwd: Path) -> None:
     assert cfg.weights == {"a": 1.0, "b": 2.0}
     cfg = load(cwd, "merge_method: nearswap\nbase_model: base\nmodels: [{model: ft/a}]\nparameters: {t: 0.01}\n")
     assert cfg.spec == MergeSpec("nearswap", {"t": 0.01})
+    cfg = load(cwd, "merge_method: karcher\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\n")
+    assert cfg.spec == MergeSpec("karcher", {"max_iter": 10, "tol": 1e-5, "include_base": True})
+    cfg = load(cwd, "merge_method: karcher\nmodels: [{model: ft/a}, {model: ft/b}]\nparameters: {max_iter: 5}\n")
+    assert cfg.base_model == cwd / "ft/a" and list(cfg.models) == ["a", "b"]
+    assert cfg.spec == MergeSpec("karcher", {"max_iter": 5, "tol": 1e-5, "include_base": False})
 
 
 def test_per_model_densities_give_a_plan(cwd: Path) -> None:
@@ -418,8 +423,11 @@ TA = textwrap.dedent("""\
     (TA.replace("model: ft/a\n", "model: ft/a\n    layer_range: [0, 4]\n"), "models[0].layer_range",
      "unknown key"),
     (TA.replace("base_model: base\n", ""), "base_model", "missing"),
-    (TA.replace("merge_method: ties", "merge_method: karcher"), "merge_method",
-     "mergekit's method 'karcher' is not supported"),
+    (TA.replace("merge_method: ties", "merge_method: ramplus_tl"), "merge_method",
+     "mergekit's method 'ramplus_tl' is not supported"),
+    ("merge_method: karcher\nmodels: [{model: ft/a}]\n", "models", "at least two models, got 1"),
+    ("merge_method: karcher\nbase_model: base\nmodels: [{model: ft/a}]\nparameters: {max_iter: 2.5}\n",
+     "parameters.max_iter", "whole number"),
     (TA.replace("merge_method: ties", "merge_method: arcee_fusion"), "models[0].parameters.weight",
      "not a parameter of mergekit's 'arcee_fusion'"),
     ("merge_method: arcee_fusion\nbase_model: base\nmodels: [{model: ft/a}, {model: ft/b}]\n", "models",

@@ -20,6 +20,7 @@ defaults):
   signs); whole tensors.
 - multislerp (normalize_weights=True, on_weights=False): mergekit's barycentric interpolation of T ≥ 2 vectors on
   the hypersphere; nearswap (t=0.001): τ·clamp(t/|τ|, 0, 1) of one fine-tune.
+- karcher (max_iter=10, tol=1e-5, include_base=False): mergekit's Karcher mean of the whole weights on the sphere.
 - arcee_fusion: mergekit's Arcee Fusion of one fine-tune (τ kept where |τ|·KL ≥ median + 1.5·IQR); needs
   ``ctx.base``; whole tensors.
 - della, della_linear (density=0.5, epsilon=0.15, seed=0, rescale=l1|inverse|none, normalize) and breadcrumbs,

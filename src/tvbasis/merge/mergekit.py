@@ -85,13 +85,12 @@ _GTA_METHODS: dict[str, tuple[str, bool, bool]] = {
     "della_linear": ("della_linear", False, True),
 }
 SUPPORTED_METHODS: tuple[str, ...] = ("linear", *_GTA_METHODS, "slerp", "nuslerp", "multislerp", "model_stock",
-                                      "arcee_fusion", "sce", "nearswap")
+                                      "arcee_fusion", "sce", "nearswap", "karcher")
 #: mergekit's other methods, refused with a message naming them as mergekit's
-_MERGEKIT_ONLY = ("karcher", "passthrough", "ram", "ramplus_tl")
+_MERGEKIT_ONLY = ("passthrough", "ram", "ramplus_tl")
 #: why a mergekit method is refused (appended to the message)
 _UNSUPPORTED_WHY = {
     "passthrough": " (it copies or stacks layers, e.g. frankenmerges: the output is not θ₀ + a task vector)",
-    "karcher": " (the Karcher mean is not implemented here)",
     "ram": " (not implemented here)",
     "ramplus_tl": " (not implemented here)",
 }
@@ -114,13 +113,14 @@ _GLOBAL_PARAMS: dict[str, dict[str, str]] = {
     "sce": {"select_topk": "number", "int8_mask": "bool"},
     "multislerp": {"normalize_weights": "bool"},
     "nearswap": {"t": "number"},
+    "karcher": {"max_iter": "number", "tol": "number"},
 }
 #: per-model parameters (mergekit's ``tensor_parameters()``), also accepted as defaults under ``parameters``
 #: (breadcrumbs add ``gamma``, della ``epsilon``: ``_params_of``)
 _MODEL_PARAMS: dict[str, dict[str, str]] = {
     "linear": {"weight": "number"}, "gta": {"weight": "number", "density": "number"}, "slerp": {},
     "nuslerp": {"weight": "number"}, "model_stock": {}, "arcee_fusion": {}, "sce": {},
-    "multislerp": {"weight": "number"}, "nearswap": {},
+    "multislerp": {"weight": "number"}, "nearswap": {}, "karcher": {},
 }
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -463,6 +463,11 @@ class _Parser:
             if len(entries) != 2:
                 raise self.err("models", f"nuslerp interpolates exactly two models, got {len(entries)}")
             return entries[0][2], [0, 1], None  # interpolates whole weights: models[0] only serves as θ₀
+        if family == "karcher":  # every model averaged; without base_model the first serves as θ₀ (its τ = 0)
+            if len(entries) < 2 and base is None:
+                raise self.err("models", f"karcher averages at least two models, got {len(entries)}")
+            if base is None:
+                return entries[0][2], list(range(len(entries))), None
         if family == "multislerp" and base is None:  # whole weights: the first model only serves as θ₀
             if len(entries) < 2:
                 raise self.err("models", f"multislerp interpolates at least two models, got {len(entries)}")
@@ -504,6 +509,8 @@ class _Parser:
             resolver = _MultiSlerpResolve(wheres, tuple(tasks), on_weights=not given_base)
         elif family == "nearswap":
             resolver = _NearSwapResolve()
+        elif family == "karcher":  # mergekit averages the base model too when one is given
+            resolver = _KarcherResolve(len(tasks), include_base=given_base)
         else:
             resolver = _ModelStockResolve(len(tasks))
         plan = TensorPlan(self.source, gparams, tuple(e[3] for e in entries), resolver, layer_range)
@@ -763,3 +770,18 @@ class _NearSwapResolve:
         if t is None:
             raise ConfigError("parameters.t: missing; mergekit's nearswap requires t (the closeness threshold)")
         return TensorMerge(MergeSpec("nearswap", {"t": float(t)}), (1.0,))
+
+
+@dataclass(frozen=True)
+class _KarcherResolve:
+    """karcher: every model (the base model too, when given) averaged with equal weights; ``max_iter``, ``tol``."""
+
+    count: int
+    include_base: bool
+
+    def __call__(self, g: dict[str, Scalar], models: list[dict[str, Scalar]]) -> TensorMerge:
+        max_iter = g.get("max_iter", 10)
+        if float(max_iter) != int(max_iter) or max_iter < 0:
+            raise ConfigError(f"parameters.max_iter: must be a whole number >= 0, got {max_iter!r}")
+        return TensorMerge(MergeSpec("karcher", {"max_iter": int(max_iter), "tol": float(g.get("tol", 1e-5)),
+                                                 "include_base": self.include_base}), (1.0,) * self.count)

@@ -10,6 +10,7 @@ from tvbasis.merge.consensus import Consensus
 from tvbasis.merge.dare import DareLinear, DareTies
 from tvbasis.merge.federated import CClip, FedGMA, FedNova, Median
 from tvbasis.merge.fisher import Fisher
+from tvbasis.merge.karcher import Karcher
 from tvbasis.merge.linear import Mean, TaskArithmetic
 from tvbasis.merge.model_stock import ModelStock
 from tvbasis.merge.nearswap import NearSwap
@@ -24,7 +25,8 @@ MERGE_METHODS: dict[str, type[BaseMerger]] = {
                               TSVMerge, IsoC, IsoCTS)
 } | {
     cls.name: cls for cls in (Slerp, NuSlerp, Della, DellaLinear, Breadcrumbs, BreadcrumbsTies,
-                              ModelStock, ArceeFusion, SCE, MultiSlerp, NearSwap)  # issue 25: mergekit's
+                              ModelStock, ArceeFusion, SCE, MultiSlerp, NearSwap,
+                              Karcher)  # issue 25: mergekit's
 } | {
     cls.name: cls for cls in (AWD, FedNova, FedGMA, Median, CClip)  # issue 29: AWD, one-shot FL rules
 }
