@@ -46,6 +46,7 @@ import torch
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.finetune import FinetuneSettings, ensure_writable, finetune, pretrained_encoder
+from tvbasis.eval.method_rows import atlas_rows, linearized_rows, merge_rows
 from tvbasis.eval.metrics import (
     DEFAULT_GRID,
     AdditionResult,
@@ -148,6 +149,12 @@ class BenchConfig:
     continual_M: int | None = None  # its M; None: the largest of Ms below the first half's task count
     continual_first: int | None = None  # tasks in the initial store; None: T // 2
     continual_checkpoints: int = 4  # evaluated task counts, evenly spaced from the first half to T
+    # issue 29 (eval/method_rows.py): AWD and the one-shot-FL merges; aTLAS addition and few-shot; tangent TA
+    fl_merges: bool = False
+    atlas: bool = False
+    atlas_shots: tuple[int, ...] = (4, 16, 64)
+    atlas_epochs: int = 10
+    linearized: bool = False
 
     @classmethod
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
@@ -426,6 +433,18 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                                                                         "merge": method}, seconds=time.time() - t0,
                         negation_extended=true_ext))
         bar.update(1)
+
+    if cfg.fl_merges:  # AWD and the one-shot-FL aggregation rules (eval/method_rows.py)
+        rows += [Row(**r) for r in merge_rows(pre_dir, ft_dirs, tvs, results, lambda d: ev.search_addition(
+            d, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev, finetuned_test=ft_test,
+            search=cfg.search), true_neg, true_ext, all_vectors, quiet)]
+    if cfg.atlas:
+        rows += [Row(**r) for r in atlas_rows(work, pre_dir, ft_dirs, encoder, ev, tasks, tvs, ft_test, all_vectors,
+                                              cfg.atlas_shots, min(cfg.Ms), cfg.max_length, cfg.seed, quiet,
+                                              cfg.atlas_epochs)]
+    if cfg.linearized:
+        rows += [Row(**r) for r in linearized_rows(work, settings, encoder, ev, tasks, cfg.grid, cfg.search,
+                                                   negations, all_vectors, cfg.progress)]
 
     # 3. basis stores
     cosine = None

@@ -200,6 +200,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, flag)
     if args.no_merges:
         overrides["merges"] = False
+    for flag in ("fl_merges", "atlas", "linearized"):  # issue 29's rows (eval/method_rows.py)
+        if getattr(args, flag):
+            overrides[flag] = True
+    if args.atlas_shots:
+        overrides["atlas_shots"] = _ints(args.atlas_shots, "--atlas-shots")
+    if args.atlas_epochs is not None:
+        overrides["atlas_epochs"] = args.atlas_epochs
     if args.one_addition:
         overrides["both_additions"] = False
     if args.methods:
@@ -341,6 +348,17 @@ def register(subparsers: Any) -> None:
                    "eigengap rule's k; rows with M = eigengap), e.g. 2,4,8,16,eigengap")
     b.add_argument("--no-merges", action="store_true",
                    help="skip the TIES and SVD-merge rows (TSV-M, Iso-C, Iso-CTS); task arithmetic stays")
+    b.add_argument("--fl-merges", action="store_true", help="add the AWD and one-shot-FL merge rows (awd, fednova, "
+                   "fedgma, median, cclip; global statistics from the task vectors)")
+    b.add_argument("--atlas", action="store_true", help="add aTLAS rows: per-tensor coefficients learned on dev, and "
+                   "few-shot adaptation of the first task from the others' task vectors and a PCA store's bases")
+    b.add_argument("--atlas-shots", metavar="K,K", help="--atlas: examples per class of the few-shot rows "
+                   "(default 4,16,64)")
+    b.add_argument("--atlas-epochs", type=int, metavar="N", help="--atlas: epochs of each coefficient learning "
+                   "(default 10)")
+    b.add_argument("--linearized", action="store_true", help="add tangent task arithmetic: every task also "
+                   "fine-tuned linearised (cached under <work>/finetuned/linear), added and negated in the "
+                   "linearised model")
     b.add_argument("--one-addition", action="store_true",
                    help="measure each store's default addition only (default: non-cluster stores also the other of the paper's sum "
                    "of bases Σ_m s_m and the sum of reconstructions S·W·1, extra.addition_modes)")
