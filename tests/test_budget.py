@@ -230,3 +230,32 @@ def test_cli_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not (tmp_path / "x").exists()
     assert main(["-q", *args, "--budget", "lots", "--out", str(tmp_path / "x")]) == 2
     assert main(["-q", *args[:3], "--out", str(tmp_path / "x")]) == 2  # neither --method nor --budget
+
+
+def test_relative_loss_weighs_errors_by_the_pretrained_scale(tmp_path: Path) -> None:
+    from tvbasis.compress.budget import weighted
+    from tvbasis.store.budget import pretrained_scale
+
+    # two tensors with the same candidates; weighting one 100x moves the bytes to it
+    cands = {"a": {"x": [Candidate("x0", 100, 4.0), Candidate("x1", 200, 1.0)],
+                   "y": [Candidate("y0", 100, 4.0), Candidate("y1", 200, 1.0)]}}
+    wc, n2 = weighted(cands, {"a": {"x": 100.0, "y": 1.0}}, {"a": {"x": 5.0, "y": 5.0}})
+    assert n2 == {"a": 505.0} and wc["a"]["x"][0].sqerr == 400.0
+    a = allocate(wc, n2, budget_bytes=300)
+    assert a.specs["a"] == {"x": "x1", "y": "y0"}
+    # the scale: whole tensor, or the touched rows of an embedding table; floored at the change itself
+    W0 = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    x = torch.zeros(4, 3)
+    x[1] = 0.1
+    assert pretrained_scale("enc.dense.weight", W0, x) == pytest.approx(float((W0 ** 2).sum()))
+    assert pretrained_scale("embeddings.word_embeddings.weight", W0, x) == pytest.approx(3 ** 2 + 4 ** 2 + 5 ** 2)
+    assert pretrained_scale("enc.bias", torch.zeros(3), torch.ones(3)) == pytest.approx(3.0)
+    # a whole build with the relative loss: same budget rule, errors reported as the task vectors' own
+    pre, fts, deltas = _family(tmp_path)
+    store, report = build_budget_store(pre, fts, tmp_path / "r", budget="10x", loss="relative")
+    assert report.store_bytes <= report.fp32_bytes / 10
+    for t, v in deltas.items():
+        vhat = store.reconstruct(t).to_state_dict()
+        assert _rel(v, {k: vhat[k] for k in v}) == pytest.approx(report.allocation.rel_errors[t], rel=0.05)
+    with pytest.raises(ConfigError, match="loss"):
+        build_budget_store(pre, fts, tmp_path / "z", budget="10x", loss="accuracy")

@@ -302,11 +302,23 @@ def _family(spec: str) -> str:
     return " ".join(parts)
 
 
+def weighted(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], weights: Mapping[str, Mapping[str, float]],
+             norms2_by_tensor: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, dict[str, list[Candidate]]],
+                                                                           dict[str, float]]:
+    """The candidates with each (task, tensor)'s squared error times its weight, and each task's weighted ‖v_t‖²
+    (the loss ``allocate`` then equalises is Σ_i w_i ‖x_i − x̂_i‖² / Σ_i w_i ‖x_i‖²)."""
+    out = {t: {n: [Candidate(c.spec, c.nbytes, c.sqerr * weights[t][n]) for c in per] for n, per in cands[t].items()}
+           for t in cands}
+    n2 = {t: sum(weights[t][n] * norms2_by_tensor[t][n] for n in cands[t]) for t in cands}
+    return out, n2
+
+
 def allocate(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], norms2: Mapping[str, float],
              budget_bytes: int | None = None, max_error: float | None = None) -> Allocation:
     """One candidate per (task, tensor): the smallest largest-relative-error under ``budget_bytes`` (then the
     leftover bytes spent on whichever task is worst), or — with ``max_error`` instead — the fewest bytes with
-    every task's relative error ≤ ``max_error``. ``cands[task][tensor]`` from ``measure``; ``norms2`` ‖v_t‖²."""
+    every task's relative error ≤ ``max_error``. ``cands[task][tensor]`` from ``measure``; ``norms2`` ‖v_t‖²
+    (for a weighted loss, both from ``weighted``)."""
     if (budget_bytes is None) == (max_error is None):
         raise ValueError("allocate: give exactly one of budget_bytes and max_error")
     tasks = list(cands)

@@ -212,7 +212,7 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
     if config.method in ("deltacome", "ultradelta"):
         return {"method": config.method, "M": None, "options": dict(p)}, {}
     if config.method == "budget":
-        return {"budget": str(p["budget"])}, {}
+        return {"budget": str(p["budget"]), "loss": str(p.get("loss", "frobenius"))}, {}
     if config.method == "bases":
         basis = p.get("basis", "pca")
         options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
@@ -240,7 +240,7 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
         def budget_build(path: Path) -> Any:
             key = (str(ctx.pre_dir), tuple(sorted(ctx.ft_dirs.items())))
             store, report = build_budget_store(ctx.pre_dir, ctx.ft_dirs, path, budget=kwargs["budget"], force=True,
-                                               run=run, measured=_MEASURED.get(key))
+                                               run=run, measured=_MEASURED.get(key), loss=kwargs["loss"])
             _MEASURED.clear()
             _MEASURED[key] = report.measured  # the sweep's other budgets reuse the measuring pass
             facts_out.update({"budget": report.to_json()})

@@ -31,8 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tvbasis.compress import Coder
-from tvbasis.compress.budget import Allocation, Budget, BudgetRule, Candidate, allocate, measure, quality_to_error
+from tvbasis.compress.budget import (
+    Allocation,
+    Budget,
+    BudgetRule,
+    Candidate,
+    allocate,
+    measure,
+    quality_to_error,
+    weighted,
+)
+from tvbasis.compress.kinds import tensor_kind
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
@@ -55,8 +67,11 @@ def fixed_overhead_guess(T: int, n_tensors: int) -> int:
     return 6144 + 420 * n_tensors + 30 * T * T + 400 * T
 
 
-#: what the measuring pass keeps: ``cands[task][tensor]`` and ``norms2[task]``
-Measured = tuple[dict[str, dict[str, list[Candidate]]], dict[str, float]]
+#: what the measuring pass keeps: ``cands[task][tensor]``, ``norms2[task][tensor]``, ``pre2[task][tensor]``
+Measured = tuple[dict[str, dict[str, list[Candidate]]], dict[str, dict[str, float]], dict[str, dict[str, float]]]
+#: how a (task, tensor)'s error counts: ``frobenius`` (‖x − x̂‖², the task vector's error) or ``relative`` (‖x − x̂‖²
+#: against the pretrained weights it perturbs, ``pretrained_scale``)
+LOSSES = ("frobenius", "relative")
 
 
 @dataclass
@@ -93,19 +108,34 @@ class MeasureTask:
     def __init__(self, taskset: TaskSet, chunk_elements: int, stage: Path) -> None:
         self.taskset, self.chunk_elements, self.stage = taskset, chunk_elements, stage
 
-    def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float]]:
+    def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float]]:
         X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage)
         try:
-            cands, norms2 = {}, {}
+            cands, norms2, pre2 = {}, {}, {}
+            W0 = self.taskset.pretrained.get(name).to(torch.float32)
             for t, task in enumerate(self.taskset.names):
                 x = X[t]
                 norms2[task] = float((x.double() ** 2).sum())
+                pre2[task] = pretrained_scale(name, W0, x)
                 cands[task] = measure(name, x, f"residual/{name}/{task}")
-            return name, cands, norms2
+            return name, cands, norms2, pre2
         finally:
             del X
             if scratch is not None:
                 os.unlink(scratch)
+
+
+def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor) -> float:
+    """‖W₀‖² of what the task changes — the whole tensor, or for an embedding table only the rows the task touched
+    — floored at the change's own ‖x‖² (a tensor that starts near zero, such as a bias); the ``relative`` loss
+    weighs each tensor's squared error by its inverse, i.e. measures a tensor's error against the weights it
+    perturbs: for a layer fed normalised inputs, ‖ΔW·x‖/‖W·x‖ ≈ ‖ΔW‖/‖W‖."""
+    if tensor_kind(name, tuple(x.shape)) == "embedding":
+        rows = (x.reshape(x.shape[0], -1) != 0).any(dim=1)
+        w2 = float((W0.reshape(W0.shape[0], -1)[rows].double() ** 2).sum())
+    else:
+        w2 = float((W0.double() ** 2).sum())
+    return max(w2, float((x.double() ** 2).sum()), 1e-30)
 
 
 def choose_M(T: int, ratio: float) -> int:
@@ -115,19 +145,22 @@ def choose_M(T: int, ratio: float) -> int:
 
 
 def measure_pass(taskset: TaskSet, run: Run, stage: Path,
-                 chunk_elements: int) -> tuple[dict[str, dict[str, list[Candidate]]], dict[str, float]]:
-    """``cands[task][tensor]`` and ``norms2[task]`` for the whole task set (one read of the inputs)."""
+                 chunk_elements: int) -> Measured:
+    """``cands[task][tensor]``, ``norms2[task][tensor]`` (‖x‖²) and ``pre2[task][tensor]`` (``pretrained_scale``)
+    for the whole task set (one read of the inputs)."""
     eng = as_run(run).get_engine()
     names = list(taskset.specs)
     cands: dict[str, dict[str, list[Candidate]]] = {t: {} for t in taskset.names}
-    norms2 = {t: 0.0 for t in taskset.names}
+    norms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
+    pre2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     task = MeasureTask(taskset, chunk_elements, stage)
     sizes = [taskset.T * taskset.specs[n].numel * 4 for n in names]
-    for name, per_task, n2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
+    for name, per_task, n2, p2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
         for t in taskset.names:
             cands[t][name] = per_task[t]
-            norms2[t] += n2[t]
-    return cands, norms2
+            norms2[t][name] = n2[t]
+            pre2[t][name] = p2[t]
+    return cands, norms2, pre2
 
 
 def store_size(path: Path) -> int:
@@ -140,13 +173,15 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        max_shard_size: int | str = "5GB", force: bool = False, run: Run = None,
                        chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
-                       measured: Measured | None = None) -> tuple[BasisStore, BudgetReport]:
+                       measured: Measured | None = None, loss: str = "frobenius") -> tuple[BasisStore, BudgetReport]:
     """Build the store at ``out`` that fits ``budget`` (``"128x"``, ``"20MB"`` or a ``Budget``), or the smallest
     whose every task keeps ``quality`` of its energy; returns the store and what was chosen and measured.
     ``measured``: the measuring pass of an earlier budget build of the same inputs (``report.measured``), so a
     sweep over budgets measures once."""
     if (budget is None) == (quality is None):
         raise ConfigError("give exactly one of --budget and --quality")
+    if loss not in LOSSES:
+        raise ConfigError(f"budget loss must be one of {LOSSES}, got {str(loss)[:40]!r}")
     b = Budget.parse(budget) if isinstance(budget, str) else budget
     max_error = quality_to_error(quality) if quality is not None else None
     out = output_path(out)
@@ -160,26 +195,34 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     t0 = time.perf_counter()
     if measured is not None and set(measured[1]) == set(taskset.names) and \
             all(set(c) == set(taskset.specs) for c in measured[0].values()):
-        cands, norms2 = measured
+        cands, by_tensor, pre2 = measured
     else:
         stage = temp_path(out.parent / f".{out.name}-measure")
         stage.mkdir(parents=True)
         try:
-            cands, norms2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24))
+            cands, by_tensor, pre2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24))
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     seconds["measure"] = time.perf_counter() - t0
+    norms2 = {t: sum(v.values()) for t, v in by_tensor.items()}
     if any(v == 0.0 for v in norms2.values()):
         zero = [t for t, v in norms2.items() if v == 0.0]
         raise ConfigError(f"fine-tune(s) {zero} equal the pretrained model (zero task vector)")
+    alloc_cands, alloc_norms2 = cands, norms2
+    if loss == "relative":
+        alloc_cands, alloc_norms2 = weighted(cands, {t: {n: 1.0 / p for n, p in pre2[t].items()} for t in pre2},
+                                             by_tensor)
     overhead = fixed_overhead_guess(taskset.T, len(taskset.specs))
     attempts = 0
     previous: dict[str, dict[str, str]] | None = None
     while True:
         attempts += 1
         t1 = time.perf_counter()
-        alloc = (allocate(cands, norms2, budget_bytes=max(budget_bytes - overhead, 0))
-                 if budget_bytes is not None else allocate(cands, norms2, max_error=max_error))
+        alloc = (allocate(alloc_cands, alloc_norms2, budget_bytes=max(budget_bytes - overhead, 0))
+                 if budget_bytes is not None else allocate(alloc_cands, alloc_norms2, max_error=max_error))
+        if loss != "frobenius":  # report the task vectors' own relative errors, as the store records them
+            alloc.rel_errors = {t: math.sqrt(sum(next(c.sqerr for c in cands[t][n] if c.spec == sp)
+                                                 for n, sp in alloc.specs[t].items()) / norms2[t]) for t in cands}
         seconds["allocate"] = seconds.get("allocate", 0.0) + time.perf_counter() - t1
         if budget_bytes is not None and not alloc.feasible and attempts == 1:
             smallest = sum(min(c.nbytes for c in per) for per in
@@ -207,7 +250,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         overhead = max(fixed, 0) + int(0.002 * budget_bytes)  # aim a little inside the window
     seconds["total"] = time.perf_counter() - t0
     report = BudgetReport(b.text if b is not None else None, budget_bytes, max_error, size, fp32, alloc, M,
-                          seconds, attempts, (cands, norms2))
+                          seconds, attempts, (cands, by_tensor, pre2))
     if budget_bytes is not None and size > budget_bytes:
         alloc.notes.append(f"the store takes {size} B, above the budget of {budget_bytes} B")
     return store, report
