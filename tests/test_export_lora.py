@@ -185,6 +185,7 @@ def test_refusals_and_cli(bert_fam, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "relative error of the adapter" in out
     _peft_merge(base, tmp_path / "cli")
+    capsys.readouterr()  # PEFT's own warnings
     assert main(["-q", "export-lora", str(tmp_path / "s"), "task0", "--out", str(tmp_path / "cli"), "--rank", "4",
                  "--pretrained", str(pre_p)]) != 0
     assert main(["-q", "export-lora", str(tmp_path / "s"), "nosuch", "--out", str(tmp_path / "y")]) != 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,7 +102,8 @@ def meta_model(pretrained: Checkpoint | None) -> torch.nn.Module | None:
         config = transformers.AutoConfig.from_pretrained(str(pretrained.root_dir), local_files_only=True)
         archs = getattr(config, "architectures", None) or []
         cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notes are not the user's concern here
             return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception:
         return None
