@@ -330,3 +330,22 @@ def test_lm_lora_label_loss_learns_the_task_and_the_adapter_reads_as_peft_merges
     lm.set_delta(delta)
     tuned = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
     assert tuned >= 0.9 > zero
+
+
+def test_a_model_flagged_gguf_quantised_is_saved_as_a_plain_copy(tmp_path: Path) -> None:
+    """transformers dequantises GGUF tensors on load but flags the model as quantised and refuses to save it;
+    ``dequantised`` gives the same weights in a plain model of the same class, head still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from tvbasis.eval.models import dequantised
+
+    model = _tiny_gemma()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.hf_quantizer = object()
+    plain = dequantised(model)
+    assert type(plain) is type(model) and not getattr(plain.config, "quantization_config", None)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    plain.save_pretrained(str(tmp_path / "out"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
