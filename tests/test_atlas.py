@@ -125,3 +125,31 @@ def test_cli_learns_saves_and_reapplies(fam, tmp_path, capsys):
     assert main([*base, *fts, "--negate", "mcid", "--control", "DBPedia"]) != 0
     err = capsys.readouterr().err
     assert "--negate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_rows_of_the_issue_on_a_tiny_config(fam, tmp_path):
+    """The bench rows wired end to end on the session's cached 1-layer fine-tunes (the few-shot store row needs
+    three tasks, so only the task-vector source runs here)."""
+    from tvbasis.eval.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(tasks=TASKS, work=str(fam["work"]), out=str(tmp_path / "bench"), num_layers=1, max_train=64,
+                      max_dev=8, max_test=16, max_length=MAX_LENGTH, grid=(0.5, 1.0), neg_grid=(1.0,), Ms=(1,),
+                      methods=("random-sample",), stitch=False, merges=False, plots=False, progress=False,
+                      fl_merges=True, atlas=True, atlas_shots=(2,), atlas_epochs=1, linearized=True)
+    result = run_bench(cfg)
+    rows = {r["method"]: r for r in result["rows"]}
+    for label in ("AWD (task arithmetic)", "FedNova", "FedGMA (rho 0.5)", "median", "CClip (rho = min norm)",
+                  "aTLAS (per-tensor, dev-trained)", "aTLAS few-shot k=2 (task vectors)",
+                  "tangent task arithmetic (linearised fine-tunes)"):
+        assert label in rows, label
+        assert 0.0 <= rows[label]["addition"]["mean_test"] <= 1.0
+    # equal step counts: FedNova is the mean, so its dev curve at λ is task arithmetic's at λ/2 (two code paths)
+    ta, nova = rows["task arithmetic (sum)"]["addition"]["curve"], rows["FedNova"]["addition"]["curve"]
+    assert nova["1.0"] == pytest.approx(ta["0.5"]) and nova["2.0"] == pytest.approx(ta["1.0"])
+    few = rows["aTLAS few-shot k=2 (task vectors)"]["extra"]
+    assert few["target"] == "mcid" and few["from"] == ["DBPedia"]
+    assert few["train_examples"] <= 2 * fam["task"].num_classes
+    lin = rows["tangent task arithmetic (linearised fine-tunes)"]
+    assert len(lin["negation"]) == len(result["config"]["pairs"])
+    assert (fam["work"] / "finetuned" / "linear" / "mcid").is_dir()
+    assert "FedGMA (rho 0.5)" in result["markdown"]
