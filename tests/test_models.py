@@ -349,3 +349,15 @@ def test_a_model_flagged_gguf_quantised_is_saved_as_a_plain_copy(tmp_path: Path)
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(back[k], v), k
+
+
+def test_a_causal_lm_name_without_lora_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--model gemma3-270m outside the LoRA path is refused before anything is assembled or converted."""
+    from tvbasis.cli import main
+
+    for argv in (["bench", "--model", "gemma3-270m", "--work", str(tmp_path / "w")],
+                 ["finetune", "--model", "gemma3-270m", "--work", str(tmp_path / "w"), "--tasks", "mcid"]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "causal LM" in err[0] and "--lora" in err[0]
+    assert not (tmp_path / "w").exists()

@@ -67,11 +67,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _resolve_model(args: argparse.Namespace, lora: bool = False) -> tuple[str | None, bool]:
     """``--model`` NAME|DIR → (model directory or None for the default, freeze the embeddings?)."""
-    from tvbasis.eval.models import resolve_model
+    from tvbasis.eval.models import model_spec, resolve_model
 
+    named = model_spec(args.model) if args.model else None
+    if named is not None and named.lora_only and not lora:  # before any assembly or conversion
+        raise ConfigError(f"--model {named.name} is a causal LM: only its LoRA path runs here (add --lora)")
     path, spec = resolve_model(args.model)
-    if spec is not None and spec.lora_only and not lora:
-        raise ConfigError(f"--model {spec.name} is a causal LM: only its LoRA path runs here (add --lora)")
     return (None if path is None else str(path)), bool(spec and spec.freeze_embeddings)
 
 
