@@ -10,11 +10,13 @@ reference code compresses (its ``attn.in_proj``, ``attn.out_proj``, ``mlp.c_fc``
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
 from tvbasis.compress.bitdelta import is_block_linear
 from tvbasis.compress.kinds import tensor_kind
+from tvbasis.errors import ConfigError
 
 _RESBLOCK = re.compile(r"(^|\.)resblocks\.\d+\.")
 
@@ -26,3 +28,29 @@ def is_block_weight(name: str, shape: tuple[int, ...] | torch.Size) -> bool:
         return True
     return (len(shape) == 2 and name.endswith("weight") and tensor_kind(name, shape) == "matrix"
             and _RESBLOCK.search(name) is not None)
+
+
+def parse_rule_options(text: str, name: str, lower_strings: bool = False) -> dict[str, Any]:
+    """The options of a peer rule's recorded coder spec ``NAME:key=value,...`` (Delta-CoMe's, UltraDelta's):
+    booleans, ints and floats typed, other values kept as text (lower-cased with ``lower_strings``)."""
+    head, _, rest = text.strip().partition(":")
+    if head.strip().lower() != name:
+        raise ConfigError(f"not a{'n' if name[0] in 'aeiou' else ''} {name} coder spec: {text.strip()[:80]!r}")
+    opts: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{name} coder: expected key=value, got {item[:40]!r}")
+        opts[k.strip()] = _option_value(v.strip(), lower_strings)
+    return opts
+
+
+def _option_value(v: str, lower_strings: bool) -> Any:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v.lower() if lower_strings else v

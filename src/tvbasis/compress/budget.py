@@ -203,10 +203,7 @@ def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded
 
 def encode_chosen(spec: str, x: torch.Tensor) -> Encoded:
     """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors)."""
-    codec = parse_codec(spec)
-    if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
-        return lowrank_encode(codec, x.detach().float(), SVDCache(min_rank=SVD_RANK).source(0))
-    return codec.encode(x)
+    return _encode(parse_codec(spec), x.detach().float(), "chosen", SVDCache(min_rank=SVD_RANK))
 
 
 # ------------------------------------------------------------------------------------------------ allocation

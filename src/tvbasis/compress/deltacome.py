@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from tvbasis.codecs import Codec, Encoded, parse_codec
-from tvbasis.compress.blocks import is_block_weight
+from tvbasis.compress.blocks import is_block_weight, parse_rule_options
 from tvbasis.errors import ConfigError
 
 #: the paper's setting: α = 1/16 of the float16 delta, 2 triplets at 8 bits, 32 at 3 bits, the rest at 2 bits
@@ -109,16 +109,7 @@ class DeltaComeRule:
     @classmethod
     def parse(cls, text: str) -> DeltaComeRule:
         """Inverse of ``spec`` (what a store records as its residual coder)."""
-        name, _, rest = text.strip().partition(":")
-        if name.strip().lower() != "deltacome":
-            raise ConfigError(f"not a deltacome coder spec: {text.strip()[:80]!r}")
-        opts: dict[str, Any] = {}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise ConfigError(f"deltacome coder: expected key=value, got {item[:40]!r}")
-            opts[k.strip()] = _number(v.strip())
-        return cls.from_options(opts)
+        return cls.from_options(parse_rule_options(text, "deltacome"))
 
     def codec_for(self, name: str, shape: tuple[int, ...] | torch.Size) -> Codec | None:
         return deltacome_codec(name, shape, self.options)
@@ -127,15 +118,3 @@ class DeltaComeRule:
         codec = self.codec_for(name, tuple(x.shape))
         return None if codec is None else codec.encode(x)
 
-
-def _number(v: str) -> Any:
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v)
-    except ValueError:
-        return v

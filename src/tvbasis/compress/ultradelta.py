@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tvbasis.codecs import Codec, Encoded, parse_codec
-from tvbasis.compress.blocks import is_block_weight
+from tvbasis.compress.blocks import is_block_weight, parse_rule_options
 from tvbasis.errors import ConfigError
 
 #: the reference's run.sh: MASK_RATE 0.97, QUANT_BIT 4, STEP_SIZE 0.01, ADDITIONAL_FACTOR 1.0, USE_TRACE_NORM True
@@ -184,16 +184,7 @@ class UltraDeltaRule:
     @classmethod
     def parse(cls, text: str) -> UltraDeltaRule:
         """Inverse of ``spec`` (what a store records as its residual coder; the allocation is in its options)."""
-        name, _, rest = text.strip().partition(":")
-        if name.strip().lower() != "ultradelta":
-            raise ConfigError(f"not an ultradelta coder spec: {text.strip()[:80]!r}")
-        opts: dict[str, Any] = {}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
-            k, eq, v = item.partition("=")
-            if not eq:
-                raise ConfigError(f"ultradelta coder: expected key=value, got {item[:40]!r}")
-            opts[k.strip()] = _value(v.strip())
-        return cls.from_options(opts)
+        return cls.from_options(parse_rule_options(text, "ultradelta", lower_strings=True))
 
     def base_scale(self) -> float:
         """factor / density: the reference's global rescale, before the trace-norm ratio."""
@@ -217,16 +208,3 @@ class UltraDeltaRule:
         codec = self.codec_for(name, tuple(x.shape), task)
         return None if codec is None else codec.encode(x)
 
-
-def _value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v)
-    except ValueError:
-        return low

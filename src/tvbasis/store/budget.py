@@ -109,10 +109,10 @@ class MeasureTask:
         self.taskset, self.chunk_elements, self.stage = taskset, chunk_elements, stage
 
     def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float]]:
-        X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage)
+        W0 = torch.empty(self.taskset.specs[name].shape, dtype=torch.float32)
+        X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage, pretrained_out=W0)
         try:
             cands, norms2, pre2 = {}, {}, {}
-            W0 = self.taskset.pretrained.get(name).to(torch.float32)
             for t, task in enumerate(self.taskset.names):
                 x = X[t]
                 norms2[task] = float((x.double() ** 2).sum())
@@ -136,12 +136,6 @@ def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor) -> float:
     else:
         w2 = float((W0.double() ** 2).sum())
     return max(w2, float((x.double() ** 2).sum()), 1e-30)
-
-
-def choose_M(T: int, ratio: float) -> int:
-    """M of a budget store: 0 (see the module docstring: a dense basis costs T/ratio budgets; coded bases are not
-    among the allocator's choices yet)."""
-    return 0
 
 
 def measure_pass(taskset: TaskSet, run: Run, stage: Path,
@@ -190,7 +184,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     budget_bytes = b.target(fp32) if b is not None else None
     if budget_bytes is not None and budget_bytes < 1024:
         raise ConfigError(f"--budget {b.text if b else ''}: {budget_bytes} bytes cannot hold a store")
-    M = choose_M(taskset.T, (fp32 / budget_bytes) if budget_bytes else 1.0)
+    M = 0  # see the module docstring: bases are not among the allocator's choices
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if measured is not None and set(measured[1]) == set(taskset.names) and \
@@ -255,7 +249,3 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         alloc.notes.append(f"the store takes {size} B, above the budget of {budget_bytes} B")
     return store, report
 
-
-def per_task_errors(store: BasisStore) -> dict[str, float]:
-    """The store's recorded relative error per task (what the allocation predicted, measured by the build)."""
-    return {t: float(e) for t, e in zip(store.task_names, store.rel_errors)}

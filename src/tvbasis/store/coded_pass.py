@@ -59,10 +59,12 @@ def sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
     return total
 
 
-def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path) -> tuple[torch.Tensor, Path | None]:
+def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path,
+                   pretrained_out: torch.Tensor | None = None) -> tuple[torch.Tensor, Path | None]:
     """The T task-vector slices of tensor ``name`` as one (T, *shape) float32 tensor, read once in row chunks:
     in memory up to ``SCRATCH_BYTES``, else memory-mapped on a scratch file in ``stage`` (returned, for the
-    caller to unlink)."""
+    caller to unlink). ``pretrained_out`` (float32, the tensor's shape): also filled with the pretrained tensor
+    the slices were taken against, from the same reads."""
     spec = taskset.specs[name]
     T = taskset.T
     scratch = None
@@ -72,10 +74,16 @@ def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path
     else:
         X = torch.empty((T, *spec.shape), dtype=torch.float32)
     if not spec.shape:
-        X.copy_(taskset.deltas(name, None))
+        d, pre = taskset.deltas_and_pretrained(name, None)
+        X.copy_(d)
+        if pretrained_out is not None:
+            pretrained_out.copy_(pre)
         return X, scratch
     for a, b in row_chunks(spec, chunk_elements):
-        X[:, a:b] = taskset.deltas(name, (a, b))
+        d, pre = taskset.deltas_and_pretrained(name, (a, b))
+        X[:, a:b] = d
+        if pretrained_out is not None:
+            pretrained_out[a:b] = pre
     return X, scratch
 
 
