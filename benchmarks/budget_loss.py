@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from tvbasis.eval.bench import BenchConfig
-from tvbasis.eval.frontier import Config, run_frontier
+from tvbasis.bench.bench import BenchConfig
+from tvbasis.bench.frontier import Config, run_frontier
 
 
 def main() -> None:

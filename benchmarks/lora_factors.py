@@ -156,7 +156,7 @@ def synthetic(a: argparse.Namespace) -> tuple[str, dict[str, object]]:
 
 
 def real(a: argparse.Namespace) -> tuple[str, dict[str, object]]:
-    from tvbasis.eval.bench import QUICK_TASKS
+    from tvbasis.bench.bench import QUICK_TASKS
     from tvbasis.eval.finetune import FinetuneSettings, pretrained_encoder
     from tvbasis.eval.lora_finetune import LoraSettings, lora_finetune
     from tvbasis.eval.metrics import Evaluator, mean, normalized_accuracy

@@ -9,7 +9,7 @@ low-rank matrix deltas) loaded as a ``transformers.BertModel``:
 * (b) ``store.reconstruct(t).apply_to(pretrained, out=tmp)`` (what ``tvbasis get`` runs) then ``from_pretrained``;
 * (c) ``store.apply_into(model, t)`` into a model holding θ₀, from three stores of the family: a dense PCA store
   (M = T/2, no residuals), a residual store with the frontier run's ≥ 64× settings (PCA M = 1, bases through
-  ``tvbasis.eval.frontier.BASES_PLAN``, residuals through its ``lr32-int4`` plan), and a ``lora-factors`` store
+  ``tvbasis.bench.frontier.BASES_PLAN``, residuals through its ``lr32-int4`` plan), and a ``lora-factors`` store
   of T PEFT adapters (rank ``--rank`` on every linear layer of the same model); also a whole ``swapped`` round trip
   (apply, then θ₀ restored from copies).
 
@@ -136,7 +136,7 @@ STORE_KINDS = ("dense", "residual", "lora")
 
 def build_stores(fam: Any, root: Path, rank: int, kinds: tuple[str, ...] = STORE_KINDS
                  ) -> dict[str, tuple[BasisStore, float]]:
-    from tvbasis.eval.frontier import BASES_PLAN, PLANS
+    from tvbasis.bench.frontier import BASES_PLAN, PLANS
 
     run = RunOptions(progress=False)
     T = len(fam.finetuned)

@@ -130,7 +130,7 @@ def test_cli_learns_saves_and_reapplies(fam, tmp_path, capsys):
 def test_bench_rows_of_the_issue_on_a_tiny_config(fam, tmp_path):
     """The bench rows wired end to end on the session's cached 1-layer fine-tunes (the few-shot store row needs
     three tasks, so only the task-vector source runs here)."""
-    from tvbasis.eval.bench import BenchConfig, run_bench
+    from tvbasis.bench.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(tasks=TASKS, work=str(fam["work"]), out=str(tmp_path / "bench"), num_layers=1, max_train=64,
                       max_dev=8, max_test=16, max_length=MAX_LENGTH, grid=(0.5, 1.0), neg_grid=(1.0,), Ms=(1,),

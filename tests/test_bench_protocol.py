@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
+from tvbasis.bench import bench, seeds
+from tvbasis.bench.bench import BenchConfig, Row, markdown_table
+from tvbasis.bench.claims import claims_lines, claims_table
+from tvbasis.bench.plots import make_plots
+from tvbasis.bench.spread import aggregate, compare, separated
+from tvbasis.bench.task_filter import filter_tasks, majority_baseline
 from tvbasis.errors import ConfigError
-from tvbasis.eval import bench, seeds
-from tvbasis.eval.bench import BenchConfig, Row, markdown_table
-from tvbasis.eval.claims import claims_lines, claims_table
 from tvbasis.eval.finetune import FinetuneSettings, _task_record, config_hash, finetune_dir
 from tvbasis.eval.metrics import AdditionResult, Evaluator, choose_lambda
-from tvbasis.eval.plots import make_plots
-from tvbasis.eval.spread import aggregate, compare, separated
-from tvbasis.eval.task_filter import filter_tasks, majority_baseline
 from tvbasis.eval.tasks import TASK_NAMES, Split, Task
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -326,7 +326,7 @@ def test_claims_random_clusters_and_continual() -> None:
 
 
 def test_claims_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tvbasis.eval.commands import register
+    from tvbasis.cli.bench import register
 
     p = argparse.ArgumentParser(prog="tvbasis")
     register(p.add_subparsers(dest="command", required=True))
@@ -343,7 +343,7 @@ def test_claims_cli_prints_and_writes(tmp_path: Path, capsys: pytest.CaptureFixt
 def _recording_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                       ) -> tuple[argparse.ArgumentParser, list[BenchConfig]]:
     """The CLI parser with ``run_seeds`` replaced: every bench command records its BenchConfig."""
-    from tvbasis.eval.commands import register
+    from tvbasis.cli.bench import register
 
     p = argparse.ArgumentParser(prog="tvbasis")
     register(p.add_subparsers(dest="command", required=True))

@@ -1,4 +1,4 @@
-"""The continual experiment (``eval/continual.py``) on tiny models, with a stand-in scorer: the checkpoint schedule,
+"""The continual experiment (``bench/continual.py``) on tiny models, with a stand-in scorer: the checkpoint schedule,
 the stores at each step (tasks, order, bytes), the vectors handed to the scorer against sums computed here, the
 old/new split of the accuracies, bad ``first``, and the result's JSON and its claims line."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.tinymodels import dense_vector, finetune_states, pretrained_state, save_hf
+from tvbasis.bench import continual
+from tvbasis.bench.claims import _continual_line
+from tvbasis.bench.continual import checkpoint_schedule, evaluator_scorer, initial_tasks, run_continual
 from tvbasis.errors import ConfigError
-from tvbasis.eval import continual
-from tvbasis.eval.claims import _continual_line
-from tvbasis.eval.continual import checkpoint_schedule, evaluator_scorer, initial_tasks, run_continual
 from tvbasis.eval.metrics import AdditionResult
 from tvbasis.store import open_store
 

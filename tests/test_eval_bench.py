@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tvbasis.bench.bench import BenchConfig, default_pairs, markdown_table
+from tvbasis.cli.bench import register
 from tvbasis.errors import ConfigError
-from tvbasis.eval.bench import BenchConfig, default_pairs, markdown_table
-from tvbasis.eval.commands import register
 from tvbasis.eval.tasks import DOMAINS, TASK_NAMES
 
 
@@ -55,7 +55,7 @@ def test_cli_flags_parse_and_help() -> None:
     a = p.parse_args(["bench", "--full", "--m", "2", "--pairs", "banking:Yahoo,DBPedia:mcid", "--grid", "0.5:1"])
     assert a.full and a.m == "2" and a.fn.__name__ == "cmd_bench"
     assert p.parse_args(["finetune", "--tasks", "banking", "--max-train", "10"]).fn.__name__ == "cmd_finetune"
-    from tvbasis.eval.commands import _pairs
+    from tvbasis.cli.bench import _pairs
     with pytest.raises(ConfigError, match="TARGET:CONTROL"):
         _pairs("banking")
     for cmd in ("bench", "finetune"):

@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from tests.tinymodels import make_family
-from tvbasis.compress import TALL_LAMBDAS, CodecPlan, tensor_kind, truncated_svd, tsvc_compress
-from tvbasis.errors import ConfigError
-from tvbasis.eval.bench import BenchConfig, _state
-from tvbasis.eval.frontier import (
+from tvbasis.bench.bench import BenchConfig, _state
+from tvbasis.bench.frontier import (
     PEER_FAMILIES,
     PLANS,
     Config,
@@ -35,6 +33,8 @@ from tvbasis.eval.frontier import (
     pareto_front,
     run_frontier,
 )
+from tvbasis.compress import TALL_LAMBDAS, CodecPlan, tensor_kind, truncated_svd, tsvc_compress
+from tvbasis.errors import ConfigError
 from tvbasis.eval.metrics import AdditionResult, NegationResult
 from tvbasis.store import BasisStore
 from tvbasis.vectors import TaskVector
@@ -258,7 +258,7 @@ def test_table_and_plots(tmp_path: Path) -> None:
 
 
 def test_cli_flag_and_bad_m() -> None:
-    from tvbasis.eval.commands import register
+    from tvbasis.cli.bench import register
 
     p = argparse.ArgumentParser(prog="tvbasis")
     register(p.add_subparsers(dest="command", required=True))
@@ -310,7 +310,7 @@ def test_negation_fidelity_on_disk_and_budget_goals(tmp_path: Path) -> None:
 
 
 def test_select_configs() -> None:
-    from tvbasis.eval.frontier import select_configs
+    from tvbasis.bench.frontier import select_configs
 
     cs = default_configs(6)
     got = [c.label for c in select_configs(cs, ["budget", "full", "tvq"])]

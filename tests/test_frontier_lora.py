@@ -1,4 +1,4 @@
-"""The frontier's LoRA rows (``tvbasis.eval.frontier_lora``) on tiny adapters in PEFT's layout written here: every
+"""The frontier's LoRA rows (``tvbasis.bench.frontier_lora``) on tiny adapters in PEFT's layout written here: every
 row's bytes against counts computed here, the adapters' ΔW and the lora-factors row's vectors against s·B·A
 expanded here in float64, the rows assembled through a stand-in evaluator (normalized by each adapter's own
 accuracy), the table and plot, and the CLI flags. The real-model run is ``tvbasis bench --frontier --lora``."""
@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tvbasis.errors import ConfigError  # noqa: E402
-from tvbasis.eval.bench import BenchConfig  # noqa: E402
-from tvbasis.eval.frontier_lora import (  # noqa: E402
+from tvbasis.bench.bench import BenchConfig  # noqa: E402
+from tvbasis.bench.frontier_lora import (  # noqa: E402
     JOINT_DIAG_K,
     JOINT_KS,
     Adapters,
@@ -32,6 +31,7 @@ from tvbasis.eval.frontier_lora import (  # noqa: E402
     make_lora_plot,
     measure_lora,
 )
+from tvbasis.errors import ConfigError  # noqa: E402
 from tvbasis.eval.metrics import AdditionResult, NegationResult  # noqa: E402
 
 f64 = torch.float64
@@ -211,7 +211,7 @@ def test_rows_normalized_by_each_adapter(fam, tmp_path: Path) -> None:
 
 
 def test_cli_lora_flags() -> None:
-    from tvbasis.eval.commands import register
+    from tvbasis.cli.bench import register
 
     p = argparse.ArgumentParser(prog="tvbasis")
     register(p.add_subparsers(dest="command", required=True))

@@ -1,4 +1,4 @@
-"""Reading mergekit YAML configs (tvbasis.merge.mergekit): the mapping to tvbasis merges, and every refusal."""
+"""Reading mergekit YAML configs (tvbasis.interop.mergekit): the mapping to tvbasis merges, and every refusal."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from tvbasis.errors import ConfigError
-from tvbasis.merge.base import MergeSpec
-from tvbasis.merge.mergekit import (
+from tvbasis.interop.mergekit import (
     MergekitConfig,
     load_mergekit_config,
     parse_mergekit_config,
 )
+from tvbasis.merge.base import MergeSpec
 
 MODELS = ["base", "ft/a", "ft/b", "ft/c", "other/a", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2",
           "BioMistral/BioMistral-7B", "psmathur/orca_mini_v3_13b", "WizardLM/WizardLM-13B-V1.2",

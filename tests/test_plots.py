@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from tests.tinymodels import ft_args
+from tvbasis.bench import bench, plots
+from tvbasis.bench.plots import make_plots
 from tvbasis.cli import main
 from tvbasis.cli.store import cmd_inspect
 from tvbasis.errors import ConfigError
-from tvbasis.eval import bench, plots
-from tvbasis.eval.plots import cluster_order, make_plots, store_plots
+from tvbasis.eval.plots import cluster_order, store_plots
 from tvbasis.store import build_store
 
 PNG = b"\x89PNG\r\n\x1a\n"

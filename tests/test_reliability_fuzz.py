@@ -180,7 +180,7 @@ YAML_TOKENS = ["merge_method: ", "ties", "linear", "models:\n", "  - model: ", "
 @FUZZ
 @given(st.lists(st.sampled_from(YAML_TOKENS), max_size=20).map("".join))
 def test_mergekit_yaml_parses_or_refuses_in_one_line(tmp_path_factory, text):
-    from tvbasis.merge.mergekit import load_mergekit_config
+    from tvbasis.interop.mergekit import load_mergekit_config
     f = scratch() / "merge.yml"
     f.write_text(text)
     try:

@@ -77,7 +77,7 @@ def test_names():
 
 
 def test_bench_config_expands_many():
-    from tvbasis.eval.bench import BenchConfig
+    from tvbasis.bench.bench import BenchConfig
     cfg = BenchConfig(tasks=("many",), Ms=(2, 8)).resolved()
     assert cfg.tasks == subtask_names()
     a, b = cfg.pairs[0]

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         module.register(sub)
     try:
-        from tvbasis.eval.commands import register
+        from tvbasis.cli.bench import register
     except ImportError:  # the evaluation extras are optional at import time
         pass
     else:

@@ -1,7 +1,7 @@
 """Localize-and-Stitch subcommands: ``localize`` (masks file) and ``stitch`` (model directory).
 
 ``localize`` is dataless unless ``--data`` is given; the trained localizer runs on the evaluation harness's encoder,
-whose subcommand registration (``tvbasis.eval.commands``) attaches it to this parser as ``args.trained`` — so the
+whose subcommand registration (``tvbasis.cli.bench``) attaches it to this parser as ``args.trained`` — so the
 core CLI needs nothing of the eval extra, and says so clearly when ``--data`` is used without it.
 """
 

@@ -49,9 +49,9 @@ _CONFIG_EXCLUDES = ("pretrained", "finetuned", "method", "weight", "fisher", "sc
 
 
 def cmd_merge_config(args: argparse.Namespace) -> int:
-    """``merge --config merge.yml``: mergekit's YAML (tvbasis.merge.mergekit) as θ₀ + λ·merge(w_t·τ_t)."""
+    """``merge --config merge.yml``: mergekit's YAML (tvbasis.interop.mergekit) as θ₀ + λ·merge(w_t·τ_t)."""
+    from tvbasis.interop.mergekit import load_mergekit_config
     from tvbasis.io import check_output, parse_dtype
-    from tvbasis.merge.mergekit import load_mergekit_config
     from tvbasis.passes import merge_task_vectors
     given = [f"--{f.replace('_', '-')}" for f in _CONFIG_EXCLUDES if getattr(args, f, None) not in (None, False, [])]
     if given:

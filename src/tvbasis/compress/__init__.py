@@ -19,7 +19,7 @@ method is elementwise) and sums the byte counts:
 ==============  ===============================================================================================
 
 Each peer module's docstring states where it follows the paper, where the reference code differs, and what is
-not reproduced. ``tvbasis bench --frontier`` (``tvbasis.eval.frontier``) measures them all on real fine-tunes.
+not reproduced. ``tvbasis bench --frontier`` (``tvbasis.bench.frontier``) measures them all on real fine-tunes.
 """
 
 from tvbasis.compress.bitdelta import bitdelta_codec, bitdelta_tensor, is_block_linear

@@ -23,7 +23,7 @@ iv.  spectral clusters ≥ random clusters, addition, at each k (M; "eigengap": 
      (``extra.addition_at_1``).
 v.   negation error grows with reconstruction error: Spearman's ρ, per seed, between each store's negation gap
      (target accuracy through the store minus through the true vector) and the target's relative
-     reconstruction error, over every store and pair (``eval/theory.py``); "holds" when ρ > 0 separated from 0,
+     reconstruction error, over every store and pair (``bench/theory.py``); "holds" when ρ > 0 separated from 0,
      "does not hold" when ρ < 0 separated, else within noise; fewer than 3 points: not measured. A second line
      for the extended negation grid (up to λ = 3) when the run has one.
 vi.  continual add-task ≈ rebuild: from ``result["continual"]["steps"]``, a list of
@@ -38,9 +38,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tvbasis.eval.spread import compare, mean_std, values_of
+from tvbasis.bench.spread import compare, mean_std, values_of
+from tvbasis.bench.theory import negation_points, spearman_per_seed
 from tvbasis.eval.tasks import source_of
-from tvbasis.eval.theory import negation_points, spearman_per_seed
 
 BASES = ("autoencoder", "pca-paper", "cluster-mean", "cluster-ties")
 HEURISTICS = ("random", "random-sample")
@@ -228,7 +228,7 @@ def claims_table(results: list[dict], names: Sequence[str] | None = None) -> str
     lines += ["", "Verdicts: a ≥ b holds when mean_a − mean_b > std_a + std_b (sample std over seeds), does not hold "
               "when mean_b − mean_a > std_a + std_b, else within noise; with 1 seed there is no spread and every "
               "difference counts. (vi) ≈ holds unless add-task is below the rebuild by more than the spread. "
-              "not measured: the result has no rows for the claim. Definitions: src/tvbasis/eval/claims.py."]
+              "not measured: the result has no rows for the claim. Definitions: src/tvbasis/bench/claims.py."]
     return "\n".join(lines)
 
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from tvbasis.eval.bench import BenchConfig, _fmt_bytes, _pct
-from tvbasis.eval.frontier import Compressed, Config, Context, compress_store, measure, read_store
+from tvbasis.bench.bench import BenchConfig, _fmt_bytes, _pct
+from tvbasis.bench.frontier import Compressed, Config, Context, compress_store, measure, read_store
 from tvbasis.eval.metrics import mean
 
 State = dict[str, torch.Tensor]

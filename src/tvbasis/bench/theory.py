@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tvbasis.eval.spread import is_stat, spearman
+from tvbasis.bench.spread import is_stat, spearman
 
 TRUE_VECTOR = "true task vector"
 

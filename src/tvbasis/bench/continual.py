@@ -50,12 +50,12 @@ from typing import Any
 
 import torch
 
+from tvbasis.bench.states import float_state as _state
+from tvbasis.bench.states import sum_states, vector_bytes
 from tvbasis.engine import RunOptions
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.metrics import AdditionResult, Evaluator, mean
-from tvbasis.eval.states import float_state as _state
-from tvbasis.eval.states import sum_states, vector_bytes
 from tvbasis.eval.tasks import Task
 from tvbasis.store.build import build_store
 from tvbasis.store.store import BasisStore

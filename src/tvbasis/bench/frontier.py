@@ -44,6 +44,9 @@ from typing import Any, Protocol
 
 import torch
 
+from tvbasis.bench.bench import BenchConfig, _bar, _fmt_bytes, _jsonable, _pct
+from tvbasis.bench.states import float_state as _state
+from tvbasis.bench.states import vector_bytes
 from tvbasis.compress import (
     TALL_LAMBDAS,
     CodecPlan,
@@ -51,12 +54,9 @@ from tvbasis.compress import (
     tall_reconstruct,
 )
 from tvbasis.errors import ConfigError
-from tvbasis.eval.bench import BenchConfig, _bar, _fmt_bytes, _jsonable, _pct
 from tvbasis.eval.encoder import available_cores
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
-from tvbasis.eval.states import float_state as _state
-from tvbasis.eval.states import vector_bytes
 from tvbasis.eval.tasks import TASK_NAMES, load_task
 
 State = dict[str, torch.Tensor]

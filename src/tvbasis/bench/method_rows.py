@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from tvbasis.bench.states import float_state, sum_states
 from tvbasis.eval.atlas import AtlasSettings, learn_coefficients
 from tvbasis.eval.finetune import FinetuneResult, FinetuneSettings, finetune
 from tvbasis.eval.finetune_modes import linearized
 from tvbasis.eval.metrics import AdditionResult, Evaluator, NegationResult, mean, normalized_accuracy
-from tvbasis.eval.states import float_state, sum_states
 from tvbasis.eval.tasks import Split, Task
 
 States = Mapping[str, Mapping[str, torch.Tensor]]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from tvbasis.bases import cosine_from_gram, spectral_clusters
+from tvbasis.bench.states import float_state as _state
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.localize import TrainedLocalizeSettings, localize_trained
 from tvbasis.eval.metrics import AdditionResult, Evaluator, mean, normalized_accuracy
-from tvbasis.eval.states import float_state as _state
 from tvbasis.eval.tasks import Task
 from tvbasis.stitch import MaskSet, derive, localize, localized_vector, stitch
 

@@ -23,12 +23,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from tvbasis.eval import bench
+from tvbasis.bench import bench
+from tvbasis.bench.plots import make_plots
+from tvbasis.bench.spread import STD_KIND, aggregate, means_view
+from tvbasis.bench.stitch_rows import stitch_markdown
+from tvbasis.bench.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.eval.finetune import ensure_writable
-from tvbasis.eval.plots import make_plots
-from tvbasis.eval.spread import STD_KIND, aggregate, means_view
-from tvbasis.eval.stitch_rows import stitch_markdown
-from tvbasis.eval.task_filter import TaskFilterReport, filter_tasks
 
 log = logging.getLogger(__name__)
 

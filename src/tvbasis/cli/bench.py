@@ -121,7 +121,7 @@ def _finetune_lora(args: argparse.Namespace, tasks: list[str], model_dir: str | 
             how = "cached" if r.reused else f"trained in {r.meta.get('train', {}).get('seconds', '?')} s"
             print(f"{name}: {r.path} ({how})")
         return 0
-    from tvbasis.eval.frontier_lora import lora_settings
+    from tvbasis.bench.frontier_lora import lora_settings
     from tvbasis.eval.lora_finetune import lora_finetune_tasks
 
     results = lora_finetune_tasks(tasks, args.work, settings, lora_settings(args.lora_rank), force=args.force,
@@ -137,7 +137,7 @@ def cmd_claims(paths: list[str], out: str | None) -> int:
     import json
     from pathlib import Path
 
-    from tvbasis.eval.claims import benchmark_name, claims_table
+    from tvbasis.bench.claims import benchmark_name, claims_table
 
     results = []
     for p in paths:
@@ -154,9 +154,9 @@ def cmd_claims(paths: list[str], out: str | None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tvbasis.eval.bench import EXTENDED_NEG_GRID, BenchConfig, summary_line
+    from tvbasis.bench.bench import EXTENDED_NEG_GRID, BenchConfig, summary_line
+    from tvbasis.bench.task_filter import report_lines
     from tvbasis.eval.metrics import parse_grid
-    from tvbasis.eval.task_filter import report_lines
 
     if args.claims:
         return cmd_claims(args.claims, args.out)
@@ -228,12 +228,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         cfg = BenchConfig(**overrides)
     if args.frontier:
-        from tvbasis.eval import frontier
+        from tvbasis.bench import frontier
         if args.full:
             cfg = frontier.frontier_full_protocol(**overrides)
         extra = None
         if args.lora:
-            from tvbasis.eval.frontier_lora import LoraRows, lora_settings
+            from tvbasis.bench.frontier_lora import LoraRows, lora_settings
             extra = LoraRows(lora_settings(8 if args.lora_rank is None else args.lora_rank))
         configs = None
         if args.rows:
@@ -243,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = frontier.run_frontier(cfg, configs=configs, Ms=overrides.get("Ms"), extra=extra)
         print(result["markdown"] + "\n\n" + frontier.summary_line(result))
         return 0
-    from tvbasis.eval import seeds
+    from tvbasis.bench import seeds
     result = seeds.run_seeds(cfg)
     print(result["markdown"])
     print()

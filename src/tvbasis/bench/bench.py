@@ -26,8 +26,8 @@ fractions of the task count; ``--ks 2,4,8,16,eigengap`` the cluster rows' k, wit
 as the random-cluster control and every cluster row's addition at coefficient 1 (``extra.addition_at_1``); every
 other store's addition both as Σ_m s_m and as Σ_t v̂_t (``extra.addition_modes``); ``--continual`` the continual
 add-task experiment (eval/continual.py, ``result["continual"]``). ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
-majority-label baseline on dev (``eval/task_filter.py``); ``--seeds K`` repeats the run over K seeds
-(``eval/seeds.py``).
+majority-label baseline on dev (``bench/task_filter.py``); ``--seeds K`` repeats the run over K seeds
+(``bench/seeds.py``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ from typing import Any
 
 import torch
 
+from tvbasis.bench.method_rows import atlas_rows, linearized_rows, merge_rows
+from tvbasis.bench.plots import make_plots
+from tvbasis.bench.spread import compare, fmt, is_stat, mean_of, means_view, values_of
+from tvbasis.bench.states import float_state as _state
+from tvbasis.bench.states import sum_states, vector_bytes
+from tvbasis.bench.stitch_rows import stitch_markdown, stitch_rows
+from tvbasis.bench.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.finetune import FinetuneSettings, ensure_writable, finetune, pretrained_encoder
-from tvbasis.eval.method_rows import atlas_rows, linearized_rows, merge_rows
 from tvbasis.eval.metrics import (
     DEFAULT_GRID,
     AdditionResult,
@@ -56,12 +62,6 @@ from tvbasis.eval.metrics import (
     mean,
     normalized_accuracy,
 )
-from tvbasis.eval.plots import make_plots
-from tvbasis.eval.spread import compare, fmt, is_stat, mean_of, means_view, values_of
-from tvbasis.eval.states import float_state as _state
-from tvbasis.eval.states import sum_states, vector_bytes
-from tvbasis.eval.stitch_rows import stitch_markdown, stitch_rows
-from tvbasis.eval.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.eval.tasks import DOMAINS, MANY, TASK_NAMES, Task, canonical_name, expand_task_names, load_task
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 
 def finetuned_dev_accuracies(config: BenchConfig) -> tuple[dict[str, Task], dict[str, float]]:
     """The tasks of ``config`` and each fine-tune's dev accuracy on its own task (fine-tuned or reused from the
-    cache): what the bad-task filter needs, before a multi-seed run (``eval/seeds.py``)."""
+    cache): what the bad-task filter needs, before a multi-seed run (``bench/seeds.py``)."""
     from tvbasis.vectors import TaskVector
 
     cfg = config.resolved()
@@ -543,7 +543,7 @@ def run_continual_rows(cfg: BenchConfig, work: Any, pre_dir: Any, ft_dirs: Mappi
     the run's seed (so seeds differ in order as well as in fine-tunes)."""
     import random
 
-    from tvbasis.eval.continual import evaluator_scorer, run_continual
+    from tvbasis.bench.continual import evaluator_scorer, run_continual
 
     method, options = BASIS_METHODS[cfg.continual_method]
     options = dict(options)
