@@ -29,7 +29,13 @@ def pack_uint(codes: torch.Tensor, width: int) -> torch.Tensor:
     v = codes.reshape(-1)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << width):
         raise ValueError(f"pack_uint: codes must lie in [0, {1 << width}) for width {width}")
-    v = v.to(torch.uint8)
+    return pack_uint_unchecked(v, width)
+
+
+def pack_uint_unchecked(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """:func:`pack_uint` for codes the caller guarantees lie in ``[0, 2**width)`` (no range scan)."""
+    _check_width(width)
+    v = codes.reshape(-1).to(torch.uint8)
     if width == 8:
         return v.clone()
     if width not in _DIVIDING:

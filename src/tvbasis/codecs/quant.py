@@ -28,7 +28,7 @@ import torch
 
 from tvbasis.codecs import base
 from tvbasis.codecs.base import Codec, expect_numel, to_fp16
-from tvbasis.codecs.bits import pack_uint, packed_size, unpack_uint
+from tvbasis.codecs.bits import pack_uint_unchecked, packed_size, unpack_uint
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
 
@@ -62,29 +62,37 @@ class _IntQuant(Codec):
         scale = torch.empty(n_groups, dtype=torch.float16, device=x.device)
         mins = torch.empty(n_groups, dtype=torch.float16, device=x.device) if self.affine else None
         gpc = self._groups_per_chunk()
+        signed8 = bits == 8 and mins is None  # symmetric int8 stores the signed code itself
+        if signed8:
+            q = q.view(torch.int8)
         for g0 in range(0, n_groups, gpc):
             g1 = min(g0 + gpc, n_groups)
             e0, e1 = g0 * group, min(g1 * group, n)
             v = _padded_groups(flat[e0:e1], group)
+            codes = torch.empty_like(v)  # one temporary per chunk, every step in place
             if mins is None:
                 qmax = (1 << (bits - 1)) - 1
-                s16 = to_fp16(v.abs().amax(dim=1) / qmax, self.name, "a group scale", "ceil")
+                s16 = to_fp16(_absmax(v) / qmax, self.name, "a group scale", "ceil")
                 s = _safe(s16.float())
-                codes = torch.round(v / s[:, None]).clamp_(-qmax, qmax) + qmax
+                torch.div(v, s[:, None], out=codes).round_().clamp_(-qmax, qmax)
+                if not signed8:
+                    codes.add_(qmax)
             else:
                 levels = (1 << bits) - 1
                 m16 = to_fp16(v.amin(dim=1), self.name, "a group minimum", "floor")
                 m = m16.float()
                 s16 = to_fp16((v.amax(dim=1) - m) / levels, self.name, "a group scale", "ceil")
                 s = _safe(s16.float())
-                codes = torch.round((v - m[:, None]) / s[:, None]).clamp_(0, levels)
+                torch.sub(v, m[:, None], out=codes).div_(s[:, None]).round_().clamp_(0, levels)
                 mins[g0:g1] = m16
             scale[g0:g1] = s16
-            packed = pack_uint(codes.reshape(-1)[: e1 - e0].to(torch.uint8), width)
+            flat_codes = codes.reshape(-1)[: e1 - e0]
             b0 = e0 * width // 8
+            if signed8:
+                q[e0:e1] = flat_codes  # float -> int8 on assignment (the codes are integers in [-127, 127])
+                continue
+            packed = _pack_codes(flat_codes.to(torch.uint8), width)
             q[b0:b0 + packed.numel()] = packed
-        if bits == 8 and mins is None:
-            q = (q.to(torch.int16) - 127).to(torch.int8)  # symmetric int8 stores the signed code itself
         tensors = {"q": q, "scale": scale}
         if mins is not None:
             tensors["min"] = mins
@@ -101,22 +109,31 @@ class _IntQuant(Codec):
             raise ValueError(f"codec {self.spec!r}: stored minima do not match the scheme")
         if mins is not None:
             expect_numel(mins, groups, self.name, "minima")
-        if bits == 8 and mins is None:
-            q = (q.to(torch.int16) + 127).to(torch.uint8)
+        signed8 = bits == 8 and mins is None
+        if signed8:
+            q = q.view(torch.int8) if q.dtype == torch.uint8 else q.to(torch.int8)
         n_groups = scale.numel()
         out = torch.empty(n, dtype=torch.float32, device=q.device)
         gpc = self._groups_per_chunk()
+        qoff = float((1 << (bits - 1)) - 1)
         for g0 in range(0, n_groups, gpc):
             g1 = min(g0 + gpc, n_groups)
             e0, e1 = g0 * group, min(g1 * group, n)
-            b0 = e0 * width // 8
-            codes = unpack_uint(q[b0:b0 + packed_size(e1 - e0, width)], width, e1 - e0).float()
-            codes = torch.nn.functional.pad(codes, (0, (g1 - g0) * group - (e1 - e0))).view(-1, group)
+            if signed8:
+                codes = q[e0:e1].float()
+            else:
+                b0 = e0 * width // 8
+                codes = unpack_uint(q[b0:b0 + packed_size(e1 - e0, width)], width, e1 - e0).float()
+            if (g1 - g0) * group != e1 - e0:
+                codes = torch.nn.functional.pad(codes, (0, (g1 - g0) * group - (e1 - e0)))
+            v = codes.view(-1, group)
             s = scale[g0:g1].float()[:, None]
             if mins is None:
-                v = (codes - ((1 << (bits - 1)) - 1)) * s
+                if not signed8:
+                    v.sub_(qoff)
+                v.mul_(s)
             else:
-                v = codes * s + mins[g0:g1].float()[:, None]
+                v.mul_(s).add_(mins[g0:g1].float()[:, None])
             out[e0:e1] = v.reshape(-1)[: e1 - e0]
         return out
 
@@ -127,6 +144,16 @@ def _padded_groups(seg: torch.Tensor, group: int) -> torch.Tensor:
     if pad:
         seg = torch.cat([seg, seg[-1:].expand(pad)])
     return seg.view(-1, group)
+
+
+def _absmax(v: torch.Tensor) -> torch.Tensor:
+    """max |x| per row of a (groups, group) tensor, as max(max x, −min x): two reductions, no |x| temporary."""
+    return torch.maximum(v.amax(dim=1), v.amin(dim=1).neg_())
+
+
+def _pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """``pack_uint`` for codes already clamped into range (the range check would scan them twice more)."""
+    return codes if width == 8 else pack_uint_unchecked(codes, width)
 
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
