@@ -58,7 +58,7 @@ from common import (
 )
 from tvbasis import RunOptions, build_store
 from tvbasis.store import BasisStore
-from tvbasis.store.factor import build_lora_store
+from tvbasis.store import build_lora_store
 
 LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
           "intermediate.dense", "output.dense")

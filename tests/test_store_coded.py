@@ -21,7 +21,7 @@ from tvbasis.cli import main
 from tvbasis.errors import ConfigError, StoreError
 from tvbasis.io import open_checkpoint
 from tvbasis.merge import MergeSpec
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, add_task, build_store
 from tvbasis.store.format import manifest_digest
 
@@ -142,7 +142,7 @@ def names_of(fts: dict, n: int | None = None) -> dict:
 def stored_vhat(store: BasisStore, t: int, name: str) -> torch.Tensor:
     """Σ_m W[m, t]·s_m (+ mean_coef[t]·μ) from the store's dense bases/mean files read as plain safetensors
     (not through BasisStore) and the fit recorded in the manifest: the v̂_t a residual is relative to."""
-    fit = store.fits[store.group_of.get(name, ALL)]
+    fit = store.fits[store.group_of.get(name, WHOLE_VECTOR)]
     root = store.root
     [bfile] = [f for f in store.manifest.files.bases]
     S = open_checkpoint(root / bfile).get(name).double()
@@ -329,7 +329,7 @@ def test_int8_residual_error_within_half_a_step_of_its_group(fam, tmp_path):
     vs = true_vectors(pre, sds)
     store = build_store(pre_p, fts, "autoencoder", 2, tmp_path / "s", {"steps": 200}, residual="int8")
     assert store.manifest.coded.residual_codec == "int8:group=128,scheme=symmetric"
-    fit = store.fits[ALL]
+    fit = store.fits[WHOLE_VECTOR]
     worst = 0.0
     for t, name in enumerate(store.task_names):
         got = recon(store, name)
@@ -698,7 +698,7 @@ def test_sharded_coded_files_read_the_same(fam4, tmp_path):
 
 # ------------------------------------------------------------------------------------------ 10. scratch path
 def test_memory_mapped_scratch_gives_the_same_store(fam4, tmp_path, monkeypatch):
-    import tvbasis.store.coded_pass as cp
+    import tvbasis.store.residual_pass as cp
     pre_p, fts, *_ = fam4
     mem = build_store(pre_p, fts, "pca", 2, tmp_path / "mem", residual="lowrank:rank=2+int8")
     calls = []

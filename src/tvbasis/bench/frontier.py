@@ -17,7 +17,7 @@ read back task by task with ``reconstruct`` (``store_args`` maps a row to its bu
 
 Configurations (``default_configs``): the full float32 task vectors; the peers as store methods — TALL masks
 (λ_t from the paper's grid, chosen per task on dev), TSV-C (1/T of the singular triplets per 2-D tensor), TVQ
-int4/int3/int2, RTVQ B3O2, BitDelta (``tvbasis.store.peers``); tvbasis at M = 0 — each task through a per-kind
+int4/int3/int2, RTVQ B3O2, BitDelta (``tvbasis.store.methods.per_task``); tvbasis at M = 0 — each task through a per-kind
 codec plan at several budgets (``PLANS``) — and at M ∈ {1, 2, 4} — a PCA store for the shared part, its bases
 through a codec plan (``--codec``), plus per-task residuals r_t = v_t − v̂_t against those coded bases, through a
 plan (``--residual``); and one PCA store alone (no residual). Families get a Pareto front each in the plots.

@@ -137,8 +137,7 @@ def adapter_deltas(pre_dir: str | Path, dirs: Mapping[str, str | Path]) -> tuple
 def compress_lora(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     """The T compressed ΔW of one LoRA row (``ctx``: a ``LoraContext``)."""
     from tvbasis.engine import RunOptions
-    from tvbasis.store import build_store
-    from tvbasis.store.factor import build_lora_store
+    from tvbasis.store import build_lora_store, build_store
 
     assert isinstance(ctx, LoraContext)
     p = dict(config.params)

@@ -111,10 +111,13 @@ def build_plan(pretrained: str, finetuned: Mapping[str, str], method: str, M: in
     """``build --dry-run``: the models read, the store's parts (M bases, the PCA mean, T coded residuals) by
     tensor kind with their codec and size."""
     from tvbasis.compress.plan import Coder
+    from tvbasis.store.methods import get_store_method, store_method_names
     from tvbasis.taskset import TaskSet
     ts = TaskSet.open(pretrained, finetuned, include, exclude)
     out_dtype = _dtype(dtype)
     specs = list(ts.specs.values())
+    known = get_store_method(method) if method in store_method_names() else None  # else chosen by --budget
+    fits = known if known is not None and known.fits_bases else None  # a basis method: -M bases fitted
     read = _checkpoint_bytes(ts.pretrained, ts.specs) + sum(_checkpoint_bytes(ft, ts.specs) for ft in ts.finetuned)
     plan: dict[str, Any] = {
         "method": method, "T": ts.T, "M": M if M is not None else "from the eigengap (after the Gram pass)",
@@ -130,16 +133,16 @@ def build_plan(pretrained: str, finetuned: Mapping[str, str], method: str, M: in
         rows = kind_rows(specs, out_dtype, bases_coder, copies=m)
         plan["bases"] = rows
         parts["bases"] = sum(r.get("coded_bytes", r["dense_bytes"]) for r in rows)
-        if method == "pca":
+        if fits is not None and fits.stores_mean:
             mean_rows = kind_rows(specs, out_dtype, bases_coder)
             parts["mean"] = sum(r.get("coded_bytes", r["dense_bytes"]) for r in mean_rows)
-    elif m is None and method in ("cluster", "autoencoder", "pca", "random", "random-sample"):
+    elif m is None and fits is not None:
         plan["bytes_per_basis"] = sum(s.numel * (out_dtype or s.dtype).itemsize for s in specs)
     if residual:
         rows = kind_rows(specs, torch.float32, Coder(residual, ts.T), copies=ts.T)
         plan["residuals"] = rows
         parts["residuals"] = sum(r.get("coded_bytes", 0) for r in rows)
-    if method not in ("autoencoder", "pca", "cluster", "random", "random-sample") and not residual:
+    if fits is None and not residual:
         plan["M"] = M
         warnings.append(f"--method {method}: the store's size depends on the data (and the choices a --budget or "
                         "--quality build makes); only the inputs are planned")

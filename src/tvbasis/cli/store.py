@@ -35,54 +35,61 @@ from tvbasis.cli.common import (
 from tvbasis.errors import ConfigError
 
 
-def _basis_options(args: argparse.Namespace) -> dict[str, Any]:
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``--method`` from ``--option`` and the flags that set one option each."""
     from tvbasis.merge import parse_merge_params
     opts: dict[str, Any] = parse_merge_params(list(args.option or []))
-    if args.method == "cluster":
-        if args.inner:
-            opts["inner"] = args.inner
-        inner_params = parse_merge_params(list(args.inner_param or []))
-        if args.density is not None:
-            inner_params["density"] = args.density
-        if inner_params:
-            opts["inner_params"] = inner_params
-    elif args.inner or args.inner_param:
-        raise ConfigError("--inner/--inner-param only apply to --method cluster")
-    if args.seed is not None:
-        opts["seed"] = args.seed
-    if args.steps is not None:
-        opts["steps"] = args.steps
+    if args.inner:
+        opts["inner"] = args.inner
+    inner_params = parse_merge_params(list(args.inner_param or []))
+    if args.density is not None:
+        inner_params["density"] = args.density
+    if inner_params:
+        opts["inner_params"] = inner_params
+    for flag in ("seed", "steps", "k", "cores", "clusters", "affinity", "refine", "factor_codec"):
+        if getattr(args, flag, None) is not None:
+            opts[flag] = getattr(args, flag)
     return opts
 
 
-#: flags of ``build`` that a LoRA store (lora-factors, lora-joint) does not take, and the LoRA-only ones
-_NOT_LORA = ("M", "residual", "codec", "layerwise", "inner", "inner_param", "density", "fisher", "seed", "steps",
-             "option", "dtype", "include", "exclude")
-_LORA_ONLY = ("k", "cores", "clusters", "affinity", "refine", "factor_codec")
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    return getattr(args, flag, None) not in (None, False, [])
 
 
-def _build_lora(args: argparse.Namespace, ft: dict[str, str]) -> Any:
-    from tvbasis.store.factor import build_lora_store
-    given = [f for f in _NOT_LORA if getattr(args, f, None) not in (None, False, [])]
-    if given:
-        raise ConfigError(f"--method {args.method} builds from LoRA adapters in factor space; "
-                          f"--{given[0].replace('_', '-')} does not apply")
-    method = args.method.removeprefix("lora-")
-    return build_lora_store(args.pretrained, ft, args.out, method=method, k=args.k,
-                            cores=args.cores or "full", clusters=args.clusters or 1,
-                            affinity=args.affinity or "cosine", refine=args.refine or 0,
-                            factor_codec=args.factor_codec, max_shard_size=args.max_shard_size, force=args.force,
-                            run=run_options(args), lock_timeout=args.lock_timeout)
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse a method-specific flag that ``--method`` does not take (each method lists its flags)."""
+    from tvbasis.store.methods import METHOD_FLAGS, get_store_method, methods_taking
+    method = get_store_method(args.method)
+    for flag, shown in METHOD_FLAGS.items():
+        if flag in method.flags or not _given(args, flag):
+            continue
+        if method.flags_refused_because is not None:
+            raise ConfigError(f"--method {args.method} {method.flags_refused_because}; {shown} does not apply")
+        raise ConfigError(f"{shown} applies to --method {' / '.join(methods_taking(flag))}")
 
 
-#: flags of ``build`` that a ``--budget``/``--quality`` build chooses itself
-_BUDGET_CHOOSES = ("method", "M", "residual", "codec", "layerwise", "inner", "inner_param", "density", "fisher",
-                   "seed", "steps", "option", "dtype", *_LORA_ONLY)
+def store_spec(args: argparse.Namespace) -> Any:
+    """The ``StoreSpec`` of ``tvbasis build``'s flags."""
+    from tvbasis.store import StoreSpec
+    return StoreSpec(args.method, M=args.M, options=_method_options(args), layerwise=bool(args.layerwise),
+                     residual=args.residual, codec=args.codec, dtype=args.dtype,
+                     include=tuple(args.include) if args.include else None,
+                     exclude=tuple(args.exclude) if args.exclude else None,
+                     fisher=pairs(args.fisher, "--fisher") or None)
+
+
+def write_options(args: argparse.Namespace) -> Any:
+    from tvbasis.store import WriteOptions
+    return WriteOptions(max_shard_size=args.max_shard_size, force=args.force, lock_timeout=args.lock_timeout)
+
+
+def _method_flags() -> tuple[str, ...]:
+    from tvbasis.store.methods import METHOD_FLAGS
+    return tuple(METHOD_FLAGS)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tvbasis.store import build_store
-    from tvbasis.store.peers import LORA_METHODS
+    from tvbasis.store.builders import builder_of
     ft = finetuned(args.finetuned)
     if (rc := dry_run(args, lambda: _build_plan(args, ft))) is not None:
         return rc
@@ -90,24 +97,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _build_budget(args, ft)
     if args.method is None:
         raise ConfigError("give --method (how to store the tasks), or --budget/--quality to let tvbasis choose")
-    if args.method in LORA_METHODS:
-        return _report_build(args, _build_lora(args, ft))
-    lora_only = [f for f in _LORA_ONLY if getattr(args, f, None) is not None]
-    if lora_only:
-        raise ConfigError(f"--{lora_only[0].replace('_', '-')} applies to --method lora-factors / lora-joint")
-    if args.method == "ultradelta":  # its sparsity allocation needs statistics passes before the build
-        from tvbasis.store.ultradelta import build_ultradelta_store
-        if args.layerwise or args.residual or args.codec or args.M not in (None, 0):
-            raise ConfigError("--method ultradelta codes every task its own way (M = 0); --layerwise, --residual, "
-                              "--codec and -M do not apply")
-        return _report_build(args, build_ultradelta_store(
-            args.pretrained, ft, args.out, _basis_options(args), args.include, args.exclude, args.dtype,
-            args.max_shard_size, args.force, run_options(args), lock_timeout=args.lock_timeout))
-    store = build_store(args.pretrained, ft, args.method, args.M, args.out, _basis_options(args), args.layerwise,
-                        args.dtype, args.include, args.exclude, args.max_shard_size, args.force, run_options(args),
-                        fisher=pairs(args.fisher, "--fisher") or None, lock_timeout=args.lock_timeout,
-                        residual=args.residual, codec=args.codec)
-    return _report_build(args, store)
+    _check_flags(args)
+    build = builder_of(args.method)
+    return _report_build(args, build(args.pretrained, ft, store_spec(args), args.out, run_options(args),
+                                     write_options(args)))
 
 
 def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
@@ -115,7 +108,7 @@ def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
     from tvbasis.store.budget import build_budget_store
     if args.budget is not None and args.quality is not None:
         raise ConfigError("give --budget or --quality, not both")
-    given = [f for f in _BUDGET_CHOOSES if getattr(args, f, None) not in (None, False, [])]
+    given = [f for f in ("method", *_method_flags()) if _given(args, f)]
     if given:
         raise ConfigError(f"--budget/--quality choose the method, codecs and ranks themselves; "
                           f"--{given[0].replace('_', '-')} does not apply")
@@ -270,7 +263,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --out FILE (a task vector) or --peft-dir DIR (a PEFT adapter)")
     store = BasisStore.open(args.store)
     if args.peft_dir is not None:
-        from tvbasis.store.factor import export_peft
+        from tvbasis.store.methods.lora_factor_space import export_peft
         if args.dtype:
             raise ConfigError("--dtype applies to --out; a PEFT adapter is written in float32")
         out = export_peft(store, args.task, args.peft_dir, args.pretrained, force=args.force)
@@ -400,8 +393,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from tvbasis.bases import BASIS_METHODS
-    from tvbasis.store.peers import LORA_AFFINITIES, LORA_CORES, LORA_METHODS, PEER_METHODS
+    from tvbasis.store.methods import get_store_method, store_method_names
+    from tvbasis.store.methods.lora import LORA_AFFINITIES, LORA_CORES
     s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
                        description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
     s.add_argument("--pretrained", required=True)
@@ -414,9 +407,9 @@ def register(sub: Any) -> None:
                    "which every task keeps at least Q of its task vector's energy (1 - relative error²), e.g. 0.9")
     s.add_argument("--json", action="store_true", help="print the store's summary and any warning as one JSON "
                    "object (docs/cli-json.md); with --budget/--quality the report and plan")
-    s.add_argument("--method", choices=[*sorted(BASIS_METHODS), *PEER_METHODS, *LORA_METHODS],
-                   help="a basis method, or a per-task compressor as a store: tall (TALL masks; --option "
-                   "lambda=0.4), tsvc (TSV-C: 1/T of each matrix's singular triplets)")
+    s.add_argument("--method", choices=store_method_names(),
+                   help="how the tasks are stored (tvbasis.store.methods): "
+                   + "; ".join(f"{n}: {get_store_method(n).summary}" for n in store_method_names()))
     s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap); "
                    "0 with --residual: no bases, every task through the residual codec alone")
     s.add_argument("--residual", metavar="CODEC",

@@ -63,7 +63,7 @@ from tvbasis.io import (
 )
 from tvbasis.io.atomic import AtomicOutput, check_not_input, temp_path
 from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, Manifest
 from tvbasis.store.build import StoreLayout, output_path
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
@@ -415,8 +415,8 @@ def _write(tvb: TvbFolder, pre: Any, specs: list[TensorSpec], dtype_of: dict[str
     manifest = Manifest(
         method="autoencoder" if tvb.method == AE else "pca",
         options=_options(tvb),
-        M=M, T=T, layerwise=False, task_like=tvb.method == AE, tasks=tasks, groups={ALL: fit}, group_of={},
-        cross={ALL: Cross(C, K)}, gram=G, group_grams={},
+        M=M, T=T, layerwise=False, task_like=tvb.method == AE, tasks=tasks, groups={WHOLE_VECTOR: fit}, group_of={},
+        cross={WHOLE_VECTOR: Cross(C, K)}, gram=G, group_grams={},
         pretrained=PretrainedRef(str(pre.root_dir or pre.path), structure_fingerprint(pre),
                                  combine_digests(digests), chunk),
         tensors=[TensorSpec(s.name, s.shape, s.dtype) for s in specs],

@@ -24,8 +24,9 @@ from tvbasis.passes.gram import cross_of, gram_of, row_sq_norms
 from tvbasis.passes.merge import fisher_rows, merge_tensor
 from tvbasis.taskset import Item, TaskSet
 
-#: the group name of a store that is not layer-wise
-ALL = "*"
+#: the one layer group of a store that is not layer-wise: every tensor, fitted on the whole task vector
+#: (a layer-wise store names its groups after layers, ``taskset.layer_group``)
+WHOLE_VECTOR = "*"
 #: per-task elements of one row chunk when non-linear bases are written and measured
 MERGE_ROWS_ELEMENTS = 2 * 2**20
 
@@ -50,7 +51,7 @@ class MaterialiseTask:
 
     def __call__(self, item: Item) -> Measured:
         name, a, b = item
-        fit = self.fits[self.group_of.get(name, ALL)]
+        fit = self.fits[self.group_of.get(name, WHOLE_VECTOR)]
         if fit.is_merged:
             return self._merged(name, fit)
         spec = self.taskset.specs[name]
@@ -62,7 +63,7 @@ class MaterialiseTask:
         """Write rows starting at ``a`` of s: the M bases (M, rows, ...), then μ as row M when the fit has a mean
         (PCA); return C, K and direct errors. Consumes x (the residuals are formed in place)."""
         spec = self.taskset.specs[name]
-        group = self.group_of.get(name, ALL)
+        group = self.group_of.get(name, WHOLE_VECTOR)
         dtype = self.dtype_of[name]
         stored = s.to(dtype)
         check_finite(stored, f"{self.label} ({'bases' if fit.stores_bases else 'random bases'})", name)
@@ -89,7 +90,7 @@ class MaterialiseTask:
         assert fit.labels is not None and fit.inner is not None
         spec = self.taskset.specs[name]
         rows_of = (lambda a, b: (a, b)) if spec.shape else (lambda a, b: None)
-        th = self.thresholds.get(self.group_of.get(name, ALL))
+        th = self.thresholds.get(self.group_of.get(name, WHOLE_VECTOR))
         labels = np.asarray(fit.labels)
         bases = []
         for m in range(fit.M):
@@ -113,4 +114,4 @@ class MaterialiseTask:
             _, c, k, _ = self._store_and_measure(name, fit, a, s, x)
             C += c
             K += k
-        return self.group_of.get(name, ALL), C, K, np.zeros(0)
+        return self.group_of.get(name, WHOLE_VECTOR), C, K, np.zeros(0)

@@ -43,7 +43,7 @@ import torch
 from tvbasis.errors import ConfigError, StoreError, TensorMismatchError, TvbasisError
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_digests
 from tvbasis.io.specs import TensorSpec
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.format import NONE_CODEC, entry_key
 
 #: a ``tvbasis.store.store.BasisStore`` (not imported here: store.py delegates to this module, imports go one way)
@@ -125,7 +125,7 @@ def accumulate(store: BasisStore, name: str, acc: torch.Tensor, coefs: Mapping[s
     alive; see the module docstring for what is read and decoded."""
     st = steps or Steps()
     spec = store.specs[name]
-    g = store.group_of.get(name, ALL)
+    g = store.group_of.get(name, WHOLE_VECTOR)
     c = np.asarray(coefs[g], dtype=np.float64) * scale
     dev = acc.device
     if store.masks:

@@ -50,7 +50,7 @@ from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
 from tvbasis.io.atomic import temp_path
 from tvbasis.store.build import build_store, output_path
-from tvbasis.store.coded_pass import stacked_deltas
+from tvbasis.store.residual_pass import stacked_deltas
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
 

@@ -10,9 +10,9 @@ inside an input.
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterable, Mapping
+import functools
+import warnings
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,43 +21,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.bases import BasisFit, BasisMethod, check_M, get_basis_method
+from tvbasis.bases import BasisFit, BasisMethod, check_M
 from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.engine.local import LocalEngine
 from tvbasis.errors import ConfigError
-from tvbasis.io import (
-    Checkpoint,
-    TensorSpec,
-    check_output,
-    cleanup_stale_temps,
-    dtype_name,
-    parse_dtype,
-    plan_shards,
-)
-from tvbasis.io.atomic import check_not_input, temp_path
+from tvbasis.io import Checkpoint, TensorSpec, check_output, dtype_name, parse_dtype, plan_shards
+from tvbasis.io.atomic import check_not_input
 from tvbasis.io.checksum import structure_fingerprint
 from tvbasis.io.writer import PositionalShard
 from tvbasis.merge import MergeSpec, get_merger
-from tvbasis.passes import ALL, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
-from tvbasis.store.coded import CodedWriter
-from tvbasis.store.coded_pass import CodedMaterialiseTask
-from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
+from tvbasis.passes import WHOLE_VECTOR, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
+from tvbasis.store.commit import Staging, commit_new_store, output_kind, output_path, store_lock
 from tvbasis.store.faults import fault_point
 from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry, coded_keys
 from tvbasis.store.integrity import digest_file
 from tvbasis.store.layout import file_names
-from tvbasis.store.peers import (
-    LORA_METHODS,
-    PEER_METHODS,
-    check_peer_options,
-    peer_fit,
-    peer_plan,
-    tall_lambdas,
-    zero_fit,
-)
+from tvbasis.store.methods import FACTOR_SPACE, MASK, StorePlan, get_store_method, zero_fit
+from tvbasis.store.residual_pass import ResidualMaterialiseTask
+from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
-from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet, layer_group
+from tvbasis.taskset import TaskSet, layer_group
 
 
 class StoreLayout:
@@ -109,14 +93,6 @@ def fit_groups(basis: BasisMethod, groups: Mapping[str, np.ndarray], M: int | No
     return fits
 
 
-def output_path(out: str | Path) -> Path:
-    """``out`` made absolute (``.`` and ``..`` resolved lexically, symlinks kept); refuses a path with no name."""
-    p = Path(os.path.abspath(os.path.expanduser(str(out))))
-    if not p.name:
-        raise ConfigError(f"--out {out}: not a usable output path")
-    return p
-
-
 def _input_paths(*items: object) -> list[Path]:
     out = []
     for x in items:
@@ -129,62 +105,86 @@ def _input_paths(*items: object) -> list[Path]:
     return out
 
 
-def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint], method: str,
-                M: int | None, out: str | Path, options: Mapping[str, Any] | None = None, layerwise: bool = False,
-                dtype: str | torch.dtype | None = None, include: Iterable[str] | None = None,
-                exclude: Iterable[str] | None = None, max_shard_size: int | str = "5GB", force: bool = False,
-                run: Run = None, chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
-                fisher: Mapping[str, str | Path] | None = None,
-                lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT, residual: str | Coder | None = None,
-                codec: str | None = None) -> BasisStore:
-    """Fit a basis of the T fine-tunes and write it as a store at ``out`` (atomically; see the module docstring).
+#: the parameters of the keyword form of ``build_store`` before ``StoreSpec`` (deprecated; one release)
+_LEGACY_PARAMS = ("pretrained", "finetuned", "method", "M", "out", "options", "layerwise", "dtype", "include",
+                  "exclude", "max_shard_size", "force", "run", "chunk_elements", "fisher", "lock_timeout", "residual",
+                  "codec")
+_SPEC_FIELDS = ("method", "M", "options", "layerwise", "dtype", "include", "exclude", "fisher", "residual", "codec")
+_WRITE_FIELDS = ("max_shard_size", "force", "chunk_elements", "lock_timeout")
 
-    ``fisher`` (task -> diagonal Fisher safetensors) is needed by a cluster basis with ``inner="fisher"``.
-    ``lock_timeout``: seconds to wait for another writer of an existing store at ``out`` (``force``).
-    ``residual``: also store every task's residual r_t = v_t − v̂_t through this coder (a codec spec, a codec plan
-    ``KIND=SPEC;…`` or ``tsvc``), so each task comes back as v̂_t + r̂_t; with ``M = 0`` there are no bases and every
-    task lies in its residual alone. ``codec``: store the bases (and mean) through this coder instead of densely.
-    ``method`` may also be ``tall`` (TALL masks) or ``tsvc`` (TSV-C), see ``store.peers``."""
+
+def _legacy_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The new form's arguments of a call in the old keyword form (``build_store(pre, ft, "pca", 2, out, …)``),
+    with a DeprecationWarning; None for a call in the new form."""
+    if not (len(args) >= 3 and isinstance(args[2], str)) and not (set(kwargs) & {*_SPEC_FIELDS, *_WRITE_FIELDS}):
+        return None
+    if len(args) > len(_LEGACY_PARAMS):
+        raise TypeError(f"build_store() takes at most {len(_LEGACY_PARAMS)} arguments in its old form")
+    given = dict(zip(_LEGACY_PARAMS, args))
+    twice = set(given) & set(kwargs)
+    unknown = set(kwargs) - set(_LEGACY_PARAMS)
+    if twice or unknown:
+        raise TypeError(f"build_store(): {'repeated' if twice else 'unknown'} argument(s) "
+                        f"{sorted(twice or unknown)}")
+    given.update(kwargs)
+    for need in ("pretrained", "finetuned", "method", "out"):
+        if need not in given:
+            raise TypeError(f"build_store() missing argument {need!r}")
+    warnings.warn("build_store(pretrained, finetuned, method, M, out, options, …) is deprecated and will be removed "
+                  "in the next release: pass build_store(pretrained, finetuned, StoreSpec(method, M, …), out, run, "
+                  "WriteOptions(…))", DeprecationWarning, stacklevel=3)
+    spec = StoreSpec(**{k: given[k] for k in _SPEC_FIELDS if k in given and given[k] is not None})
+    write = WriteOptions(**{k: given[k] for k in _WRITE_FIELDS if k in given})
+    return given["pretrained"], given["finetuned"], spec, given["out"], given.get("run"), write
+
+
+def _accepts_the_old_form(fn: Callable[..., BasisStore]) -> Callable[..., BasisStore]:
+    @functools.wraps(fn)
+    def build(*args: Any, **kwargs: Any) -> BasisStore:
+        new = _legacy_call(args, kwargs)
+        return fn(*args, **kwargs) if new is None else fn(*new)
+
+    return build
+
+
+@_accepts_the_old_form
+def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
+                spec: StoreSpec, out: str | Path, run: Run = None, write: WriteOptions | None = None) -> BasisStore:
+    """Build a store of the T fine-tunes as ``spec`` says (its method, ``store.methods``) and write it at ``out``
+    (atomically, as ``write`` says; see the module docstring); ``run``: where it runs.
+
+    A basis method fits M bases from the Gram matrix; ``spec.residual`` also stores every task's residual
+    r_t = v_t − v̂_t through that coder (a codec spec, a codec plan ``KIND=SPEC;…`` or ``tsvc``), so each task
+    comes back as v̂_t + r̂_t; with ``M = 0`` there are no bases and every task lies in its residual alone;
+    ``spec.codec`` stores the bases (and mean) through that coder instead of densely. A per-task compressor
+    (``tall``, ``tsvc``, …: ``store.methods.per_task``) fixes all of these itself.
+
+    The old form ``build_store(pretrained, finetuned, method, M, out, options, …)`` still works for one release,
+    with a DeprecationWarning."""
+    write = write or WriteOptions()
     out = output_path(out)
-    if method in LORA_METHODS:
-        raise ConfigError(f"--method {method} builds from LoRA adapters in factor space: use "
-                          "tvbasis.store.factor.build_lora_store")
+    method = get_store_method(spec.method)
+    if method.builder == FACTOR_SPACE:
+        raise ConfigError(f"--method {spec.method} builds from LoRA adapters in factor space: use "
+                          "tvbasis.store.methods.lora_factor_space.build_lora_store")
     opts = as_run(run)
     T_given = len(finetuned)
-    peer = method in PEER_METHODS
-    plan = None
-    if peer:
-        if layerwise:
-            raise ConfigError(f"--method {method} is not layer-wise")
-        if residual is not None or codec is not None:
-            raise ConfigError(f"--method {method} codes every task its own way; --residual and --codec do not apply")
-        basis = None
-        peer_options = check_peer_options(method, dict(options or {}), list(finetuned))
-        plan = peer_plan(method, peer_options)
-        if M is not None and M != plan.M:
-            raise ConfigError(f"--method {method} stores {plan.M} shared vector(s); -M must be {plan.M} or omitted")
-        M, residual, codec = plan.M, plan.residual, plan.codec
-    else:
-        basis = get_basis_method(method, **dict(options or {}))
-        peer_options = {}
-    coders = _coders(residual, codec, T_given, M)
+    options = method.check(dict(spec.options or {}), list(finetuned))
+    plan = method.plan(options, list(finetuned), spec.M, spec.residual, spec.codec, spec.layerwise)
+    coders = _coders(plan.residual, plan.codec, T_given, plan.M)
     fisher_ckpts = None
-    if basis is None:
-        if fisher:
-            raise ConfigError("--fisher is only used by --method cluster --inner fisher")
-    elif method == "cluster" and get_merger_needs_fisher(basis):
-        fisher_ckpts = open_fisher(fisher, list(finetuned), "--inner fisher")
-    elif fisher:
+    if plan.basis is not None and "inner" in plan.basis.params and get_merger_needs_fisher(plan.basis):
+        fisher_ckpts = open_fisher(spec.fisher, list(finetuned), "--inner fisher")
+    elif spec.fisher:
         raise ConfigError("--fisher is only used by --method cluster --inner fisher")
-    check_not_input(out, _input_paths(pretrained, *finetuned.values(), *(fisher or {}).values()))
-    kind = output_kind(out, force)
+    check_not_input(out, _input_paths(pretrained, *finetuned.values(), *(spec.fisher or {}).values()))
+    kind = output_kind(out, write.force)
     check_output(out, True)  # the parent exists and is writable
-    taskset = TaskSet.open(pretrained, finetuned, include, exclude)
-    if M is not None and not peer and not (M == 0 and coders.residual is not None):
-        check_M(M, taskset.T, method)
-    with store_lock(out, lock_timeout) if kind == "store" else nullcontext():
-        return _build(taskset, basis, method, M, out, kind, force, layerwise, dtype, include, exclude, max_shard_size,
-                      opts, chunk_elements, fisher_ckpts, finetuned, lock_timeout, coders, peer_options)
+    taskset = TaskSet.open(pretrained, finetuned, spec.include, spec.exclude)
+    if plan.M is not None and plan.basis is not None and not (plan.M == 0 and coders.residual is not None):
+        check_M(plan.M, taskset.T, spec.method)
+    with store_lock(out, write.lock_timeout) if kind == "store" else nullcontext():
+        return _build(taskset, spec, plan, out, kind, write, opts, fisher_ckpts, finetuned, coders)
 
 
 @dataclass
@@ -210,16 +210,16 @@ def _coders(residual: str | Coder | None, codec: str | None, T: int, M: int | No
     return out
 
 
-def _fits(basis: BasisMethod | None, method: str, groups: Mapping[str, np.ndarray], M: int | None, T: int,
+def _fits(plan: StorePlan, method: str, groups: Mapping[str, np.ndarray], T: int,
           coders: _Coders) -> dict[str, BasisFit]:
-    if method in PEER_METHODS:
-        fits = {g: peer_fit(method, T) for g in groups}
-    elif M == 0 or basis is None:
+    if plan.fit is not None:
+        fits = {g: plan.fit(T) for g in groups}
+    elif plan.M == 0 or plan.basis is None:
         fits = {g: zero_fit(T) for g in groups}
     else:
-        fits = fit_groups(basis, groups, M)
+        fits = fit_groups(plan.basis, groups, plan.M)
     first = next(iter(fits.values()))
-    if coders.any or method == "tall":
+    if plan.coded:
         what = "--residual" if coders.residual is not None else "--codec"
         if first.random_seed is not None:
             raise ConfigError(f"{what}: random bases are regenerated from their seed, not stored, and their "
@@ -233,45 +233,40 @@ def _fits(basis: BasisMethod | None, method: str, groups: Mapping[str, np.ndarra
     return fits
 
 
-def _build(taskset: TaskSet, basis: BasisMethod | None, method: str, M: int | None, out: Path, kind: str,
-           force: bool, layerwise: bool, dtype: str | torch.dtype | None, include: Iterable[str] | None,
-           exclude: Iterable[str] | None, max_shard_size: int | str, opts: Any, chunk_elements: int | None,
-           fisher_ckpts: list[Checkpoint] | None, finetuned: Mapping[str, Any],
-           lock_timeout: float | None, coders: _Coders, peer_options: dict[str, Any]) -> BasisStore:
+def _build(taskset: TaskSet, spec: StoreSpec, plan: StorePlan, out: Path, kind: str, write: WriteOptions,
+           opts: Any, fisher_ckpts: list[Checkpoint] | None, finetuned: Mapping[str, Any],
+           coders: _Coders) -> BasisStore:
     eng = opts.get_engine()
-    gram = compute_gram(taskset, opts, layer_group if layerwise else None, chunk_elements)
+    gram = compute_gram(taskset, opts, layer_group if spec.layerwise else None, write.chunk_elements)
     zero = [taskset.names[t] for t in range(taskset.T) if gram.G[t, t] == 0]
     if zero:
         raise ConfigError(f"fine-tune(s) {zero} equal the pretrained model (zero task vector)")
-    groups = dict(gram.group_grams) if layerwise else {ALL: gram.G}
-    group_of = dict(gram.group_of) if layerwise else {}
-    fits = _fits(basis, method, groups, M, taskset.T, coders)
+    groups = dict(gram.group_grams) if spec.layerwise else {WHOLE_VECTOR: gram.G}
+    group_of = dict(gram.group_of) if spec.layerwise else {}
+    fits = _fits(plan, spec.method, groups, taskset.T, coders)
     first = next(iter(fits.values()))
-    coded = coders.any or method == "tall"
-    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    coded = plan.coded
+    out_dtype = parse_dtype(spec.dtype) if isinstance(spec.dtype, str) or spec.dtype is None else spec.dtype
     dtype_of = {n: (out_dtype or s.dtype) for n, s in taskset.specs.items()}
     specs = list(taskset.specs.values())
     dense = coders.bases is None
     layout = StoreLayout(specs, first.M, dtype_of, with_bases=first.stores_bases and first.M > 0 and dense,
-                         with_mean=first.has_mean and dense, max_shard_size=max_shard_size)
-    cleanup_stale_temps(out.parent, out.name)
-    tmp = temp_path(out)
-    tmp.mkdir()
-    writer = None
-    try:
+                         with_mean=first.has_mean and dense, max_shard_size=write.max_shard_size)
+    with Staging.new_store(out) as stage:
+        tmp = stage.dir
         bases, means = layout.create(tmp)
         total = sum(s.numel for s in specs)
         T, nU = taskset.T, first.n_stored
-        if coded:
-            writer = CodedWriter(tmp, max_shard_size)
+        writer = stage.coded_writer(write.max_shard_size) if coded else None
+        if writer is not None:
             items = [(s.name, 0, s.shape[0] if s.shape else 1) for s in specs]
-            lambdas = tall_lambdas(peer_options, taskset.names) if method == "tall" else None
-            task: Any = CodedMaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total, tmp,
-                                             coders.bases, coders.residual, lambdas, gram.chunk_elements,
-                                             label=str(out), sink=writer if isinstance(eng, LocalEngine) else None)
+            task: Any = ResidualMaterialiseTask(taskset, fits, group_of, dtype_of, bases, means, opts.device, total,
+                                                tmp, coders.bases, coders.residual, plan.mask_lambdas,
+                                                gram.chunk_elements, label=str(out),
+                                                sink=writer if isinstance(eng, LocalEngine) else None)
             sizes = [taskset.T * s.numel * 4 for s in specs]
         else:
-            thresholds = _inner_thresholds(taskset, fits, group_of, eng, chunk_elements)
+            thresholds = _inner_thresholds(taskset, fits, group_of, eng, write.chunk_elements)
             # merged bases are merged whole per tensor (chunked inside the work unit when big)
             items = ([(s.name, 0, s.shape[0] if s.shape else 1) for s in specs] if first.is_merged
                      else taskset.items(gram.chunk_elements))
@@ -300,29 +295,20 @@ def _build(taskset: TaskSet, basis: BasisMethod | None, method: str, M: int | No
                 err2 += fit.squared_errors(groups[g], C[g], K[g])
         norms = gram.norms
         rel = np.sqrt(np.clip(err2, 0.0, None)) / np.where(norms > 0, norms, 1.0)
-        options = dict(basis.params) if basis is not None else peer_options
-        task_like = bool(basis.task_like) if basis is not None else peer_plan(method, peer_options).task_like
-        manifest = _manifest(options, task_like, method, first.M, layerwise, taskset, finetuned, gram, fits,
-                             group_of, C, K, norms, rel, dtype_of, layout, include, exclude)
+        manifest = _manifest(plan, spec, first.M, taskset, finetuned, gram, fits, group_of, C, K, norms, rel,
+                             dtype_of, layout)
         if writer is not None:
-            per_task = method == "tall" or coders.residual is not None
-            order = coded_keys(taskset.names, [s.name for s in specs], first.M, first.has_mean, per_task,
-                               coders.bases is not None)
+            order = coded_keys(taskset.names, [s.name for s in specs], first.M, first.has_mean,
+                               plan.per_task_entries, coders.bases is not None)
             manifest.files.coded, section = writer.finish(order)
-            writer = None
-            section.mode = "mask" if method == "tall" else "add"
+            section.mode = plan.mode
             section.bases_codec = coders.bases.spec if coders.bases is not None else None
-            section.residual_codec = ("mask" if method == "tall" else coders.residual.spec if coders.residual
+            section.residual_codec = (plan.mode if plan.mode == MASK else coders.residual.spec if coders.residual
                                       else None)
             manifest.coded = section
         manifest.digests = layout.digests(tmp, manifest, gram.chunk_elements)
         manifest.write(tmp)
-        commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        commit_new_store(tmp, out, manifest, kind, write.force, write.lock_timeout)
     return BasisStore.open(out)
 
 
@@ -343,16 +329,15 @@ def _inner_thresholds(taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: 
         if not merger.needs_global_thresholds:
             continue
         assert merger.density is not None
-        names = {n for n in taskset.specs if group_of.get(n, ALL) == g}
+        names = {n for n in taskset.specs if group_of.get(n, WHOLE_VECTOR) == g}
         out[g] = taskset_thresholds(taskset, eng, merger.density, names, chunk_elements, desc="trim thresholds")
     return out
 
 
-def _manifest(options: dict[str, Any], task_like: bool, method: str, M: int, layerwise: bool, taskset: TaskSet,
-              finetuned: Mapping[str, Any], gram: GramResult, fits: Mapping[str, BasisFit],
-              group_of: Mapping[str, str], C: Mapping[str, np.ndarray], K: Mapping[str, np.ndarray],
-              norms: np.ndarray, rel: np.ndarray, dtype_of: Mapping[str, torch.dtype], layout: StoreLayout,
-              include: Iterable[str] | None, exclude: Iterable[str] | None) -> Manifest:
+def _manifest(plan: StorePlan, spec: StoreSpec, M: int, taskset: TaskSet, finetuned: Mapping[str, Any],
+              gram: GramResult, fits: Mapping[str, BasisFit], group_of: Mapping[str, str],
+              C: Mapping[str, np.ndarray], K: Mapping[str, np.ndarray], norms: np.ndarray, rel: np.ndarray,
+              dtype_of: Mapping[str, torch.dtype], layout: StoreLayout) -> Manifest:
     pre = taskset.pretrained
     T = taskset.T
     tasks = [TaskEntry(n, str(getattr(finetuned[n], "path", finetuned[n])), float(norms[t]), float(rel[t]))
@@ -363,15 +348,15 @@ def _manifest(options: dict[str, Any], task_like: bool, method: str, M: int, lay
         if fit.inner is not None:
             fit.inner = MergeSpec(fit.inner.method, dict(get_merger(fit.inner).params))
     return Manifest(
-        method=method, options=options, M=M, T=T, layerwise=layerwise, task_like=task_like,
+        method=spec.method, options=plan.options, M=M, T=T, layerwise=spec.layerwise, task_like=plan.task_like,
         tasks=tasks, member_counts=first.cluster_sizes() if first.labels is not None else None,
         groups=dict(fits), group_of=dict(group_of),
         cross={g: Cross(C[g], K[g]) for g in fits}, gram=gram.G,
-        group_grams=dict(gram.group_grams) if layerwise else {},
+        group_grams=dict(gram.group_grams) if spec.layerwise else {},
         pretrained=PretrainedRef(str(pre.root_dir or pre.path), structure_fingerprint(pre), gram.pretrained_checksum,
                                  gram.chunk_elements),
         tensors=list(taskset.specs.values()),
         store_dtypes={n: dtype_name(d) for n, d in dtype_of.items()},
         files=StoreFiles(layout.bases_files, layout.mean_files),
         task_vectors_bytes=T * sum(s.numel * dtype_of[s.name].itemsize for s in taskset.specs.values()),
-        include=list(include or []), exclude=list(exclude or []))
+        include=list(spec.include or []), exclude=list(spec.exclude or []))

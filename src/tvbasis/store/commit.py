@@ -22,16 +22,17 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 
 import filelock
 
 from tvbasis.errors import ConfigError, OutputExistsError, StoreError
 from tvbasis.io import cleanup_stale_temps, fsync_dir, rename_noreplace
 from tvbasis.io.atomic import _TEMP_RE, fsync_tree, replace_atomically, temp_path, unmark_temp
-from tvbasis.store.coded import CodedData
+from tvbasis.store.coded import CodedData, CodedWriter
 from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.faults import fault_point, interrupts_deferred
 from tvbasis.store.format import MANIFEST, Digests, Manifest
@@ -169,6 +170,51 @@ def validate_store_dir(root: Path, manifest: Manifest, out: Path, new_files: set
                                            else ""))
 
 
+# ---------------------------------------------------------------------------------------------------- staging
+class Staging:
+    """The one staging directory of a write: ``Staging.new_store(out)`` for a whole new store (a temporary sibling
+    of ``out``, left over ones of dead processes removed first), ``Staging.generation(root, part)`` for the data
+    files of a store's next generation (a temporary inside the store). Used as a context: on any exception every
+    coded writer it made is aborted and the directory removed; on leaving it the directory is removed too (a new
+    store has been moved out of it by then, a generation's files moved into the store)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._writers: list[CodedWriter] = []
+
+    @classmethod
+    def new_store(cls, out: Path) -> Staging:
+        cleanup_stale_temps(out.parent, out.name)
+        return cls(temp_path(out))
+
+    @classmethod
+    def generation(cls, root: Path, part: str) -> Staging:
+        return cls(temp_path(root / part))
+
+    def coded_writer(self, max_shard_size: int | str) -> CodedWriter:
+        """A writer of coded files in this directory (aborted with it)."""
+        writer = CodedWriter(self.dir, max_shard_size)
+        self._writers.append(writer)
+        return writer
+
+    def files(self, names: Iterable[str]) -> dict[str, Path]:
+        """Data file name -> its staged path (``commit_generation``'s ``staged``)."""
+        return {f: self.dir / f for f in names}
+
+    def __enter__(self) -> Staging:
+        self.dir.mkdir()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if kind is not None:
+                for writer in self._writers:
+                    writer.abort()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------- commits
 def _move(src: Path, dst: Path) -> None:
     try:
@@ -234,6 +280,14 @@ def commit_generation(root: Path, manifest: Manifest, staged: Mapping[str, Path]
         fsync_dir(root)
     fault_point("committed")
     return manifest
+
+
+def output_path(out: str | Path) -> Path:
+    """``out`` made absolute (``.`` and ``..`` resolved lexically, symlinks kept); refuses a path with no name."""
+    p = Path(os.path.abspath(os.path.expanduser(str(out))))
+    if not p.name:
+        raise ConfigError(f"--out {out}: not a usable output path")
+    return p
 
 
 def output_kind(out: Path, force: bool) -> str:

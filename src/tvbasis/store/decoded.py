@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tvbasis.errors import StoreError, TvbasisError
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.coded import CodedData
 from tvbasis.store.format import Manifest, entry_key
 from tvbasis.store.integrity import StoreData
@@ -116,7 +116,7 @@ def plausibility_problems(root: Path, mf: Manifest, data: StoreData, coded: Code
 def _groups(mf: Manifest) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {g: [] for g in mf.groups}
     for s in mf.tensors:
-        out[mf.group_of.get(s.name, ALL)].append(s.name)
+        out[mf.group_of.get(s.name, WHOLE_VECTOR)].append(s.name)
     return out
 
 

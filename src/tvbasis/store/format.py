@@ -38,17 +38,17 @@ import numpy as np
 import torch
 
 from tvbasis._version import __version__
-from tvbasis.bases import BASIS_METHODS, BasisFit, get_basis_method
+from tvbasis.bases import BasisFit
 from tvbasis.codecs import parse_codec
 from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import TensorSpec, dtype_name, fsync_dir
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.paths import plain_name_problem
 from tvbasis.merge import MergeSpec, get_merger
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.faults import fault_point
 from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
-from tvbasis.store.peers import LORA_METHODS, PEER_METHODS, check_peer_options
+from tvbasis.store.methods import StoredFacts, get_store_method, store_method_names
 from tvbasis.untrusted import load_json
 
 FORMAT = "tvbasis.basis_store"
@@ -303,9 +303,6 @@ class Digests:
 #: ``joint`` — v_t ≈ U_c Σ_t V_cᵀ per tensor (lora-joint: shared bases ``shared/{c}/{param}`` of the task's
 #: cluster c and the task's core; entries of other codecs are decoded and added as they are)
 CODED_MODES = ("add", "mask", "joint")
-#: entry kinds of a coded section: ``bases/{m}/{param}``, ``mean/{param}``, ``residual/{task}/{param}``,
-#: ``shared/{cluster}/{param}`` (mode ``joint``)
-ENTRY_KINDS = ("bases", "mean", "residual", "shared")
 #: pseudo-codecs of mode ``joint`` (not registered codecs: an entry of them is read with its shared bases):
 #: a shared entry stores ``u`` (rows × k_out) and ``v`` (cols × k_in); a core entry stores ``core``
 #: (k_out × k_in, or k for diagonal cores)
@@ -507,16 +504,14 @@ class Manifest:
                 raise StoreError(f"{where}: the manifest does not match its recorded digest (field "
                                  "'manifest_sha256'): it was edited or is corrupt")
         method = c.str_(c.get(d, "method", ""), "method")
-        if method not in BASIS_METHODS and method not in PEER_METHODS and method not in LORA_METHODS:
-            raise c.fail("method", f"names an unknown basis method {method[:80]!r}")
+        if method not in store_method_names():
+            raise c.fail("method", f"names an unknown store method {method[:80]!r}")
+        kind = get_store_method(method)
         options = c.obj(c.get(d, "options", "") if version >= 2 else (d.get("options") or {}), "options")
         M = c.int_(c.get(d, "M", ""), "M", 0)
         tasks = [_task(c, t, i) for i, t in enumerate(_list(c, c.get(d, "tasks", ""), "tasks"))]
         try:
-            if method in PEER_METHODS or method in LORA_METHODS:
-                check_peer_options(method, options, [t.name for t in tasks])
-            else:
-                get_basis_method(method, **options)
+            kind.check(options, [t.name for t in tasks])
         except (TvbasisError, TypeError, ValueError) as e:
             raise c.fail("options", f"are not valid options of {method!r}: {e}") from None
         T = len(tasks)
@@ -536,12 +531,12 @@ class Manifest:
             if (f.stores_bases, f.has_mean, f.labels is None) != (first.stores_bases, first.has_mean,
                                                                    first.labels is None):
                 raise c.fail(f"groups.{g}", "stores other vectors than the first group")
-        n_clusters, what = (int(options["clusters"]), "options.clusters") if method == "lora-joint" else (M, "M")
+        n_clusters, what = kind.cluster_count(options, M)
         for i, t in enumerate(tasks):
             if t.cluster is not None and t.cluster >= n_clusters:
                 raise c.fail(f"tasks[{i}].cluster", f"must be < {what} = {n_clusters}, got {t.cluster}")
-            if method == "lora-joint" and t.cluster is None:
-                raise c.fail(f"tasks[{i}].cluster", "is missing: every task of a lora-joint store has a cluster")
+            if kind.requires_clusters() and t.cluster is None:
+                raise c.fail(f"tasks[{i}].cluster", f"is missing: every task of a {method} store has a cluster")
         nU = first.n_stored
         cross_raw = c.obj(c.get(d, "cross", ""), "cross")
         if set(cross_raw) != set(groups):
@@ -579,7 +574,7 @@ class Manifest:
             raise c.fail("tensors", "repeats a tensor name")
         specs = {s.name: s for s in tensors}
         for name in specs:
-            if group_of.get(name, ALL) not in groups:
+            if group_of.get(name, WHOLE_VECTOR) not in groups:
                 raise c.fail("group_of", f"gives tensor {name[:80]!r} no group of 'groups'")
         for name in group_of:
             if name not in specs:
@@ -610,17 +605,13 @@ class Manifest:
             raise c.fail("files.coded", "lists files, but the manifest has no 'coded' section")
         if M == 0 and (coded is None or coded.residual_codec is None):
             raise c.fail("M", "is 0 (no bases), which only a store with per-task coded entries ('coded') can be")
-        if method == "tall" and (M != 1 or coded is None or coded.mode != "mask" or first.has_mean):
-            raise c.fail("coded", "of a tall store must be per-task masks (mode 'mask') over M = 1 stored vector")
-        if coded is not None and coded.mode == "mask" and method != "tall":
-            raise c.fail("coded.mode", "'mask' belongs to tall stores")
-        if method in LORA_METHODS:
-            want_mode = "joint" if method == "lora-joint" else "add"
-            if M != 0 or coded is None or coded.mode != want_mode or coded.bases_codec is not None:
-                raise c.fail("coded", f"of a {method} store must be per-task entries of mode {want_mode!r} with "
-                             "M = 0 and no coded bases")
-        elif coded is not None and coded.mode == "joint":
-            raise c.fail("coded.mode", "'joint' belongs to lora-joint stores")
+        problem = kind.problem(StoredFacts(options, M, first.has_mean, None if coded is None else coded.mode,
+                                           coded is not None and coded.bases_codec is not None))
+        if problem is not None:
+            raise c.fail(*problem)
+        if coded is not None and coded.mode not in kind.coded_modes:
+            owners = [m for m in store_method_names() if coded.mode in get_store_method(m).coded_modes]
+            raise c.fail("coded.mode", f"{coded.mode!r} belongs to {' / '.join(owners)} stores")
         dense_bases = first.stores_bases and M > 0 and (coded is None or coded.bases_codec is None)
         if dense_bases != bool(files.bases):
             raise c.fail("files.bases", "is empty, but the bases are stored" if dense_bases else

@@ -26,7 +26,6 @@ import torch
 from tvbasis.io import TensorSpec, row_chunks
 from tvbasis.io.writer import header_for, shard_names
 
-PARTS = ("bases", "mean", "coded")
 SHARD_METADATA = {"format": "pt"}
 SHARD_RE = re.compile(r"^(?P<part>bases|mean|coded)(?:\.g(?P<gen>[1-9][0-9]{0,8}))?(?P<shard>-[0-9]{5}-of-[0-9]{5})?"
                       r"\.safetensors$")

@@ -27,16 +27,20 @@ valid task name (the rules of add-task's names), a store without digests (``tvba
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from tvbasis.errors import ConfigError
-from tvbasis.io.atomic import temp_path
-from tvbasis.store.coded import CodedWriter
-from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_generation, next_generation, remove_leftovers, store_lock
+from tvbasis.store.commit import (
+    DEFAULT_LOCK_TIMEOUT,
+    Staging,
+    commit_generation,
+    next_generation,
+    remove_leftovers,
+    store_lock,
+)
 from tvbasis.store.format import NONE_CODEC, Manifest, entry_key, task_name_problem
 from tvbasis.store.store import BasisStore
 from tvbasis.store.update import DEFAULT_CODED_SHARD, needs_digests
@@ -166,10 +170,8 @@ def _commit(store: BasisStore, new: Manifest, keys: Mapping[str, str | None]) ->
     affected = sorted({mf.coded.entries[k].file for k in keys})
     moved = [k for k, e in mf.coded.entries.items() if e.file in affected]
     gen = next_generation(store.root, mf)
-    stage = temp_path(store.root / "coded")
-    stage.mkdir()
-    writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
-    try:
+    with Staging.generation(store.root, "coded") as stage:
+        writer = stage.coded_writer(DEFAULT_CODED_SHARD)
         order = []
         for k in moved:
             target = keys[k] if k in keys else k
@@ -195,10 +197,5 @@ def _commit(store: BasisStore, new: Manifest, keys: Mapping[str, str | None]) ->
             new.coded.files.update(section.files)
             new.coded.entries.update(section.entries)
             new.files.coded = [*new.files.coded, *files]
-        commit_generation(store.root, new, {f: stage / f for f in files})
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        commit_generation(store.root, new, stage.files(files))
     return BasisStore.open(store.root)

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tvbasis.io.lora import ADAPTER_WEIGHTS, is_adapter
+from tvbasis.store.methods import get_store_method
 from tvbasis.store.store import BasisStore
 
 __all__ = ["USELESS_ERROR", "adapter_bytes", "error_warnings", "unknown_errors", "why_above_one"]
@@ -36,12 +37,9 @@ def unknown_errors(store: BasisStore) -> list[str]:
 
 def why_above_one(store: BasisStore) -> str:
     """Why this kind of store can reconstruct a task further from its vector than zero is."""
-    if store.method == "tall" or store.masks:
-        return ("a TALL store gives m_t ⊙ τ_MTL, the multi-task vector on this task's mask; where the other tasks "
-                "outweigh this one on those coordinates it points away from τ_t")
-    if store.method == "pca":
-        return ("PCA reconstructs the tasks' mean plus M components; a task far from the others (or one folded in "
-                "by add-task, which keeps the old mean and bases) can end further from its vector than zero")
+    why = get_store_method(store.method).error_above_one
+    if why is not None:
+        return why
     return "its reconstruction points partly away from its vector (a lossy codec, an inner merge or an estimate)"
 
 

@@ -22,7 +22,7 @@ from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
 from tvbasis.io import Checkpoint
 from tvbasis.io.checksum import check_pretrained_structure
 from tvbasis.merge import MergeContext, MergeSpec, get_merger
-from tvbasis.passes import ALL, operand_thresholds
+from tvbasis.passes import WHOLE_VECTOR, operand_thresholds
 from tvbasis.store.coded import CodedData
 from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.format import MANIFEST, MAX_MANIFEST_BYTES, Manifest, entry_key
@@ -164,7 +164,7 @@ class BasisStore:
     def bases_rows(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """(M, *shape) float32 bases of one parameter (or rows [a, b) of each)."""
         spec = self.specs[name]
-        fit = self.fits[self.group_of.get(name, ALL)]
+        fit = self.fits[self.group_of.get(name, WHOLE_VECTOR)]
         a, b = rows if rows is not None else (0, spec.shape[0] if spec.shape else 1)
         if fit.random_seed is not None:
             return random_rows(fit.random_seed, name, spec.shape, self.M, self.total_params, a, b)
@@ -180,7 +180,7 @@ class BasisStore:
         """The stored mean μ of tensor ``name`` (PCA stores), or rows ``rows`` of it, in float32; None when the
         store (or this tensor's layer group) keeps no mean."""
         if self.manifest.bases_coded:
-            if not self.fits[self.group_of.get(name, ALL)].has_mean:
+            if not self.fits[self.group_of.get(name, WHOLE_VECTOR)].has_mean:
                 return None
             assert self.coded is not None
             mu = self.coded.decode(entry_key("mean", name))
@@ -403,7 +403,7 @@ class _Combination(Producer):
         self.inputs = (store.root,)
 
     def __call__(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        g = self.store.group_of.get(name, ALL)
+        g = self.store.group_of.get(name, WHOLE_VECTOR)
         S = self.store.bases_rows(name, rows)
         c = torch.as_tensor(self.coefs[g], dtype=torch.float32)
         out = torch.tensordot(c, S, dims=1)
@@ -460,7 +460,7 @@ class _Operands:
         S = self.store.bases_rows(name)
         if self.idx is None:
             return S
-        fit = self.store.fits[self.store.group_of.get(name, ALL)]
+        fit = self.store.fits[self.store.group_of.get(name, WHOLE_VECTOR)]
         Wf = torch.as_tensor(fit.W[:, self.idx].T, dtype=torch.float32)  # (T', M)
         out = torch.tensordot(Wf, S, dims=1)
         if fit.mean_coef is not None:

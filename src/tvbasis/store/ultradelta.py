@@ -1,4 +1,4 @@
-"""``tvbasis build --method ultradelta``: UltraDelta's statistics passes, then an ordinary peer build.
+"""``tvbasis build --method ultradelta``: UltraDelta's statistics passes, then an ordinary per-task build.
 
 UltraDelta (``tvbasis.compress.ultradelta``) decides per task from the whole task vector: how sparse each layer is
 (from the standard deviations of every layer's quantised delta) and how much the task is scaled (from the trace
@@ -10,9 +10,9 @@ two passes of a coded store:
 2. **Trace norms** (``trace_norm=true``): per (task, 2-D target tensor) the nuclear norm of the compressed,
    rescaled delta (the ``ultra`` codec at the allocated density and the base scale factor/density, decoded, its
    singular values summed) → per task the ratio min tr / tr_t (``trace_ratios``).
-3. ``build_store(..., method="ultradelta", options={…, "allocation": …, "scales": …})``: the Gram and the coded
+3. ``build_store(…, StoreSpec("ultradelta", options={…, "allocation": …, "scales": …}), …)``: the Gram and the coded
    materialisation pass, every task coded by ``Coder.with_rule(UltraDeltaRule)`` — so the store opens, verifies,
-   reconstructs, edits and records its allocation like any peer store.
+   reconstructs, edits and records its allocation like any per-task store.
 
 Memory: both passes read one task's slice of one tensor at a time (``TaskSet.deltas(..., tasks=[t])``); pass 2
 adds that tensor's encoding, its decode and an SVD (about 3 times the tensor). Time: pass 2 codes every target
@@ -32,8 +32,10 @@ from tvbasis.compress.ultradelta import UltraDeltaRule, allocate_densities, is_t
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
-from tvbasis.store.build import DEFAULT_LOCK_TIMEOUT, build_store
-from tvbasis.store.peers import check_peer_options
+from tvbasis.store.build import build_store
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT
+from tvbasis.store.methods import get_store_method
+from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
 
@@ -70,7 +72,7 @@ class TraceTask:
 def ultradelta_allocation(taskset: TaskSet, options: Mapping[str, Any],
                           run: Run = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """(per task {tensor: density}, per task scale ratio) of UltraDelta on ``taskset`` — passes 1 and 2 above.
-    ``options``: checked ultradelta options (``check_peer_options("ultradelta", …)``)."""
+    ``options``: checked ultradelta options (``get_store_method("ultradelta").check(…)``)."""
     eng = as_run(run).get_engine()
     targets = [n for n, s in taskset.specs.items() if is_target(n, s.shape)]
     if not targets:
@@ -104,15 +106,28 @@ def build_ultradelta_store(pretrained: str | Path | Checkpoint, finetuned: Mappi
                            chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
                            lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BasisStore:
     """UltraDelta's store of the fine-tunes at ``out``: the statistics passes, then ``build_store``. ``options``:
-    ``density``, ``bits``, ``step``, ``factor``, ``trace_norm``, ``seed``, ``rest`` (defaults: the paper's)."""
-    given = dict(options or {})
+    ``density``, ``bits``, ``step``, ``factor``, ``trace_norm``, ``seed``, ``rest`` (defaults: the paper's).
+    ``build_statistics_first`` takes a ``StoreSpec`` instead."""
+    spec = StoreSpec("ultradelta", options=dict(options or {}), dtype=dtype,
+                     include=None if include is None else tuple(include),
+                     exclude=None if exclude is None else tuple(exclude))
+    return build_statistics_first(pretrained, finetuned, spec, out, run,
+                                  WriteOptions(max_shard_size, force, chunk_elements, lock_timeout))
+
+
+def build_statistics_first(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
+                           spec: StoreSpec, out: str | Path, run: Run = None,
+                           write: WriteOptions | None = None) -> BasisStore:
+    """A store of a method whose options need statistics passes first (builder ``statistics-first``: UltraDelta's
+    allocation and scales), then ``build_store`` with them."""
+    given = dict(spec.options)
     for k in ("allocation", "scales"):
         if k in given:
-            raise ConfigError(f"--method ultradelta: option {k} is computed by the build, not given")
-    opts = check_peer_options("ultradelta", given, list(finetuned))
-    taskset = TaskSet.open(pretrained, finetuned, include, exclude)
+            raise ConfigError(f"--method {spec.method}: option {k} is computed by the build, not given")
+    method = get_store_method(spec.method)
+    opts = method.check(given, list(finetuned))
+    method.check_build(spec.M, spec.residual, spec.codec, spec.layerwise)
+    taskset = TaskSet.open(pretrained, finetuned, spec.include, spec.exclude)
     allocation, scales = ultradelta_allocation(taskset, opts, run)
-    return build_store(pretrained, finetuned, "ultradelta", None, out,
-                       options={**opts, "allocation": allocation, "scales": scales}, dtype=dtype, include=include,
-                       exclude=exclude, max_shard_size=max_shard_size, force=force, run=run,
-                       chunk_elements=chunk_elements, lock_timeout=lock_timeout)
+    return build_store(pretrained, finetuned, spec.with_(options={**opts, "allocation": allocation, "scales": scales}),
+                       out, run, write)

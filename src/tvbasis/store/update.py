@@ -23,7 +23,6 @@ tensor that cluster has no bases of. A full fine-tune is coded by a lora-factors
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -36,16 +35,14 @@ from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError, StoreError
 from tvbasis.io import Checkpoint, check_finite, open_checkpoint, open_finetuned, row_chunks
-from tvbasis.io.atomic import temp_path
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_key, tensor_digest
 from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.io.writer import PositionalShard
 from tvbasis.lora import Source
-from tvbasis.passes import ALL
-from tvbasis.store.coded import CodedWriter
-from tvbasis.store.coded_pass import sq_dist64
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.commit import (
     DEFAULT_LOCK_TIMEOUT,
+    Staging,
     commit_generation,
     next_generation,
     remove_leftovers,
@@ -73,7 +70,8 @@ from tvbasis.store.lora_entries import (
     project,
     stored_term,
 )
-from tvbasis.store.peers import LORA_METHODS, zero_fit
+from tvbasis.store.methods import FACTOR_SPACE, get_store_method, zero_fit
+from tvbasis.store.residual_pass import sq_dist64
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
@@ -110,7 +108,7 @@ class _Project:
         if mu is not None:
             parts.append(mu.reshape(1, -1))
         U = torch.cat(parts).to(torch.float64)
-        return self.store.group_of.get(name, ALL), (U @ v).numpy(), float(v @ v), digest
+        return self.store.group_of.get(name, WHOLE_VECTOR), (U @ v).numpy(), float(v @ v), digest
 
 
 def _check_covers(store: BasisStore, pre: Checkpoint, ft: Checkpoint) -> None:
@@ -179,7 +177,7 @@ def _add_task(store: BasisStore, name: str, pre: Checkpoint, ft: Checkpoint, run
     store.check_pretrained(pre)
     _check_covers(store, pre, ft)
     remove_leftovers(store.root, store.manifest)
-    if store.method in LORA_METHODS:
+    if get_store_method(store.method).builder == FACTOR_SPACE:
         if isinstance(ft, LoraCheckpoint):
             return _add_lora_task(store, name, pre, ft)
         if store.joint:
@@ -260,7 +258,7 @@ class _Residual:
         self.store, self.new, self.pre, self.ft, self.coder = store, new, pre, ft, coder
 
     def __call__(self, name: str) -> tuple[str, Encoded | None, float]:
-        fit = self.new.groups[self.store.group_of.get(name, ALL)]
+        fit = self.new.groups[self.store.group_of.get(name, WHOLE_VECTOR)]
         coef = fit.coef_matrix()[:, -1]
         v = DiffSource(self.pre, self.ft).get(name)
         S = self.store.bases_rows(name)
@@ -390,10 +388,8 @@ def _commit_entries(store: BasisStore, new: Manifest, task: str, entries: Iterab
     (e.g. to record the task's error measured while coding them)."""
     assert new.coded is not None
     gen = next_generation(store.root, store.manifest)
-    stage = temp_path(store.root / "coded")
-    stage.mkdir()
-    writer = CodedWriter(stage, DEFAULT_CODED_SHARD)
-    try:
+    with Staging.generation(store.root, "coded") as stage:
+        writer = stage.coded_writer(DEFAULT_CODED_SHARD)
         keys = []
         for p, enc in entries:
             keys.append(entry_key("residual", p, task))
@@ -404,12 +400,7 @@ def _commit_entries(store: BasisStore, new: Manifest, task: str, entries: Iterab
         new.coded.files.update(section.files)
         new.coded.entries.update(section.entries)
         new.files.coded = [*new.files.coded, *files]
-        commit_generation(store.root, new, {f: stage / f for f in files})
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        commit_generation(store.root, new, stage.files(files))
     return BasisStore.open(store.root)
 
 
@@ -455,7 +446,7 @@ class _Rewrite:
     def __call__(self, item: Item) -> None:
         name, a, _b = item
         rows = _rows(self.store, item)
-        m, alpha, beta = self.ab[self.store.group_of.get(name, ALL)]
+        m, alpha, beta = self.ab[self.store.group_of.get(name, WHOLE_VECTOR)]
         S = self.store.bases_rows(name, rows)
         S[m] = alpha * S[m] + beta * DiffSource(self.pre, self.ft).get(name, rows)
         spec = self.store.specs[name]
@@ -473,9 +464,8 @@ def _rewrite_cluster_store(store: BasisStore, manifest: Manifest, pre: Checkpoin
     store, then commit them as the next generation."""
     assert manifest.digests is not None
     dtype_of = {n: getattr(torch, d) for n, d in manifest.store_dtypes.items()}
-    stage = temp_path(store.root / "bases")
-    stage.mkdir()
-    try:
+    with Staging.generation(store.root, "bases") as staging:
+        stage = staging.dir
         shards: dict[str, PositionalShard] = {}
         for f in manifest.files.bases:
             names = manifest.digests.files[f].tensors
@@ -491,9 +481,7 @@ def _rewrite_cluster_store(store: BasisStore, manifest: Manifest, pre: Checkpoin
                                    manifest.digests.chunk_elements)
             fault_point(f"staged {f}")
         manifest.digests = Digests(manifest.digests.chunk_elements, files, manifest.digests.algorithm)
-        commit_generation(store.root, manifest, {f: stage / f for f in manifest.files.bases})
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        commit_generation(store.root, manifest, staging.files(manifest.files.bases))
     return BasisStore.open(store.root)
 
 

@@ -26,7 +26,7 @@ from tvbasis.compress import Coder, tall_mask
 from tvbasis.io import check_finite, row_chunks
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.writer import PositionalShard
-from tvbasis.passes import ALL
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.format import entry_key
 from tvbasis.taskset import TaskSet
 
@@ -87,7 +87,7 @@ def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path
     return X, scratch
 
 
-class CodedMaterialiseTask:
+class ResidualMaterialiseTask:
     """Work unit (one whole tensor) of the materialisation pass of a store with coded parts."""
 
     def __init__(self, taskset: TaskSet, fits: Mapping[str, BasisFit], group_of: Mapping[str, str],
@@ -118,7 +118,7 @@ class CodedMaterialiseTask:
 
     def _measure(self, name: str, X: torch.Tensor) -> CodedMeasured:
         spec = self.taskset.specs[name]
-        group = self.group_of.get(name, ALL)
+        group = self.group_of.get(name, WHOLE_VECTOR)
         fit = self.fits[group]
         T, nU = self.taskset.T, fit.n_stored
         entries: dict[str, Encoded | None] = {}

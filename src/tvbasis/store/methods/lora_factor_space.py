@@ -22,7 +22,6 @@ one tensor at a time (plus the pretrained tensors the adapters change, once, for
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,15 +33,21 @@ import torch
 from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
-from tvbasis.io import Checkpoint, TensorSpec, check_output, cleanup_stale_temps, open_checkpoint
-from tvbasis.io.atomic import check_not_input, temp_path
+from tvbasis.io import Checkpoint, TensorSpec, check_output, open_checkpoint
+from tvbasis.io.atomic import check_not_input
 from tvbasis.io.checksum import combine_digests, structure_fingerprint
 from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.lora import Source, TensorDeltas, factor_gram, joint_compress, open_adapters, tensor_gram
-from tvbasis.passes import ALL
-from tvbasis.store.build import output_path
+from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.coded import CodedWriter
-from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
+from tvbasis.store.commit import (
+    DEFAULT_LOCK_TIMEOUT,
+    Staging,
+    commit_new_store,
+    output_kind,
+    output_path,
+    store_lock,
+)
 from tvbasis.store.format import (
     JOINT_BASES,
     JOINT_CORE,
@@ -57,7 +62,9 @@ from tvbasis.store.format import (
     task_name_problem,
 )
 from tvbasis.store.lora_entries import dense_entry, factor_entry, pretrained_digests
-from tvbasis.store.peers import check_lora_options, zero_fit
+from tvbasis.store.methods.lora import LoraStoreMethod
+from tvbasis.store.methods.registry import JOINT, get_store_method, zero_fit
+from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import chunk_for
 from tvbasis.vectors import KeyFilter, changed_specs, vector_specs
@@ -65,25 +72,16 @@ from tvbasis.vectors import KeyFilter, changed_specs, vector_specs
 Entries = dict[str, Encoded | None]
 
 
-def _options(method: str, k: int | tuple[int, int] | list[int] | None, cores: str, clusters: int, affinity: str,
-             refine: int, iters: int | None, factor_codec: str | None) -> tuple[str, dict[str, Any]]:
-    m = {"factors": "lora-factors", "joint": "lora-joint"}.get(method, method)
-    if m == "lora-factors":
-        if k is not None or cores != "full" or clusters != 1 or affinity != "cosine" or refine or iters is not None:
-            raise ConfigError("method factors stores every adapter's own factors: k, cores, clusters, affinity, "
-                              "refine and iters apply to method joint")
-        spec = None if factor_codec is None else parse_codec(factor_codec).spec
-        return m, check_lora_options(m, {"factor_codec": spec})
-    if m != "lora-joint":
+#: the ``method`` argument of ``build_lora_store`` -> its store method
+_METHODS = {"factors": "lora-factors", "joint": "lora-joint"}
+
+
+def _method(method: str) -> LoraStoreMethod:
+    name = _METHODS.get(method, method)
+    m = get_store_method(name) if name in _METHODS.values() else None
+    if not isinstance(m, LoraStoreMethod):
         raise ConfigError(f"method must be 'factors' or 'joint' (lora-factors, lora-joint), got {method!r}")
-    if k is None:
-        raise ConfigError("method joint needs k, the size of the shared bases (-k K)")
-    if factor_codec is not None:
-        raise ConfigError("factor_codec applies to method factors (a joint store keeps U, V and cores in float32)")
-    kk: Any = [int(x) for x in k] if isinstance(k, (tuple, list)) else k
-    opts = {"k": kk, "cores": "diagonal" if cores == "diag" else cores, "clusters": clusters, "affinity": affinity,
-            "refine": refine, "iters": iters}
-    return m, check_lora_options(m, opts)
+    return m
 
 
 def build_lora_store(pretrained: str | Path | Checkpoint, adapters: Mapping[str, str | Path | LoraCheckpoint],
@@ -105,8 +103,40 @@ def build_lora_store(pretrained: str | Path | Checkpoint, adapters: Mapping[str,
     full fine-tune is coded at ``lowrank:rank=R``); a lora-joint store *projects* a new adapter onto the shared U, V
     of the cluster that reconstructs it best — least-squares cores (Uᵀ U)⁺ Uᵀ B A V (Vᵀ V)⁺, or the least-squares
     diagonal — with its exact error, the bases unchanged (its own factors where that cluster has no bases of a
-    tensor); it refuses a full fine-tune."""
-    store_method, options = _options(method, k, cores, clusters, affinity, refine, iters, factor_codec)
+    tensor); it refuses a full fine-tune. ``build_lora_store_from_spec`` takes a ``StoreSpec`` instead."""
+    m = _method(method)
+    if m.coded_modes[0] != JOINT:
+        if k is not None or cores != "full" or clusters != 1 or affinity != "cosine" or refine or iters is not None:
+            raise ConfigError("method factors stores every adapter's own factors: k, cores, clusters, affinity, "
+                              "refine and iters apply to method joint")
+        options: dict[str, Any] = {"factor_codec": None if factor_codec is None else parse_codec(factor_codec).spec}
+    else:
+        if factor_codec is not None:
+            raise ConfigError("factor_codec applies to method factors (a joint store keeps U, V and cores in "
+                              "float32)")
+        kk: Any = [int(x) for x in k] if isinstance(k, (tuple, list)) else k
+        options = {"k": kk, "cores": "diagonal" if cores == "diag" else cores, "clusters": clusters,
+                   "affinity": affinity, "refine": refine, "iters": iters}
+    return build_lora_store_from_spec(pretrained, adapters, StoreSpec(m.name, options=options), out, run,
+                                      WriteOptions(max_shard_size=max_shard_size, force=force,
+                                                   lock_timeout=lock_timeout))
+
+
+def build_lora_store_from_spec(pretrained: str | Path | Checkpoint,
+                               adapters: Mapping[str, str | Path | LoraCheckpoint], spec: StoreSpec, out: str | Path,
+                               run: Run = None, write: WriteOptions | None = None) -> BasisStore:
+    """``build_lora_store`` for a ``StoreSpec`` of method lora-factors or lora-joint (its options as the manifest
+    records them; the defaults filled in): what ``tvbasis build --method lora-…`` runs."""
+    write = write or WriteOptions()
+    m = _method(spec.method)
+    given = [f for f, v in (("M", spec.M), ("residual", spec.residual), ("codec", spec.codec),
+                            ("layerwise", spec.layerwise), ("dtype", spec.dtype), ("include", spec.include),
+                            ("exclude", spec.exclude), ("fisher", spec.fisher)) if v not in (None, False)]
+    if given:
+        raise ConfigError(f"--method {m.name} builds from LoRA adapters in factor space; {given[0]} does not apply")
+    options = m.complete(spec.options)
+    if options.get("factor_codec") is not None:
+        options["factor_codec"] = parse_codec(options["factor_codec"]).spec
     out = output_path(out)
     if not adapters:
         raise ConfigError("give at least one LoRA adapter")
@@ -122,7 +152,7 @@ def build_lora_store(pretrained: str | Path | Checkpoint, adapters: Mapping[str,
     lora = {n: a for n, a in ads.items() if isinstance(a, LoraCheckpoint)}
     check_not_input(out, [Path(str(pre.path)), *([Path(str(pre.root_dir))] if pre.root_dir else []),
                           *(Path(str(a.path)) for a in lora.values())])
-    kind = output_kind(out, force)
+    kind = output_kind(out, write.force)
     check_output(out, True)
     specs: dict[str, TensorSpec] = {}
     for a in lora.values():
@@ -130,8 +160,8 @@ def build_lora_store(pretrained: str | Path | Checkpoint, adapters: Mapping[str,
     specs = changed_specs(specs, list(lora.values()))
     if not specs:
         raise ConfigError("the adapters change no floating-point tensor of the pretrained model")
-    with store_lock(out, lock_timeout) if kind == "store" else nullcontext():
-        return _build(pre, lora, specs, store_method, options, out, kind, force, max_shard_size, run, lock_timeout)
+    with store_lock(out, write.lock_timeout) if kind == "store" else nullcontext():
+        return _build(pre, lora, specs, m, options, out, kind, write, run)
 
 
 class _FactorTensor:
@@ -246,24 +276,21 @@ def _joint_entries(lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, Tenso
     return G, err2, list(jc.labels), shared
 
 
-def _build(pre: Checkpoint, lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, TensorSpec], method: str,
-           options: dict[str, Any], out: Path, kind: str, force: bool, max_shard_size: int | str, run: Run,
-           lock_timeout: float | None) -> BasisStore:
+def _build(pre: Checkpoint, lora: Mapping[str, LoraCheckpoint], specs: Mapping[str, TensorSpec],
+           method: LoraStoreMethod, options: dict[str, Any], out: Path, kind: str, write: WriteOptions,
+           run: Run) -> BasisStore:
     names = list(lora)
     T = len(names)
-    cleanup_stale_temps(out.parent, out.name)
-    tmp = temp_path(out)
-    tmp.mkdir()
-    writer: CodedWriter | None = CodedWriter(tmp, max_shard_size)
-    try:
-        assert writer is not None
+    joint = method.coded_modes[0] == JOINT
+    with Staging.new_store(out) as stage:
+        writer = stage.coded_writer(write.max_shard_size)
         labels: list[int] | None = None
         shared: list[tuple[int, str]] = []
-        if method == "lora-factors":
-            G, err2, residual_codec = _factor_entries(lora, specs, options, writer, run)
-        else:
+        if joint:
             G, err2, labels, shared = _joint_entries(lora, specs, options, writer)
             residual_codec = "joint"
+        else:
+            G, err2, residual_codec = _factor_entries(lora, specs, options, writer, run)
         zero = [names[t] for t in range(T) if G[t, t] <= 0]
         if zero:
             raise ConfigError(f"adapter(s) {zero} change nothing (zero task vector)")
@@ -274,25 +301,19 @@ def _build(pre: Checkpoint, lora: Mapping[str, LoraCheckpoint], specs: Mapping[s
         tasks = [TaskEntry(n, str(lora[n].path), float(norms[t]), float(rel[t]),
                            cluster=None if labels is None else int(labels[t])) for t, n in enumerate(names)]
         manifest = Manifest(
-            method=method, options=options, M=0, T=T, layerwise=False, task_like=False, tasks=tasks,
-            groups={ALL: zero_fit(T)}, group_of={}, cross={ALL: Cross(np.zeros((0, T)), np.zeros((0, 0)))},
-            gram=(G + G.T) / 2, group_grams={},
+            method=method.name, options=options, M=0, T=T, layerwise=False, task_like=False, tasks=tasks,
+            groups={WHOLE_VECTOR: zero_fit(T)}, group_of={},
+            cross={WHOLE_VECTOR: Cross(np.zeros((0, T)), np.zeros((0, 0)))}, gram=(G + G.T) / 2, group_grams={},
             pretrained=PretrainedRef(str(pre.root_dir or pre.path), structure_fingerprint(pre), checksum, chunk),
             tensors=list(specs.values()), store_dtypes=dict.fromkeys(specs, "float32"), files=StoreFiles(),
             task_vectors_bytes=T * sum(4 * s.numel for s in specs.values()), digests=Digests(chunk, {}))
         order = coded_keys(names, list(specs), 0, False, True, False, shared)
         manifest.files.coded, section = writer.finish(order)
-        writer = None
-        section.mode = "joint" if method == "lora-joint" else "add"
+        section.mode = method.coded_modes[0]
         section.residual_codec = residual_codec
         manifest.coded = section
-        manifest.write(tmp)
-        commit_new_store(tmp, out, manifest, kind, force, lock_timeout)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest.write(stage.dir)
+        commit_new_store(stage.dir, out, manifest, kind, write.force, write.lock_timeout)
     return BasisStore.open(out)
 
 
