@@ -12,7 +12,11 @@ as their paths, so a Ray worker reopens them and reads its tensors itself from s
   store ever holds more than that many groups' results;
 * yields results in item order, with the same progress bar as ``LocalEngine``;
 * re-raises a worker's exception as the original exception (type and message; the remote traceback is added
-  as a note), so ``tvbasis`` errors reach the CLI as the usual one-line messages.
+  as a note), so ``tvbasis`` errors reach the CLI as the usual one-line messages;
+* records, per task, where it ran and what it read (``RayEngine.records``, ``GroupRecord``): the Ray node id,
+  the worker's host and pid, its items, the input bytes the pass planned for them and the bytes the worker
+  thread actually read (``rchar`` of ``/proc/thread-self/io``: every ``read``/``pread`` of that thread, so the
+  checkpoint reads; None off Linux) — two small reads of ``/proc`` per task, nothing per item.
 
 Passes that return whole tensors (``TaskVector.save``, ``apply_to``) send them back to the driver, which
 writes the output; the Gram and materialisation passes return only small float64 arrays (the bases are written
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
@@ -61,9 +68,39 @@ def _worker_fn(box: list[ray.ObjectRef]) -> Any:
     return fn
 
 
-def _run_group(box: list[ray.ObjectRef], items: list[Any]) -> list[Any]:
+def thread_read_bytes() -> int | None:
+    """Bytes this thread has read through read/pread system calls (``rchar``), or None where /proc lacks it."""
+    try:
+        with open("/proc/thread-self/io", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """Where one Ray task (a group of consecutive items) ran and what it read."""
+
+    node_id: str
+    host: str
+    pid: int
+    items: int
+    planned_bytes: int | None  # the pass's sizes for these items (None: the pass gave none)
+    read_bytes: int | None  # bytes the worker thread read while running them (None: not measurable here)
+    seconds: float
+
+
+def _run_group(box: list[ray.ObjectRef], items: list[Any]) -> tuple[list[Any], tuple[str, str, int, int | None, float]]:
+    t0, r0 = time.perf_counter(), thread_read_bytes()  # before the fn is fetched: its first use opens checkpoints
     fn = _worker_fn(box)
-    return [fn(item) for item in items]
+    out = [fn(item) for item in items]
+    r1 = thread_read_bytes()
+    read = r1 - r0 if r0 is not None and r1 is not None else None
+    where = (ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid(), read, time.perf_counter() - t0)
+    return out, where
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -139,6 +176,8 @@ class RayEngine(Engine):
         self.group_bytes = max(1, int(group_bytes))
         self.group_items = max(1, int(group_items))
         self.progress = progress
+        #: one record per Ray task of every pass so far, in item order (see ``GroupRecord``)
+        self.records: list[GroupRecord] = []
         # system failures (a lost node or worker) are retried by Ray: every pass is idempotent (the same bytes are
         # written to the same places); exceptions raised by ``fn`` are not retried and reach the caller
         self._remote = ray.remote(num_cpus=cpus_per_task)(_run_group)
@@ -169,10 +208,12 @@ class RayEngine(Engine):
             while pending:
                 g, ref = pending.popleft()
                 try:
-                    results = ray.get(ref)
+                    results, (node, host, pid, read, secs) = ray.get(ref)
                 except RayTaskError as e:
                     raise unwrap_ray_error(e) from None
                 del ref
+                planned = int(sum(sizes[i] for i in g)) if sizes is not None else None
+                self.records.append(GroupRecord(node, host, pid, len(g), planned, read, secs))
                 submit()  # keep the workers busy while the caller consumes this group
                 if len(results) != len(g):
                     raise RuntimeError(f"Ray task returned {len(results)} results for {len(g)} items")
@@ -188,6 +229,17 @@ class RayEngine(Engine):
                     pass
             pending.clear()
             bar.close()
+
+    def worker_bytes(self) -> dict[tuple[str, int], dict[str, int]]:
+        """Per worker process (node id, pid): tasks, items, planned and read bytes summed over ``records``."""
+        out: dict[tuple[str, int], dict[str, int]] = {}
+        for r in self.records:
+            w = out.setdefault((r.node_id, r.pid), {"tasks": 0, "items": 0, "planned_bytes": 0, "read_bytes": 0})
+            w["tasks"] += 1
+            w["items"] += r.items
+            w["planned_bytes"] += r.planned_bytes or 0
+            w["read_bytes"] += r.read_bytes or 0
+        return out
 
     def close(self) -> None:
         if self._owns and ray.is_initialized():
