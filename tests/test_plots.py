@@ -1,8 +1,9 @@
-"""The plots of ``tvbasis inspect --plot`` and of the benchmark, from one module (eval/plots.py)."""
+"""The plots of ``tvbasis inspect --plot`` (eval/plots.py) and of the benchmark (bench/plots.py)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import pytest
@@ -48,10 +49,11 @@ def test_inspect_plot_writes_the_three_pictures(fam, tmp_path, capsys):
     assert capsys.readouterr().out.lstrip().startswith("{")
 
 
-def test_inspect_plot_without_the_eval_extra_is_a_clear_error(fam, tmp_path):
+def test_inspect_plot_without_the_eval_extra_is_a_clear_error(fam, tmp_path, monkeypatch):
     pre_p, fts, _, _ = fam
     s = build_store(pre_p, fts, "pca", 2, tmp_path / "store")
-    args = argparse.Namespace(store=str(s.root), json=False, plot=str(tmp_path / "p"))  # no eval registration
+    args = argparse.Namespace(store=str(s.root), json=False, plot=str(tmp_path / "p"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the eval extra's plotting library, not installed
     with pytest.raises(ConfigError, match=r"--plot needs the eval extra.*tvbasis\[eval\]"):
         cmd_inspect(args)
     assert not (tmp_path / "p").exists()

@@ -1,8 +1,12 @@
 """The ``tvbasis`` command: subcommands with kebab-case flags; every failure is one line and a non-zero exit.
 
-Each module registers its subcommands (``register(subparsers)``): ``vectors`` (vector, merge, apply, info),
-``store`` (build, inspect, reconstruct, edit, add-task, verify, upgrade, gc) and, when the eval extra is
-installed, the evaluation harness's (finetune, bench).
+Each module registers its subcommands (``register(subparsers)``), in --help order: ``vectors`` (vector, merge,
+apply, info), ``store`` (build, inspect, reconstruct, edit, add-task, verify, upgrade, gc), ``serve`` (get,
+export-lora, remove-task, rename-task), ``interop`` (import-tvb, export-tvb), ``stitch`` (localize, stitch),
+``bench`` (finetune, bench) and ``evaluate`` (eval, tune). What needs the eval extra (``tvbasis.eval``,
+``tvbasis.bench``: finetune, bench, eval, tune, ``inspect --plot``, ``localize --data``) is imported inside the
+command that runs it, and a missing package of the extra is one line naming ``pip install "tvbasis[eval]"``
+(``common.needs_eval_extra``); importing this package imports neither.
 
 Errors: a ``TvbasisError`` prints ``tvbasis CMD: error: …`` (exit code of its class), an ``OSError`` (disk full,
 permissions) ``tvbasis CMD: error: …`` (exit 1), anything unexpected ``tvbasis CMD: internal error: …
@@ -24,6 +28,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from tvbasis._version import __version__
+from tvbasis.cli import bench as bench_commands
+from tvbasis.cli import evaluate as evaluate_commands
 from tvbasis.cli import interop as interop_commands
 from tvbasis.cli import serve as serve_commands
 from tvbasis.cli import stitch as stitch_commands
@@ -35,7 +41,8 @@ from tvbasis.errors import TvbasisError
 log = logging.getLogger("tvbasis")
 
 #: modules whose ``register(subparsers)`` adds subcommands, in --help order
-COMMAND_MODULES = [vector_commands, store_commands, serve_commands, interop_commands, stitch_commands]
+COMMAND_MODULES = [vector_commands, store_commands, serve_commands, interop_commands, stitch_commands, bench_commands,
+                   evaluate_commands]
 
 
 class Terminated(KeyboardInterrupt):
@@ -60,12 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         module.register(sub)
-    try:
-        from tvbasis.cli.bench import register
-    except ImportError:  # the evaluation extras are optional at import time
-        pass
-    else:
-        register(sub)
     return p
 
 

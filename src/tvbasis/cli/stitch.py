@@ -1,8 +1,8 @@
 """Localize-and-Stitch subcommands: ``localize`` (masks file) and ``stitch`` (model directory).
 
-``localize`` is dataless unless ``--data`` is given; the trained localizer runs on the evaluation harness's encoder,
-whose subcommand registration (``tvbasis.cli.bench``) attaches it to this parser as ``args.trained`` — so the
-core CLI needs nothing of the eval extra, and says so clearly when ``--data`` is used without it.
+``localize`` is dataless unless ``--data`` is given; the trained localizer (``tvbasis.eval.localize``) runs on the
+evaluation encoder, imported only then — so the core CLI needs nothing of the eval extra, and says so in one line
+when ``--data`` is used without it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from tvbasis.cli.common import (
     FT_HELP,
     common_io,
     engine_flags,
+    eval_extra,
     filters,
     finetuned,
     finish,
@@ -72,15 +73,15 @@ def cmd_localize(args: argparse.Namespace) -> int:
                               "stitch_twice": rule == "twice", "clusters": clusters, "values": args.values,
                               "force": args.force, "run": run}
     if data:
-        trained = getattr(args, "trained", None)
-        if trained is None:
-            raise ConfigError("--data (the trained localizer) needs the evaluation extra: pip install 'tvbasis[eval]'")
-        settings = {"sparsity": args.sparsity, "trim_scope": args.trim_scope, "sigmoid_bias": args.sigmoid_bias,
-                    "epochs": args.epochs, "lr": args.lr, "l1": args.l1, "budget": args.budget, "shots": args.shots,
-                    "max_examples": args.max_examples, "batch_size": args.batch_size,
-                    "max_length": args.max_length, "seed": args.seed}
-        ms = trained(pretrained=args.pretrained, finetuned=ft, data=data, out=args.out, settings=settings,
-                     progress=not args.quiet, **common)
+        with eval_extra("--data (the trained localizer)"):
+            from tvbasis.eval.localize import TrainedLocalizeSettings, localize_trained
+
+            settings = TrainedLocalizeSettings(
+                sparsity=args.sparsity, trim_scope=args.trim_scope, sigmoid_bias=args.sigmoid_bias, epochs=args.epochs,
+                lr=args.lr, l1=args.l1, budget=args.budget, shots=args.shots, max_examples=args.max_examples,
+                batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
+            ms = localize_trained(pretrained=args.pretrained, finetuned=ft, data=data, out=args.out,
+                                  settings=settings, progress=not args.quiet, **common)
     else:
         ms = localize(args.pretrained, ft, args.out, args.sparsity, args.trim_scope, **common)
     return finish(args, lambda: _summary(ms, "trained masks" if data else "masks"), {"out": str(ms.path),

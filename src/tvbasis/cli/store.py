@@ -18,6 +18,7 @@ from tvbasis.cli.common import (
     dry_run,
     dry_run_flag,
     engine_flags,
+    eval_extra,
     filters,
     finetuned,
     finish,
@@ -30,6 +31,7 @@ from tvbasis.cli.common import (
     print_json,
     print_table,
     print_warnings,
+    require_eval_extra,
     run_options,
 )
 from tvbasis.errors import ConfigError
@@ -228,11 +230,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore
     store = BasisStore.open(args.store)
     s = _summary(store)
-    if args.plot:  # eval/plots, attached to this parser by the eval extra's registration (eval/commands.py)
-        if getattr(args, "store_plots", None) is None:
-            raise ConfigError("--plot needs the eval extra (matplotlib): pip install 'tvbasis[eval]'")
-        for path in args.store_plots(store, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+    if args.plot:  # eval/plots: of the eval extra (matplotlib)
+        require_eval_extra("--plot", "matplotlib")
+        with eval_extra("--plot"):
+            from tvbasis.eval.plots import store_plots
+
+            for path in store_plots(store, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
     print_warnings(s["warnings"])
     if args.json:
         print_json({"command": "inspect", **_json_summary(s), "warnings": s["warnings"]})

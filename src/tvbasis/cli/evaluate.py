@@ -1,5 +1,7 @@
 """``tvbasis eval`` and ``tvbasis tune``: accuracy of any local checkpoint on the user's labelled files, and λ
-chosen on the user's dev files. Registered by ``eval.commands.register``."""
+chosen on the user's dev files. What they run is ``tvbasis.eval`` (the eval extra), imported inside the commands
+and the registration, never when this module is imported; a missing package of the extra is one line naming
+``pip install "tvbasis[eval]"`` (``cli.common.needs_eval_extra``)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,20 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tvbasis.cli.common import needs_eval_extra
 from tvbasis.engine import RunOptions
 from tvbasis.errors import ConfigError
-from tvbasis.eval.encoder import EVAL_BATCH_SIZE, Encoder
-from tvbasis.eval.metrics import CONTROL_THRESHOLD, DEFAULT_GRID, SEARCHES, Evaluator, parse_grid
-from tvbasis.eval.tune import TuneResult, tune_addition, tune_addition_per_task, tune_negation
-from tvbasis.eval.userdata import encoder_resolves, keep_known, load_user_task, score_tasks
 from tvbasis.io import Checkpoint, atomic_output, check_output, open_checkpoint, parse_dtype
 from tvbasis.io.checksum import check_pretrained_checksum, chunk_digests
 from tvbasis.store import BasisStore
 from tvbasis.vectors import TaskVector
+
+if TYPE_CHECKING:
+    from tvbasis.eval.tune import TuneResult
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ def checked_grid(text: str) -> tuple[float, ...]:
                               "(each point is a full evaluation)")
     elif text.count(",") >= MAX_GRID_POINTS:
         raise ConfigError(f"--grid has more than {MAX_GRID_POINTS} values")
+    from tvbasis.eval.metrics import parse_grid
+
     return parse_grid(text)
 
 
@@ -161,6 +165,8 @@ def vector_edit(items: Sequence[str]) -> tuple[TaskVector, str]:
 
 
 def data_flags(p: argparse.ArgumentParser, task_help: str) -> None:
+    from tvbasis.eval.encoder import EVAL_BATCH_SIZE
+
     p.add_argument("--task", action="append", metavar="NAME=FILE", help=task_help)
     p.add_argument("--labels", action="append", metavar="NAME=FILE",
                    help="label names of a task (one per line, 'label<TAB>head text', or JSON); default: the labels "
@@ -180,7 +186,10 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ eval
+@needs_eval_extra("tvbasis eval")
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tvbasis.eval.userdata import score_tasks
+
     task_files = pairs(args.task, "--task")
     labels = pairs(args.labels, "--labels")
     check_json_output(args)
@@ -237,7 +246,13 @@ def _pick(vectors: Mapping[str, Any], names: Sequence[str], what: str) -> None:
         raise ConfigError(f"{what}: no task vector named {missing[0]!r}; the task vectors are {', '.join(vectors)}")
 
 
+@needs_eval_extra("tvbasis tune")
 def cmd_tune(args: argparse.Namespace) -> int:
+    from tvbasis.eval.encoder import Encoder
+    from tvbasis.eval.metrics import DEFAULT_GRID, Evaluator
+    from tvbasis.eval.tune import tune_addition, tune_addition_per_task, tune_negation
+    from tvbasis.eval.userdata import encoder_resolves, keep_known, load_user_task
+
     modes = [m for m, on in (("negate", args.negate), ("combine", args.combine), ("add", args.add)) if on]
     if len(modes) > 1:
         raise ConfigError("give one of --add, --negate TARGET --control CONTROL, --combine a=1,b=-0.5")
@@ -359,6 +374,9 @@ def _print_tune(r: TuneResult, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ parsers
 def register(sub: Any) -> None:
+    """Add the ``eval`` and ``tune`` subcommands to the main parser's subparsers."""
+    from tvbasis.eval.metrics import CONTROL_THRESHOLD, SEARCHES
+
     s = sub.add_parser(
         "eval", help="accuracy of a local checkpoint on your labelled CSV / TSV / JSONL files",
         description="Accuracy of MODEL (a model directory; or the pretrained model edited in memory by --vector "
