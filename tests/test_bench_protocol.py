@@ -36,7 +36,7 @@ def test_full_protocol_grids_and_dev_size() -> None:
     assert cfg.max_dev >= 200 and cfg.tasks == TASK_NAMES
     assert cfg.neg_grid == tuple(round(0.05 * i, 2) for i in range(1, 21)) and cfg.neg_early_stop is False
     assert cfg.neg_grid_extended == tuple(round(0.1 * i, 1) for i in range(1, 31))
-    assert "pca-paper" in cfg.methods and bench.BASIS_METHODS["pca-paper"] == ("pca", {"addition": "paper"})
+    assert "pca-paper" in cfg.methods and bench.STORE_ROWS["pca-paper"] == ("pca", {"addition": "paper"})
     calls: list[float] = []
     best, curve = choose_lambda(cfg.grid, lambda lam: calls.append(lam) or -abs(lam - 0.35), cfg.search)
     assert len(calls) == 21 and best == 0.35 and len(curve) == 21  # every point, no refine shortcut

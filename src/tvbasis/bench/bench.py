@@ -25,7 +25,7 @@ The paper's experiments (docs/benchmark.md, "The paper's experiments in the benc
 fractions of the task count; ``--ks 2,4,8,16,eigengap`` the cluster rows' k, with ``cluster-random-<inner>`` rows
 as the random-cluster control and every cluster row's addition at coefficient 1 (``extra.addition_at_1``); every
 other store's addition both as Σ_m s_m and as Σ_t v̂_t (``extra.addition_modes``); ``--continual`` the continual
-add-task experiment (eval/continual.py, ``result["continual"]``). ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
+add-task experiment (bench/continual.py, ``result["continual"]``). ``--tasks many`` drops sub-tasks whose fine-tune does not beat the
 majority-label baseline on dev (``bench/task_filter.py``); ``--seeds K`` repeats the run over K seeds
 (``bench/seeds.py``).
 """
@@ -71,8 +71,8 @@ QUICK_TASKS = ("DBPedia", "stackoverflow", "banking", "clinc", "hwu", "mcid")
 #: (negation evaluates target and control on dev at every λ, so short-text tasks keep it cheap)
 PREFERRED_PAIRS = (("banking", "stackoverflow"), ("stackoverflow", "clinc"), ("DBPedia", "mcid"),
                    ("banking", "Yahoo"), ("20NG", "hwu"), ("Yahoo", "banking"), ("mcid", "DBPedia"))
-#: basis rows: label -> (basis method, options)
-BASIS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+#: the bench's basis-store rows (--methods): row label -> (basis method of bases/, its options)
+STORE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "autoencoder": ("autoencoder", {}),
     "pca": ("pca", {}),
     "cluster-mean": ("cluster", {"inner": "mean"}),
@@ -131,25 +131,25 @@ class BenchConfig:
     ties_density: float = 0.2
     seed: int = 0  # fine-tuning seed and basis seed (options["seed"]); data subsets too unless data_seed is set
     data_seed: int | None = None  # seed of the train/dev/test subsets (None = seed); --seeds keeps it fixed
-    seeds: int = 1  # --seeds K: the run repeated for seeds seed, seed+1, …, seed+K−1 (eval/seeds.py)
+    seeds: int = 1  # --seeds K: the run repeated for seeds seed, seed+1, …, seed+K−1 (bench/seeds.py)
     neg_early_stop: bool = True  # stop the negation walk at the first λ that breaks the control
     neg_grid_extended: tuple[float, ...] | None = None  # a second negation search, reported as negation_extended
-    task_filter: bool | None = None  # the bad-task filter (eval/task_filter.py); None = on for --tasks many
+    task_filter: bool | None = None  # the bad-task filter (bench/task_filter.py); None = on for --tasks many
     plots: bool = True
     keep_stores: bool = False
     progress: bool = True
     full: bool = False
-    stitch: bool = True  # the Localize-and-Stitch rows (eval/stitch_rows.py)
+    stitch: bool = True  # the Localize-and-Stitch rows (bench/stitch_rows.py)
     m_spec: tuple[str, ...] | None = None  # Ms as fractions of T ("T/2", "T/4", "6"), re-read after the task filter
     ks: tuple[int | str, ...] | None = None  # cluster methods' k (ints and/or "eigengap"); None = Ms
     merges: bool = True  # the TIES and SVD-merge rows (off: task arithmetic is the only merge row)
     both_additions: bool = True  # each v4 store's addition as Σ_m s_m and as Σ_t v̂_t (extra.addition_modes)
-    continual: bool = False  # the continual add-task experiment (eval/continual.py), result["continual"]
-    continual_method: str = "cluster-mean"  # the store of the continual experiment (a BASIS_METHODS label)
+    continual: bool = False  # the continual add-task experiment (bench/continual.py), result["continual"]
+    continual_method: str = "cluster-mean"  # the store of the continual experiment (a STORE_ROWS label)
     continual_M: int | None = None  # its M; None: the largest of Ms below the first half's task count
     continual_first: int | None = None  # tasks in the initial store; None: T // 2
     continual_checkpoints: int = 4  # evaluated task counts, evenly spaced from the first half to T
-    # issue 29 (eval/method_rows.py): AWD and the one-shot-FL merges; aTLAS addition and few-shot; tangent TA
+    # issue 29 (bench/method_rows.py): AWD and the one-shot-FL merges; aTLAS addition and few-shot; tangent TA
     fl_merges: bool = False
     atlas: bool = False
     atlas_shots: tuple[int, ...] = (4, 16, 64)
@@ -186,17 +186,17 @@ class BenchConfig:
         if len(tasks) < 2:
             raise ConfigError("the benchmark needs at least 2 tasks")
         Ms = sizes_for(self.m_spec, len(tasks)) if self.m_spec else self.Ms
-        unknown = [m for m in self.methods if m not in BASIS_METHODS]
+        unknown = [m for m in self.methods if m not in STORE_ROWS]
         if unknown:
-            raise ConfigError(f"unknown basis method(s) {unknown}; expected some of {', '.join(BASIS_METHODS)}")
+            raise ConfigError(f"unknown basis method(s) {unknown}; expected some of {', '.join(STORE_ROWS)}")
         bad_m = [m for m in Ms if not 1 <= m < len(tasks)]
         if bad_m:
             raise ConfigError(f"M must satisfy 1 <= M < T = {len(tasks)} tasks; got {bad_m}")
         bad_k = [k for k in self.ks or () if k != EIGENGAP and not (isinstance(k, int) and 1 <= k < len(tasks))]
         if bad_k:
             raise ConfigError(f"--ks: each k must be an integer 1 <= k < T = {len(tasks)} or '{EIGENGAP}'; got {bad_k}")
-        if self.continual_method not in BASIS_METHODS:
-            raise ConfigError(f"--continual-method {self.continual_method!r}: expected one of {', '.join(BASIS_METHODS)}")
+        if self.continual_method not in STORE_ROWS:
+            raise ConfigError(f"--continual-method {self.continual_method!r}: expected one of {', '.join(STORE_ROWS)}")
         pairs = self.pairs if self.pairs is not None else default_pairs(tasks)
         pairs = tuple((canonical_name(a), canonical_name(b)) for a, b in pairs)
         for a, b in pairs:
@@ -363,7 +363,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             ev = Evaluator(encoder, tasks, progress=False)
 
     quiet = None if cfg.progress else RunOptions(progress=False)  # -q: no progress bars from builds and merges
-    n_steps = (2 + sum(len(sizes_of(cfg, BASIS_METHODS[m][0])) for m in cfg.methods) + 1
+    n_steps = (2 + sum(len(sizes_of(cfg, STORE_ROWS[m][0])) for m in cfg.methods) + 1
                + (len(MERGE_ROWS) if cfg.merges else 0))
     bar = _bar(n_steps, "bench", cfg.progress)
     zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
@@ -434,7 +434,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                         negation_extended=true_ext))
         bar.update(1)
 
-    if cfg.fl_merges:  # AWD and the one-shot-FL aggregation rules (eval/method_rows.py)
+    if cfg.fl_merges:  # AWD and the one-shot-FL aggregation rules (bench/method_rows.py)
         rows += [Row(**r) for r in merge_rows(pre_dir, ft_dirs, tvs, results, lambda d: ev.search_addition(
             d, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev, finetuned_test=ft_test,
             search=cfg.search), true_neg, true_ext, all_vectors, quiet)]
@@ -450,7 +450,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     cosine = None
     labels = None
     for label in cfg.methods:
-        method, options = BASIS_METHODS[label]
+        method, options = STORE_ROWS[label]
         options = dict(options)
         if method in SEEDED_METHODS:
             options["seed"] = cfg.seed
@@ -539,13 +539,13 @@ def continual_M(cfg: BenchConfig, first: int) -> int:
 def run_continual_rows(cfg: BenchConfig, work: Any, pre_dir: Any, ft_dirs: Mapping[str, str], encoder: Encoder,
                        ev: Evaluator, tasks: Mapping[str, Task], tvs: Mapping[str, Any], ft_dev: Mapping[str, float],
                        ft_test: Mapping[str, float]) -> dict[str, Any]:
-    """The continual experiment (eval/continual.py) on the bench's fine-tunes, arriving in an order shuffled with
+    """The continual experiment (bench/continual.py) on the bench's fine-tunes, arriving in an order shuffled with
     the run's seed (so seeds differ in order as well as in fine-tunes)."""
     import random
 
     from tvbasis.bench.continual import evaluator_scorer, run_continual
 
-    method, options = BASIS_METHODS[cfg.continual_method]
+    method, options = STORE_ROWS[cfg.continual_method]
     options = dict(options)
     if method in SEEDED_METHODS:
         options["seed"] = cfg.seed
@@ -717,5 +717,5 @@ def summary_line(result: Mapping[str, Any]) -> str:
             + (f"; {call}" if call else ""))
 
 
-__all__ = ["BASIS_METHODS", "BenchConfig", "default_pairs", "is_stat", "make_plots", "markdown_table", "run_bench",
+__all__ = ["STORE_ROWS", "BenchConfig", "default_pairs", "is_stat", "make_plots", "markdown_table", "run_bench",
            "mean"]

@@ -29,7 +29,7 @@ v.   negation error grows with reconstruction error: Spearman's ρ, per seed, be
 vi.  continual add-task ≈ rebuild: from ``result["continual"]["steps"]``, a list of
      ``{"T": n, "add_task": {"mean_normalized_test": x}, "rebuild": {"mean_normalized_test": y}}`` (numbers or
      stats) — the last step compared; "holds" unless add-task is below the rebuild and separated ("does not
-     hold"). ``tvbasis bench --continual`` writes it (eval/continual.py).
+     hold"). ``tvbasis bench --continual`` writes it (bench/continual.py).
 """
 
 from __future__ import annotations

@@ -61,10 +61,6 @@ def mean_of(x: Any) -> float:
     return mean_std(values_of(x))[0]
 
 
-def std_of(x: Any) -> float:
-    return mean_std(values_of(x))[1]
-
-
 def separated(a_values: Iterable[float | None], b_values: Iterable[float | None]) -> bool:
     """True when |mean_a − mean_b| > std_a + std_b (sample stds; see the module docstring). False when either
     side has no finite value."""

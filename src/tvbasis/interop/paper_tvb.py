@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 import time
 from collections.abc import Mapping
@@ -63,6 +62,7 @@ from tvbasis.io import (
 )
 from tvbasis.io.atomic import AtomicOutput, check_not_input, temp_path
 from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
+from tvbasis.io.reader import safe_torch_load
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, Manifest
 from tvbasis.store.build import StoreLayout, output_path
@@ -97,19 +97,7 @@ def _load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a paper basis folder holds {BASIS_FILE}, {INFO_FILE} and "
                               f"{AWB_FILE} or {PCA_FILE})")
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e).lower():
-                raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: the pickle holds objects other than tensors and "
-                              f"weights_only=True does not allow them ({first})") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    return safe_torch_load(path, "torch file")
 
 
 def _field(obj: Any, key: str, path: Path) -> Any:

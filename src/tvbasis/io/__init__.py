@@ -26,7 +26,6 @@ from tvbasis.io.writer import (
     model_card,
     plan_shards,
     replace_atomically,
-    temp_sibling,
     write_safetensors_file,
     write_single_file_atomic,
 )
@@ -36,5 +35,5 @@ __all__ = [
     "check_finite", "check_output", "cleanup_stale_temps", "confined_file", "copy_model_files", "dtype_name",
     "exchange", "fsync_dir", "human_bytes", "is_adapter", "model_card", "open_checkpoint", "open_finetuned",
     "parse_dtype", "parse_size", "plan_shards", "rename_noreplace", "replace_atomically", "row_chunks",
-    "temp_sibling", "write_safetensors_file", "write_single_file_atomic",
+    "write_safetensors_file", "write_single_file_atomic",
 ]

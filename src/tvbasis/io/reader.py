@@ -22,6 +22,7 @@ from typing import Any, Self
 import torch
 
 from tvbasis.errors import CheckpointError
+from tvbasis.io.fdpool import FdPool
 from tvbasis.io.hub import resolve_model_path
 from tvbasis.io.paths import confined_file
 from tvbasis.io.specs import ST_TO_TORCH, TensorSpec
@@ -86,16 +87,6 @@ class Checkpoint(ABC):
             return self._get(name)
         return self._get_rows(name, start, stop)
 
-    def get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """``t[:, start:stop]`` of a stacked tensor (e.g. rows of every basis in a (M, rows, ...) tensor)."""
-        spec = self.spec(name)
-        if len(spec.shape) < 2:
-            return self._get(name)
-        return self._get_inner_rows(name, start, stop)
-
-    def _get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._get(name)[:, start:stop]
-
     def metadata(self) -> dict[str, str]:
         """The file's string metadata (safetensors ``__metadata__``); empty where the layout has none."""
         return {}
@@ -131,16 +122,6 @@ class Checkpoint(ABC):
 
 #: the official safetensors library refuses headers above this size (safetensors/src/tensor.rs MAX_HEADER_SIZE)
 MAX_HEADER_BYTES = 100_000_000
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` object hook refusing a key repeated in one object (untrusted headers and manifests)."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} appears twice in one object")
-        out[k] = v
-    return out
 
 
 def _uint(x: object) -> bool:
@@ -240,8 +221,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._where: dict[str, Path] = {}
         self._offset: dict[str, int] = {}  # absolute byte offset of each tensor's data
         self._meta: dict[str, str] = {}
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        self._fds: FdPool[Path] = FdPool()
         for f in files:
             entries, meta, data_start = parse_safetensors_header(f)
             self._meta.update(meta)
@@ -260,21 +240,12 @@ class SafetensorsCheckpoint(Checkpoint):
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 
-    def _fd(self, f: Path) -> int:
-        fd = self._fds.get(f)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(f)
-                if fd is None:
-                    fd = self._fds[f] = os.open(f, os.O_RDONLY)
-        return fd
-
     def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
         f = self._where[name]
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         got = 0
-        fd = self._fd(f)
+        fd = self._fds.open(f, f)
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], offset + got)
             if n <= 0:
@@ -299,21 +270,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def _get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._read(name, (start, stop))
 
-    def _get_inner_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        spec = self._specs[name]
-        outer, inner = spec.shape[0], spec.shape[1]
-        lo, hi = max(0, start), min(inner, stop)
-        row_bytes = spec.nbytes // (outer * inner) if outer and inner else 0
-        parts = [_from_bytes(self._pread(name, self._offset[name] + (m * inner + lo) * row_bytes,
-                                         (hi - lo) * row_bytes), spec.dtype, (hi - lo, *spec.shape[2:]))
-                 for m in range(outer)]
-        return torch.stack(parts) if parts else torch.empty((0, max(0, hi - lo), *spec.shape[2:]), dtype=spec.dtype)
-
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._fds.close()
 
     def __del__(self) -> None:
         try:
@@ -328,16 +286,17 @@ def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -
     return raw.view(dtype).reshape(shape)
 
 
-def _torch_load(f: Path) -> dict[str, torch.Tensor]:
-    if not f.is_file():
-        raise CheckpointError(f"{f}: file does not exist")
+def safe_torch_load(f: Path, what: str = "torch checkpoint") -> Any:
+    """The one ``torch.load`` of untrusted files: ``weights_only=True`` (tensors, containers, numbers, strings,
+    torch.Size only), memory-mapped when the file has the zip format. A pickle holding anything else, or a file
+    that does not read as ``what``, is a CheckpointError naming ``f``."""
     try:
         try:
-            obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e).lower():
                 raise
-            obj = torch.load(str(f), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(str(f), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -346,7 +305,13 @@ def _torch_load(f: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{f}: not a readable {what} ({type(e).__name__}: {e})") from None
+
+
+def _torch_load(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise CheckpointError(f"{f}: file does not exist")
+    obj = safe_torch_load(f)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

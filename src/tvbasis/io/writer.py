@@ -28,9 +28,7 @@ from tvbasis.io.atomic import (  # check_output, replace_atomically: re-exported
     AtomicOutput,
     atomic_output,
     check_output,
-    cleanup_stale_temps,
     replace_atomically,
-    temp_path,
 )
 from tvbasis.io.finite import check_finite
 from tvbasis.io.hfconfig import set_config_dtype, written_dtype
@@ -40,7 +38,7 @@ from tvbasis.io.specs import TORCH_TO_ST, TensorSpec, parse_size
 __all__ = [
     "COPY_DIRS", "COPY_FILES", "MAX_COPY_DEPTH", "ModelWriter", "PositionalShard", "SafetensorsStreamWriter",
     "card_tags", "check_output", "copy_model_files", "header_for", "model_card", "plan_shards", "replace_atomically",
-    "shard_names", "temp_sibling", "write_index", "write_safetensors_file", "write_single_file_atomic",
+    "shard_names", "write_index", "write_safetensors_file", "write_single_file_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,14 +53,6 @@ COPY_FILES = (
 COPY_DIRS = ("1_Pooling", "2_Normalize")
 #: folder levels copied below a COPY_DIRS folder (sentence-transformers modules are flat; deeper trees are skipped)
 MAX_COPY_DEPTH = 4
-
-
-def temp_sibling(out: Path) -> Path:
-    """A fresh temporary sibling path of ``out`` (``.{name}.tvbasis-tmp-{pid}-{random}``, not created), after
-    removing the temporaries of ``out`` that dead processes left behind. Prefer ``io.atomic.atomic_output``."""
-    out = Path(out)
-    cleanup_stale_temps(out.parent, out.name)
-    return temp_path(out)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -193,11 +193,6 @@ class JointCompression:
         den = float(sum(n.sum() for n in self.sq_norms.values()))
         return math.sqrt(num / den) if den > 0 else 0.0
 
-    def tensor_rel_errors(self, tensor: str) -> np.ndarray:
-        """Per adapter relative error of one tensor (0 where the adapter does not change it)."""
-        n, e = self.sq_norms[tensor], self.sq_errors.get(tensor, np.zeros(self.T))
-        return np.sqrt(e / np.where(n > 0, n, 1.0))
-
     # -- reconstruction ----------------------------------------------------------------------------------------
     def _index(self, adapter: str | int) -> int:
         if isinstance(adapter, int):

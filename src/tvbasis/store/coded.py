@@ -33,6 +33,7 @@ from tvbasis.codecs import Encoded, LowRank, parse_codec
 from tvbasis.errors import StoreError, TvbasisError
 from tvbasis.io import all_finite
 from tvbasis.io.atomic import temp_path
+from tvbasis.io.fdpool import FdPool
 from tvbasis.io.specs import parse_size
 from tvbasis.io.writer import header_for
 from tvbasis.store.format import (
@@ -196,7 +197,7 @@ class CodedData:
         self._core_of: dict[str, tuple[str, str]] = {}
         if self.section.mode == "joint":
             self._core_of = {entry_key("residual", p, t): (t, p) for t in manifest.task_names for p in self.specs}
-        self._fds: dict[str, int] = {}
+        self._fds: FdPool[str] = FdPool()
         self.places: dict[str, _Place] = {}
         try:
             for fname in manifest.files.coded:
@@ -224,12 +225,7 @@ class CodedData:
             off += t.spec.nbytes
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        self._fds.close()
 
     def __del__(self) -> None:
         try:

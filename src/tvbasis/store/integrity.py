@@ -22,7 +22,6 @@ import bisect
 import hashlib
 import os
 import stat
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import xxhash
 
 from tvbasis.errors import CheckpointError, StoreError
 from tvbasis.io import TensorSpec, all_finite, confined_file
+from tvbasis.io.fdpool import FdPool
 from tvbasis.io.reader import parse_safetensors_header
 from tvbasis.store.format import CHUNK_HEX, DIGEST_ALGORITHM, FileDigest, Manifest
 from tvbasis.store.layout import chunks_of, expected_header, row_elements
@@ -119,8 +119,7 @@ class StoreData:
     def __init__(self, root: Path, dfd: int, manifest: Manifest) -> None:
         self.root = root
         self.manifest = manifest
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._fds: FdPool[str] = FdPool()
         self.places: dict[str, dict[str, TensorPlace]] = {"bases": {}, "mean": {}}
         try:
             for part, names in (("bases", manifest.files.bases), ("mean", manifest.files.mean)):
@@ -195,13 +194,7 @@ class StoreData:
         return self._fds[fname]
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds.clear()
+        self._fds.close()
 
     def __del__(self) -> None:
         try:
