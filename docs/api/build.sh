@@ -2,7 +2,8 @@
 # The API reference: HTML pages built by pdoc from the docstrings of tvbasis's public modules.
 #   bash docs/api/build.sh [OUT_DIR]        (default docs/api/html, not committed; CI builds it into a temp dir)
 # Needs the docs extra (pip install -e ".[docs]" -c constraints.txt; dev includes it). Each package lists its public
-# names in __all__, which is what pdoc documents; the CLI (cli) and the benchmark harness (eval) are left out.
+# names in __all__, which is what pdoc documents; the CLI (cli), evaluation (eval) and the benchmark harness (bench)
+# are left out.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-docs/api/html}"
