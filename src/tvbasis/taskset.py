@@ -25,7 +25,8 @@ from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 #: malloc recycles their pages instead of faulting in a fresh mapping per item (2x faster passes, measured in
 #: benchmarks/profile_build.py)
 ITEM_BYTES = 16 * 2**20
-#: kept for callers that want a fixed chunk; ``None`` everywhere means "derive it from T" (chunk_for)
+#: the default ``chunk_elements`` of every pass and build: None, i.e. no fixed chunk — each derives its row chunk
+#: from T (``chunk_for``: ITEM_BYTES over the T + 1 slices); pass an integer to fix it (tests, benchmarks)
 DEFAULT_CHUNK_ELEMENTS: int | None = None
 
 

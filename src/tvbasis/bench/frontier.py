@@ -58,6 +58,7 @@ from tvbasis.eval.encoder import available_cores
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
 from tvbasis.eval.tasks import TASK_NAMES, load_task
+from tvbasis.store.methods import get_store_method, store_method_names
 
 State = dict[str, torch.Tensor]
 
@@ -193,29 +194,38 @@ def tall_lambdas_on_dev(ctx: Context, lambdas: Sequence[float] = TALL_LAMBDAS) -
     return {"lambda": chosen, "dev_curve": curves}
 
 
+#: basis rows built with the run's seed (the autoencoder keeps its default seed, as the frontier's results were)
+SEEDED_BASES = ("random", "random-sample", "cluster")
+#: store methods whose options the frontier chooses on dev data first (TALL's λ_t per task)
+DEV_TUNED: dict[str, Callable[[Context, Mapping[str, Any]], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "tall": lambda ctx, p: _tall_on_dev(ctx, p),
+}
+
+
+def _tall_on_dev(ctx: Context, p: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    chosen = tall_lambdas_on_dev(ctx, p.get("lambdas", TALL_LAMBDAS))
+    return {"lambdas": chosen["lambda"]}, chosen
+
+
 def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``build_store`` keyword arguments, facts for the row) of a configuration: every compressor of the frontier
-    is a store on disk, built and read back as a user would (``tvbasis build ... / reconstruct``)."""
+    """(the store's ``StoreSpec`` fields, facts for the row) of a configuration: every compressor of the frontier
+    is a store on disk, built and read back as a user would (``tvbasis build ... / reconstruct``). A row named
+    after a store method (``tvbasis.store.methods``) builds that method with the row's options."""
     p = dict(config.params)
-    if config.method == "tall":
-        chosen = tall_lambdas_on_dev(ctx, p.get("lambdas", TALL_LAMBDAS))
-        return {"method": "tall", "M": None, "options": {"lambdas": chosen["lambda"]}}, chosen
-    if config.method in ("tsvc", "bitdelta"):
-        return {"method": config.method, "M": None}, {}
-    if config.method == "tvq":
-        return {"method": "tvq", "M": None, "options": {"bits": int(p["bits"])}}, {}
-    if config.method == "rtvq":
-        return {"method": "rtvq", "M": None,
-                "options": {"base_bits": int(p["base_bits"]), "offset_bits": int(p["offset_bits"])}}, {}
+    if config.method in store_method_names():
+        tune = DEV_TUNED.get(config.method)
+        if tune is not None:
+            options, chosen = tune(ctx, p)
+            return {"method": config.method, "M": None, "options": options}, chosen
+        has_options = bool(get_store_method(config.method).defaults)
+        return {"method": config.method, "M": None, **({"options": p} if has_options else {})}, {}
     if config.method == "plan":
         return {"method": "pca", "M": 0, "residual": p["plan"]}, {"plan": CodecPlan.parse(p["plan"]).spec}
-    if config.method in ("deltacome", "ultradelta"):
-        return {"method": config.method, "M": None, "options": dict(p)}, {}
     if config.method == "budget":
         return {"budget": str(p["budget"]), "loss": str(p.get("loss", "frobenius"))}, {}
     if config.method == "bases":
         basis = p.get("basis", "pca")
-        options = {"seed": seed} if basis in ("random", "random-sample", "cluster") else {}
+        options = {"seed": seed} if basis in SEEDED_BASES else {}
         return {"method": basis, "M": config.M, "options": options, "codec": p.get("bases_plan"),
                 "residual": p.get("residual")}, {}
     raise ConfigError(f"unknown frontier method {config.method!r}")
@@ -230,7 +240,8 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     its stored multi-task vector (``addition``). Bytes: the store's data (dense and coded tensors) plus 4 per
     coefficient; the store on disk (manifest and safetensors headers included) is in ``extra``."""
     from tvbasis.engine import RunOptions
-    from tvbasis.store import build_store
+    from tvbasis.store import StoreSpec, WriteOptions
+    from tvbasis.store.builders import builder_of
 
     kwargs, facts = store_args(config, ctx, seed)
     run = RunOptions(progress=ctx.progress)
@@ -248,13 +259,10 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
 
         facts_out: dict[str, Any] = dict(facts)
         return read_store(config, ctx, budget_build, kwargs, facts_out)
-    if config.method == "ultradelta":
-        from tvbasis.store.ultradelta import build_ultradelta_store
-        return read_store(config, ctx, lambda path: build_ultradelta_store(
-            ctx.pre_dir, ctx.ft_dirs, path, options=kwargs.get("options"), force=True, run=run), kwargs, facts)
-    return read_store(config, ctx, lambda path: build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True,
-                                                            run=run, **kwargs),
-                      kwargs, facts)
+    spec = StoreSpec(**kwargs)
+    build = builder_of(spec.method)  # ultradelta: its statistics passes first
+    return read_store(config, ctx, lambda path: build(ctx.pre_dir, ctx.ft_dirs, spec, path, run,
+                                                      WriteOptions(force=True)), kwargs, facts)
 
 
 def read_store(config: Config, ctx: Context, build: Callable[[Path], Any], kwargs: Mapping[str, Any],

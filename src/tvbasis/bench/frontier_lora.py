@@ -41,6 +41,7 @@ import torch
 from tvbasis.bench.bench import BenchConfig, _fmt_bytes, _pct
 from tvbasis.bench.frontier import Compressed, Config, Context, compress_store, measure, read_store
 from tvbasis.eval.metrics import mean
+from tvbasis.store.methods import get_store_method, store_method_names
 
 State = dict[str, torch.Tensor]
 
@@ -137,20 +138,22 @@ def adapter_deltas(pre_dir: str | Path, dirs: Mapping[str, str | Path]) -> tuple
 def compress_lora(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     """The T compressed ΔW of one LoRA row (``ctx``: a ``LoraContext``)."""
     from tvbasis.engine import RunOptions
-    from tvbasis.store import build_lora_store, build_store
+    from tvbasis.store import StoreSpec, WriteOptions, build_lora_store, build_store
 
     assert isinstance(ctx, LoraContext)
     p = dict(config.params)
     if config.method == "adapters":
         return Compressed(dict(ctx.tvs), ctx.adapter_bytes, {"adapter_tensor_bytes": ctx.adapter_bytes}, exact=True)
-    if config.method in ("lora-factors", "lora-joint"):
-        kwargs = {"method": "factors" if config.method == "lora-factors" else "joint", **p}
+    if config.method in store_method_names():  # a LoRA store method: build_lora_store's method is its suffix
+        kwargs = {"method": config.method.removeprefix("lora-"), **p}
         return read_store(config, ctx, lambda path: build_lora_store(ctx.pre_dir, ctx.ft_dirs, path, force=True,
                                                                      **kwargs), {"builder": "build_lora_store", **kwargs}, {})
     if config.method == "residual":
         kwargs = {"method": "pca", "M": 0, "residual": p["residual"]}
-        return read_store(config, ctx, lambda path: build_store(ctx.pre_dir, ctx.ft_dirs, out=path, force=True,
-                                                                run=RunOptions(progress=ctx.progress), **kwargs),
+        spec = StoreSpec(**kwargs)
+        return read_store(config, ctx, lambda path: build_store(ctx.pre_dir, ctx.ft_dirs, spec, path,
+                                                                RunOptions(progress=ctx.progress),
+                                                                WriteOptions(force=True)),
                           kwargs, {})
     return compress_store(config, ctx, seed)
 
@@ -237,8 +240,9 @@ def lora_markdown(result: Mapping[str, Any]) -> str:
 
 def _group(r: Mapping[str, Any]) -> str:
     m = r["method"]
-    if m == "lora-joint":
-        return f"lora-joint ({(r.get('params') or {}).get('cores', 'full')} cores)"
+    cores = get_store_method(m).defaults.get("cores") if m in store_method_names() else None
+    if cores is not None:  # lora-joint: grouped by its cores
+        return f"{m} ({(r.get('params') or {}).get('cores', cores)} cores)"
     return {"adapters": "adapters as they are", "bases": "pca (dense ΔW)", "residual": "pca M=0 + lowrank"}.get(m, m)
 
 

@@ -228,6 +228,7 @@ def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tvbasis.store import BasisStore
+    from tvbasis.store.methods import get_store_method
     store = BasisStore.open(args.store)
     s = _summary(store)
     if args.plot:  # eval/plots: of the eval extra (matplotlib)
@@ -246,7 +247,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"bytes on disk: {_sizes(s)}")
     # PCA keeps the tasks' mean as well as M components: M + 1 directions, so its loss may be below the rank-M bound
     bound = ("Eckart–Young bound for M directions (PCA also keeps the mean, so its loss can be lower)"
-             if s["method"] == "pca" else "Eckart–Young lower bound")
+             if get_store_method(s["method"]).stores_mean else "Eckart–Young lower bound")
     if s.get("loss") is not None:
         print(f"reconstruction loss tr(EᵀGE)/T²: {s['loss']:.6g}   {bound}: {s['lower_bound']:.6g}")
     elif s.get("lower_bound") is not None:

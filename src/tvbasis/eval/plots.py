@@ -23,6 +23,7 @@ from tvbasis.bases import eckart_young_bound
 from tvbasis.errors import ConfigError, OutputExistsError
 from tvbasis.io.outputs import check_not_input, check_output
 from tvbasis.store import BasisStore
+from tvbasis.store.methods import get_store_method
 
 
 def _pyplot() -> Any:
@@ -166,7 +167,7 @@ def store_plots(store: BasisStore | str | Path, out: str | Path) -> list[Path]:
         plot_cosine(np.asarray(s["cosine"]), names, labels, out / "cosine.png", note=head + note),
         plot_spectrum(store.gram, store.M, out / "spectrum.png", s.get("loss"),
                       note=head + note + ("\nPCA also keeps the mean (M + 1 directions): its loss can be below the "
-                                          "rank-M bound" if store.method == "pca" else "")),
+                                          "rank-M bound" if get_store_method(store.method).stores_mean else "")),
         plot_rel_errors(names, [s["rel_errors"][t] for t in names], [s["errors_exact"][t] for t in names],
                         out / "rel_errors.png", labels, note=head),
     ]

@@ -1,12 +1,14 @@
 """Basis stores: what to build (``spec``: ``StoreSpec``, ``WriteOptions``), every ``--method`` in one registry
-(``methods``: basis methods, per-task compressors, LoRA stores in factor space — ``methods.lora_factor_space``), the
-typed on-disk format (``format``), file names and digests (``layout``, ``integrity``), coded files (``coded``) and
-their checks (``decoded``), building (``build``: the Gram pass, the fit, the dense materialisation pass or the
-``residual_pass`` of a store with residuals, masks or coded bases; ``ultradelta``: its statistics passes first;
-``budget``: ``--budget``/``--quality``), safe writes (``commit``: lock, staging, generations, gc; ``faults``: the
-crash points tests inject), reading and arithmetic (``store``), a task into a loaded model (``apply``, ``load``),
-folding in a new task and upgrading (``update``), removing or renaming one (``lifecycle``), LoRA entries and PEFT
-export (``lora_entries``, ``lora_export``) and the warnings a store's errors deserve (``notes``)."""
+(``methods``: the interface and registry ``registry``, the basis methods ``basis``, the per-task compressors
+``per_task``, the LoRA stores ``lora`` built in factor space by ``lora_factor_space``), the typed on-disk format
+(``format``), file names and digests (``layout``, ``integrity``), coded files (``coded``) and their checks
+(``decoded``), building (``builders``: which function writes each method's store; ``build``: the Gram pass, the
+fit, the dense materialisation pass or the ``residual_pass`` of a store with residuals, masks or coded bases;
+``ultradelta``: its statistics passes first; ``budget``: ``--budget``/``--quality``), safe writes (``commit``:
+lock, staging, generations, gc; ``faults``: the crash points tests inject), reading and arithmetic (``store``), a
+task into a loaded model (``apply``, ``load``), folding in a new task and upgrading (``update``), removing or
+renaming one (``lifecycle``), LoRA entries and PEFT export (``lora_entries``, ``lora_export``) and the warnings
+a store's errors deserve (``notes``)."""
 
 from pathlib import Path
 

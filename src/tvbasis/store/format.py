@@ -824,18 +824,18 @@ def _digests(c: _Check, v: Any, files: StoreFiles, specs: dict[str, TensorSpec],
                 if t in seen:
                     raise c.fail(f"{q}.tensors", f"lists {t[:80]!r}, which {seen[t]} holds too")
                 seen[t] = fname
-            crc = c.obj(c.get(e, "chunks", f"{q}."), f"{q}.chunks")
-            if set(crc) != set(tensors):
+            chunk_hex = c.obj(c.get(e, "chunks", f"{q}."), f"{q}.chunks")  # XXH3-64 per chunk, as hex
+            if set(chunk_hex) != set(tensors):
                 raise c.fail(f"{q}.chunks", "must have one entry per tensor of the file")
             stacked = [stacked_spec(part, specs[t], M, getattr(torch, store_dtypes[t])) for t in tensors]
             for t in tensors:
                 n = chunk_count(specs[t], chunk) * (M if part == "bases" else 1)
-                c.hex_(crc[t], f"{q}.chunks.{t}", CHUNK_HEX * n)
+                c.hex_(chunk_hex[t], f"{q}.chunks.{t}", CHUNK_HEX * n)
             size = len(expected_header(stacked)) + sum(s.nbytes for s in stacked)
             if c.int_(c.get(e, "size", f"{q}."), f"{q}.size", 0) != size:
                 raise c.fail(f"{q}.size", f"is {e['size']}, but the tensors it lists take {size} bytes")
             out[fname] = FileDigest(size, c.hex_(c.get(e, "sha256", f"{q}."), f"{q}.sha256", 64), tensors,
-                                    {t: crc[t] for t in tensors})
+                                    {t: chunk_hex[t] for t in tensors})
         if names and set(seen) != set(specs):
             missing = sorted(set(specs) - set(seen))
             raise c.fail(f"{p}.files", f"gives {len(missing)} tensor(s) no {part} file, e.g. {missing[0][:80]!r}")

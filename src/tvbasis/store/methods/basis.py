@@ -37,6 +37,7 @@ class BasisStoreMethod(StoreMethod):
         self.error_above_one = _ABOVE_ONE.get(cls.name)
         self.fits_bases = True
         self.stores_mean = cls.name in _WITH_MEAN
+        self.merges_clusters = "inner" in cls.options
 
     def basis(self, options: Mapping[str, Any]) -> BasisMethod:
         return get_basis_method(self.name, **dict(options))

@@ -115,6 +115,8 @@ class StoreMethod:
     #: whether it fits -M bases from the Gram matrix (a basis method), and whether it stores their mean too
     fits_bases: bool = False
     stores_mean: bool = False
+    #: whether each basis is made from one cluster of tasks (an inner merge of its members: cluster)
+    merges_clusters: bool = False
     #: why a task can come back further from its vector than zero is, when this method is the reason
     error_above_one: str | None = None
 
