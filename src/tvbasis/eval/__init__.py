@@ -1,5 +1,7 @@
-"""Evaluation harness: the eight bundled text tasks, an encoder adapter with in-memory editing, frozen
-zero-shot heads, accuracy / λ search, and real fine-tuning (docs/benchmark.md has the protocol)."""
+"""Evaluation (the eval extra): the eight bundled text tasks and the user's labelled files, an encoder adapter with
+in-memory editing, frozen zero-shot heads, accuracy and λ search (``tvbasis eval``, ``tvbasis tune``, aTLAS), real
+fine-tuning (full and LoRA), the trained Localize-and-Stitch localizer and the plots of ``tvbasis inspect --plot``.
+The paper-reproduction harness that drives them, ``tvbasis bench``, is ``tvbasis.bench``, one layer above."""
 
 from tvbasis.eval.encoder import Encoder, default_model_dir
 from tvbasis.eval.heads import LOGIT_SCALE, Head, build_head
