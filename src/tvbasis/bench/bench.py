@@ -63,6 +63,8 @@ from tvbasis.eval.metrics import (
     normalized_accuracy,
 )
 from tvbasis.eval.tasks import DOMAINS, MANY, TASK_NAMES, Task, canonical_name, expand_task_names, load_task
+from tvbasis.store.methods import get_store_method
+from tvbasis.store.store import RECONSTRUCTIONS, SUM_OF_BASES
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ STORE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 EIGENGAP = "eigengap"
 #: the basis rows of the default bench; --full adds pca-paper
 DEFAULT_METHODS: tuple[str, ...] = ("autoencoder", "pca", "cluster-mean", "cluster-ties", "random", "random-sample")
+#: the name the bench's results record an addition mode by (the sum of bases is the paper's addition)
+_MODE_RECORDED = {SUM_OF_BASES: "paper"}
 #: basis methods whose ``seed`` option is the run's basis seed
 SEEDED_METHODS = ("autoencoder", "random", "random-sample", "cluster")
 #: the --full grids: addition over all 21 points 0 … 1, negation over 0.05 … 1 and, separately, up to λ = 3
@@ -259,7 +263,7 @@ def sizes_for(spec: Sequence[str], T: int) -> tuple[int, ...]:
 
 def sizes_of(cfg: BenchConfig, method: str) -> tuple[int | str, ...]:
     """The basis sizes a method's rows are built at: ``ks`` for cluster methods when given, else ``Ms``."""
-    return tuple(cfg.ks) if method == "cluster" and cfg.ks else tuple(cfg.Ms)
+    return tuple(cfg.ks) if get_store_method(method).merges_clusters and cfg.ks else tuple(cfg.Ms)
 
 
 def default_pairs(tasks: Sequence[str], n: int = 2) -> tuple[tuple[str, str], ...]:
@@ -464,14 +468,16 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             mode = store.default_addition_mode()
             delta = _state(store.addition(mode=mode))
             add = addition(delta)
-            extra: dict[str, Any] = {"store": str(path), "addition_mode": mode}
-            if method == "cluster":  # the v1 experiment: the outer merge (Σ_m s_m) at coefficient 1 as well
+            extra: dict[str, Any] = {"store": str(path), "addition_mode": _MODE_RECORDED.get(mode, mode)}
+            clusters = get_store_method(method).merges_clusters
+            if clusters:  # the v1 experiment: the outer merge (Σ_m s_m) at coefficient 1 as well
                 extra["addition_at_1"] = at_one(delta)
             del delta
-            if cfg.both_additions and store.M > 0 and method != "cluster":  # v4 stores (cluster rows: v1, λ=1)
-                other = "reconstructions" if mode == "paper" else "paper"
-                extra["addition_modes"] = {mode: add.to_dict(),
-                                           other: addition(_state(store.addition(mode=other))).to_dict()}
+            if cfg.both_additions and store.M > 0 and not clusters:  # v4 stores (cluster rows: v1, λ=1)
+                other = RECONSTRUCTIONS if mode == SUM_OF_BASES else SUM_OF_BASES
+                extra["addition_modes"] = {_MODE_RECORDED.get(mode, mode): add.to_dict(),
+                                           _MODE_RECORDED.get(other, other):
+                                           addition(_state(store.addition(mode=other))).to_dict()}
             t_add = time.time() - t0 - t_build
             neg, neg_ext = negations(lambda t, s=store: _state(s.reconstruct(t)))
             t_neg = time.time() - t0 - t_build - t_add
@@ -481,7 +487,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                           "compression": all_vectors / max(1, store.nbytes)})
             if M == EIGENGAP:
                 extra["k"] = store.M
-            if method == "cluster":
+            if clusters:
                 extra["labels"] = _jsonable(store.labels)
                 if cosine is None or M == 2:
                     cosine, labels = store.cosine, store.labels

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -55,19 +54,19 @@ from tvbasis.errors import CheckpointError, ConfigError, StoreError, TensorMisma
 from tvbasis.io import (
     TensorSpec,
     check_output,
-    cleanup_stale_temps,
     dtype_name,
     open_checkpoint,
     parse_dtype,
 )
-from tvbasis.io.atomic import AtomicOutput, check_not_input, temp_path
+from tvbasis.io.atomic import AtomicOutput, check_not_input
 from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
 from tvbasis.io.reader import safe_torch_load
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, Manifest
 from tvbasis.store.build import StoreLayout, output_path
-from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, commit_new_store, output_kind, store_lock
+from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, Staging, commit_new_store, output_kind, store_lock
 from tvbasis.store.format import RESERVED_TASK_NAMES, STORE_DTYPES, Cross, PretrainedRef, StoreFiles, TaskEntry
+from tvbasis.store.methods import get_store_method
 from tvbasis.taskset import TaskSet, chunk_for
 from tvbasis.untrusted import load_json, quote
 
@@ -321,15 +320,9 @@ def import_tvb(folder: str | Path, pretrained: str | Path, out: str | Path, *,
     chunk = chunk_for(T)
     layout = StoreLayout(specs, M, dtype_of, with_bases=True, with_mean=with_mean, max_shard_size=max_shard_size)
     with store_lock(out, DEFAULT_LOCK_TIMEOUT) if kind == "store" else nullcontext():
-        cleanup_stale_temps(out.parent, out.name)
-        tmp = temp_path(out)
-        tmp.mkdir()
-        try:
-            manifest = _write(tvb, pre, specs, dtype_of, layout, taskset, finetuned, chunk, tmp)
-            commit_new_store(tmp, out, manifest, kind, force, DEFAULT_LOCK_TIMEOUT)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with Staging.new_store(out) as stage:
+            manifest = _write(tvb, pre, specs, dtype_of, layout, taskset, finetuned, chunk, stage.dir)
+            commit_new_store(stage.dir, out, manifest, kind, force, DEFAULT_LOCK_TIMEOUT)
     return BasisStore.open(out)
 
 
@@ -427,9 +420,9 @@ def _paper_method(store: BasisStore) -> str:
         raise StoreError(f"{store.root}: keeps coded parts (per-task residuals, masks or coded bases: "
                          f"{mf.coded.residual_codec or mf.coded.bases_codec}) that the paper's layout has no place for")
     fit = next(iter(store.fits.values()))
-    if store.method == "pca":
+    if get_store_method(store.method).stores_mean:
         return PCA
-    if store.method == "random":
+    if fit.random_seed is not None:
         raise StoreError(f"{store.root}: a random store regenerates its bases from a seed with tvbasis's generator; "
                          f"the paper's RandomBasisMethod regenerates them with its own (refused)")
     if fit.B is None or fit.has_mean:
@@ -466,7 +459,8 @@ def export_tvb(store: BasisStore | str | Path, out: str | Path, *, force: bool =
         if method == AE:
             assert fit.B is not None
             B = torch.as_tensor(fit.B, dtype=torch.float32)
-            softmax = store.method == "autoencoder" and opts.get("encoder", "softmax") == "softmax"
+            encoder = opts.get("encoder", get_store_method(store.method).defaults.get("encoder"))
+            softmax = encoder == "softmax"  # an autoencoder's encoder (other methods have none)
             tau = float(fit.stats.get("temperature", opts.get("temperature", 1.0)) or 1.0) if softmax else 1.0
             A = tau * torch.log(B.clamp_min(1e-30)) if softmax else B.clone()
             meta: dict[str, Any] = {

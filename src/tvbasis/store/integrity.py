@@ -57,7 +57,7 @@ class TensorPlace:
     inner: TensorSpec  # one basis (the parameter's shape), stored dtype
     outer: int  # M for bases, 1 for the mean
     chunks: list[tuple[int, int]] | None  # row chunks of one basis (None: no digests)
-    crcs: list[int] | None  # chunk digests, outer * len(chunks), m-major
+    chunk_xxh3: list[int] | None  # XXH3-64 digest of every chunk, outer * len(chunks), m-major
 
     @property
     def row_bytes(self) -> int:
@@ -234,15 +234,15 @@ class StoreData:
                 for k in range(k0, k1):
                     r0, r1 = pl.chunks[k]
                     seg = view[(r0 - ca) * pl.row_bytes:(r1 - ca) * pl.row_bytes]
-                    assert pl.crcs is not None
-                    if chunk_digest(seg) != pl.crcs[m * n + k]:
+                    assert pl.chunk_xxh3 is not None
+                    if chunk_digest(seg) != pl.chunk_xxh3[m * n + k]:
                         raise self._corrupt(pl, m, k)
             out = buf[:, (a - ca) * pl.row_bytes:(b - ca) * pl.row_bytes]
         t = out.contiguous().view(pl.inner.dtype).reshape(pl.outer, *((b - a,) if shape else ()), *shape[1:])
         if part == "mean":
             t = t[0]
         # with digests the bytes are those written, which were checked finite before they were committed
-        if pl.crcs is None and not all_finite(t):
+        if pl.chunk_xxh3 is None and not all_finite(t):
             raise StoreError(f"{self.root}: {part} tensor {name!r} holds NaN/Inf values (in {pl.file}); the store "
                              f"is corrupt (run `tvbasis verify {self.root}`)")
         return t
@@ -338,16 +338,18 @@ def digest_fd(fd: int, manifest: Manifest, part: str, names: list[str], chunk_el
         raise StoreError(f"{where}: its header is not the one tvbasis writes for the tensors the manifest lists")
     with ThreadPoolExecutor(1, thread_name_prefix="tvbasis-sha") as pool:
         sha = pool.submit(_sha256_of, fd, size, where)
-        crcs, nonfinite = _chunk_crcs(fd, manifest, part, names, stacked, chunk_elements, len(header), where,
-                                      check_finite)
+        chunk_hex, nonfinite = _chunk_xxh3_hex(fd, manifest, part, names, stacked, chunk_elements, len(header),
+                                               where, check_finite)
         digest = sha.result()
-    return FileDigest(size, digest, list(names), crcs), nonfinite
+    return FileDigest(size, digest, list(names), chunk_hex), nonfinite
 
 
-def _chunk_crcs(fd: int, manifest: Manifest, part: str, names: list[str], stacked: list[TensorSpec],
-                chunk_elements: int, pos: int, where: str, check_finite: bool) -> tuple[dict[str, str], set[str]]:
+def _chunk_xxh3_hex(fd: int, manifest: Manifest, part: str, names: list[str], stacked: list[TensorSpec],
+                    chunk_elements: int, pos: int, where: str, check_finite: bool) -> tuple[dict[str, str], set[str]]:
+    """Per tensor its chunks' XXH3-64 digests as one hex string (16 digits per chunk, m-major), and the tensors
+    holding a non-finite value (``check_finite``)."""
     specs = manifest.specs()
-    crcs: dict[str, str] = {}
+    chunk_hex: dict[str, str] = {}
     nonfinite: set[str] = set()
     block = bytearray(0)
     for name, s in zip(names, stacked):
@@ -366,8 +368,8 @@ def _chunk_crcs(fd: int, manifest: Manifest, part: str, names: list[str], stacke
                 parts.append(f"{chunk_digest(view):016x}")
                 if check_finite and name not in nonfinite and not all_finite(torch.frombuffer(view, dtype=s.dtype)):
                     nonfinite.add(name)
-        crcs[name] = "".join(parts)
-    return crcs, nonfinite
+        chunk_hex[name] = "".join(parts)
+    return chunk_hex, nonfinite
 
 
 def digest_file(path: Path, manifest: Manifest, part: str, names: list[str], chunk_elements: int,

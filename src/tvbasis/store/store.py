@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tvbasis.bases import addition_weights, cosine_from_gram, orthonormal_sum_coefficients, random_rows
+from tvbasis.bases import addition_weights, cosine_from_gram, orthonormal_sum_coefficients
 from tvbasis.errors import ConfigError, StoreError, UnknownTaskError
 from tvbasis.io import Checkpoint
 from tvbasis.io.checksum import check_pretrained_structure
@@ -32,6 +32,19 @@ from tvbasis.vectors import Producer, TaskVector
 # --------------------------------------------------------------------------------------------------- store
 #: attempts to open a store whose generation a concurrent writer switches meanwhile
 OPEN_ATTEMPTS = 5
+
+
+#: ``BasisStore.addition`` modes: the sum of the stored bases Σ_m s_m (the paper's addition), or the sum of the
+#: tasks' reconstructions Σ_t v̂_t; ``"paper"`` is the first one's old name, still accepted (and the value the
+#: ``addition`` option of pca and random stores records)
+SUM_OF_BASES, RECONSTRUCTIONS = "sum-of-bases", "reconstructions"
+ADDITION_ALIASES = {"paper": SUM_OF_BASES}
+ADDITION_MODES = (SUM_OF_BASES, RECONSTRUCTIONS, *ADDITION_ALIASES)
+
+
+def addition_mode(mode: str) -> str:
+    """``mode`` under its explanatory name (``"paper"`` -> ``"sum-of-bases"``)."""
+    return ADDITION_ALIASES.get(mode, mode)
 
 
 class BasisStore:
@@ -166,8 +179,8 @@ class BasisStore:
         spec = self.specs[name]
         fit = self.fits[self.group_of.get(name, WHOLE_VECTOR)]
         a, b = rows if rows is not None else (0, spec.shape[0] if spec.shape else 1)
-        if fit.random_seed is not None:
-            return random_rows(fit.random_seed, name, spec.shape, self.M, self.total_params, a, b)
+        if fit.random_seed is not None:  # regenerated from the seed, as the build made them
+            return fit.stored_rows(None, name, spec.shape, a, b, self.total_params)
         if self.M == 0:
             return torch.zeros((0, *((b - a,) if spec.shape else ()), *spec.shape[1:]))
         if self.manifest.bases_coded:
@@ -263,43 +276,44 @@ class BasisStore:
 
     def default_addition_mode(self) -> str:
         """The plain addition's mode when none is given: ``"reconstructions"`` for stores with residuals (TALL
-        aside) or no bases, ``"paper"`` for task-like bases, else the store's ``addition`` option (default
-        reconstructions)."""
+        aside) or no bases, ``"sum-of-bases"`` for task-like bases, else the store's ``addition`` option (default
+        reconstructions; its ``"paper"`` is the sum of bases)."""
         residual_store = self.manifest.has_residuals and not self.masks
         if residual_store or self.M == 0:
-            return "reconstructions"
+            return RECONSTRUCTIONS
         if self.manifest.task_like:
-            return "paper"
-        return str(self.manifest.options.get("addition", "reconstructions"))
+            return SUM_OF_BASES
+        return addition_mode(str(self.manifest.options.get("addition", RECONSTRUCTIONS)))
 
     def addition(self, outer: MergeSpec | None = None, tasks: Sequence[str] | None = None,
                  mode: str | None = None) -> TaskVector:
-        """The multi-task vector. Without ``outer``, by ``mode``: ``"paper"`` sums the bases Σ_m s_m, as the paper
-        (a random store's directions orthonormalised first unless built with orthonormal=false);
-        ``"reconstructions"`` sums the reconstructions Σ_t v̂_t of ``tasks``; None: the store's default — the
-        paper's sum for task-like bases, and the ``addition`` option the store was built with for PCA and random
-        (default reconstructions). The paper's sum covers all tasks: for a subset the default falls back to the
-        reconstructions. With ``outer``: that merge method over the bases (task-like) or over the reconstructions
-        of ``tasks`` (``mode`` does not apply)."""
+        """The multi-task vector. Without ``outer``, by ``mode``: ``"sum-of-bases"`` (alias ``"paper"``, the
+        paper's addition) sums the bases Σ_m s_m (a random store's directions orthonormalised first unless built
+        with orthonormal=false); ``"reconstructions"`` sums the reconstructions Σ_t v̂_t of ``tasks``; None: the
+        store's default — the sum of bases for task-like bases, and the ``addition`` option the store was built
+        with for PCA and random (default reconstructions). The sum of bases covers all tasks: for a subset the
+        default falls back to the reconstructions. With ``outer``: that merge method over the bases (task-like) or
+        over the reconstructions of ``tasks`` (``mode`` does not apply)."""
         selected = list(tasks) if tasks else list(self.task_names)
         for t in selected:
             self.task_index(t)
         whole = set(selected) == set(self.task_names)
         task_like = self.manifest.task_like
-        if mode not in (None, "paper", "reconstructions"):
-            raise ConfigError(f"addition mode must be 'paper' or 'reconstructions', got {mode!r}")
+        if mode not in (None, *ADDITION_MODES):
+            raise ConfigError(f"addition mode must be 'sum-of-bases' ('paper') or 'reconstructions', got {mode!r}")
+        given = None if mode is None else addition_mode(mode)
         if outer is None:
             opts = self.manifest.options
-            if self.M == 0 and mode == "paper":
+            if self.M == 0 and given == SUM_OF_BASES:
                 raise ConfigError(f"{self.root}: has no bases (M = 0), so the paper's sum of bases is empty; use "
                                   "mode='reconstructions'")
-            chosen = mode or self.default_addition_mode()
-            if chosen == "paper" and not whole:
-                if mode == "paper":
+            chosen = given or self.default_addition_mode()
+            if chosen == SUM_OF_BASES and not whole:
+                if given == SUM_OF_BASES:
                     raise ConfigError("the paper's addition sums all the bases, so it covers every task; for "
                                       "a subset of tasks use mode='reconstructions'")
-                chosen = "reconstructions"
-            if chosen == "reconstructions":
+                chosen = RECONSTRUCTIONS
+            if chosen == RECONSTRUCTIONS:
                 return self.combine({t: 1.0 for t in selected}, name="sum of reconstructions")
             if any(f.random_seed is not None for f in self.fits.values()):
                 ortho = bool(opts.get("orthonormal", True))
