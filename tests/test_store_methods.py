@@ -87,6 +87,28 @@ def test_the_store_package_docstring_names_every_module():
     assert [m for m in modules if f"``{m}``" not in doc] == []
 
 
+def test_the_architecture_recipes_name_what_exists():
+    """docs/architecture.md's recipes (merge method, basis method, codec, store method): every file they name
+    exists and every registry they say to add to is there."""
+    doc = (PKG.parents[1] / "docs" / "architecture.md").read_text()
+    recipes = doc[doc.index("## Add a merge method") : doc.index("## Conventions")]
+    paths = set(re.findall(r"`((?:[a-z_]+/)+[a-z_]+\.py)`", recipes))
+    assert len(paths) >= 8
+    for path in paths:
+        assert (PKG.parents[1] / path if path.startswith("tests/") else PKG / path).is_file(), path
+    wants = {
+        "merge/registry.py": "MERGE_METHODS",
+        "bases/__init__.py": "BASIS_METHODS",
+        "codecs/registry.py": "CODECS",
+        "store/methods/per_task.py": "def _add(",
+        "store/methods/registry.py": "class StoreMethod",
+    }
+    for path, text in wants.items():
+        assert path in recipes and text in (PKG / path).read_text(), path
+    for name in ("PerTaskMethod", "StoreSpec", "zero_fit", "MASK", "STATISTICS_FIRST", "Param", "BaseMerger"):
+        assert name in recipes, name
+
+
 def test_every_method_is_typed_and_declares_its_flags():
     for name in store_method_names():
         m = get_store_method(name)

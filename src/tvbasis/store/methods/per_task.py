@@ -223,7 +223,7 @@ _add(
         mode=MASK,
         task_like=True,
         defaults={"lambda": TALL_DEFAULT_LAMBDA},
-        validate=lambda n, o, t: check_tall_options(n, o, t),
+        validate=check_tall_options,
         error_above_one="a TALL store gives m_t ⊙ τ_MTL, the multi-task vector on this task's mask; "
         "where the other tasks outweigh this one on those coordinates it points away from τ_t",
     )
