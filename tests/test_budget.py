@@ -194,7 +194,7 @@ def test_budget_store_fits_and_every_task_matches_its_dense_vector(tmp_path: Pat
     plan = tmp_path / "plan"
     from tvbasis.store import build_store
     uni = build_store(pre, fts, "pca", 0, plan, residual="embedding=sparse-rows+int4:group=32,scheme=affine;"
-                      "matrix=lowrank:rank=6+int4:group=32,scheme=affine;vector=float16")
+                      "matrix=lowrank:rank=12+int4:group=32,scheme=affine;vector=float16")
     assert store_size(plan) >= size * 0.97
     assert max(uni.rel_errors.values()) > worst
     BasisStore.open(tmp_path / "s").close()

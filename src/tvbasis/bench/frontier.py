@@ -106,6 +106,8 @@ class Config:
 PEER_FAMILIES = ("TALL", "TSV-C", "TVQ / RTVQ", "BitDelta", "Delta-CoMe", "UltraDelta")
 #: the budget sweep (``tvbasis build --budget``): ratios against float32 task vectors, store on disk
 BUDGETS: tuple[str, ...] = ("16x", "32x", "64x", "128x", "256x")
+#: calibrated budget rows: this many of each task's training texts (``build --budget --calibration``)
+CAL_TEXTS = 128
 #: the budget issue's goals: every task ≥ 0.99 at ≥ 128× on disk, negation fidelity ≥ 0.9 on every pair
 GOAL_MIN_ACCURACY, GOAL_BUDGET_COMPRESSION, GOAL_NEGATION_FIDELITY = 0.99, 128.0, 0.9
 
@@ -126,6 +128,8 @@ def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca")
             Config("UltraDelta density 0.01", "UltraDelta", "ultradelta", {"density": 0.01})]
     out += [Config(f"plan {name}", "tvbasis M=0", "plan", {"plan": spec}) for name, spec in PLANS.items()]
     out += [Config(f"budget {b}", "tvbasis --budget", "budget", {"budget": b}) for b in BUDGETS]
+    out += [Config(f"budget {b} calibrated", "tvbasis --budget", "budget", {"budget": b, "calibration": CAL_TEXTS})
+            for b in BUDGETS]
     Ms = [M for M in Ms if 1 <= M < T]
     if Ms:
         M0 = 2 if 2 in Ms else Ms[0]
@@ -174,6 +178,9 @@ class Context:
     keep_stores: bool
     dev_accuracy: Callable[[State, str], float]  # θ₀ + v on the dev split of one task
     progress: bool = False
+    #: each task's training texts, for the calibrated budget rows (``--calibration``: what a user would give)
+    train_texts: dict[str, list[str]] | None = None
+    max_length: int = 64
 
 
 # --------------------------------------------------------------------------------------------- compressors
@@ -222,7 +229,8 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
     if config.method == "plan":
         return {"method": "pca", "M": 0, "residual": p["plan"]}, {"plan": CodecPlan.parse(p["plan"]).spec}
     if config.method == "budget":
-        return {"budget": str(p["budget"]), "loss": str(p.get("loss", "frobenius"))}, {}
+        return {"budget": str(p["budget"]), "loss": str(p.get("loss", "frobenius")),
+                "calibration": int(p.get("calibration", 0))}, {}
     if config.method == "bases":
         basis = p.get("basis", "pca")
         options = {"seed": seed} if basis in SEEDED_BASES else {}
@@ -233,6 +241,26 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
 
 #: the last budget build's measuring pass, by (pretrained, fine-tunes): one pass serves the whole sweep
 _MEASURED: dict[Any, Any] = {}
+
+
+#: calibration statistics by (fine-tune directory, number of texts): one forward pass per task per run
+_CALIBRATION: dict[Any, Any] = {}
+
+
+def calibration_of(ctx: Context, n_texts: int) -> dict[str, Any]:
+    """Each task's calibration statistics from its first ``n_texts`` training texts, run through its fine-tune
+    (``tvbasis.eval.calibration``; cached for the run)."""
+    from tvbasis.eval.calibration import calibrate_model
+
+    if ctx.train_texts is None:
+        raise ConfigError("calibrated budget rows need the tasks' training texts")
+    out = {}
+    for t in ctx.tasks:
+        key = (ctx.ft_dirs[t], n_texts)
+        if key not in _CALIBRATION:
+            _CALIBRATION[key] = calibrate_model(ctx.ft_dirs[t], ctx.train_texts[t][:n_texts], ctx.max_length)
+        out[t] = _CALIBRATION[key]
+    return out
 
 
 def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
@@ -249,9 +277,12 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
         from tvbasis.store.budget import build_budget_store
 
         def budget_build(path: Path) -> Any:
-            key = (str(ctx.pre_dir), tuple(sorted(ctx.ft_dirs.items())))
+            n_cal = kwargs.get("calibration", 0)
+            key = (str(ctx.pre_dir), tuple(sorted(ctx.ft_dirs.items())), n_cal)
+            cal = calibration_of(ctx, n_cal) if n_cal else None
             store, report = build_budget_store(ctx.pre_dir, ctx.ft_dirs, path, budget=kwargs["budget"], force=True,
-                                               run=run, measured=_MEASURED.get(key), loss=kwargs["loss"])
+                                               run=run, measured=_MEASURED.get(key), loss=kwargs["loss"],
+                                               calibration=cal)
             _MEASURED.clear()
             _MEASURED[key] = report.measured  # the sweep's other budgets reuse the measuring pass
             facts_out.update({"budget": report.to_json()})
@@ -401,7 +432,8 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
         one_vector = vector_bytes(tvs[names[0]])
         all_vectors = one_vector * len(names)
         ctx = Context(names, tvs, pre_dir, ft_dirs, work / "stores", cfg.keep_stores,
-                      lambda v, t: ev.with_delta(v, 1.0, "dev", [t])[t], progress=cfg.progress)
+                      lambda v, t: ev.with_delta(v, 1.0, "dev", [t])[t], progress=cfg.progress,
+                      train_texts={n: list(tasks[n]["train"].texts) for n in names}, max_length=cfg.max_length)
         Ms = tuple(Ms) if Ms is not None else tuple(M for M in FRONTIER_MS if M < len(names))
         todo = list(configs) if configs is not None else default_configs(len(names), Ms)
 

@@ -21,6 +21,7 @@ minmax         per-tensor asymmetric min-max at 1..8 bits, integer zero point (T
 mixed-svd      singular triplets in blocks at decreasing bits, σ in float16, tail dropped (Delta-CoMe)
 ultra          uniform b-bit levels, each level pruned at random to a density, rescaled (UltraDelta)
 zstd           lossless Zstandard over the integer codes of its NEXT codec (optional ``zstandard``)
+colscale       NEXT codec on X·diag(s), s from calibration (activation-aware coding); decode divides by s
 auto           cheapest rung of a fixed ladder meeting a relative-error target
 =============  =====================================================================================
 """
@@ -35,6 +36,7 @@ from tvbasis.codecs.bits import (
     unpack_uint,
 )
 from tvbasis.codecs.cast import BFloat16, Float16, Float32
+from tvbasis.codecs.colscale import ColScale
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.lowrank import LowRank, energy_rank
 from tvbasis.codecs.mask import Mask
@@ -49,7 +51,7 @@ from tvbasis.codecs.topk import Ternary, TopK, keep_count
 from tvbasis.codecs.ultra import Ultra
 from tvbasis.codecs.zstd import Zstd
 
-__all__ = ["AUTO_LADDER", "CODECS", "Auto", "BFloat16", "Codec", "Encoded", "Float16", "Float32", "Int2", "Int4",
+__all__ = ["AUTO_LADDER", "CODECS", "Auto", "BFloat16", "Codec", "ColScale", "Encoded", "Float16", "Float32", "Int2", "Int4",
            "Int3", "Int8", "LowRank", "Mask", "MinMax", "MixedSVD", "Ultra", "Zstd", "Param", "Sign", "SparseRows", "Ternary", "TopK", "as_matrix", "decode",
            "energy_rank", "get_codec", "keep_count", "minmax_dequantize", "minmax_quantize", "pack_bits", "pack_uint", "packed_size", "parse_codec",
            "relative_error", "split_spec", "unpack_bits", "unpack_uint"]

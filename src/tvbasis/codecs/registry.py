@@ -8,6 +8,7 @@ import torch
 
 from tvbasis.codecs.base import Codec
 from tvbasis.codecs.cast import BFloat16, Float16, Float32
+from tvbasis.codecs.colscale import ColScale
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.lowrank import LowRank
 from tvbasis.codecs.mask import Mask
@@ -26,7 +27,7 @@ from tvbasis.errors import ConfigError
 CODECS: dict[str, type[Codec]] = {
     cls.name: cls
     for cls in (Float32, Float16, BFloat16, Int8, Int4, Int3, Int2, Sign, LowRank, SparseRows, TopK, Ternary, Mask,
-                MinMax, MixedSVD, Ultra, Zstd)
+                MinMax, MixedSVD, Ultra, Zstd, ColScale)
 }
 # ``auto`` picks among the codecs above through ``parse_codec``: it sits one level up and adds itself with
 # ``register_codec`` when ``tvbasis.codecs.auto`` is imported (``tvbasis.codecs`` imports it).

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
+from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, as_matrix, parse_codec
 from tvbasis.compress.kinds import tensor_kind
 from tvbasis.compress.svd import SVDCache, lowrank_encode
 from tvbasis.errors import ConfigError
@@ -94,6 +94,66 @@ def quality_to_error(quality: float) -> float:
     if not isinstance(quality, (int, float)) or not math.isfinite(quality) or not 0.0 < quality <= 1.0:
         raise ConfigError(f"--quality: expected a number in (0, 1], got {quality!r}")
     return math.sqrt(max(0.0, 1.0 - float(quality)))
+
+
+# ----------------------------------------------------------------------------------------------- calibration
+@dataclass
+class TaskCalibration:
+    """What one task's calibration text does inside its model (``tvbasis.eval.calibration.collect``):
+    ``col_rms[tensor]`` the root mean square of each input feature of a linear layer (the column scales of
+    ``colscale``), ``row_freq[tensor]`` how often each row of an embedding table is looked up (sums to 1),
+    over ``tokens`` non-padding tokens of ``texts`` texts. Keys are tensor names (``matched`` renames them to a
+    checkpoint's)."""
+
+    col_rms: dict[str, torch.Tensor]
+    row_freq: dict[str, torch.Tensor]
+    tokens: int = 0
+    texts: int = 0
+
+    def matched(self, names: Sequence[str]) -> TaskCalibration:
+        """The statistics keyed by the checkpoint's tensor ``names``: a key matches a name equal to it or one
+        ending in ``.key`` (a model saved with a prefix such as ``bert.``), or the reverse; ambiguous or
+        unmatched keys are dropped."""
+        def rename(stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            for n in names:
+                hits = [k for k in stats if k == n or n.endswith("." + k) or k.endswith("." + n)]
+                exact = [k for k in hits if k == n]
+                if exact or len(hits) == 1:
+                    out[n] = stats[(exact or hits)[0]]
+            return out
+        return TaskCalibration(rename(self.col_rms), rename(self.row_freq), self.tokens, self.texts)
+
+    def weigh(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """How (task, ``name``)'s coding error counts: ``(scale, weight)`` with the loss ``weight · ‖(x − x̂)·
+        diag(scale)‖²`` — the mean square output error per token it causes.
+
+        A matrix with input statistics: its column scales (``colscale``'s stored form, root mean square 1) and
+        the scales' mean square as weight. An embedding table with row frequencies: no scale, and as weight the
+        mean lookup frequency of the rows the task changed (an error in a row perturbs only the tokens that look
+        it up; frequencies smoothed by half a count so a changed row the text never uses still counts). Anything
+        else (vectors: a norm's or bias's error adds to every token's output as it is): weight 1."""
+        from tvbasis.codecs.colscale import stored_scale
+
+        kind = tensor_kind(name, tuple(x.shape))
+        if kind == "matrix" and name in self.col_rms and x.ndim >= 2:
+            rms = self.col_rms[name].reshape(-1).float()
+            cols = as_matrix(x).shape[1]
+            if rms.numel() == cols and bool(torch.isfinite(rms).all()):
+                w = float(rms.double().pow(2).mean())
+                if w > 0:
+                    return stored_scale(rms, cols), w
+        if kind == "embedding" and name in self.row_freq:
+            freq = self.row_freq[name].reshape(-1).double()
+            m = as_matrix(x)
+            if freq.numel() == m.shape[0]:
+                touched = (m != 0).any(dim=1)
+                k = int(touched.sum())
+                if k:
+                    n = max(self.tokens, 1)
+                    p = (freq * n + 0.5) / (n + 0.5 * freq.numel())
+                    return None, float(p[touched].sum()) / k
+        return None, 1.0
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -173,13 +233,34 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
 
 
 def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = None,
-            svd: SVDCache | None = None) -> list[Candidate]:
+            svd: SVDCache | None = None, scale: torch.Tensor | None = None) -> list[Candidate]:
     """Every candidate of ``ladder(name, x.shape)`` (or ``specs``) on one tensor ``x``: bytes and squared error.
-    Low-rank candidates share one truncated SVD of ``x`` (``svd``, a fresh cache by default)."""
+    Low-rank candidates share one truncated SVD of ``x`` (``svd``, a fresh cache by default).
+
+    ``scale``: calibration's column weights of a matrix (``codecs.colscale.stored_scale``: float16, root mean
+    square 1). Then every candidate codes ``X·diag(s)`` inside ``colscale``: its spec is ``colscale+SPEC``, its
+    bytes include the stored scale, and its error is the weighted one, ‖(X − X̂)·diag(s)‖² (the output error);
+    the dense codecs are also measured unscaled, in the same weighted error."""
     specs = ladder(name, tuple(x.shape)) if specs is None else specs
     x = x.detach().float()
-    cache = svd or SVDCache(min_rank=SVD_RANK)
+    wrap = None
     out = []
+    if scale is not None and x.ndim >= 2 and x.numel():
+        wrap = scale.reshape(-1)
+        plain = x
+        x = (as_matrix(x) * wrap.float()).reshape(x.shape)
+        # a uniform quantiser of the scaled matrix sets its steps by the largest scaled values, so for dense codecs
+        # the unscaled candidate (measured in the weighted error) stays on the ladder beside the scaled one
+        for spec in specs:
+            codec = parse_codec(spec)
+            if isinstance(codec, (LowRank, MixedSVD)):
+                continue
+            enc = codec.encode(plain)
+            d = as_matrix(plain - codec.decode(enc).reshape(plain.shape)) * wrap.float()
+            flat, desc = enc.to_tensors("")
+            out.append(Candidate(codec.spec, enc.nbytes + entry_overhead(key, desc, list(flat)),
+                                 float(torch.sum(d * d, dtype=torch.float64))))
+    cache = svd or SVDCache(min_rank=SVD_RANK)
     for spec in specs:
         codec = parse_codec(spec)
         if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None \
@@ -188,9 +269,11 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
         else:
             enc = _encode(codec, x, key, cache)
             err = _sq_err(x, codec.decode(enc))
+        if wrap is not None:
+            enc = Encoded(f"{ColScale.name}+{enc.codec}", tuple(x.shape), {"scale": wrap}, {}, {"x": enc})
         flat, desc = enc.to_tensors("")
         nbytes = enc.nbytes + entry_overhead(key, desc, list(flat))
-        out.append(Candidate(codec.spec, nbytes, err))
+        out.append(Candidate(enc.codec, nbytes, err))
         del enc, flat
     return out
 
@@ -201,9 +284,20 @@ def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded
     return codec.encode(x)
 
 
-def encode_chosen(spec: str, x: torch.Tensor) -> Encoded:
-    """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors)."""
-    return _encode(parse_codec(spec), x.detach().float(), "chosen", SVDCache(min_rank=SVD_RANK))
+def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None) -> Encoded:
+    """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors); a
+    ``colscale+…`` spec needs the ``scale`` it was measured with."""
+    codec = parse_codec(spec)
+    x = x.detach().float()
+    if isinstance(codec, ColScale):
+        if scale is None:
+            raise ConfigError(f"codec {spec[:60]!r} needs the calibration scale it was chosen with")
+        assert codec.next is not None
+        inner = _encode(codec.next, (as_matrix(x) * scale.reshape(-1).float()).reshape(x.shape), "chosen",
+                        SVDCache(min_rank=SVD_RANK))
+        return Encoded(codec.spec, tuple(x.shape), {"scale": scale.reshape(-1).to(torch.float16)}, {},
+                       {"x": inner})
+    return _encode(codec, x, "chosen", SVDCache(min_rank=SVD_RANK))
 
 
 # ------------------------------------------------------------------------------------------------ allocation
@@ -409,6 +503,8 @@ class BudgetRule:
     error: float
     target: str
     assigned: dict[str, dict[str, str]] | None = None
+    #: calibration's column scales (``scales[task][tensor]``) of the entries allocated a ``colscale+…`` codec
+    scales: Mapping[str, Mapping[str, torch.Tensor]] | None = None
 
     @property
     def spec(self) -> str:
@@ -433,7 +529,8 @@ class BudgetRule:
                 spec = self.assigned[task][name]
             except KeyError:
                 raise ConfigError(f"budget coder: no codec allocated for task {task!r}, tensor {name!r}") from None
-            return encode_chosen(spec, x)
+            scale = (self.scales or {}).get(task, {}).get(name)
+            return encode_chosen(spec, x, scale)
         cands = measure(name, x, f"residual/{name}/new")
         limit = (self.error ** 2) * float((x.double() ** 2).sum())
         ok = [c for c in cands if c.sqerr <= limit]

@@ -33,12 +33,15 @@ from typing import Any
 
 import torch
 
+from tvbasis.codecs import as_matrix
+from tvbasis.codecs.colscale import stored_scale
 from tvbasis.compress import Coder
 from tvbasis.compress.budget import (
     Allocation,
     Budget,
     BudgetRule,
     Candidate,
+    TaskCalibration,
     allocate,
     measure,
     quality_to_error,
@@ -67,8 +70,10 @@ def fixed_overhead_guess(T: int, n_tensors: int) -> int:
     return 6144 + 420 * n_tensors + 30 * T * T + 400 * T
 
 
-#: what the measuring pass keeps: ``cands[task][tensor]``, ``norms2[task][tensor]``, ``pre2[task][tensor]``
-Measured = tuple[dict[str, dict[str, list[Candidate]]], dict[str, dict[str, float]], dict[str, dict[str, float]]]
+#: what the measuring pass keeps: ``cands[task][tensor]``, ``norms2[task][tensor]``, ``pre2[task][tensor]``,
+#: ``wnorms2[task][tensor]``
+Measured = tuple[dict[str, dict[str, list[Candidate]]], dict[str, dict[str, float]], dict[str, dict[str, float]],
+                 dict[str, dict[str, float]]]
 #: how a (task, tensor)'s error counts: ``frobenius`` (‖x − x̂‖², the task vector's error) or ``relative`` (‖x − x̂‖²
 #: against the pretrained weights it perturbs, ``pretrained_scale``)
 LOSSES = ("frobenius", "relative")
@@ -89,6 +94,8 @@ class BudgetReport:
     attempts: int = 1
     #: the measuring pass's candidates and task norms (for ``build_budget_store(measured=…)``)
     measured: Measured | None = None
+    #: whether the loss was calibrated (then ``allocation.rel_errors`` are relative output errors)
+    calibrated: bool = False
 
     @property
     def ratio(self) -> float:
@@ -99,26 +106,41 @@ class BudgetReport:
         return {"budget": self.budget, "budget_bytes": self.budget_bytes, "max_error": self.max_error,
                 "store_bytes": self.store_bytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio, "M": self.M,
                 "target_error": a.target_error, "feasible": a.feasible, "notes": a.notes,
-                "tasks": a.summary(), "plan": a.specs, "seconds": self.seconds, "attempts": self.attempts}
+                "tasks": a.summary(), "plan": a.specs, "seconds": self.seconds, "attempts": self.attempts,
+                "loss": "calibrated output error" if self.calibrated else "task-vector error"}
 
 
 class MeasureTask:
-    """Work unit (one whole tensor) of the measuring pass: every candidate on every task's slice."""
+    """Work unit (one whole tensor) of the measuring pass: every candidate on every task's slice. With
+    calibration, each task's candidates are measured in its weighted loss (``TaskCalibration.weigh``): the
+    squared errors (and the task's ``wnorms2``) are output errors, the matrices' candidates ``colscale+…``."""
 
-    def __init__(self, taskset: TaskSet, chunk_elements: int, stage: Path) -> None:
+    def __init__(self, taskset: TaskSet, chunk_elements: int, stage: Path,
+                 calibration: Mapping[str, TaskCalibration] | None = None) -> None:
         self.taskset, self.chunk_elements, self.stage = taskset, chunk_elements, stage
+        self.calibration = calibration
 
-    def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float]]:
+    def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float],
+                                           dict[str, float]]:
         W0 = torch.empty(self.taskset.specs[name].shape, dtype=torch.float32)
         X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage, pretrained_out=W0)
         try:
-            cands, norms2, pre2 = {}, {}, {}
+            cands, norms2, pre2, wnorms2 = {}, {}, {}, {}
             for t, task in enumerate(self.taskset.names):
                 x = X[t]
                 norms2[task] = float((x.double() ** 2).sum())
                 pre2[task] = pretrained_scale(name, W0, x)
-                cands[task] = measure(name, x, f"residual/{name}/{task}")
-            return name, cands, norms2, pre2
+                cal = (self.calibration or {}).get(task)
+                if cal is None:
+                    cands[task] = measure(name, x, f"residual/{name}/{task}")
+                    wnorms2[task] = norms2[task]
+                    continue
+                scale, w = cal.weigh(name, x)
+                measured = measure(name, x, f"residual/{name}/{task}", scale=scale)
+                cands[task] = [Candidate(c.spec, c.nbytes, c.sqerr * w) for c in measured]
+                xs = x if scale is None else as_matrix(x) * scale.float()
+                wnorms2[task] = w * float((xs.double() ** 2).sum())
+            return name, cands, norms2, pre2, wnorms2
         finally:
             del X
             if scratch is not None:
@@ -138,23 +160,41 @@ def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor) -> float:
     return max(w2, float((x.double() ** 2).sum()), 1e-30)
 
 
-def measure_pass(taskset: TaskSet, run: Run, stage: Path,
-                 chunk_elements: int) -> Measured:
-    """``cands[task][tensor]``, ``norms2[task][tensor]`` (‖x‖²) and ``pre2[task][tensor]`` (``pretrained_scale``)
-    for the whole task set (one read of the inputs)."""
+def measure_pass(taskset: TaskSet, run: Run, stage: Path, chunk_elements: int,
+                 calibration: Mapping[str, TaskCalibration] | None = None) -> Measured:
+    """``cands[task][tensor]``, ``norms2[task][tensor]`` (‖x‖²), ``pre2[task][tensor]`` (``pretrained_scale``) and
+    ``wnorms2[task][tensor]`` (‖x‖² in the calibrated loss; = norms2 without calibration) for the whole task set
+    (one read of the inputs)."""
     eng = as_run(run).get_engine()
     names = list(taskset.specs)
     cands: dict[str, dict[str, list[Candidate]]] = {t: {} for t in taskset.names}
     norms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     pre2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
-    task = MeasureTask(taskset, chunk_elements, stage)
+    wnorms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
+    task = MeasureTask(taskset, chunk_elements, stage, calibration)
     sizes = [taskset.T * taskset.specs[n].numel * 4 for n in names]
-    for name, per_task, n2, p2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
+    for name, per_task, n2, p2, w2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
         for t in taskset.names:
             cands[t][name] = per_task[t]
             norms2[t][name] = n2[t]
             pre2[t][name] = p2[t]
-    return cands, norms2, pre2
+            wnorms2[t][name] = w2[t]
+    return cands, norms2, pre2, wnorms2
+
+
+def _scales(cal: Mapping[str, TaskCalibration] | None, taskset: TaskSet,
+            specs: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The stored column scales of the entries allocated a ``colscale+…`` codec (what the measuring pass used)."""
+    if cal is None:
+        return None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for t, per in specs.items():
+        for name, spec in per.items():
+            if spec.startswith("colscale+"):
+                shape = tuple(taskset.specs[name].shape)
+                cols = math.prod(shape[1:]) if len(shape) >= 2 else shape[0]
+                out.setdefault(t, {})[name] = stored_scale(cal[t].col_rms[name], cols)
+    return out
 
 
 def store_size(path: Path) -> int:
@@ -167,19 +207,39 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                        max_shard_size: int | str = "5GB", force: bool = False, run: Run = None,
                        chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
-                       measured: Measured | None = None, loss: str = "frobenius") -> tuple[BasisStore, BudgetReport]:
+                       measured: Measured | None = None, loss: str = "frobenius",
+                       calibration: Mapping[str, TaskCalibration] | None = None
+                       ) -> tuple[BasisStore, BudgetReport]:
     """Build the store at ``out`` that fits ``budget`` (``"128x"``, ``"20MB"`` or a ``Budget``), or the smallest
     whose every task keeps ``quality`` of its energy; returns the store and what was chosen and measured.
-    ``measured``: the measuring pass of an earlier budget build of the same inputs (``report.measured``), so a
-    sweep over budgets measures once."""
+    ``measured``: the measuring pass of an earlier budget build of the same inputs and calibration
+    (``report.measured``), so a sweep over budgets measures once.
+
+    ``calibration``: per task (all of them, or none), what its own text does in its model
+    (``tvbasis.eval.calibration``); then the loss is each task's output error — matrices coded in their
+    input-weighted space (``colscale``), embeddings weighed by how often the changed rows are looked up — and
+    ``loss`` must stay ``frobenius``."""
     if (budget is None) == (quality is None):
         raise ConfigError("give exactly one of --budget and --quality")
     if loss not in LOSSES:
         raise ConfigError(f"budget loss must be one of {LOSSES}, got {str(loss)[:40]!r}")
+    if calibration is not None and loss != "frobenius":
+        raise ConfigError("--calibration sets the loss itself (output error): leave the loss at frobenius")
     b = Budget.parse(budget) if isinstance(budget, str) else budget
     max_error = quality_to_error(quality) if quality is not None else None
     out = output_path(out)
     taskset = TaskSet.open(pretrained, finetuned, include, exclude)
+    cal: dict[str, TaskCalibration] | None = None
+    if calibration is not None:
+        missing = [t for t in taskset.names if t not in calibration]
+        unknown = [t for t in calibration if t not in taskset.names]
+        if missing or unknown:
+            raise ConfigError(f"--calibration: give one file per task; missing {missing[:5]}, unknown {unknown[:5]}")
+        cal = {t: calibration[t].matched(list(taskset.specs)) for t in taskset.names}
+        for t, c in cal.items():
+            if not c.col_rms:
+                raise ConfigError(f"--calibration {t}: no statistics match a tensor of the checkpoint (the model "
+                                  "that made them is not this one)")
     fp32 = taskset.T * sum(s.numel for s in taskset.specs.values()) * 4
     budget_bytes = b.target(fp32) if b is not None else None
     if budget_bytes is not None and budget_bytes < 1024:
@@ -189,12 +249,12 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     t0 = time.perf_counter()
     if measured is not None and set(measured[1]) == set(taskset.names) and \
             all(set(c) == set(taskset.specs) for c in measured[0].values()):
-        cands, by_tensor, pre2 = measured
+        cands, by_tensor, pre2, wn2 = measured
     else:
         stage = temp_path(out.parent / f".{out.name}-measure")
         stage.mkdir(parents=True)
         try:
-            cands, by_tensor, pre2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24))
+            cands, by_tensor, pre2, wn2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24), cal)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     seconds["measure"] = time.perf_counter() - t0
@@ -202,7 +262,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     if any(v == 0.0 for v in norms2.values()):
         zero = [t for t, v in norms2.items() if v == 0.0]
         raise ConfigError(f"fine-tune(s) {zero} equal the pretrained model (zero task vector)")
-    alloc_cands, alloc_norms2 = cands, norms2
+    alloc_cands, alloc_norms2 = cands, {t: sum(v.values()) for t, v in wn2.items()}
     if loss == "relative":
         alloc_cands, alloc_norms2 = weighted(cands, {t: {n: 1.0 / p for n, p in pre2[t].items()} for t in pre2},
                                              by_tensor)
@@ -214,7 +274,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         t1 = time.perf_counter()
         alloc = (allocate(alloc_cands, alloc_norms2, budget_bytes=max(budget_bytes - overhead, 0))
                  if budget_bytes is not None else allocate(alloc_cands, alloc_norms2, max_error=max_error))
-        if loss != "frobenius":  # report the task vectors' own relative errors, as the store records them
+        if loss != "frobenius" and cal is None:  # report the task vectors' own relative errors
             alloc.rel_errors = {t: math.sqrt(sum(next(c.sqerr for c in cands[t][n] if c.spec == sp)
                                                  for n, sp in alloc.specs[t].items()) / norms2[t]) for t in cands}
         seconds["allocate"] = seconds.get("allocate", 0.0) + time.perf_counter() - t1
@@ -224,7 +284,8 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
             raise ConfigError(f"--budget {b.text if b else ''} ({budget_bytes} B): the smallest store tvbasis can make "
                               f"of these {taskset.T} tasks takes about {smallest} B "
                               f"({fp32 / smallest:.1f}x); give a larger budget")
-        rule = BudgetRule(alloc.target_error, b.text if b is not None else f"q{quality:g}", alloc.specs)
+        rule = BudgetRule(alloc.target_error, b.text if b is not None else f"q{quality:g}", alloc.specs,
+                          scales=_scales(cal, taskset, alloc.specs))
         t2 = time.perf_counter()
         store = build_store(pretrained, finetuned, "pca", 0, out, include=include, exclude=exclude,
                             max_shard_size=max_shard_size, force=force or attempts > 1, run=run,
@@ -244,7 +305,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         overhead = max(fixed, 0) + int(0.002 * budget_bytes)  # aim a little inside the window
     seconds["total"] = time.perf_counter() - t0
     report = BudgetReport(b.text if b is not None else None, budget_bytes, max_error, size, fp32, alloc, M,
-                          seconds, attempts, (cands, by_tensor, pre2))
+                          seconds, attempts, (cands, by_tensor, pre2, wn2), calibrated=cal is not None)
     if budget_bytes is not None and size > budget_bytes:
         alloc.notes.append(f"the store takes {size} B, above the budget of {budget_bytes} B")
     return store, report

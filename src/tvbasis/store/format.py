@@ -667,8 +667,12 @@ class Manifest:
         return cls.parse(raw, str(mf))
 
     def dumps(self) -> str:
-        """``to_json`` as the text written to disk (NaN/Inf refused)."""
-        return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
+        """``to_json`` as the text written to disk (NaN/Inf refused): one top-level field per line, each value
+        compact. A manifest's bytes count against a ``--budget`` (its per-entry listing is a tenth of a 128×
+        store of a small model), so no indentation; ``python -m json.tool`` pretty-prints it."""
+        body = self.to_json()
+        lines = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'), allow_nan=False)}" for k, v in body.items()]
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
     def write(self, root: Path) -> None:
         """Write the manifest into ``root`` durably and atomically: a temporary file (the one temp pattern,
