@@ -167,3 +167,109 @@ def test_calibrated_store_fits_the_budget_and_lowers_the_output_error(tmp_path: 
     with pytest.raises(ConfigError, match="one file per task"):
         build_budget_store(pre, fts, tmp_path / "bad", budget="10x", calibration={"t0": cal["t0"]})
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def real_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-layer cut of the real MiniLM and two 'fine-tunes' of it: low-rank deltas on its layer's matrices
+    and 20 changed word-embedding rows."""
+    from tvbasis.eval.encoder import Encoder
+
+    root = tmp_path_factory.mktemp("calfam")
+    enc = Encoder(num_layers=1, max_length=16)
+    enc.save_pretrained(root / "pre")
+    g = torch.Generator().manual_seed(0)
+    out = {"pre": root / "pre"}
+    for t in ("a", "b"):
+        delta = {}
+        for name in enc.param_names:
+            p = enc.pretrained_state[name]
+            if name.startswith("encoder.") and p.ndim == 2:
+                r = 4
+                delta[name] = (torch.randn(p.shape[0], r, generator=g) @ torch.randn(r, p.shape[1], generator=g)) * 2e-3
+            elif "word_embeddings" in name:
+                d = torch.zeros_like(p)
+                d[torch.randint(1000, 3000, (20,), generator=g)] = 1e-2 * torch.randn(20, p.shape[1], generator=g)
+                delta[name] = d
+        enc.set_delta(delta)
+        enc.save_pretrained(root / t)
+        enc.reset()
+        out[t] = root / t
+    (root / "a.txt").write_text("how do I activate my card\n\nmy transfer has not arrived\nwhat is my balance\n")
+    (root / "b.csv").write_text('text,label\n"play some jazz",music\n"set an alarm for 7",alarm\n')
+    out["a.txt"], out["b.csv"] = root / "a.txt", root / "b.csv"
+    return out
+
+
+def test_cli_build_budget_with_calibration(real_family: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tvbasis.cli import main
+    f = real_family
+    base = ["build", "--pretrained", str(f["pre"]), "--finetuned", f"a={f['a']}", "--finetuned", f"b={f['b']}",
+            "--budget", "64x", "--json", "--include", "encoder.*"]  # the layer (the embedding table is slow)
+    rc = main([*base, "--out", str(tmp_path / "s"), "--calibration", f"a={f['a.txt']}",
+               "--calibration", f"b={f['b.csv']}"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss"] == "calibrated output error"
+    specs = [s for per in report["plan"].values() for s in per.values()]
+    assert any(s.startswith("colscale+") for s in specs)
+    store = BasisStore.open(tmp_path / "s")
+    store.verify()
+    # every task reads back close to its task vector on the layer the deltas live in
+    from tvbasis.vectors import TaskVector
+    for t in ("a", "b"):
+        true = TaskVector.from_checkpoints(f["pre"], f[t]).to_state_dict()
+        rec = store.reconstruct(t).to_state_dict()
+        k = "encoder.layer.0.attention.self.query.weight"
+        assert float((rec[k] - true[k]).norm() / true[k].norm()) < 0.5
+    assert store_size(tmp_path / "s") <= report["budget_bytes"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calibration", "a=A"], "one file per task"),
+    (["--calibration", "a", "--calibration", "b=B"], "expected NAME=FILE"),
+    (["--calibration", "a=A", "--calibration", "b=B", "--calibration-texts", "0"], "calibration-texts"),
+    (["--calibration", "a=MISSING", "--calibration", "b=B"], "no such file"),
+])
+def test_cli_calibration_refusals_write_nothing(real_family: dict[str, Path], tmp_path: Path, extra: list[str],
+                                                message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tvbasis.cli import main
+    f = real_family
+    subst = {"A": str(f["a.txt"]), "B": str(f["b.csv"]), "MISSING": str(tmp_path / "nope.txt")}
+    extra = [x.replace("=A", "=" + subst["A"]).replace("=B", "=" + subst["B"]).replace("=MISSING", "=" + subst["MISSING"])
+             for x in extra]
+    rc = main(["build", "--pretrained", str(f["pre"]), "--finetuned", f"a={f['a']}", "--finetuned", f"b={f['b']}",
+               "--budget", "64x", "--out", str(tmp_path / "s"), *extra])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_calibration_needs_a_budget(real_family: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from tvbasis.cli import main
+    f = real_family
+    rc = main(["build", "--pretrained", str(f["pre"]), "--finetuned", f"a={f['a']}", "--finetuned", f"b={f['b']}",
+               "--method", "pca", "-M", "1", "--out", str(tmp_path / "s"), "--calibration", f"a={f['a.txt']}",
+               "--calibration", f"b={f['b.csv']}"])
+    assert rc != 0 and "--budget" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_read_texts_formats(tmp_path: Path) -> None:
+    from tvbasis.eval.calibration import read_texts
+    (tmp_path / "x.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "label": 3}\n')
+    assert read_texts(tmp_path / "x.jsonl") == ["one", "two"]
+    (tmp_path / "x.tsv").write_text("label\ttext\n1\talpha\n2\tbeta\n")
+    assert read_texts(tmp_path / "x.tsv", limit=1) == ["alpha"]
+    (tmp_path / "bad.csv").write_text("sentence\nfoo\n")
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        read_texts(tmp_path / "bad.csv")
+    (tmp_path / "x.md").write_text("hi")
+    with pytest.raises(ConfigError, match=".txt"):
+        read_texts(tmp_path / "x.md")

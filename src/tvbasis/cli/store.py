@@ -99,10 +99,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _build_budget(args, ft)
     if args.method is None:
         raise ConfigError("give --method (how to store the tasks), or --budget/--quality to let tvbasis choose")
+    if getattr(args, "calibration", None):
+        raise ConfigError("--calibration sharpens a --budget/--quality build; --method builds do not use it")
     _check_flags(args)
     build = builder_of(args.method)
     return _report_build(args, build(args.pretrained, ft, store_spec(args), args.out, run_options(args),
                                      write_options(args)))
+
+
+#: the method flags a --budget/--quality build takes too
+BUDGET_TAKES = ("include", "exclude")
 
 
 def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
@@ -110,13 +116,16 @@ def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
     from tvbasis.store.budget import build_budget_store
     if args.budget is not None and args.quality is not None:
         raise ConfigError("give --budget or --quality, not both")
-    given = [f for f in ("method", *_method_flags()) if _given(args, f)]
+    # which tensors to store (--include/--exclude) a budget build takes like any build; the rest it chooses
+    given = [f for f in ("method", *_method_flags()) if f not in BUDGET_TAKES and _given(args, f)]
     if given:
         raise ConfigError(f"--budget/--quality choose the method, codecs and ranks themselves; "
                           f"--{given[0].replace('_', '-')} does not apply")
+    calibration = _calibration(args, ft)
     store, report = build_budget_store(args.pretrained, ft, args.out, budget=args.budget, quality=args.quality,
                                        include=args.include, exclude=args.exclude,
-                                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args))
+                                       max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
+                                       calibration=calibration)
     j = report.to_json()
     if getattr(args, "json", False):
         print(json.dumps({"store": str(store.root), **j}, indent=1))
@@ -135,6 +144,31 @@ def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
     print(f"the codec of every (task, tensor) is recorded in the store's manifest; --json prints the plan "
           f"(measure {j['seconds'].get('measure', 0):.1f} s, write {j['seconds'].get('write', 0):.1f} s)")
     return 0
+
+
+def _calibration(args: argparse.Namespace, ft: dict[str, str]) -> dict[str, Any] | None:
+    """``--calibration NAME=FILE`` (one per task): each task's statistics from its own text through its fine-tune
+    (``tvbasis.eval.calibration``; needs the eval extra)."""
+    given = getattr(args, "calibration", None)
+    if not given:
+        return None
+    files = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--calibration {item[:80]!r}: expected NAME=FILE")
+        if name in files:
+            raise ConfigError(f"--calibration: task {name[:40]!r} given twice")
+        files[name] = path
+    if args.calibration_texts < 1 or not 8 <= args.calibration_length <= 8192:
+        raise ConfigError("--calibration-texts must be >= 1 and --calibration-length within 8 .. 8192 tokens")
+    if set(files) != set(ft):
+        raise ConfigError(f"--calibration: give one file per task; missing {sorted(set(ft) - set(files))[:5]}, "
+                          f"unknown {sorted(set(files) - set(ft))[:5]}")
+    with eval_extra("build --calibration"):
+        from tvbasis.eval.calibration import calibrate_model, read_texts
+        texts = {t: read_texts(files[t], limit=args.calibration_texts) for t in ft}  # every file checked first
+        return {t: calibrate_model(ft[t], texts[t], max_length=args.calibration_length) for t in ft}
 
 
 def _summary(store: Any) -> dict[str, Any]:
@@ -410,6 +444,15 @@ def register(sub: Any) -> None:
                    "minimises the worst task's relative error (docs/budget.md)")
     s.add_argument("--quality", type=finite_float, metavar="Q", help="instead of --budget: the smallest store in "
                    "which every task keeps at least Q of its task vector's energy (1 - relative error²), e.g. 0.9")
+    s.add_argument("--calibration", action="append", metavar="NAME=FILE",
+                   help="with --budget/--quality: a file of task NAME's own text (.txt one per line, or the "
+                   ".csv/.tsv/.jsonl files tvbasis eval reads; labels not needed), repeat per task; the allocation "
+                   "then minimises each task's output error in its model instead of its task vector's error "
+                   "(needs the eval extra; docs/budget.md)")
+    s.add_argument("--calibration-texts", type=int, default=256, metavar="N",
+                   help="with --calibration: use the first N texts of each file (default 256)")
+    s.add_argument("--calibration-length", type=int, default=128, metavar="TOKENS",
+                   help="with --calibration: truncate each text to this many tokens (default 128)")
     s.add_argument("--json", action="store_true", help="print the store's summary and any warning as one JSON "
                    "object (docs/cli-json.md); with --budget/--quality the report and plan")
     s.add_argument("--method", choices=store_method_names(),

@@ -87,3 +87,48 @@ def calibrate_model(model_dir: str | Path, texts: Sequence[str], max_length: int
                     batch_size: int | None = None) -> TaskCalibration:
     """``collect`` on the model saved at ``model_dir`` (a fine-tune: the inputs its own layers see)."""
     return collect(Encoder(model_dir, max_length=max_length), texts, max_length, batch_size)
+
+
+#: the most calibration texts read from one file (a few hundred give stable second moments)
+MAX_CALIBRATION_TEXTS = 100_000
+
+
+def read_texts(path: str | Path, text_column: str = "text", limit: int | None = None) -> list[str]:
+    """The texts of one calibration file: ``.txt`` one text per line; ``.csv`` / ``.tsv`` / ``.jsonl`` the
+    ``text_column`` of each row (labels not needed; the files ``tvbasis eval`` reads work as they are).
+    ConfigError naming the file (and row) when it is unreadable, has no such column, or holds no text."""
+    import csv
+    import io
+    import json
+
+    from tvbasis.eval.userdata import FORMATS, _text
+    path = Path(path)
+    raw = _text(path)
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    if suffix == ".txt":
+        texts = [line.strip() for line in raw.splitlines() if line.strip()]
+    elif suffix in FORMATS:
+        kind = FORMATS[suffix]
+        if kind == "jsonl":
+            for i, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise ConfigError(f"{path}: line {i} is not JSON") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_column), str):
+                    raise ConfigError(f"{path}: line {i} has no text field {text_column!r}")
+                texts.append(row[text_column])
+        else:
+            reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if kind == "tsv" else ",")
+            if reader.fieldnames is None or text_column not in reader.fieldnames:
+                raise ConfigError(f"{path}: no column {text_column!r} (columns: {reader.fieldnames})")
+            texts = [row[text_column] for row in reader if isinstance(row.get(text_column), str)]
+    else:
+        raise ConfigError(f"{path}: calibration text must be .txt (one text per line), .csv, .tsv or .jsonl")
+    texts = [t for t in texts if t.strip()][: limit or MAX_CALIBRATION_TEXTS]
+    if not texts:
+        raise ConfigError(f"{path}: no calibration text in it")
+    return texts
