@@ -313,7 +313,8 @@ def test_canonical_spec_has_defaults() -> None:
     assert get_codec("lowrank", next="int8", rank=3) == parse_codec("lowrank:rank=3+int8")
     assert parse_codec("int8") != parse_codec("int8:scheme=affine")
     assert set(CODECS) == {"float32", "float16", "bfloat16", "int8", "int4", "int3", "int2", "sign", "lowrank",
-                           "sparse-rows", "topk", "ternary", "auto", "mask", "minmax", "mixed-svd", "ultra", "zstd"}
+                           "sparse-rows", "topk", "ternary", "auto", "mask", "minmax", "mixed-svd", "ultra", "zstd",
+                           "colscale"}
 
 
 # ------------------------------------------------------------------------------------------------ auto
