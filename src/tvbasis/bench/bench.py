@@ -332,7 +332,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     from tvbasis.engine import RunOptions
     from tvbasis.merge import MergeSpec
     from tvbasis.passes import merge_task_vectors
-    from tvbasis.store import build_store
+    from tvbasis.store import StoreSpec, WriteOptions, build_store
     from tvbasis.vectors import TaskVector
 
     cfg = config.resolved()
@@ -462,8 +462,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             t0 = time.time()
             bar.set_postfix_str(f"{label} M={M}")
             path = work / "stores" / f"{label}-M{M}"
-            store = build_store(pre_dir, ft_dirs, method=method, M=None if M == EIGENGAP else int(M), out=path,
-                                options=options, force=True, run=quiet)
+            spec = StoreSpec(method, M=None if M == EIGENGAP else int(M), options=options)
+            store = build_store(pre_dir, ft_dirs, spec, path, quiet, WriteOptions(force=True))
             t_build = time.time() - t0
             mode = store.default_addition_mode()
             delta = _state(store.addition(mode=mode))

@@ -58,6 +58,7 @@ from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.metrics import AdditionResult, Evaluator, mean
 from tvbasis.eval.tasks import Task
 from tvbasis.store.build import build_store
+from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.store.update import add_task
 
@@ -155,8 +156,9 @@ class _Builder:
 
     def __call__(self, names: Sequence[str], out: Path) -> tuple[BasisStore, float]:
         t0 = time.time()
-        store = build_store(self.pre_dir, {n: self.ft_dirs[n] for n in names}, method=self.method, M=self.M, out=out,
-                            options=dict(self.options), force=True, run=self.run)
+        spec = StoreSpec(self.method, M=self.M, options=dict(self.options))
+        store = build_store(self.pre_dir, {n: self.ft_dirs[n] for n in names}, spec=spec, out=out, run=self.run,
+                            write=WriteOptions(force=True))
         return store, time.time() - t0
 
 

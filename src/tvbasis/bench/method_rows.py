@@ -119,7 +119,7 @@ def atlas_rows(work: Path, pre_dir: Path, ft_dirs: Mapping[str, str], encoder: A
                epochs: int = 10) -> list[dict[str, Any]]:
     """aTLAS addition over all task vectors, and few-shot adaptation of the first task (module docstring)."""
     from tvbasis.eval.atlas import store_components
-    from tvbasis.store import build_store
+    from tvbasis.store import StoreSpec, WriteOptions, build_store
 
     names = list(tasks)
     rows: list[dict[str, Any]] = []
@@ -134,8 +134,8 @@ def atlas_rows(work: Path, pre_dir: Path, ft_dirs: Mapping[str, str], encoder: A
         return rows
     sources = {"task vectors": ({n: tvs[n] for n in others}, all_vectors * len(others) // len(names))}
     if len(others) >= 2:  # a store needs M < T
-        store = build_store(pre_dir, {n: ft_dirs[n] for n in others}, method="pca", M=min(M, len(others) - 1),
-                            out=work / "stores" / "atlas-fewshot", force=True, run=run)
+        store = build_store(pre_dir, {n: ft_dirs[n] for n in others}, StoreSpec("pca", M=min(M, len(others) - 1)),
+                            work / "stores" / "atlas-fewshot", run, WriteOptions(force=True))
         bases = {c: float_state(tv) for c, tv in store_components(store).items()}
         sources[f"PCA store M={store.M}"] = (bases, int(store.nbytes))
     zs = ev.zero_shot("test", [target])[target]
