@@ -57,8 +57,7 @@ from common import (
     save_results,
 )
 from tvbasis import RunOptions, build_store
-from tvbasis.store import BasisStore
-from tvbasis.store import build_lora_store
+from tvbasis.store import BasisStore, build_lora_store
 
 LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
           "intermediate.dense", "output.dense")
