@@ -7,7 +7,7 @@ leaves ~8 significant digits down to σᵢ/σ₁ = 10⁻⁴, far past any rank a
 384 × 1536 matrices of MiniLM on two cores, about 5× faster than LAPACK's ``gesdd`` on the matrix itself.
 Components with σᵢ = 0 get zero vectors (they carry nothing).
 
-For large matrices at a small rank (smaller side ≥ ``RANDOMIZED_MIN_SIDE`` and r + oversampling ≤ that side / 4,
+For large matrices at a small rank (smaller side ≥ ``RANDOMIZED_MIN_SIDE`` and r + oversampling ≤ that side / 10,
 e.g. rank 16–64 of Llama's 4096 × 11008 MLP matrices) ``truncated_svd`` uses a randomized SVD instead (Halko,
 Martinsson & Tropp 2011, Alg. 4.4, the algorithm of ``torch.svd_lowrank``, with a seeded Gaussian sketch so builds
 stay deterministic): a sketch of q = r + ``OVERSAMPLE`` columns, ``POWER_ITERATIONS`` power iterations with
@@ -44,8 +44,10 @@ RANDOMIZED_MIN_SIDE = 512
 OVERSAMPLE = 16
 #: power iterations of the randomized range finder
 POWER_ITERATIONS = 4
-#: the randomized path needs r + OVERSAMPLE ≤ min(m, n) / RANDOMIZED_SIDE_RATIO
-RANDOMIZED_SIDE_RATIO = 4
+#: the randomized path needs (r + OVERSAMPLE) · RANDOMIZED_SIDE_RATIO ≤ min(m, n): its 2·POWER_ITERATIONS + 2
+#: products with q = r + OVERSAMPLE columns must cost less than the Gram's product with the smaller side (measured:
+#: rank 64 of a 30522 × 512 embedding is slower randomized, 1.88 s vs 1.44 s; benchmarks/results/codec_levers.md)
+RANDOMIZED_SIDE_RATIO = 2 * POWER_ITERATIONS + 2
 
 
 def use_randomized(shape: tuple[int, int], rank: int) -> bool:
