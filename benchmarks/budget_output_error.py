@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, markdown_table, save_results
 from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.heads import build_head
 from tvbasis.eval.tasks import load_task
 from tvbasis.store import open_store
 from tvbasis.vectors import TaskVector
@@ -68,7 +69,9 @@ def main() -> None:
     enc = Encoder(pre, max_length=64)
     out: dict[str, dict[str, float]] = {}
     for t in store.task_names:
-        texts = list(load_task(t, max_train=a.max_train, seed=0)["train"].texts)[: a.texts]
+        task = load_task(t, max_train=a.max_train, seed=0)
+        texts = list(task["train"].texts)[: a.texts]
+        head = build_head(enc, task)
         v = dict(TaskVector.from_checkpoints(pre, a.work / "finetuned" / t).items())
         vh = dict(store.reconstruct(t).items())
         enc.set_delta(None)
@@ -78,25 +81,37 @@ def main() -> None:
         enc.set_delta(vh)
         eh = enc.encode(texts)
         moved = float((ev - e0).norm(dim=1).mean())
+        lv, lh = head.logits(ev).double(), head.logits(eh).double()
+        kl = (lv.softmax(-1) * (lv.log_softmax(-1) - lh.log_softmax(-1))).sum(-1)
+        top2 = lv.topk(2, dim=-1).values
         out[t] = {
             "output_rel_error": float((eh - ev).norm(dim=1).mean()) / moved,
             "one_minus_cos": float(1 - (eh * ev).sum(1).mean()),
+            "flips": float((lv.argmax(-1) != lh.argmax(-1)).double().mean()),
+            "kl": float(kl.mean()),
+            "tv": float(0.5 * (lv.softmax(-1) - lh.softmax(-1)).abs().sum(-1).mean()),
+            "margin": float((top2[:, 0] - top2[:, 1]).median()),
             "weight_rel_error": float(row["rel_errors"][t]),
             "per_task_norm": float(row["per_task"][t]),
         }
         log(f"{t}: {out[t]}")
     names = list(out)
     loss = [1 - out[t]["per_task_norm"] for t in names]
-    rho = {k: spearman([out[t][k] for t in names], loss) for k in ("output_rel_error", "one_minus_cos")}
+    rho = {k: spearman([out[t][k] for t in names], loss)
+           for k in ("output_rel_error", "one_minus_cos", "flips", "kl", "tv", "margin")}
     table = markdown_table(
-        ["task", "accuracy kept (frontier)", "weight rel. error", "output rel. error", "1 − cos(e_ṽ, e_v)"],
+        ["task", "accuracy kept (frontier)", "weight rel. error", "output rel. error", "1 − cos(e_ṽ, e_v)",
+         "prediction flips", "KL(p_v ‖ p_ṽ)", "TV(p_v, p_ṽ)", "median top-2 margin"],
         [[t, f"{out[t]['per_task_norm']:.3f}", f"{out[t]['weight_rel_error']:.3f}",
-          f"{out[t]['output_rel_error']:.4f}", f"{out[t]['one_minus_cos']:.4f}"]
+          f"{out[t]['output_rel_error']:.4f}", f"{out[t]['one_minus_cos']:.4f}", f"{out[t]['flips']:.3f}",
+          f"{out[t]['kl']:.4f}", f"{out[t]['tv']:.4f}", f"{out[t]['margin']:.2f}"]
          for t in sorted(names, key=lambda t: out[t]["per_task_norm"])])
     table += (f"\n\nSpearman ρ with the accuracy loss over {len(names)} tasks: output rel. error "
-              f"{rho['output_rel_error']:.2f}, 1 − cos {rho['one_minus_cos']:.2f} (1 = ranks the tasks exactly). "
+              f"{rho['output_rel_error']:.2f}, 1 − cos {rho['one_minus_cos']:.2f}, prediction flips {rho['flips']:.2f}, "
+              f"KL {rho['kl']:.2f}, TV {rho['tv']:.2f}, median margin {rho['margin']:.2f} (1 = ranks the tasks exactly). "
               f"Output rel. error = mean ‖e(θ₀+ṽ) − e(θ₀+v)‖ / mean ‖e(θ₀+v) − e(θ₀)‖ over {a.texts} training texts "
-              f"of the task, e the L2-normalised sentence embedding the tasks are classified with.")
+              f"of the task, e the L2-normalised sentence embedding the tasks are classified with; flips, KL and margin through "
+              f"the task's frozen head (logits = 20 · cos to its label names' pretrained embeddings), no labels used.")
     save_results(a.name, {"store": str(a.store), "row": a.row, "frontier": str(a.frontier_json),
                           "tasks": out, "spearman": rho}, table)
 

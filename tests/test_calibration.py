@@ -273,3 +273,74 @@ def test_read_texts_formats(tmp_path: Path) -> None:
     (tmp_path / "x.md").write_text("hi")
     with pytest.raises(ConfigError, match=".txt"):
         read_texts(tmp_path / "x.md")
+
+
+# ------------------------------------------------------------------------------------------ the prediction probe
+def test_prediction_probe_against_the_models_themselves(real_family: dict[str, Path]) -> None:
+    """TV between the fine-tune's and θ₀ + delta's head probabilities, recomputed here from the saved models
+    (each loaded on its own, a mean-pooled embedding, the head from the pretrained model's label embeddings)."""
+    from tvbasis.eval.encoder import Encoder
+    from tvbasis.eval.probe import PredictionProbe
+    from tvbasis.vectors import TaskVector
+
+    f = real_family
+    texts = ["play some jazz", "set an alarm for 7", "wake me up at six", "turn the music up", "next song please"]
+    labels = ["music", "alarm", "weather"]
+    probe = PredictionProbe(f["pre"], {"b": f["b"]}, {"b": texts}, {"b": labels}, max_length=16)
+
+    def probs(model_dir: Path, head: torch.Tensor) -> torch.Tensor:
+        enc = Encoder(model_dir, max_length=16)
+        toks = enc.tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = enc.model(**toks).last_hidden_state
+        m = toks["attention_mask"].unsqueeze(-1).float()
+        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        return (20.0 * e.double() @ head.double().T).softmax(-1)
+
+    pre = Encoder(f["pre"], max_length=16)
+    toks = pre.tokenizer(labels, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = pre.model(**toks).last_hidden_state
+    m = toks["attention_mask"].unsqueeze(-1).float()
+    head = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    p_ft, p_pre = probs(f["b"], head), probs(f["pre"], head)
+    ref = float(0.5 * (p_ft - p_pre).abs().sum(-1).mean())
+    assert ref > 1e-4  # the fine-tune moves its predictions
+    zero = {k: torch.zeros_like(v) for k, v in TaskVector.from_checkpoints(f["pre"], f["b"]).items()}
+    assert probe("b", zero) == pytest.approx(ref, rel=1e-3)
+    true = dict(TaskVector.from_checkpoints(f["pre"], f["b"]).items())
+    assert probe("b", true) < 1e-5
+    half = {k: 0.5 * v for k, v in true.items()}
+    assert 0 < probe("b", half) < ref
+
+
+def test_cli_build_budget_with_probe(real_family: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tvbasis.cli import main
+    f = real_family
+    (tmp_path / "a.csv").write_text("text,label\nhow do I activate my card,card\nmy transfer has not arrived,"
+                                    "transfer\nwhat is my balance,balance\nfreeze my card,card\n")
+    base = ["build", "--pretrained", str(f["pre"]), "--finetuned", f"a={f['a']}", "--finetuned", f"b={f['b']}",
+            "--budget", "64x", "--json", "--include", "encoder.*"]
+    rc = main([*base, "--out", str(tmp_path / "s"), "--probe", f"a={tmp_path / 'a.csv'}",
+               "--probe", f"b={f['b.csv']}", "--probe-rounds", "1"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    rounds = report["probe_rounds"]
+    assert 1 <= len(rounds) <= 2 and sum(bool(r.get("kept")) for r in rounds) == 1
+    assert set(rounds[0]["damage"]) == {"a", "b"} and all(v >= 0 for v in rounds[0]["damage"].values())
+    assert store_size(tmp_path / "s") <= report["budget_bytes"]
+    BasisStore.open(tmp_path / "s").verify()
+    # refused: without --budget, a file of one class, a method build; nothing written
+    for extra, message in ((["--quality", "0.9"], "--budget"), ([], "2 classes")):
+        one = tmp_path / "one.csv"
+        one.write_text("text,label\nplay jazz,music\nplay rock,music\n")
+        args = ["build", "--pretrained", str(f["pre"]), "--finetuned", f"a={f['a']}", "--finetuned", f"b={f['b']}",
+                "--out", str(tmp_path / "r"), "--probe", f"a={tmp_path / 'a.csv'}",
+                "--probe", f"b={one if not extra else f['b.csv']}", *(extra or ["--budget", "64x"])]
+        assert main(args) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "r").exists()

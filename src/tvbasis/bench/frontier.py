@@ -106,8 +106,11 @@ class Config:
 PEER_FAMILIES = ("TALL", "TSV-C", "TVQ / RTVQ", "BitDelta", "Delta-CoMe", "UltraDelta")
 #: the budget sweep (``tvbasis build --budget``): ratios against float32 task vectors, store on disk
 BUDGETS: tuple[str, ...] = ("16x", "32x", "64x", "128x", "256x")
-#: calibrated budget rows: this many of each task's training texts (``build --budget --calibration``)
+#: calibrated and probed budget rows: this many of each task's training texts (``build --budget --calibration`` /
+#: ``--probe``)
 CAL_TEXTS = 128
+#: the budgets that also get a probed row (``build --budget --probe``: re-allocated for equal prediction shift)
+PROBED_BUDGETS: tuple[str, ...] = ("64x", "128x", "256x")
 #: the budget issue's goals: every task ≥ 0.99 at ≥ 128× on disk, negation fidelity ≥ 0.9 on every pair
 GOAL_MIN_ACCURACY, GOAL_BUDGET_COMPRESSION, GOAL_NEGATION_FIDELITY = 0.99, 128.0, 0.9
 
@@ -130,6 +133,8 @@ def default_configs(T: int, Ms: Sequence[int] = FRONTIER_MS, basis: str = "pca")
     out += [Config(f"budget {b}", "tvbasis --budget", "budget", {"budget": b}) for b in BUDGETS]
     out += [Config(f"budget {b} calibrated", "tvbasis --budget", "budget", {"budget": b, "calibration": CAL_TEXTS})
             for b in BUDGETS]
+    out += [Config(f"budget {b} probed", "tvbasis --budget", "budget", {"budget": b, "probe": CAL_TEXTS})
+            for b in PROBED_BUDGETS]
     Ms = [M for M in Ms if 1 <= M < T]
     if Ms:
         M0 = 2 if 2 in Ms else Ms[0]
@@ -181,6 +186,8 @@ class Context:
     #: each task's training texts, for the calibrated budget rows (``--calibration``: what a user would give)
     train_texts: dict[str, list[str]] | None = None
     max_length: int = 64
+    #: each task's label names (its head), for the probed budget rows
+    label_texts: dict[str, tuple[str, ...]] | None = None
 
 
 # --------------------------------------------------------------------------------------------- compressors
@@ -230,7 +237,7 @@ def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, A
         return {"method": "pca", "M": 0, "residual": p["plan"]}, {"plan": CodecPlan.parse(p["plan"]).spec}
     if config.method == "budget":
         return {"budget": str(p["budget"]), "loss": str(p.get("loss", "frobenius")),
-                "calibration": int(p.get("calibration", 0))}, {}
+                "calibration": int(p.get("calibration", 0)), "probe": int(p.get("probe", 0))}, {}
     if config.method == "bases":
         basis = p.get("basis", "pca")
         options = {"seed": seed} if basis in SEEDED_BASES else {}
@@ -263,6 +270,25 @@ def calibration_of(ctx: Context, n_texts: int) -> dict[str, Any]:
     return out
 
 
+#: prediction probes by (pretrained, fine-tunes, number of texts): the fine-tunes' reference probabilities once
+_PROBE: dict[Any, Any] = {}
+
+
+def probe_of(ctx: Context, n_texts: int) -> Any:
+    """The tasks' prediction probe (``tvbasis.eval.probe``) over their first ``n_texts`` training texts and their
+    heads' label names (cached for the run)."""
+    from tvbasis.eval.probe import PredictionProbe
+
+    if ctx.train_texts is None or ctx.label_texts is None:
+        raise ConfigError("probed budget rows need the tasks' training texts and label names")
+    key = (str(ctx.pre_dir), tuple(sorted(ctx.ft_dirs.items())), n_texts)
+    if key not in _PROBE:
+        _PROBE.clear()
+        _PROBE[key] = PredictionProbe(ctx.pre_dir, ctx.ft_dirs, {t: ctx.train_texts[t][:n_texts] for t in ctx.tasks},
+                                      ctx.label_texts, max_length=ctx.max_length)
+    return _PROBE[key]
+
+
 def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
     """Build the configuration's store (``build_store``), read every task back (``reconstruct``) and, for TALL,
     its stored multi-task vector (``addition``). Bytes: the store's data (dense and coded tensors) plus 4 per
@@ -280,9 +306,10 @@ def compress_store(config: Config, ctx: Context, seed: int = 0) -> Compressed:
             n_cal = kwargs.get("calibration", 0)
             key = (str(ctx.pre_dir), tuple(sorted(ctx.ft_dirs.items())), n_cal)
             cal = calibration_of(ctx, n_cal) if n_cal else None
+            n_probe = kwargs.get("probe", 0)
             store, report = build_budget_store(ctx.pre_dir, ctx.ft_dirs, path, budget=kwargs["budget"], force=True,
                                                run=run, measured=_MEASURED.get(key), loss=kwargs["loss"],
-                                               calibration=cal)
+                                               calibration=cal, probe=probe_of(ctx, n_probe) if n_probe else None)
             _MEASURED.clear()
             _MEASURED[key] = report.measured  # the sweep's other budgets reuse the measuring pass
             facts_out.update({"budget": report.to_json()})
@@ -433,7 +460,8 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
         all_vectors = one_vector * len(names)
         ctx = Context(names, tvs, pre_dir, ft_dirs, work / "stores", cfg.keep_stores,
                       lambda v, t: ev.with_delta(v, 1.0, "dev", [t])[t], progress=cfg.progress,
-                      train_texts={n: list(tasks[n]["train"].texts) for n in names}, max_length=cfg.max_length)
+                      train_texts={n: list(tasks[n]["train"].texts) for n in names}, max_length=cfg.max_length,
+                      label_texts={n: tuple(tasks[n].label_texts) for n in names})
         Ms = tuple(Ms) if Ms is not None else tuple(M for M in FRONTIER_MS if M < len(names))
         todo = list(configs) if configs is not None else default_configs(len(names), Ms)
 

@@ -101,6 +101,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ConfigError("give --method (how to store the tasks), or --budget/--quality to let tvbasis choose")
     if getattr(args, "calibration", None):
         raise ConfigError("--calibration sharpens a --budget/--quality build; --method builds do not use it")
+    if getattr(args, "probe", None):
+        raise ConfigError("--probe re-allocates a --budget build; --method builds do not use it")
     _check_flags(args)
     build = builder_of(args.method)
     return _report_build(args, build(args.pretrained, ft, store_spec(args), args.out, run_options(args),
@@ -121,11 +123,16 @@ def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
     if given:
         raise ConfigError(f"--budget/--quality choose the method, codecs and ranks themselves; "
                           f"--{given[0].replace('_', '-')} does not apply")
+    if getattr(args, "probe", None) and args.budget is None:
+        raise ConfigError("--probe re-allocates a byte budget: give --budget, not --quality")
+    if not 0 <= args.probe_rounds <= 10:
+        raise ConfigError(f"--probe-rounds must be within 0 .. 10, got {args.probe_rounds}")
     calibration = _calibration(args, ft)
+    probe = _probe(args, ft)
     store, report = build_budget_store(args.pretrained, ft, args.out, budget=args.budget, quality=args.quality,
                                        include=args.include, exclude=args.exclude,
                                        max_shard_size=args.max_shard_size, force=args.force, run=run_options(args),
-                                       calibration=calibration)
+                                       calibration=calibration, probe=probe, probe_rounds=args.probe_rounds)
     j = report.to_json()
     if getattr(args, "json", False):
         print(json.dumps({"store": str(store.root), **j}, indent=1))
@@ -141,30 +148,58 @@ def _build_budget(args: argparse.Namespace, ft: dict[str, str]) -> int:
     print_table(["task", "bytes", "rel. error", "codecs (tensors)"], rows)
     for note in report.allocation.notes:
         print(f"note: {note}")
+    if report.probe_rounds:
+        worst = ", ".join(f"{r['worst']:.4f}" + (" (kept)" if r.get("kept") else "") for r in report.probe_rounds)
+        print(f"probe: worst task's prediction shift (mean total variation) per round: {worst}")
     print(f"the codec of every (task, tensor) is recorded in the store's manifest; --json prints the plan "
           f"(measure {j['seconds'].get('measure', 0):.1f} s, write {j['seconds'].get('write', 0):.1f} s)")
     return 0
 
 
-def _calibration(args: argparse.Namespace, ft: dict[str, str]) -> dict[str, Any] | None:
-    """``--calibration NAME=FILE`` (one per task): each task's statistics from its own text through its fine-tune
-    (``tvbasis.eval.calibration``; needs the eval extra)."""
-    given = getattr(args, "calibration", None)
+def _task_files(flag: str, given: list[str] | None, ft: dict[str, str],
+                args: argparse.Namespace) -> dict[str, str] | None:
+    """``--FLAG NAME=FILE`` repeated, one per task of ``ft`` (and ``--calibration-texts/-length`` in range);
+    ConfigError naming the item otherwise."""
     if not given:
         return None
-    files = {}
+    if args.calibration_texts < 1 or not 8 <= args.calibration_length <= 8192:
+        raise ConfigError("--calibration-texts must be >= 1 and --calibration-length within 8 .. 8192 tokens")
+    files: dict[str, str] = {}
     for item in given:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--calibration {item[:80]!r}: expected NAME=FILE")
+            raise ConfigError(f"--{flag} {item[:80]!r}: expected NAME=FILE")
         if name in files:
-            raise ConfigError(f"--calibration: task {name[:40]!r} given twice")
+            raise ConfigError(f"--{flag}: task {name[:40]!r} given twice")
         files[name] = path
-    if args.calibration_texts < 1 or not 8 <= args.calibration_length <= 8192:
-        raise ConfigError("--calibration-texts must be >= 1 and --calibration-length within 8 .. 8192 tokens")
     if set(files) != set(ft):
-        raise ConfigError(f"--calibration: give one file per task; missing {sorted(set(ft) - set(files))[:5]}, "
+        raise ConfigError(f"--{flag}: give one file per task; missing {sorted(set(ft) - set(files))[:5]}, "
                           f"unknown {sorted(set(files) - set(ft))[:5]}")
+    return files
+
+
+def _probe(args: argparse.Namespace, ft: dict[str, str]) -> Any:
+    """``--probe NAME=FILE`` (one per task): a labelled file as ``tvbasis eval`` reads it; its texts are run
+    through each compressed task and its labels name the classes of the task's zero-shot head
+    (``tvbasis.eval.probe``; needs the eval extra)."""
+    files = _task_files("probe", getattr(args, "probe", None), ft, args)
+    if files is None:
+        return None
+    with eval_extra("build --probe"):
+        from tvbasis.eval.probe import PredictionProbe
+        from tvbasis.eval.userdata import load_user_task
+        tasks = {t: load_user_task(t, {"probe": files[t]}) for t in ft}  # every file checked first
+        return PredictionProbe(args.pretrained, ft, {t: list(tasks[t]["probe"].texts)[: args.calibration_texts]
+                                                     for t in ft},
+                               {t: tasks[t].label_texts for t in ft}, max_length=args.calibration_length)
+
+
+def _calibration(args: argparse.Namespace, ft: dict[str, str]) -> dict[str, Any] | None:
+    """``--calibration NAME=FILE`` (one per task): each task's statistics from its own text through its fine-tune
+    (``tvbasis.eval.calibration``; needs the eval extra)."""
+    files = _task_files("calibration", getattr(args, "calibration", None), ft, args)
+    if files is None:
+        return None
     with eval_extra("build --calibration"):
         from tvbasis.eval.calibration import calibrate_model, read_texts
         texts = {t: read_texts(files[t], limit=args.calibration_texts) for t in ft}  # every file checked first
@@ -449,10 +484,18 @@ def register(sub: Any) -> None:
                    ".csv/.tsv/.jsonl files tvbasis eval reads; labels not needed), repeat per task; the allocation "
                    "then minimises each task's output error in its model instead of its task vector's error "
                    "(needs the eval extra; docs/budget.md)")
+    s.add_argument("--probe", action="append", metavar="NAME=FILE",
+                   help="with --budget: a labelled file of task NAME (the .csv/.tsv/.jsonl files tvbasis eval reads; "
+                   "the labels only name the classes), repeat per task; the written store is probed — how far each "
+                   "task's predictions on these texts move from its fine-tune's — and the bytes re-allocated so "
+                   "every task moves the same (encoder checkpoints; needs the eval extra; docs/budget.md)")
+    s.add_argument("--probe-rounds", type=int, default=2, metavar="N",
+                   help="with --probe: re-allocations after the first probe (default 2; each one write and one "
+                   "probe of every task); the round whose worst task moved least is kept")
     s.add_argument("--calibration-texts", type=int, default=256, metavar="N",
-                   help="with --calibration: use the first N texts of each file (default 256)")
+                   help="with --calibration/--probe: use the first N texts of each file (default 256)")
     s.add_argument("--calibration-length", type=int, default=128, metavar="TOKENS",
-                   help="with --calibration: truncate each text to this many tokens (default 128)")
+                   help="with --calibration/--probe: truncate each text to this many tokens (default 128)")
     s.add_argument("--json", action="store_true", help="print the store's summary and any warning as one JSON "
                    "object (docs/cli-json.md); with --budget/--quality the report and plan")
     s.add_argument("--method", choices=store_method_names(),

@@ -404,17 +404,59 @@ def weighted(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], weights: Ma
     return out, n2
 
 
+def fit_damage(points: Sequence[tuple[float, float]], exponent: float = 1.0,
+               bounds: tuple[float, float] = (0.5, 4.0)) -> tuple[float, float]:
+    """A task's damage curve ``d(ε) = a·ε^b`` through its measured ``(relative error, damage)`` points: through the
+    last point with ``b = exponent`` when it is the only one (or the last two share ε), else the power law
+    through the last two, ``b`` clamped to ``bounds`` (a secant step in log–log space). Returns ``(a, b)``."""
+    pts = [(float(e), float(d)) for e, d in points if e > 0 and d > 0 and math.isfinite(e) and math.isfinite(d)]
+    if not pts:
+        raise ValueError("fit_damage: no point with a positive error and damage")
+    e2, d2 = pts[-1]
+    b = float(exponent)
+    if len(pts) >= 2:
+        e1, d1 = pts[-2]
+        if abs(math.log(e2 / e1)) > 1e-3:
+            b = min(max(math.log(d2 / d1) / math.log(e2 / e1), bounds[0]), bounds[1])
+    return d2 / e2 ** b, b
+
+
 def allocate(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], norms2: Mapping[str, float],
-             budget_bytes: int | None = None, max_error: float | None = None) -> Allocation:
+             budget_bytes: int | None = None, max_error: float | None = None,
+             damage: Mapping[str, tuple[float, float]] | None = None) -> Allocation:
     """One candidate per (task, tensor): the smallest largest-relative-error under ``budget_bytes`` (then the
     leftover bytes spent on whichever task is worst), or — with ``max_error`` instead — the fewest bytes with
     every task's relative error ≤ ``max_error``. ``cands[task][tensor]`` from ``measure``; ``norms2`` ‖v_t‖²
-    (for a weighted loss, both from ``weighted``)."""
+    (for a weighted loss, both from ``weighted``).
+
+    ``damage`` (with ``budget_bytes``): per task a curve ``(a, b)`` predicting what a relative error ε costs it,
+    ``a·ε^b`` (``fit_damage``); the allocation then minimises the largest predicted damage instead of the largest
+    relative error — every task brought to the same damage D, i.e. to ε_t = (D / a_t)^(1/b_t)."""
     if (budget_bytes is None) == (max_error is None):
         raise ValueError("allocate: give exactly one of budget_bytes and max_error")
     tasks = list(cands)
+    if damage is not None:
+        if budget_bytes is None:
+            raise ValueError("allocate: damage curves need budget_bytes")
+        if set(damage) != set(tasks) or any(not (a > 0 and b > 0) for a, b in damage.values()):
+            raise ValueError("allocate: one damage curve (a > 0, b > 0) per task")
     paths = {t: _task_path(cands[t]) for t in tasks}
     n2 = {t: max(float(norms2[t]), 1e-300) for t in tasks}
+
+    def eps_at(t: str, level: float) -> float:
+        """Task t's relative error at common level ``level``: ε itself, or ε_t(D) for a damage level D."""
+        if damage is None:
+            return level
+        a, b = damage[t]
+        return (level / a) ** (1.0 / b)
+
+    def badness(t: str, k_t: int) -> float:
+        """What the allocation equalises, at step k_t of task t's path."""
+        eps2 = paths[t].err[k_t] / n2[t]
+        if damage is None:
+            return float(eps2)
+        a, b = damage[t]
+        return a * math.sqrt(max(float(eps2), 0.0)) ** b
 
     def cost(t: str, eps: float) -> int:
         """Steps task t needs to reach relative error eps (the whole path if it cannot)."""
@@ -441,10 +483,11 @@ def allocate(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], norms2: Map
             k = {t: 0 for t in tasks}
             target = max(math.sqrt(paths[t].err[0] / n2[t]) for t in tasks)
         else:
-            lo, hi = 0.0, max(math.sqrt(paths[t].err[0] / n2[t]) for t in tasks) + 1e-12
+            worst0 = max(math.sqrt(paths[t].err[0] / n2[t]) for t in tasks) + 1e-12
+            lo, hi = 0.0, (worst0 if damage is None else max(a * worst0 ** b for a, b in damage.values()))
 
-            def spend(eps: float) -> int:
-                return sum(int(paths[t].bytes[cost(t, eps)]) for t in tasks)
+            def spend(level: float) -> int:
+                return sum(int(paths[t].bytes[cost(t, eps_at(t, level))]) for t in tasks)
 
             if spend(lo) <= budget_bytes:
                 hi = lo
@@ -456,13 +499,13 @@ def allocate(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], norms2: Map
                     hi = mid
                 else:
                     lo = mid
-            target = hi
-            k = {t: cost(t, hi) for t in tasks}
+            target = max(eps_at(t, hi) for t in tasks)
+            k = {t: cost(t, eps_at(t, hi)) for t in tasks}
             # the leftover bytes: always advance the task that is now worst, while its next step fits
             used = sum(int(paths[t].bytes[k[t]]) for t in tasks)
             blocked: set[str] = set()
             while len(blocked) < len(tasks):
-                t = max((u for u in tasks if u not in blocked), key=lambda u: paths[u].err[k[u]] / n2[u])
+                t = max((u for u in tasks if u not in blocked), key=lambda u: badness(u, k[u]))
                 p = paths[t]
                 if k[t] + 1 >= len(p.bytes):
                     blocked.add(t)

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tvbasis.compress.budget import (
     Candidate,
     TaskCalibration,
     allocate,
+    fit_damage,
     measure,
     quality_to_error,
     weighted,
@@ -54,6 +55,7 @@ from tvbasis.io import Checkpoint
 from tvbasis.io.atomic import temp_path
 from tvbasis.store.build import build_store, output_path
 from tvbasis.store.residual_pass import stacked_deltas
+from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
 
@@ -61,6 +63,12 @@ log = logging.getLogger(__name__)
 
 #: the store must land within this fraction below the budget (and never above it)
 TOLERANCE = 0.02
+#: re-allocations after the first probe of a probed budget build (each: one write and one probe of every task)
+PROBE_ROUNDS = 2
+#: damage below this counts as this (a task its store does not move at all still gets a finite curve)
+DAMAGE_FLOOR = 1e-6
+#: ``probe(task, delta) -> damage`` (≥ 0, growing with the harm ``delta``'s error does to the task)
+Probe = Callable[[str, Mapping[str, torch.Tensor]], float]
 
 
 def fixed_overhead_guess(T: int, n_tensors: int) -> int:
@@ -96,6 +104,9 @@ class BudgetReport:
     measured: Measured | None = None
     #: whether the loss was calibrated (then ``allocation.rel_errors`` are relative output errors)
     calibrated: bool = False
+    #: with a probe: per round, each task's measured damage and relative error, the store's bytes, the worst damage
+    #: and which round was kept
+    probe_rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -107,7 +118,8 @@ class BudgetReport:
                 "store_bytes": self.store_bytes, "fp32_bytes": self.fp32_bytes, "ratio": self.ratio, "M": self.M,
                 "target_error": a.target_error, "feasible": a.feasible, "notes": a.notes,
                 "tasks": a.summary(), "plan": a.specs, "seconds": self.seconds, "attempts": self.attempts,
-                "loss": "calibrated output error" if self.calibrated else "task-vector error"}
+                "loss": "calibrated output error" if self.calibrated else "task-vector error",
+                "probe_rounds": self.probe_rounds}
 
 
 class MeasureTask:
@@ -208,7 +220,8 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                        max_shard_size: int | str = "5GB", force: bool = False, run: Run = None,
                        chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
                        measured: Measured | None = None, loss: str = "frobenius",
-                       calibration: Mapping[str, TaskCalibration] | None = None
+                       calibration: Mapping[str, TaskCalibration] | None = None,
+                       probe: Probe | None = None, probe_rounds: int = PROBE_ROUNDS
                        ) -> tuple[BasisStore, BudgetReport]:
     """Build the store at ``out`` that fits ``budget`` (``"128x"``, ``"20MB"`` or a ``Budget``), or the smallest
     whose every task keeps ``quality`` of its energy; returns the store and what was chosen and measured.
@@ -218,11 +231,23 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     ``calibration``: per task (all of them, or none), what its own text does in its model
     (``tvbasis.eval.calibration``); then the loss is each task's output error — matrices coded in their
     input-weighted space (``colscale``), embeddings weighed by how often the changed rows are looked up — and
-    ``loss`` must stay ``frobenius``."""
+    ``loss`` must stay ``frobenius``.
+
+    ``probe`` (with ``budget``): ``probe(task, delta) -> damage``, what a reconstructed task vector costs that task
+    (e.g. ``tvbasis.eval.probe``: how far its predictions move from its fine-tune's on its own unlabelled text). The
+    written store is probed, each task's damage curve over relative error fitted (``fit_damage``) and the bytes
+    re-allocated so every task reaches the same predicted damage, ``probe_rounds`` times; the round with the
+    smallest worst measured damage is the store kept (``report.probe_rounds``)."""
     if (budget is None) == (quality is None):
         raise ConfigError("give exactly one of --budget and --quality")
     if loss not in LOSSES:
         raise ConfigError(f"budget loss must be one of {LOSSES}, got {str(loss)[:40]!r}")
+    if probe is not None and budget is None:
+        raise ConfigError("a probe re-allocates a byte budget: give --budget, not --quality")
+    if probe is not None and loss != "frobenius":
+        raise ConfigError("a probe fits damage against the task vectors' relative errors: leave the loss at frobenius")
+    if probe_rounds < 0 or probe_rounds > 10:
+        raise ConfigError(f"probe rounds must be 0..10, got {probe_rounds}")
     if calibration is not None and loss != "frobenius":
         raise ConfigError("--calibration sets the loss itself (output error): leave the loss at frobenius")
     b = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -268,44 +293,96 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                                              by_tensor)
     overhead = fixed_overhead_guess(taskset.T, len(taskset.specs))
     attempts = 0
-    previous: dict[str, dict[str, str]] | None = None
-    while True:
-        attempts += 1
-        t1 = time.perf_counter()
-        alloc = (allocate(alloc_cands, alloc_norms2, budget_bytes=max(budget_bytes - overhead, 0))
-                 if budget_bytes is not None else allocate(alloc_cands, alloc_norms2, max_error=max_error))
-        if loss != "frobenius" and cal is None:  # report the task vectors' own relative errors
-            alloc.rel_errors = {t: math.sqrt(sum(next(c.sqerr for c in cands[t][n] if c.spec == sp)
-                                                 for n, sp in alloc.specs[t].items()) / norms2[t]) for t in cands}
-        seconds["allocate"] = seconds.get("allocate", 0.0) + time.perf_counter() - t1
-        if budget_bytes is not None and not alloc.feasible and attempts == 1:
-            smallest = sum(min(c.nbytes for c in per) for per in
-                           (cands[t][n] for t in cands for n in cands[t])) + overhead
-            raise ConfigError(f"--budget {b.text if b else ''} ({budget_bytes} B): the smallest store tvbasis can make "
-                              f"of these {taskset.T} tasks takes about {smallest} B "
-                              f"({fp32 / smallest:.1f}x); give a larger budget")
-        rule = BudgetRule(alloc.target_error, b.text if b is not None else f"q{quality:g}", alloc.specs,
-                          scales=_scales(cal, taskset, alloc.specs))
-        t2 = time.perf_counter()
-        store = build_store(pretrained, finetuned, "pca", 0, out, include=include, exclude=exclude,
-                            max_shard_size=max_shard_size, force=force or attempts > 1, run=run,
-                            chunk_elements=chunk_elements, residual=Coder.allocated(rule))
-        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t2
-        size = store_size(out)
-        log.info("budget build attempt %d: entries %d B (estimated), store %d B, budget %s B", attempts,
-                 alloc.total_bytes, size, budget_bytes)
-        if budget_bytes is None or attempts >= 3:
-            break
-        fixed = size - alloc.total_bytes  # what the store holds besides the entries' estimated bytes
-        if size <= budget_bytes and size >= (1 - TOLERANCE) * budget_bytes:
-            break
-        if not alloc.feasible or alloc.specs == previous:
-            break
-        previous = alloc.specs
-        overhead = max(fixed, 0) + int(0.002 * budget_bytes)  # aim a little inside the window
+    spec = StoreSpec("pca", 0, include=tuple(include) if include is not None else None,
+                     exclude=tuple(exclude) if exclude is not None else None)
+
+    def write_fitting(curves: Mapping[str, tuple[float, float]] | None) -> tuple[BasisStore, Allocation, int]:
+        """Allocate (with ``curves``: equal predicted damage), write, and re-allocate for the measured overhead
+        until the store lies in the budget's window (at most 3 writes)."""
+        nonlocal overhead, attempts
+        previous: dict[str, dict[str, str]] | None = None
+        for tries in range(1, 4):
+            attempts += 1
+            t1 = time.perf_counter()
+            alloc = (allocate(alloc_cands, alloc_norms2, budget_bytes=max(budget_bytes - overhead, 0),
+                              damage=curves)
+                     if budget_bytes is not None else allocate(alloc_cands, alloc_norms2, max_error=max_error))
+            if loss != "frobenius" and cal is None:  # report the task vectors' own relative errors
+                alloc.rel_errors = {t: math.sqrt(sum(next(c.sqerr for c in cands[t][n] if c.spec == sp)
+                                                     for n, sp in alloc.specs[t].items()) / norms2[t])
+                                    for t in cands}
+            seconds["allocate"] = seconds.get("allocate", 0.0) + time.perf_counter() - t1
+            if budget_bytes is not None and not alloc.feasible and attempts == 1:
+                smallest = sum(min(c.nbytes for c in per) for per in
+                               (cands[t][n] for t in cands for n in cands[t])) + overhead
+                raise ConfigError(f"--budget {b.text if b else ''} ({budget_bytes} B): the smallest store tvbasis "
+                                  f"can make of these {taskset.T} tasks takes about {smallest} B "
+                                  f"({fp32 / smallest:.1f}x); give a larger budget")
+            rule = BudgetRule(alloc.target_error, b.text if b is not None else f"q{quality:g}", alloc.specs,
+                              scales=_scales(cal, taskset, alloc.specs))
+            t2 = time.perf_counter()
+            store = build_store(pretrained, finetuned, spec.with_(residual=Coder.allocated(rule)), out, run,
+                                WriteOptions(max_shard_size=max_shard_size, force=force or attempts > 1,
+                                             chunk_elements=chunk_elements))
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t2
+            size = store_size(out)
+            log.info("budget build write %d: entries %d B (estimated), store %d B, budget %s B", attempts,
+                     alloc.total_bytes, size, budget_bytes)
+            if budget_bytes is None or tries >= 3:
+                break
+            fixed = size - alloc.total_bytes  # what the store holds besides the entries' estimated bytes
+            if (1 - TOLERANCE) * budget_bytes <= size <= budget_bytes:
+                break
+            if not alloc.feasible or alloc.specs == previous:
+                break
+            previous = alloc.specs
+            overhead = max(fixed, 0) + int(0.002 * budget_bytes)  # aim a little inside the window
+        return store, alloc, size
+
+    store, alloc, size = write_fitting(None)
+    rounds: list[dict[str, Any]] = []
+    if probe is not None and budget_bytes is not None:
+        # probe the written store, fit each task's damage curve, re-allocate for equal damage; keep the best round
+        history: dict[str, list[tuple[float, float]]] = {t: [] for t in taskset.names}
+        best: tuple[float, int, Allocation] | None = None
+        for r in range(probe_rounds + 1):
+            t3 = time.perf_counter()
+            dmg = {t: max(float(probe(t, dict(store.reconstruct(t).items()))), DAMAGE_FLOOR)
+                   for t in taskset.names}
+            seconds["probe"] = seconds.get("probe", 0.0) + time.perf_counter() - t3
+            for t in taskset.names:
+                history[t].append((alloc.rel_errors[t], dmg[t]))
+            worst = max(dmg.values())
+            rounds.append({"damage": dmg, "rel_errors": dict(alloc.rel_errors), "store_bytes": size,
+                           "worst": worst})
+            if size <= budget_bytes and (best is None or worst < best[0]):
+                best = (worst, r, alloc)
+            if r == probe_rounds:
+                break
+            curves = {t: fit_damage(history[t]) for t in taskset.names}
+            before = alloc.specs
+            store, alloc, size = write_fitting(curves)
+            if alloc.specs == before:
+                rounds[-1]["converged"] = True
+                break
+        if best is not None and best[2] is not alloc:
+            kept = best[2]
+            rule = BudgetRule(kept.target_error, b.text if b is not None else "", kept.specs,
+                              scales=_scales(cal, taskset, kept.specs))
+            t2 = time.perf_counter()
+            store = build_store(pretrained, finetuned, spec.with_(residual=Coder.allocated(rule)), out, run,
+                                WriteOptions(max_shard_size=max_shard_size, force=True,
+                                             chunk_elements=chunk_elements))
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t2
+            attempts += 1
+            alloc, size = kept, store_size(out)
+        if best is not None:
+            for i, rd in enumerate(rounds):
+                rd["kept"] = i == best[1]
     seconds["total"] = time.perf_counter() - t0
     report = BudgetReport(b.text if b is not None else None, budget_bytes, max_error, size, fp32, alloc, M,
-                          seconds, attempts, (cands, by_tensor, pre2, wn2), calibrated=cal is not None)
+                          seconds, attempts, (cands, by_tensor, pre2, wn2), calibrated=cal is not None,
+                          probe_rounds=rounds)
     if budget_bytes is not None and size > budget_bytes:
         alloc.notes.append(f"the store takes {size} B, above the budget of {budget_bytes} B")
     return store, report
