@@ -158,7 +158,7 @@ def test_default_configs_cover_peers_and_budgets() -> None:
     budgets = ["16x", "32x", "64x", "128x", "256x"]
     plain = [c for c in cs if c.method == "budget" and "calibration" not in c.params and "probe" not in c.params]
     assert [c.params["budget"] for c in plain] == budgets
-    assert [c.params["budget"] for c in cs if c.method == "budget" and c.params.get("calibration")] == budgets
+    assert [c.params["budget"] for c in cs if c.method == "budget" and c.params.get("calibration")] == budgets[2:]
     assert [c.params["budget"] for c in cs if c.method == "budget" and c.params.get("probe")] == budgets[2:]
     assert {c.family for c in cs if c.method in ("deltacome", "ultradelta")} <= set(PEER_FAMILIES)
     assert {c.M for c in cs if c.method == "bases"} == {1, 2, 4}
@@ -319,6 +319,6 @@ def test_select_configs() -> None:
     cs = default_configs(6)
     got = [c.label for c in select_configs(cs, ["budget", "full", "tvq"])]
     want = [c.label for c in cs if c.method in ("full", "budget") or "tvq" in c.label.lower()]
-    assert got == want and len(got) == 1 + 5 + 5 + 3 + 4  # budgets plain, calibrated, probed; TVQ int4/3/2, RTVQ
+    assert got == want and len(got) == 1 + 5 + 3 + 3 + 4  # budgets plain, calibrated, probed; TVQ int4/3/2, RTVQ
     with pytest.raises(ConfigError, match="matches no frontier row"):
         select_configs(cs, ["nothing-like-this"])
