@@ -22,7 +22,7 @@ from tvbasis import export_lora  # noqa: E402
 from tvbasis.cli import main  # noqa: E402
 from tvbasis.errors import ConfigError  # noqa: E402
 from tvbasis.store import BasisStore, build_store  # noqa: E402
-from tvbasis.store.methods.lora_factor_space import build_lora_store  # noqa: E402
+from tvbasis.store.lora_factor_space import build_lora_store  # noqa: E402
 
 
 def _peft_merge(base: torch.nn.Module, adapter: Path) -> dict[str, torch.Tensor]:

@@ -130,7 +130,7 @@ def test_lora_stores(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from tests.servemodels import lora_family
-    from tvbasis.store.methods.lora_factor_space import build_lora_store
+    from tvbasis.store.lora_factor_space import build_lora_store
 
     pre_p, ads, pre, merged = lora_family(tmp_path, T=3, target_modules=["query", "value"])
     for method, kw in (("factors", {}), ("joint", {"k": 4, "clusters": 2})):

@@ -194,7 +194,7 @@ def test_load_task(fam, tmp_path):
 
 def test_lora_factor_and_joint_stores(tmp_path):
     pytest.importorskip("peft")
-    from tvbasis.store.methods.lora_factor_space import build_lora_store
+    from tvbasis.store.lora_factor_space import build_lora_store
 
     pre_p, ads, pre, merged = lora_family(tmp_path, T=3)
     factors = build_lora_store(pre_p, ads, tmp_path / "f", method="factors")

@@ -1,4 +1,4 @@
-"""Factor-space stores of LoRA adapters (``tvbasis.store.methods.lora_factor_space``) against dense references
+"""Factor-space stores of LoRA adapters (``tvbasis.store.lora_factor_space``) against dense references
 written here: every ΔW = s·B·A expanded in float64 from the adapter files (or PEFT's own merge), its Gram,
 Σ α_t ΔW_t, errors measured densely; PEFT itself loads the exported adapters."""
 
@@ -23,7 +23,7 @@ from tvbasis.errors import ConfigError, StoreError  # noqa: E402
 from tvbasis.io import LoraCheckpoint, open_checkpoint  # noqa: E402
 from tvbasis.store import BasisStore, add_task, build_store  # noqa: E402
 from tvbasis.store.format import MANIFEST, manifest_digest  # noqa: E402
-from tvbasis.store.methods.lora_factor_space import build_lora_store, export_peft  # noqa: E402
+from tvbasis.store.lora_factor_space import build_lora_store, export_peft  # noqa: E402
 
 f64 = torch.float64
 PFX = "base_model.model."

@@ -1,4 +1,4 @@
-"""The store-method registry (``tvbasis.store.methods``): nothing outside it branches on a method's name, a toy
+"""The store-method registry (``tvbasis.methods``): nothing outside it branches on a method's name, a toy
 per-task compressor registered here builds a store that reconstructs what a reference written here says, and the
 old keyword form of ``build_store`` still works with a DeprecationWarning."""
 
@@ -15,12 +15,12 @@ import torch
 from tests.tinymodels import finetune_states, pretrained_state, save_hf
 from tvbasis.cli import main
 from tvbasis.errors import ConfigError
+from tvbasis.methods import METHOD_FLAGS, get_store_method, register, store_method_names, unregister
+from tvbasis.methods.per_task import PerTaskMethod
 from tvbasis.store import BasisStore, StoreSpec, WriteOptions, build_store
-from tvbasis.store.methods import METHOD_FLAGS, get_store_method, register, store_method_names, unregister
-from tvbasis.store.methods.per_task import PerTaskMethod
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "tvbasis"
-METHODS_PKG = PKG / "store" / "methods"
+METHODS_PKG = PKG / "methods"
 
 
 # ------------------------------------------------------------------------------------------------ no branches
@@ -82,9 +82,13 @@ def test_the_store_package_docstring_names_every_module():
     import tvbasis.store
 
     doc = tvbasis.store.__doc__ or ""
-    modules = [p.stem for p in (PKG / "store").glob("*.py") if p.stem != "__init__"] + ["methods"]
-    modules += [p.stem for p in METHODS_PKG.glob("*.py") if p.stem != "__init__"]
+    modules = [p.stem for p in (PKG / "store").glob("*.py") if p.stem != "__init__"]
     assert [m for m in modules if f"``{m}``" not in doc] == []
+    import tvbasis.methods
+
+    mdoc = tvbasis.methods.__doc__ or ""
+    assert [m for m in (p.stem for p in METHODS_PKG.glob("*.py") if p.stem != "__init__")
+            if f"``{m}``" not in mdoc] == []
 
 
 def test_the_architecture_recipes_name_what_exists():
@@ -100,8 +104,8 @@ def test_the_architecture_recipes_name_what_exists():
         "merge/registry.py": "MERGE_METHODS",
         "bases/__init__.py": "BASIS_METHODS",
         "codecs/registry.py": "CODECS",
-        "store/methods/per_task.py": "def _add(",
-        "store/methods/registry.py": "class StoreMethod",
+        "methods/per_task.py": "def _add(",
+        "methods/registry.py": "class StoreMethod",
     }
     for path, text in wants.items():
         assert path in recipes and text in (PKG / path).read_text(), path

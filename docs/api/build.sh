@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-docs/api/html}"
 modules=(tvbasis tvbasis.vectors tvbasis.errors tvbasis.taskset tvbasis.io tvbasis.store tvbasis.merge tvbasis.bases
-         tvbasis.codecs tvbasis.compress tvbasis.passes tvbasis.engine tvbasis.interop tvbasis.stitch tvbasis.lora)
+         tvbasis.codecs tvbasis.compress tvbasis.passes tvbasis.engine tvbasis.interop tvbasis.stitch tvbasis.lora
+         tvbasis.methods)
 python -m pdoc --docformat restructuredtext --no-show-source -o "$out" "${modules[@]}"
 # every module got its page
 for m in "${modules[@]}"; do

@@ -63,7 +63,7 @@ from tvbasis.eval.metrics import (
     normalized_accuracy,
 )
 from tvbasis.eval.tasks import DOMAINS, MANY, TASK_NAMES, Task, canonical_name, expand_task_names, load_task
-from tvbasis.store.methods import get_store_method
+from tvbasis.methods import get_store_method
 from tvbasis.store.store import RECONSTRUCTIONS, SUM_OF_BASES
 
 log = logging.getLogger(__name__)

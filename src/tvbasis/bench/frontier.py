@@ -17,7 +17,7 @@ read back task by task with ``reconstruct`` (``store_args`` maps a row to its bu
 
 Configurations (``default_configs``): the full float32 task vectors; the peers as store methods — TALL masks
 (λ_t from the paper's grid, chosen per task on dev), TSV-C (1/T of the singular triplets per 2-D tensor), TVQ
-int4/int3/int2, RTVQ B3O2, BitDelta (``tvbasis.store.methods.per_task``); tvbasis at M = 0 — each task through a per-kind
+int4/int3/int2, RTVQ B3O2, BitDelta (``tvbasis.methods.per_task``); tvbasis at M = 0 — each task through a per-kind
 codec plan at several budgets (``PLANS``) — and at M ∈ {1, 2, 4} — a PCA store for the shared part, its bases
 through a codec plan (``--codec``), plus per-task residuals r_t = v_t − v̂_t against those coded bases, through a
 plan (``--residual``); and one PCA store alone (no residual). Families get a Pareto front each in the plots.
@@ -58,7 +58,7 @@ from tvbasis.eval.encoder import available_cores
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
 from tvbasis.eval.tasks import TASK_NAMES, load_task
-from tvbasis.store.methods import get_store_method, store_method_names
+from tvbasis.methods import get_store_method, store_method_names
 
 State = dict[str, torch.Tensor]
 
@@ -225,7 +225,7 @@ def _tall_on_dev(ctx: Context, p: Mapping[str, Any]) -> tuple[dict[str, Any], di
 def store_args(config: Config, ctx: Context, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the store's ``StoreSpec`` fields, facts for the row) of a configuration: every compressor of the frontier
     is a store on disk, built and read back as a user would (``tvbasis build ... / reconstruct``). A row named
-    after a store method (``tvbasis.store.methods``) builds that method with the row's options."""
+    after a store method (``tvbasis.methods``) builds that method with the row's options."""
     p = dict(config.params)
     if config.method in store_method_names():
         tune = DEV_TUNED.get(config.method)

@@ -41,7 +41,7 @@ import torch
 from tvbasis.bench.bench import BenchConfig, _fmt_bytes, _pct
 from tvbasis.bench.frontier import Compressed, Config, Context, compress_store, measure, read_store
 from tvbasis.eval.metrics import mean
-from tvbasis.store.methods import get_store_method, store_method_names
+from tvbasis.methods import get_store_method, store_method_names
 
 State = dict[str, torch.Tensor]
 

@@ -111,7 +111,7 @@ def build_plan(pretrained: str, finetuned: Mapping[str, str], method: str, M: in
     """``build --dry-run``: the models read, the store's parts (M bases, the PCA mean, T coded residuals) by
     tensor kind with their codec and size."""
     from tvbasis.compress.plan import Coder
-    from tvbasis.store.methods import get_store_method, store_method_names
+    from tvbasis.methods import get_store_method, store_method_names
     from tvbasis.taskset import TaskSet
     ts = TaskSet.open(pretrained, finetuned, include, exclude)
     out_dtype = _dtype(dtype)

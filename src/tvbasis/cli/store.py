@@ -60,7 +60,7 @@ def _given(args: argparse.Namespace, flag: str) -> bool:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse a method-specific flag that ``--method`` does not take (each method lists its flags)."""
-    from tvbasis.store.methods import METHOD_FLAGS, get_store_method, methods_taking
+    from tvbasis.methods import METHOD_FLAGS, get_store_method, methods_taking
     method = get_store_method(args.method)
     for flag, shown in METHOD_FLAGS.items():
         if flag in method.flags or not _given(args, flag):
@@ -86,7 +86,7 @@ def write_options(args: argparse.Namespace) -> Any:
 
 
 def _method_flags() -> tuple[str, ...]:
-    from tvbasis.store.methods import METHOD_FLAGS
+    from tvbasis.methods import METHOD_FLAGS
     return tuple(METHOD_FLAGS)
 
 
@@ -296,8 +296,8 @@ def _print_errors(s: dict[str, Any], weights: bool = False) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from tvbasis.methods import get_store_method
     from tvbasis.store import BasisStore
-    from tvbasis.store.methods import get_store_method
     store = BasisStore.open(args.store)
     s = _summary(store)
     if args.plot:  # eval/plots: of the eval extra (matplotlib)
@@ -337,7 +337,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --out FILE (a task vector) or --peft-dir DIR (a PEFT adapter)")
     store = BasisStore.open(args.store)
     if args.peft_dir is not None:
-        from tvbasis.store.methods.lora_factor_space import export_peft
+        from tvbasis.store.lora_factor_space import export_peft
         if args.dtype:
             raise ConfigError("--dtype applies to --out; a PEFT adapter is written in float32")
         out = export_peft(store, args.task, args.peft_dir, args.pretrained, force=args.force)
@@ -467,8 +467,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from tvbasis.store.methods import get_store_method, store_method_names
-    from tvbasis.store.methods.lora import LORA_AFFINITIES, LORA_CORES
+    from tvbasis.methods import get_store_method, store_method_names
+    from tvbasis.methods.lora import LORA_AFFINITIES, LORA_CORES
     s = sub.add_parser("build", help="compress T fine-tunes into a store of M basis vectors",
                        description="One streaming Gram pass, a fit from the Gram matrix, one materialisation pass.")
     s.add_argument("--pretrained", required=True)
@@ -499,7 +499,7 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print the store's summary and any warning as one JSON "
                    "object (docs/cli-json.md); with --budget/--quality the report and plan")
     s.add_argument("--method", choices=store_method_names(),
-                   help="how the tasks are stored (tvbasis.store.methods): "
+                   help="how the tasks are stored (tvbasis.methods): "
                    + "; ".join(f"{n}: {get_store_method(n).summary}" for n in store_method_names()))
     s.add_argument("-M", type=int, help="number of bases, 1 <= M < T (cluster: default from the eigengap); "
                    "0 with --residual: no bases, every task through the residual codec alone")

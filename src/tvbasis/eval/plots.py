@@ -22,8 +22,8 @@ import numpy as np
 from tvbasis.bases import eckart_young_bound
 from tvbasis.errors import ConfigError, OutputExistsError
 from tvbasis.io.outputs import check_not_input, check_output
+from tvbasis.methods import get_store_method
 from tvbasis.store import BasisStore
-from tvbasis.store.methods import get_store_method
 
 
 def _pyplot() -> Any:

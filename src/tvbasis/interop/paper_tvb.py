@@ -61,12 +61,12 @@ from tvbasis.io import (
 from tvbasis.io.atomic import AtomicOutput, check_not_input
 from tvbasis.io.checksum import chunk_digests, combine_digests, structure_fingerprint
 from tvbasis.io.reader import safe_torch_load
+from tvbasis.methods import get_store_method
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, Manifest
 from tvbasis.store.build import StoreLayout, output_path
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, Staging, commit_new_store, output_kind, store_lock
 from tvbasis.store.format import RESERVED_TASK_NAMES, STORE_DTYPES, Cross, PretrainedRef, StoreFiles, TaskEntry
-from tvbasis.store.methods import get_store_method
 from tvbasis.taskset import TaskSet, chunk_for
 from tvbasis.untrusted import load_json, quote
 

@@ -1,6 +1,6 @@
-"""Basis stores: what to build (``spec``: ``StoreSpec``, ``WriteOptions``), every ``--method`` in one registry
-(``methods``: the interface and registry ``registry``, the basis methods ``basis``, the per-task compressors
-``per_task``, the LoRA stores ``lora`` built in factor space by ``lora_factor_space``), the typed on-disk format
+"""Basis stores: what to build (``spec``: ``StoreSpec``, ``WriteOptions``; every ``--method`` is described in
+the registry ``tvbasis.methods``, re-exported here), the LoRA stores built in factor space
+(``lora_factor_space``), the typed on-disk format
 (``format``), file names and digests (``layout``, ``integrity``), coded files (``coded``) and their checks
 (``decoded``), building (``builders``: which function writes each method's store; ``build``: the Gram pass, the
 fit, the dense materialisation pass or the ``residual_pass`` of a store with residuals, masks or coded bases;
@@ -12,11 +12,11 @@ a store's errors deserve (``notes``)."""
 
 from pathlib import Path
 
+from tvbasis.methods import StoreMethod, StorePlan, get_store_method, register, store_method_names
 from tvbasis.store.build import build_store
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT, collect_garbage, foreign_entries, store_lock
 from tvbasis.store.format import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, manifest_fields
-from tvbasis.store.methods import StoreMethod, StorePlan, get_store_method, register, store_method_names
-from tvbasis.store.methods.lora_factor_space import build_lora_store, build_lora_store_from_spec, export_peft
+from tvbasis.store.lora_factor_space import build_lora_store, build_lora_store_from_spec, export_peft
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.store.update import add_task, upgrade_store

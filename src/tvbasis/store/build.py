@@ -31,13 +31,13 @@ from tvbasis.io.atomic import check_not_input
 from tvbasis.io.checksum import structure_fingerprint
 from tvbasis.io.writer import PositionalShard
 from tvbasis.merge import MergeSpec, get_merger
+from tvbasis.methods import FACTOR_SPACE, MASK, StorePlan, get_store_method, zero_fit
 from tvbasis.passes import WHOLE_VECTOR, GramResult, MaterialiseTask, compute_gram, open_fisher, taskset_thresholds
 from tvbasis.store.commit import Staging, commit_new_store, output_kind, output_path, store_lock
 from tvbasis.store.faults import fault_point
 from tvbasis.store.format import Cross, Digests, Manifest, PretrainedRef, StoreFiles, TaskEntry, coded_keys
 from tvbasis.store.integrity import digest_file
 from tvbasis.store.layout import file_names
-from tvbasis.store.methods import FACTOR_SPACE, MASK, StorePlan, get_store_method, zero_fit
 from tvbasis.store.residual_pass import ResidualMaterialiseTask
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
@@ -150,14 +150,14 @@ def _accepts_the_old_form(fn: Callable[..., BasisStore]) -> Callable[..., BasisS
 @_accepts_the_old_form
 def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
                 spec: StoreSpec, out: str | Path, run: Run = None, write: WriteOptions | None = None) -> BasisStore:
-    """Build a store of the T fine-tunes as ``spec`` says (its method, ``store.methods``) and write it at ``out``
+    """Build a store of the T fine-tunes as ``spec`` says (its method, ``tvbasis.methods``) and write it at ``out``
     (atomically, as ``write`` says; see the module docstring); ``run``: where it runs.
 
     A basis method fits M bases from the Gram matrix; ``spec.residual`` also stores every task's residual
     r_t = v_t − v̂_t through that coder (a codec spec, a codec plan ``KIND=SPEC;…`` or ``tsvc``), so each task
     comes back as v̂_t + r̂_t; with ``M = 0`` there are no bases and every task lies in its residual alone;
     ``spec.codec`` stores the bases (and mean) through that coder instead of densely. A per-task compressor
-    (``tall``, ``tsvc``, …: ``store.methods.per_task``) fixes all of these itself.
+    (``tall``, ``tsvc``, …: ``tvbasis.methods.per_task``) fixes all of these itself.
 
     The old form ``build_store(pretrained, finetuned, method, M, out, options, …)`` still works for one release,
     with a DeprecationWarning."""
@@ -166,7 +166,7 @@ def build_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str
     method = get_store_method(spec.method)
     if method.builder == FACTOR_SPACE:
         raise ConfigError(f"--method {spec.method} builds from LoRA adapters in factor space: use "
-                          "tvbasis.store.methods.lora_factor_space.build_lora_store")
+                          "tvbasis.store.lora_factor_space.build_lora_store")
     opts = as_run(run)
     T_given = len(finetuned)
     options = method.check(dict(spec.options or {}), list(finetuned))

@@ -45,10 +45,10 @@ from tvbasis.io import TensorSpec, dtype_name, fsync_dir
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.paths import plain_name_problem
 from tvbasis.merge import MergeSpec, get_merger
+from tvbasis.methods import StoredFacts, get_store_method, store_method_names
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.faults import fault_point
 from tvbasis.store.layout import SHARD_RE, chunk_count, expected_header, stacked_spec
-from tvbasis.store.methods import StoredFacts, get_store_method, store_method_names
 from tvbasis.untrusted import load_json
 
 FORMAT = "tvbasis.basis_store"

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tvbasis.io.lora import ADAPTER_WEIGHTS, is_adapter
-from tvbasis.store.methods import get_store_method
+from tvbasis.methods import get_store_method
 from tvbasis.store.store import BasisStore
 
 __all__ = ["USELESS_ERROR", "adapter_bytes", "error_warnings", "unknown_errors", "why_above_one"]

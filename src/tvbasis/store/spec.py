@@ -17,7 +17,7 @@ from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """What a store holds: the ``method`` (a ``tvbasis build --method``, see ``store.methods``) with its
+    """What a store holds: the ``method`` (a ``tvbasis build --method``, see ``tvbasis.methods``) with its
     ``options``; ``M`` bases (None: the method's own or its choice); ``layerwise`` fits; every task's residual
     through ``residual`` and the bases through ``codec``; the bases' ``dtype``; the tensors kept (``include`` /
     ``exclude`` globs); ``fisher`` (task -> diagonal Fisher safetensors) for a cluster basis with

@@ -32,9 +32,9 @@ from tvbasis.compress.ultradelta import UltraDeltaRule, allocate_densities, is_t
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
+from tvbasis.methods import get_store_method
 from tvbasis.store.build import build_store
 from tvbasis.store.commit import DEFAULT_LOCK_TIMEOUT
-from tvbasis.store.methods import get_store_method
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet

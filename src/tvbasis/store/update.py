@@ -39,6 +39,7 @@ from tvbasis.io.checksum import check_pretrained_checksum, chunk_key, tensor_dig
 from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.io.writer import PositionalShard
 from tvbasis.lora import Source
+from tvbasis.methods import FACTOR_SPACE, get_store_method, zero_fit
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.commit import (
     DEFAULT_LOCK_TIMEOUT,
@@ -70,7 +71,6 @@ from tvbasis.store.lora_entries import (
     project,
     stored_term,
 )
-from tvbasis.store.methods import FACTOR_SPACE, get_store_method, zero_fit
 from tvbasis.store.residual_pass import sq_dist64
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs

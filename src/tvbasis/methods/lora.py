@@ -1,6 +1,6 @@
 """LoRA stores as store methods: ``lora-factors`` (every adapter's own factors as low-rank entries) and
 ``lora-joint`` (shared per-tensor bases with per-adapter cores), both built in factor space from PEFT adapter
-directories (builder ``factor-space``: ``store.methods.lora_factor_space``). Every option is recorded."""
+directories (builder ``factor-space``: ``store.lora_factor_space``). Every option is recorded."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from tvbasis.codecs import parse_codec
 from tvbasis.compress import Coder
 from tvbasis.errors import ConfigError
-from tvbasis.store.methods.registry import (
+from tvbasis.methods.registry import (
     ADD,
     FACTOR_SPACE,
     JOINT,

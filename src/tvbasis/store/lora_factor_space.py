@@ -38,6 +38,8 @@ from tvbasis.io.atomic import check_not_input
 from tvbasis.io.checksum import combine_digests, structure_fingerprint
 from tvbasis.io.lora import LoraCheckpoint
 from tvbasis.lora import Source, TensorDeltas, factor_gram, joint_compress, open_adapters, tensor_gram
+from tvbasis.methods.lora import LoraStoreMethod
+from tvbasis.methods.registry import JOINT, get_store_method, zero_fit
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.coded import CodedWriter
 from tvbasis.store.commit import (
@@ -62,8 +64,6 @@ from tvbasis.store.format import (
     task_name_problem,
 )
 from tvbasis.store.lora_entries import dense_entry, factor_entry, pretrained_digests
-from tvbasis.store.methods.lora import LoraStoreMethod
-from tvbasis.store.methods.registry import JOINT, get_store_method, zero_fit
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import chunk_for

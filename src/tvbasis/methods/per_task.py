@@ -42,7 +42,7 @@ from tvbasis.compress import Coder
 from tvbasis.compress.deltacome import DELTACOME_DEFAULTS, DeltaComeRule, check_deltacome_options
 from tvbasis.compress.ultradelta import ULTRADELTA_DEFAULTS, UltraDeltaRule, check_ultradelta_options
 from tvbasis.errors import ConfigError
-from tvbasis.store.methods.registry import (
+from tvbasis.methods.registry import (
     ADD,
     MASK,
     STATISTICS_FIRST,

@@ -7,15 +7,18 @@
   random-sample).
 * ``per_task`` — the per-task compressors (tall, tsvc, tvq, rtvq, bitdelta, deltacome, ultradelta), each a
   configured ``PerTaskMethod`` registered by one line.
-* ``lora`` — the LoRA stores (lora-factors, lora-joint); ``lora_factor_space`` builds them from the adapters'
-  factors (imported on use: it writes stores, so it sits above ``store.format``).
+* ``lora`` — the LoRA stores (lora-factors, lora-joint); ``tvbasis.store.lora_factor_space`` builds them from the
+  adapters' factors (it writes stores, so it lives in ``store/``).
+
+This package sits below ``store/`` (it imports only ``bases``, ``compress``, ``codecs`` and ``errors``): the store
+asks a method what to build and how to validate its manifest; the method never reaches into the store.
 
 Nothing outside this package compares a method's name: ask its ``StoreMethod`` (``tests/test_store_methods.py``
 greps for it).
 """
 
-from tvbasis.store.methods import basis, lora, per_task  # noqa: F401  (each registers its methods)
-from tvbasis.store.methods.registry import (
+from tvbasis.methods import basis, lora, per_task  # noqa: F401  (each registers its methods)
+from tvbasis.methods.registry import (
     ADD,
     FACTOR_SPACE,
     JOINT,

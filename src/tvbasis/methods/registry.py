@@ -17,7 +17,7 @@ from tvbasis.errors import ConfigError
 ADD, MASK, JOINT = "add", "mask", "joint"
 #: how a method's store is written: ``streamed`` — ``store.build.build_store`` (a Gram pass, a fit, a
 #: materialisation pass); ``statistics-first`` — statistics passes fill options first, then ``build_store``;
-#: ``factor-space`` — from LoRA adapters' factors, no ΔW expanded (``store.methods.lora_factor_space``)
+#: ``factor-space`` — from LoRA adapters' factors, no ΔW expanded (``store.lora_factor_space``)
 STREAMED, STATISTICS_FIRST, FACTOR_SPACE = "streamed", "statistics-first", "factor-space"
 #: ``tvbasis build`` flags (argparse dests) that say what to store, and how each is shown in a message; every
 #: other flag of ``build`` (inputs, --out, --force, engine, …) applies to every method

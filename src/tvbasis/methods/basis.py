@@ -9,7 +9,7 @@ from typing import Any
 
 from tvbasis.bases import BASIS_METHODS, BasisMethod, get_basis_method
 from tvbasis.compress import Coder
-from tvbasis.store.methods.registry import StoreMethod, StorePlan, register
+from tvbasis.methods.registry import StoreMethod, StorePlan, register
 
 #: build flags every basis method takes
 _FLAGS = frozenset({"M", "residual", "codec", "layerwise", "option", "dtype", "include", "exclude"})
