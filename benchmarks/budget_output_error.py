@@ -18,37 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, markdown_table, save_results
+from tvbasis.bench.spread import spearman
 from tvbasis.eval.encoder import Encoder
 from tvbasis.eval.heads import build_head
+from tvbasis.eval.probe import total_variation
 from tvbasis.eval.tasks import load_task
 from tvbasis.store import open_store
 from tvbasis.vectors import TaskVector
-
-
-def ranks(xs: list[float]) -> list[float]:
-    """Average ranks (ties share the mean of their positions)."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = torch.tensor(ranks(a)), torch.tensor(ranks(b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den else float("nan")
 
 
 def main() -> None:
@@ -89,7 +67,7 @@ def main() -> None:
             "one_minus_cos": float(1 - (eh * ev).sum(1).mean()),
             "flips": float((lv.argmax(-1) != lh.argmax(-1)).double().mean()),
             "kl": float(kl.mean()),
-            "tv": float(0.5 * (lv.softmax(-1) - lh.softmax(-1)).abs().sum(-1).mean()),
+            "tv": total_variation(lv.softmax(-1), lh.softmax(-1)),
             "margin": float((top2[:, 0] - top2[:, 1]).median()),
             "weight_rel_error": float(row["rel_errors"][t]),
             "per_task_norm": float(row["per_task"][t]),

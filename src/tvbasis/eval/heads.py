@@ -6,6 +6,7 @@ whole task (the task-arithmetic protocol); every edited encoder is evaluated wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,15 @@ class Head:
         return self.logits(embeddings).argmax(dim=-1)
 
 
-def build_head(encoder: Encoder, task: Task, scale: float = LOGIT_SCALE) -> Head:
-    """Head of ``task`` from the encoder's *pretrained* weights (any current edit is ignored and kept)."""
+def head_of(encoder: Encoder, name: str, label_texts: Sequence[str], scale: float = LOGIT_SCALE) -> Head:
+    """The head of the classes ``label_texts`` from the encoder's *pretrained* weights (any current edit is ignored
+    and kept)."""
+    texts = tuple(str(t) for t in label_texts)
     with encoder.at_pretrained():
-        weight = encoder.encode(list(task.label_texts))
-    return Head(task=task.name, label_texts=task.label_texts, weight=weight.clone(), scale=scale)
+        weight = encoder.encode(list(texts))
+    return Head(task=name, label_texts=texts, weight=weight.clone(), scale=scale)
+
+
+def build_head(encoder: Encoder, task: Task, scale: float = LOGIT_SCALE) -> Head:
+    """Head of ``task`` (``head_of`` its label texts)."""
+    return head_of(encoder, task.name, task.label_texts, scale)

@@ -24,7 +24,7 @@ import torch
 
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
-from tvbasis.eval.heads import LOGIT_SCALE, Head
+from tvbasis.eval.heads import Head, head_of
 from tvbasis.vectors import TaskVector
 
 
@@ -48,12 +48,10 @@ class PredictionProbe:
         self.texts: dict[str, list[str]] = {}
         self.heads: dict[str, Head] = {}
         self.reference: dict[str, torch.Tensor] = {}
-        with self.encoder.at_pretrained():
-            for t in finetuned:
-                labels = [str(s) for s in label_texts[t]]
-                if len(labels) < 2:
-                    raise ConfigError(f"probe {t}: a head needs at least 2 classes, got {len(labels)}")
-                self.heads[t] = Head(t, tuple(labels), self.encoder.encode(labels, max_length=self.max_length))
+        for t in finetuned:
+            if len(label_texts[t]) < 2:
+                raise ConfigError(f"probe {t}: a head needs at least 2 classes, got {len(label_texts[t])}")
+            self.heads[t] = head_of(self.encoder, t, label_texts[t])
         for t, ft in finetuned.items():
             ts = [s for s in texts[t] if isinstance(s, str) and s.strip()]
             if not ts:
@@ -73,6 +71,3 @@ class PredictionProbe:
             return total_variation(self.reference[task], self._probs(task, delta))
         finally:
             self.encoder.set_delta(None)
-
-
-__all__ = ["LOGIT_SCALE", "PredictionProbe", "total_variation"]
