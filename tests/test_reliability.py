@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from tests.storefiles import read_manifest, safetensors_layout, tensor_dtype
 from tests.tinymodels import dense_vector, ft_args, make_family
 from tvbasis.cli import main
 from tvbasis.errors import CheckpointError, ConfigError, StoreError
@@ -164,10 +165,8 @@ def test_upgrade_refuses_implausible_version_1_data(fam3, tmp_path):
 
 # ------------------------------------------------------------------------------------------ coded data checked
 def coded_tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    header = json.loads(path.read_bytes()[8:8 + n])
-    header.pop("__metadata__", None)
-    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items()}
+    start, header = safetensors_layout(path)
+    return start, {k: tuple(v["data_offsets"]) for k, v in header.items()}
 
 
 def resign(root: Path, mf: dict) -> None:
@@ -180,7 +179,7 @@ def resign(root: Path, mf: dict) -> None:
 def tamper_coded_tensor(root: Path, key: str, fn) -> None:
     """Change the bytes of coded tensor ``key`` by ``fn(np.ndarray) -> np.ndarray`` (same dtype) and re-digest the
     tensor, its file and the manifest consistently: no digest can see it."""
-    mf = json.loads((root / "tvbasis.json").read_text())
+    mf = read_manifest(root)
     for fname, f in mf["coded"]["files"].items():
         for t in f["tensors"]:
             if t[0] != key:
@@ -189,8 +188,7 @@ def tamper_coded_tensor(root: Path, key: str, fn) -> None:
             start, offsets = coded_tensor_offsets(path)
             a, b = offsets[key]
             data = bytearray(path.read_bytes())
-            dtype = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}[
-                json.loads(data[8:start])[key]["dtype"]]
+            dtype = tensor_dtype(safetensors_layout(path)[1][key]["dtype"])
             x = np.frombuffer(bytes(data[start + a:start + b]), dtype=dtype).copy()
             data[start + a:start + b] = fn(x).astype(dtype).tobytes()
             path.write_bytes(bytes(data))
@@ -244,7 +242,7 @@ def test_an_empty_entry_with_stored_tensors_is_refused(int8_store):
     root = int8_store.root
     key = scale_key(int8_store).rsplit("/", 1)[0]
     int8_store.close()
-    mf = json.loads((root / "tvbasis.json").read_text())
+    mf = read_manifest(root)
     mf["coded"]["entries"][key]["encoded"]["codec"] = "none"  # would decode to zeros
     resign(root, mf)
     with pytest.raises(StoreError, match="empty entry"):
@@ -256,7 +254,7 @@ def test_tampered_dense_basis_norm_is_caught(fam3, tmp_path):
     store = build_store(pre_p, fts, "pca", 1, tmp_path / "s")
     root = store.root
     store.close()
-    mf = json.loads((root / "tvbasis.json").read_text())
+    mf = read_manifest(root)
     g = next(iter(mf["cross"]))
     mf["cross"][g]["K"][0][0] *= 1.5  # the data no longer has the norm the manifest records
     resign(root, mf)

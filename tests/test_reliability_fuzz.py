@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.storefiles import read_manifest
 from tests.tinymodels import make_family
 from tvbasis.codecs import parse_codec
 from tvbasis.errors import TvbasisError
@@ -95,7 +96,7 @@ def test_coded_section_mutations_are_refused_caught_or_harmless(coded_store, dat
     """A mutation of the coded section (and the per-task numbers it is checked against), re-signed as an attacker
     would: open refuses, or verify reports it, or every reconstruction is what the intact store gives."""
     root = coded_store.root
-    base = json.loads((root / "tvbasis.json").read_text())
+    base = read_manifest(root)
     want = _reconstructions(coded_store)
     mf = copy.deepcopy(base)
     paths = [p for p in _paths({"coded": mf["coded"], "tasks": mf["tasks"]}) if len(p) > 1]

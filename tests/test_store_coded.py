@@ -5,7 +5,9 @@ definitions. Plus the coded files' integrity checks, add-task, sharding, the scr
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import math
 import re
@@ -15,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 
+from tests.storefiles import ITEMSIZE, ST_DTYPE, read_manifest, safetensors_layout, write_manifest
 from tests.tinymodels import dense_vector, make_family, save_hf
 from tvbasis.cli import main
 from tvbasis.errors import ConfigError, StoreError
@@ -23,7 +27,6 @@ from tvbasis.io import open_checkpoint
 from tvbasis.merge import MergeSpec
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store import BasisStore, add_task, build_store
-from tvbasis.store.format import manifest_digest
 
 #: tolerance for "exact": float32 storage of values of size ~0.5 (one float32 ulp there is 6e-8); a basis or
 #: residual that were off by one int8 step of the bases (~1e-4 here) or dropped would be far outside it
@@ -156,26 +159,6 @@ def stored_vhat(store: BasisStore, t: int, name: str) -> torch.Tensor:
 def fresh_copy(store: BasisStore, dest: Path) -> Path:
     shutil.copytree(store.root, dest)
     return dest
-
-
-def read_manifest(root: Path) -> dict:
-    return json.loads((root / "tvbasis.json").read_text())
-
-
-def write_manifest(root: Path, mf: dict) -> None:
-    """Write an edited manifest with a matching manifest_sha256, so only the field checks can refuse it."""
-    mf = dict(mf)
-    mf["manifest_sha256"] = manifest_digest(mf)
-    (root / "tvbasis.json").write_text(json.dumps(mf, indent=1))
-
-
-def safetensors_layout(path: Path) -> tuple[int, dict]:
-    """(offset of the data region, the header's tensors) of a safetensors file, parsed from its bytes."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
-    return 8 + n, header
 
 
 def flip_byte(path: Path, pos: int) -> None:
@@ -909,3 +892,97 @@ def test_task_names_with_a_slash_do_not_collide_with_tensor_names(tmp_path):
         return  # refusing such a task name up front is a fix too
     for n, v in zip(fts, true_vectors(pre, sds)):
         assert max_abs_diff(recon(store, n), v) < EXACT, n
+
+
+# ------------------------------------------------------------------------------- format version 3: blob + packed
+def _as_version_2(root: Path) -> None:
+    """Rewrite a store to what format version 2 wrote, by the rules of docs/store-format.md (done here, not by
+    tvbasis): every coded file with one safetensors header entry per stored tensor (metadata {"format": "pt"},
+    offsets in listing order, header padded with spaces to a multiple of 8), the coded section in plain form."""
+    mf = read_manifest(root)
+    for fname, f in mf["coded"]["files"].items():
+        start, _ = safetensors_layout(root / fname)
+        data = (root / fname).read_bytes()[start:]
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for key, dtype, shape, _ in f["tensors"]:
+            size = math.prod(shape) * ITEMSIZE[dtype]
+            header[key] = {"dtype": ST_DTYPE[dtype], "shape": shape, "data_offsets": [off, off + size]}
+            off += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        new = len(raw).to_bytes(8, "little") + raw + data
+        (root / fname).write_bytes(new)
+        f.pop("layout")
+        f["size"], f["sha256"] = len(new), hashlib.sha256(new).hexdigest()
+    mf["format_version"] = 2
+    write_manifest(root, mf)
+
+
+def test_version_3_packs_the_coded_section_and_blobs_the_files(int8_store, tmp_path):
+    raw = json.loads((int8_store.root / "tvbasis.json").read_text())
+    assert raw["format_version"] == 3 and set(raw["coded"]) == {"mode", "bases_codec", "residual_codec", "packed"}
+    plain = read_manifest(int8_store.root)["coded"]
+    assert len(raw["coded"]["packed"]) * 5 < len(json.dumps({k: plain[k] for k in ("files", "entries")}))
+    f = int8_store.manifest.files.coded[0]
+    n = int.from_bytes((int8_store.root / f).read_bytes()[:8], "little")
+    header = json.loads((int8_store.root / f).read_bytes()[8:8 + n])
+    assert set(header) == {"__metadata__", "coded"} and header["coded"]["dtype"] == "U8"
+    assert plain["files"][f]["layout"] == "blob" and len(plain["files"][f]["tensors"]) > 1
+
+
+def test_a_version_2_store_reads_and_its_next_generation_is_version_3(fam4, int8_store, tmp_path):
+    pre_p, fts, *_ = fam4
+    d = fresh_copy(int8_store, tmp_path / "v2")
+    _as_version_2(d)
+    old = BasisStore.open(d)
+    assert old.manifest.format_version == 2 and old.verify() == []
+    for t in old.task_names:
+        got, want = old.reconstruct(t).to_state_dict(), int8_store.reconstruct(t).to_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    old.close()
+    new = add_task(d, "again", fts["task0"], pretrained=pre_p)
+    assert new.manifest.format_version == 3 and new.verify() == []
+    layouts = {f: c.layout for f, c in new.manifest.coded.files.items()}
+    assert sorted(layouts.values()) == ["blob", "tensors"]  # the old file kept, the new one a blob
+    got = new.reconstruct("task1").to_state_dict()
+    want = int8_store.reconstruct("task1").to_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert "packed" in json.loads((d / "tvbasis.json").read_text())["coded"]
+
+
+def test_bad_packed_sections_and_blobs_in_version_2_are_refused(int8_store, tmp_path, monkeypatch):
+    raw = json.loads((int8_store.root / "tvbasis.json").read_text())
+
+    def refused(edit, pattern, name):
+        d = fresh_copy(int8_store, tmp_path / name)
+        mf = copy.deepcopy(raw)
+        edit(mf)
+        write_manifest(d, mf)
+        with pytest.raises(StoreError, match=pattern):
+            BasisStore.open(d)
+
+    def pack(obj) -> str:
+        return base64.b64encode(zstandard.ZstdCompressor().compress(json.dumps(obj).encode())).decode()
+
+    refused(lambda mf: mf["coded"].update(packed="not base64!"), r"coded\.packed.*base64", "b64")
+    refused(lambda mf: mf["coded"].update(packed=base64.b64encode(b"plain bytes").decode()),
+            r"coded\.packed.*zstd", "zstd")
+    refused(lambda mf: mf["coded"].update(packed=pack({"files": {}})), r"coded\.packed.*'files' and 'entries'",
+            "keys")
+    refused(lambda mf: mf["coded"].update(packed=pack([1, 2])), r"coded\.packed", "list")
+    refused(lambda mf: mf["coded"].update(files={}), r"both 'packed' and", "both")
+    refused(lambda mf: mf.update(format_version=2), r"coded\.packed.*version 3", "v2packed")
+    plain = read_manifest(int8_store.root)
+    f = plain["files"]["coded"][0]
+
+    def blob_in_v2(mf):
+        mf.update(format_version=2, coded=copy.deepcopy(plain["coded"]))
+
+    refused(blob_in_v2, r"layout.*'blob' needs format version 3", "v2blob")
+    refused(lambda mf: mf.update(coded={**copy.deepcopy(plain["coded"]), "files": {
+        f: {**plain["coded"]["files"][f], "layout": "zip"}}}), r"layout", "layout")
+    # a frame that expands beyond the manifest limit is refused while it is read, not allocated whole
+    import tvbasis.store.format as fmt
+    monkeypatch.setattr(fmt, "MAX_MANIFEST_BYTES", 4096)
+    refused(lambda mf: mf["coded"].update(packed=base64.b64encode(
+        zstandard.ZstdCompressor().compress(b" " * 10**6)).decode()), r"coded\.packed.*exceeds", "bomb")

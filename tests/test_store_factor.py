@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
+from tests.storefiles import read_manifest  # noqa: E402
 from tvbasis.cli import main  # noqa: E402
 from tvbasis.errors import ConfigError, StoreError  # noqa: E402
 from tvbasis.io import LoraCheckpoint, open_checkpoint  # noqa: E402
@@ -324,7 +325,7 @@ def test_tampered_shared_entry_is_refused(fam, tmp_path):
     assert any("corrupt" in p for p in st.verify())
     # the manifest: a shared entry removed (digest recomputed) or a core over a cluster without bases
     for edit in ("drop", "cluster"):
-        d = json.loads((j.root / MANIFEST).read_text())
+        d = read_manifest(j.root)
         if edit == "drop":
             d["coded"]["entries"].pop(key)
         else:

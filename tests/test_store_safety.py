@@ -376,7 +376,7 @@ def test_version_1_store_reads_refuses_writes_and_upgrades(fam5, pca_store, caps
     assert "tvbasis upgrade" in capsys.readouterr().err
     assert main(["upgrade", str(d)]) == 0
     new = BasisStore.open(d)
-    assert new.manifest.format_version == 2 and new.verify() == [] and torch.equal(values(new), values(pca_store))
+    assert new.manifest.format_version == 3 and new.verify() == [] and torch.equal(values(new), values(pca_store))
     assert not (d / "bases.safetensors.index.json").exists()
     assert add_task(new, "task5", fts["task5"], pre_p).T == 6
     assert main(["upgrade", str(d)]) == 0 and "nothing to do" in capsys.readouterr().out
@@ -604,7 +604,7 @@ def test_kill_9_between_any_two_steps_leaves_the_old_or_the_new_state(fam5, clus
                      "old" if key in old_values and got.shape == old_values[key].shape
                      and torch.equal(got, old_values[key]) else None)
             if key == "upgrade":  # same values before and after: the format version tells
-                state = "new" if store.manifest.format_version == 2 and state else "old" if state else None
+                state = "new" if store.manifest.format_version == 3 and state else "old" if state else None
             assert state is not None, (key, n)
             seen.add(state)
             assert store.verify() == [] or (key == "upgrade" and state == "old")

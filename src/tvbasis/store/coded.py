@@ -2,9 +2,11 @@
 
 A coded file is a plain safetensors file (metadata ``{"format": "pt"}``) holding, entry after entry, the stored
 tensors of ``Encoded`` trees: tensor ``n`` of entry ``k`` is key ``{k}/{n}`` (children's tensors ``{k}/{child}.{n}``,
-see ``tvbasis.codecs.encoded``). The manifest's ``coded`` section lists each file's tensors in order with dtype,
-shape and an XXH3-64 digest per tensor, its size and SHA-256, and per entry the file and its ``Encoded``
-description. Opening a store rebuilds each coded file's header from the manifest and compares it byte for byte;
+see ``tvbasis.codecs.encoded``). Files written since format version 3 hold those bytes, in the same order, as one
+uint8 tensor (layout ``blob``: one header entry for the file, not ~128 bytes per stored tensor); older files list
+each tensor in the header (layout ``tensors``). Either way the manifest's ``coded`` section lists each file's
+tensors in order with dtype, shape and an XXH3-64 digest per tensor, its size and SHA-256, and per entry the file
+and its ``Encoded`` description, so a tensor's offset is the header's length plus the bytes before it. Opening a store rebuilds each coded file's header from the manifest and compares it byte for byte;
 every tensor read is checked against its digest; ``verify`` re-reads whole files (SHA-256 included).
 
 Mode ``joint`` (lora-joint stores): a core entry ``residual/{task}/{param}`` (pseudo-codec ``joint-core``) decodes
@@ -35,7 +37,6 @@ from tvbasis.io import all_finite
 from tvbasis.io.atomic import temp_path
 from tvbasis.io.fdpool import FdPool
 from tvbasis.io.specs import parse_size
-from tvbasis.io.writer import header_for
 from tvbasis.store.format import (
     JOINT_CORE,
     NONE_CODEC,
@@ -48,7 +49,7 @@ from tvbasis.store.format import (
     entry_key,
 )
 from tvbasis.store.integrity import open_data_file, pread_into
-from tvbasis.store.layout import SHARD_METADATA, file_names
+from tvbasis.store.layout import file_names
 
 #: bytes copied per call when a coded file is laid out or digested
 COPY_BLOCK = 8 * 2**20
@@ -135,8 +136,8 @@ class CodedWriter:
         try:
             for fname, keys in zip(names, shards):
                 tensors = [CodedTensor(s.key, s.dtype, s.shape, s.digest) for k in keys for s in self.entries[k][1]]
-                files[fname] = self._write_file(self.stage / fname, tensors, [s for k in keys
-                                                                              for s in self.entries[k][1]], fd)
+                files[fname] = self._write_file(self.stage / fname, CodedFile(0, "", tensors),
+                                                [s for k in keys for s in self.entries[k][1]], fd)
                 for k in keys:
                     entries[k] = CodedEntry(fname, self.entries[k][0])
         finally:
@@ -144,8 +145,8 @@ class CodedWriter:
             os.unlink(self.spool_path)
         return names, CodedSection("add", None, None, files, entries)
 
-    def _write_file(self, path: Path, tensors: list[CodedTensor], spooled: list[_Spooled], src: int) -> CodedFile:
-        header = header_for([t.spec for t in tensors], SHARD_METADATA)
+    def _write_file(self, path: Path, cf: CodedFile, spooled: list[_Spooled], src: int) -> CodedFile:
+        header = cf.header()
         sha = hashlib.sha256(header)
         with open(path, "xb") as out:
             out.write(header)
@@ -162,7 +163,7 @@ class CodedWriter:
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
-        return CodedFile(size, sha.hexdigest(), tensors)
+        return CodedFile(size, sha.hexdigest(), cf.tensors, cf.layout)
 
     def abort(self) -> None:
         try:
@@ -214,7 +215,7 @@ class CodedData:
         if st.st_size != cf.size:
             raise StoreError(f"{where}: is {st.st_size} bytes, the manifest records {cf.size} (truncated, extended or "
                              "another file)")
-        header = header_for([t.spec for t in cf.tensors], SHARD_METADATA)
+        header = cf.header()
         buf = bytearray(len(header))
         pread_into(fd, memoryview(buf), 0, where)
         if bytes(buf) != header:

@@ -35,7 +35,7 @@ from tvbasis.io.atomic import _TEMP_RE, fsync_tree, replace_atomically, temp_pat
 from tvbasis.store.coded import CodedData, CodedWriter
 from tvbasis.store.decoded import plausibility_problems
 from tvbasis.store.faults import fault_point, interrupts_deferred
-from tvbasis.store.format import MANIFEST, Digests, Manifest
+from tvbasis.store.format import FORMAT_VERSION, MANIFEST, Digests, Manifest
 from tvbasis.store.integrity import StoreData
 from tvbasis.store.layout import generation_of, is_store_file, renamed
 
@@ -239,6 +239,8 @@ def commit_generation(root: Path, manifest: Manifest, staged: Mapping[str, Path]
     gen = next_generation(root, manifest)
     names = {old: renamed(old, gen) for old in staged}
     manifest.generation = gen
+    if manifest.digests is not None:  # a version-2 store's next generation may hold blob-layout coded files
+        manifest.format_version = max(manifest.format_version, FORMAT_VERSION)
     manifest.files.bases = [names.get(f, f) for f in manifest.files.bases]
     manifest.files.mean = [names.get(f, f) for f in manifest.files.mean]
     manifest.files.coded = [names.get(f, f) for f in manifest.files.coded]

@@ -488,14 +488,14 @@ def _rewrite_cluster_store(store: BasisStore, manifest: Manifest, pre: Checkpoin
 # ---------------------------------------------------------------------------------------------------- upgrade
 def upgrade_store(root: str | Path, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> tuple[BasisStore, bool]:
     """Bring a version-1 store to the current format: read every data file once (checking that it is exactly
-    what tvbasis writes and holds finite values), record its digests, switch to a version-2 manifest. The data
+    what tvbasis writes and holds finite values), record its digests, switch to a current-version manifest. The data
     files are not rewritten. Returns (the store, whether anything changed)."""
     root = Path(root)
     with store_lock(root, lock_timeout):
         store = BasisStore.open(root)
         try:
             mf = store.manifest
-            if mf.digests is not None and mf.format_version == FORMAT_VERSION:
+            if mf.digests is not None:  # version 2 and later: nothing to add (writes relabel it version 3)
                 return store, False
             problems = plausibility_problems(root, mf, store.data, store.coded)
             if problems:  # digests recorded now would vouch for corrupt data from here on
