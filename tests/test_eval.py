@@ -12,6 +12,7 @@ import torch
 
 from tvbasis.errors import ConfigError, UnknownTaskError
 from tvbasis.eval import Encoder, Evaluator, label_text, lambda_grid, load_task, parse_grid
+from tvbasis.eval.evalcache import EvalCache
 from tvbasis.eval.finetune import (
     FINETUNE_META,
     WEIGHTS,
@@ -256,3 +257,60 @@ def test_cached_finetune_reused_and_corrupt_one_rebuilt(run: dict, tmp_path: Pat
     # same seed, same data: the rebuilt fine-tune is the same model
     orig, new = load_state(run["results"]["mcid"].path), load_state(rebuilt.path)
     assert all(torch.allclose(orig[k], new[k], atol=1e-5) for k in orig)
+
+
+def test_eval_cache_reads_back_only_the_same_weights_and_question(run: dict, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """bench --resume: a score is read back (no encoder pass) for the same edit, task and split; any other edit,
+    split or task data runs the pass; a torn line is skipped."""
+    enc: Encoder = run["encoder"]
+    plain: Evaluator = run["evaluator"]
+    tv = task_vector_state(run["work"] / "pretrained", run["results"]["mcid"].path)
+    want = {"zs": plain.zero_shot("test"), "one": plain.with_delta(tv, 1.0, "test"),
+            "half": plain.with_delta(tv, 0.5, "dev")}
+    passes = []
+    real = enc.encode_batches
+
+    def counted(*a, **k):
+        passes.append(1)
+        return real(*a, **k)
+
+    path = tmp_path / "eval-cache.jsonl"
+    try:
+        enc.encode_batches = counted  # type: ignore[method-assign]
+        enc.eval_cache = EvalCache(path)
+        ev = Evaluator(enc, run["tasks"])
+        got = {"zs": ev.zero_shot("test"), "one": ev.with_delta(tv, 1.0, "test"), "half": ev.with_delta(tv, 0.5, "dev")}
+        assert got == want
+        assert len(passes) >= 3 * len(TASKS) and len(path.read_text().splitlines()) == 3 * len(TASKS)
+        enc.eval_cache.close()
+        with open(path, "a") as f:
+            f.write('{"k": "torn line, a run killed mid-wr')
+        enc.eval_cache = EvalCache(path)  # a resumed run: a new cache object on the same file, a new evaluator
+        ev = Evaluator(enc, run["tasks"])
+        assert "skipped 1 unreadable line" in caplog.text
+        first = len(passes)  # building the heads encodes the label texts
+        again = {"zs": ev.zero_shot("test"), "one": ev.with_delta(tv, 1.0, "test"),
+                 "half": ev.with_delta(tv, 0.5, "dev")}
+        assert again == want and len(passes) == first  # every score read back, no encoder pass
+        # another λ, another vector, another split: passes run
+        ev.with_delta(tv, 0.51, "dev", ["mcid"])
+        assert len(passes) == first + 1
+        bumped = {k: v.clone() for k, v in tv.items()}
+        name = next(iter(bumped))
+        bumped[name].view(-1)[0] += 1e-3
+        assert ev.with_delta(bumped, 1.0, "test", ["mcid"])["mcid"] == pytest.approx(want["one"]["mcid"], abs=0.02)
+        assert len(passes) == first + 2
+        ev.with_delta(tv, 1.0, "dev", ["mcid"])
+        assert len(passes) == first + 3
+        # the same edit on other task data (fewer test examples): another context, a pass
+        fewer = {n: load_task(n, max_train=128, max_dev=128, max_test=80) for n in ("mcid",)}
+        small = Evaluator(enc, fewer)
+        n = len(passes)
+        small.with_delta(tv, 1.0, "test")
+        assert len(passes) == n + 1
+    finally:
+        enc.encode_batches = real  # type: ignore[method-assign]
+        if enc.eval_cache is not None:
+            enc.eval_cache.close()
+        enc.eval_cache = None

@@ -52,6 +52,7 @@ from tvbasis.bench.stitch_rows import stitch_markdown, stitch_rows
 from tvbasis.bench.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import FinetuneSettings, ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import (
     DEFAULT_GRID,
@@ -141,6 +142,7 @@ class BenchConfig:
     task_filter: bool | None = None  # the bad-task filter (bench/task_filter.py); None = on for --tasks many
     plots: bool = True
     keep_stores: bool = False
+    resume: bool = False  # scores kept in <out>/eval-cache.jsonl and read back (eval/evalcache.py)
     progress: bool = True
     full: bool = False
     stitch: bool = True  # the Localize-and-Stitch rows (bench/stitch_rows.py)
@@ -348,6 +350,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     encoder: Encoder = pretrained_encoder(work, settings)  # θ₀, shared by the fine-tunes and the evaluation
     results = {n: finetune(t, work, settings, encoder=encoder, progress=cfg.progress) for n, t in tasks.items()}
     timings["finetune"] = time.time() - t0
+    if cfg.resume:
+        encoder.eval_cache = EvalCache(out / CACHE_NAME)
     pre_dir = work / "pretrained"
     ft_dirs = {n: str(r.path) for n, r in results.items()}
     ev = Evaluator(encoder, tasks, progress=False)

@@ -55,6 +55,7 @@ from tvbasis.compress import (
 )
 from tvbasis.errors import ConfigError
 from tvbasis.eval.encoder import available_cores
+from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
 from tvbasis.eval.tasks import TASK_NAMES, load_task
@@ -443,6 +444,8 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
     encoder = pretrained_encoder(work, settings)
     results = {n: finetune(t, work, settings, encoder=encoder, progress=cfg.progress) for n, t in tasks.items()}
     t_finetune = time.time() - t_start
+    if cfg.resume:
+        encoder.eval_cache = EvalCache(out / CACHE_NAME)
     if extra is not None:
         extra.prepare(tasks, work, settings, encoder, cfg.progress)
     threads_before = torch.get_num_threads()

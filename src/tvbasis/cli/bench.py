@@ -175,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"work": args.work, "out": args.out, "model_dir": model_dir,
                                  "freeze_embeddings": freeze,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
-                                 "plots": not args.no_plots, "keep_stores": args.keep_stores,
+                                 "plots": not args.no_plots, "keep_stores": args.keep_stores, "resume": args.resume,
                                  "stitch": not args.no_stitch, "progress": _progress(args)}
     for flag in ("max_train", "max_dev", "max_test", "search"):
         if getattr(args, flag) is not None:
@@ -381,4 +381,8 @@ def register(subparsers: Any) -> None:
                    help="skip the Localize-and-Stitch rows (dataless / trained L&S, SharedMask, StitchTwice)")
     b.add_argument("--keep-stores", action="store_true",
                    help="keep the basis stores under <work>/stores (default: deleted once evaluated)")
+    b.add_argument("--resume", action="store_true",
+                   help="keep every score in <out>/eval-cache.jsonl and read back the ones a stopped run of the same "
+                   "command already computed (keyed by digests of the weights, θ₀, the task data and heads, and "
+                   "the tvbasis version): a long run (--full, --model mpnet) goes on where it stopped")
     b.set_defaults(fn=cmd_bench)

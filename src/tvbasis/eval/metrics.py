@@ -21,6 +21,7 @@ import torch
 
 from tvbasis.errors import ConfigError, UnknownTaskError
 from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.evalcache import context_digest
 from tvbasis.eval.heads import Head, build_head
 from tvbasis.eval.tasks import Task
 
@@ -208,6 +209,16 @@ class Evaluator:
         self._batches = {(name, s): encoder.batches(encoder.tokenize(t[s].texts))
                          for name, t in self.tasks.items() for s in self.splits}
         self._pretrained_emb: dict[tuple[str, str], torch.Tensor] = {}
+        self.cache = encoder.eval_cache
+        self._context = "" if self.cache is None else self._context_digest()
+
+    def _context_digest(self) -> str:
+        """What an accuracy depends on besides the edit: θ₀, the max length, each task split and head."""
+        parts = {"max_length": self.encoder.max_length, "splits": {
+            f"{n}/{s}": [t[s].texts, t[s].labels] for n, t in self.tasks.items() for s in self.splits}}
+        tensors = [*sorted(self.encoder.pretrained_state.items()),
+                   *((f"head/{n}", h.weight) for n, h in sorted(self.heads.items()))]
+        return context_digest(parts, tensors)
 
     def _check(self, task: str, split: str) -> None:
         if task not in self.tasks:
@@ -229,9 +240,20 @@ class Evaluator:
         return emb
 
     def accuracy(self, task: str, split: str = "test") -> float:
-        """Accuracy of the encoder's current weights on one task split (with the task's frozen head)."""
+        """Accuracy of the encoder's current weights on one task split (with the task's frozen head); read back
+        from the encoder's ``eval_cache`` when it holds this edit's score."""
+        key = None
+        if self.cache is not None:
+            self._check(task, split)
+            key = self.cache.key(self._context, self.encoder.weights_digest(), task, split)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
         emb = self.embed(task, split)
-        return accuracy(self.heads[task].predict(emb), self.tasks[task][split].labels)
+        acc = accuracy(self.heads[task].predict(emb), self.tasks[task][split].labels)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, acc)
+        return acc
 
     def accuracies(self, split: str = "test", tasks: Iterable[str] | None = None) -> dict[str, float]:
         return {t: self.accuracy(t, split) for t in (tasks or self.tasks)}
