@@ -45,8 +45,12 @@ RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
 #: Delta-CoMe's mixed precision over singular vectors (codecs/mixed_svd.py): the leading triplets at 8 bits, the
 #: next at 3, the tail at 2 — a few total ranks (2 + r3 + r2)
 MIXED_SVD: tuple[str, ...] = ("mixed-svd:ranks=2/30/96,bits=8/3/2,group=64",)
-#: how the low-rank factors (and dense matrices) are quantised, cheapest first
-FACTOR_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int4:group=32,scheme=affine",
+#: how the low-rank factors (and dense matrices) are quantised, cheapest first (bits per value with the fp16
+#: scale and offset of each group: 3, 3.5, 4.25, 5, 8.25). int3/64 and int4/128 lie on the lower hull of (bytes,
+#: error) of a MiniLM delta's rank/bits/group grid between the int2/32 and int4/32 points, 1–3 % less error at
+#: equal bytes (benchmarks/results/frontier-budget/v3/README.md)
+FACTOR_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int3:group=64,scheme=affine",
+                                  "int4:group=128,scheme=affine", "int4:group=32,scheme=affine",
                                   "int8:group=128,scheme=symmetric")
 #: embedding tables: the rows a fine-tune touched, then these
 EMBEDDING_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -413,7 +417,13 @@ def weighted(cands: Mapping[str, Mapping[str, Sequence[Candidate]]], weights: Ma
     return out, n2
 
 
-def fit_damage(points: Sequence[tuple[float, float]], exponent: float = 1.0,
+#: the exponent b of a one-point damage curve a·ε^b: the median of the secant exponents measured between the
+#: probe's first two rounds on MiniLM's 6 default tasks at 64/128/256x (1.6–4.5, median 3.3;
+#: benchmarks/results/frontier-budget/probed); with b = 1 the first re-allocation overshot at every budget
+DAMAGE_PRIOR_EXPONENT = 3.0
+
+
+def fit_damage(points: Sequence[tuple[float, float]], exponent: float = DAMAGE_PRIOR_EXPONENT,
                bounds: tuple[float, float] = (0.5, 4.0)) -> tuple[float, float]:
     """A task's damage curve ``d(ε) = a·ε^b`` through its measured ``(relative error, damage)`` points: through the
     last point with ``b = exponent`` when it is the only one (or the last two share ε), else the power law
