@@ -22,6 +22,13 @@ class SparseRows(Codec):
     takes_next = True
 
     def _encode(self, x: torch.Tensor) -> Encoded:
+        index, kept, meta = self.split(x)
+        return self.assemble(x, index, meta, kept if self.next is None else self.next.encode(kept))
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """(int32 indices of the rows of ``x``'s 2-D view that hold a nonzero, those rows, the entry's meta): the
+        part of an encoding that does not depend on how the rows are coded (``budget.measure`` codes one split
+        with every candidate)."""
         m = as_matrix(x)
         rows, cols = m.shape
         if rows > torch.iinfo(torch.int32).max:
@@ -29,13 +36,18 @@ class SparseRows(Codec):
         step = row_chunk(cols, 1)
         nonzero = torch.cat([(m[r0:r0 + step] != 0).any(dim=1) for r0 in range(0, rows, step)])
         index = torch.nonzero(nonzero).reshape(-1)
-        kept = m.index_select(0, index)
-        meta = {"rows_kept": int(index.numel()), "rows": rows}
-        tensors = {"index": index.to(torch.int32)}
+        return index.to(torch.int32), m.index_select(0, index), {"rows_kept": int(index.numel()), "rows": rows}
+
+    def assemble(self, x: torch.Tensor, index: torch.Tensor, meta: dict[str, int],
+                 rows: torch.Tensor | Encoded) -> Encoded:
+        """The encoding of ``x`` from its ``split`` and its kept rows, raw (no NEXT) or coded by NEXT."""
+        tensors = {"index": index}
         if self.next is None:
-            tensors["rows"] = kept
+            assert isinstance(rows, torch.Tensor)
+            tensors["rows"] = rows
             return self._make(x, tensors, meta)
-        return self._make(x, tensors, meta, {"rows": self.next.encode(kept)})
+        assert isinstance(rows, Encoded)
+        return self._make(x, tensors, meta, {"rows": rows})
 
     def _decode(self, enc: Encoded) -> torch.Tensor:
         shape = enc.shape
