@@ -80,7 +80,7 @@ def test_markdown_table_from_a_result() -> None:
 def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parser().parse_args([
         "-q", "bench", "--tasks", "mcid,DBPedia,stackoverflow", "--layers", "2", "--max-length", "32",
-        "--max-train", "96", "--max-dev", "32", "--max-test", "64", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",
+        "--max-train", "96", "--max-dev", "16", "--max-test", "32", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",
         "--m", "2", "--methods", "autoencoder,cluster-mean,random-sample,cluster-random-mean", "--no-stitch",
         "--ks", "eigengap", "--continual", "--continual-first", "2", "--continual-m", "1",
         "--work", str(tmp_path / "work")])
