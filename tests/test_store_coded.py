@@ -161,6 +161,17 @@ def fresh_copy(store: BasisStore, dest: Path) -> Path:
     return dest
 
 
+def assert_refused(store: BasisStore, base: dict, edit, pattern: str, dest: Path) -> None:
+    """A copy of ``store`` at ``dest`` whose manifest is ``base`` changed by ``edit`` (and re-signed) is refused at
+    open with a StoreError matching ``pattern``."""
+    d = fresh_copy(store, dest)
+    mf = copy.deepcopy(base)
+    edit(mf)
+    write_manifest(d, mf)
+    with pytest.raises(StoreError, match=pattern):
+        BasisStore.open(d)
+
+
 def flip_byte(path: Path, pos: int) -> None:
     b = bytearray(path.read_bytes())
     b[pos] ^= 0xFF
@@ -529,12 +540,7 @@ def test_manifest_edits_of_the_coded_section_are_refused(int8_store, tmp_path):
     assert key in entries
 
     def refused(edit, pattern, name):
-        d = fresh_copy(int8_store, tmp_path / name)
-        mf = copy.deepcopy(base)
-        edit(mf)
-        write_manifest(d, mf)
-        with pytest.raises(StoreError, match=pattern):
-            BasisStore.open(d)
+        assert_refused(int8_store, base, edit, pattern, tmp_path / name)
 
     # control: rewriting the unchanged manifest this way opens fine
     d = fresh_copy(int8_store, tmp_path / "same")
@@ -918,7 +924,7 @@ def _as_version_2(root: Path) -> None:
     write_manifest(root, mf)
 
 
-def test_version_3_packs_the_coded_section_and_blobs_the_files(int8_store, tmp_path):
+def test_version_3_packs_the_coded_section_and_blobs_the_files(int8_store):
     raw = json.loads((int8_store.root / "tvbasis.json").read_text())
     assert raw["format_version"] == 3 and set(raw["coded"]) == {"mode", "bases_codec", "residual_codec", "packed"}
     plain = read_manifest(int8_store.root)["coded"]
@@ -954,12 +960,7 @@ def test_bad_packed_sections_and_blobs_in_version_2_are_refused(int8_store, tmp_
     raw = json.loads((int8_store.root / "tvbasis.json").read_text())
 
     def refused(edit, pattern, name):
-        d = fresh_copy(int8_store, tmp_path / name)
-        mf = copy.deepcopy(raw)
-        edit(mf)
-        write_manifest(d, mf)
-        with pytest.raises(StoreError, match=pattern):
-            BasisStore.open(d)
+        assert_refused(int8_store, raw, edit, pattern, tmp_path / name)
 
     def pack(obj) -> str:
         return base64.b64encode(zstandard.ZstdCompressor().compress(json.dumps(obj).encode())).decode()

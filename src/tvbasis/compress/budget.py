@@ -46,7 +46,7 @@ RANKS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192)
 #: next at 3, the tail at 2 — a few total ranks (2 + r3 + r2)
 MIXED_SVD: tuple[str, ...] = ("mixed-svd:ranks=2/30/96,bits=8/3/2,group=64",)
 #: how the low-rank factors (and dense matrices) are quantised, cheapest first (bits per value with the fp16
-#: scale and offset of each group: 3, 3.5, 4.25, 5, 8.25). int3/64 and int4/128 lie on the lower hull of (bytes,
+#: scale and offset of each group, measured: 3, 3.5, 4.25, 5, 8.125). int3/64 and int4/128 lie on the lower hull of (bytes,
 #: error) of a MiniLM delta's rank/bits/group grid between the int2/32 and int4/32 points, 1–3 % less error at
 #: equal bytes (benchmarks/results/frontier-budget/v3/README.md)
 FACTOR_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int3:group=64,scheme=affine",
@@ -274,14 +274,16 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
             out.append(Candidate(codec.spec, enc.nbytes + entry_overhead(key, desc, list(flat)),
                                  float(torch.sum(d * d, dtype=torch.float64))))
     cache = svd or SVDCache(min_rank=SVD_RANK)
-    held: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = {}
+    split: tuple[torch.Tensor, torch.Tensor, dict[str, int]] | None = None  # sparse-rows: the kept rows, once
     for spec in specs:
         codec = parse_codec(spec)
         if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None \
                 and x.ndim >= 2 and x.numel():
             enc, err = _lowrank_candidate(codec, x, key, cache)
         elif isinstance(codec, SparseRows) and wrap is None and x.ndim >= 2 and x.numel():
-            enc, err = _sparse_rows_candidate(codec, x, key, cache, held)
+            if split is None:
+                split = codec.split(x)
+            enc, err = _sparse_rows_candidate(codec, x, key, cache, split)
         else:
             enc = _encode(codec, x, key, cache)
             err = _sq_err(x, codec.decode(enc))
@@ -295,15 +297,13 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
 
 
 def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: SVDCache,
-                           held: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, int]]]) -> tuple[Encoded, float]:
+                           split: tuple[torch.Tensor, torch.Tensor, dict[str, int]]) -> tuple[Encoded, float]:
     """A ``sparse-rows+NEXT`` candidate without coding or decoding the whole table: the rows are split once per
-    tensor (``held``) and only the kept rows are coded; the rows left out are zero in ``x`` and in the decode, so
+    tensor (``split``, ``SparseRows.split``) and only the kept rows are coded; the rows left out are zero in ``x`` and in the decode, so
     the error is the kept rows' (a fixed-rank low-rank NEXT from one SVD of the kept rows, as
     ``_lowrank_candidate``). On a MiniLM word embedding (30 522 × 384, 783 rows touched) the 26 candidates took
     0.23–0.36 s each through encode/decode of the whole table."""
-    if "split" not in held:
-        held["split"] = codec.split(x)
-    index, kept, meta = held["split"]
+    index, kept, meta = split
     inner = codec.next
     if inner is None:
         return codec.assemble(x, index, meta, kept), 0.0

@@ -214,11 +214,9 @@ class Evaluator:
 
     def _context_digest(self) -> str:
         """What an accuracy depends on besides the edit: θ₀, the max length, each task split and head."""
-        parts = {"max_length": self.encoder.max_length, "splits": {
+        parts = {"max_length": self.encoder.max_length, "theta0": self.encoder.pretrained_digest(), "splits": {
             f"{n}/{s}": [t[s].texts, t[s].labels] for n, t in self.tasks.items() for s in self.splits}}
-        tensors = [*sorted(self.encoder.pretrained_state.items()),
-                   *((f"head/{n}", h.weight) for n, h in sorted(self.heads.items()))]
-        return context_digest(parts, tensors)
+        return context_digest(parts, ((f"head/{n}", h.weight) for n, h in sorted(self.heads.items())))
 
     def _check(self, task: str, split: str) -> None:
         if task not in self.tasks:
@@ -242,17 +240,17 @@ class Evaluator:
     def accuracy(self, task: str, split: str = "test") -> float:
         """Accuracy of the encoder's current weights on one task split (with the task's frozen head); read back
         from the encoder's ``eval_cache`` when it holds this edit's score."""
-        key = None
-        if self.cache is not None:
+        cache, key = self.cache, ""
+        if cache is not None:
             self._check(task, split)
-            key = self.cache.key(self._context, self.encoder.weights_digest(), task, split)
-            hit = self.cache.get(key)
+            key = cache.key(self._context, self.encoder.weights_digest(), task, split)
+            hit = cache.get(key)
             if hit is not None:
                 return hit
         emb = self.embed(task, split)
         acc = accuracy(self.heads[task].predict(emb), self.tasks[task][split].labels)
-        if key is not None and self.cache is not None:
-            self.cache.put(key, acc)
+        if cache is not None:
+            cache.put(key, acc)
         return acc
 
     def accuracies(self, split: str = "test", tasks: Iterable[str] | None = None) -> dict[str, float]:

@@ -6,8 +6,9 @@ see ``tvbasis.codecs.encoded``). Files written since format version 3 hold those
 uint8 tensor (layout ``blob``: one header entry for the file, not ~128 bytes per stored tensor); older files list
 each tensor in the header (layout ``tensors``). Either way the manifest's ``coded`` section lists each file's
 tensors in order with dtype, shape and an XXH3-64 digest per tensor, its size and SHA-256, and per entry the file
-and its ``Encoded`` description, so a tensor's offset is the header's length plus the bytes before it. Opening a store rebuilds each coded file's header from the manifest and compares it byte for byte;
-every tensor read is checked against its digest; ``verify`` re-reads whole files (SHA-256 included).
+and its ``Encoded`` description, so a tensor's offset is the header's length plus the bytes before it. Opening a
+store rebuilds each coded file's header from the manifest and compares it byte for byte; every tensor read is
+checked against its digest; ``verify`` re-reads whole files (SHA-256 included).
 
 Mode ``joint`` (lora-joint stores): a core entry ``residual/{task}/{param}`` (pseudo-codec ``joint-core``) decodes
 to U Σ_t Vᵀ with U, V from the shared entry ``shared/{c}/{param}`` of the task's cluster c; ``joint_sum`` gives
@@ -45,6 +46,7 @@ from tvbasis.store.format import (
     CodedSection,
     CodedTensor,
     Manifest,
+    coded_header,
     encoded_keys,
     entry_key,
 )
@@ -136,8 +138,8 @@ class CodedWriter:
         try:
             for fname, keys in zip(names, shards):
                 tensors = [CodedTensor(s.key, s.dtype, s.shape, s.digest) for k in keys for s in self.entries[k][1]]
-                files[fname] = self._write_file(self.stage / fname, CodedFile(0, "", tensors),
-                                                [s for k in keys for s in self.entries[k][1]], fd)
+                files[fname] = self._write_file(self.stage / fname, tensors, [s for k in keys
+                                                                              for s in self.entries[k][1]], fd)
                 for k in keys:
                     entries[k] = CodedEntry(fname, self.entries[k][0])
         finally:
@@ -145,8 +147,8 @@ class CodedWriter:
             os.unlink(self.spool_path)
         return names, CodedSection("add", None, None, files, entries)
 
-    def _write_file(self, path: Path, cf: CodedFile, spooled: list[_Spooled], src: int) -> CodedFile:
-        header = cf.header()
+    def _write_file(self, path: Path, tensors: list[CodedTensor], spooled: list[_Spooled], src: int) -> CodedFile:
+        header = coded_header(tensors, "blob")
         sha = hashlib.sha256(header)
         with open(path, "xb") as out:
             out.write(header)
@@ -163,7 +165,7 @@ class CodedWriter:
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
-        return CodedFile(size, sha.hexdigest(), cf.tensors, cf.layout)
+        return CodedFile(size, sha.hexdigest(), tensors, "blob")
 
     def abort(self) -> None:
         try:
