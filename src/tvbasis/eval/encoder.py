@@ -176,7 +176,6 @@ class Encoder:
         self._params: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
         self._dirty: set[str] = set()
         self._digest: str | None = None
-        self._theta0_digest: str | None = None
         #: scores kept on disk (``tvbasis.eval.evalcache``; ``bench --resume``), read by every ``Evaluator``
         self.eval_cache: EvalCache | None = None
         self._accepts_token_types = "token_type_ids" in self._forward_args()
@@ -226,12 +225,6 @@ class Encoder:
             self._params[key].copy_(self.pretrained_state[key])
         self._dirty = touched
         self._digest = None
-
-    def pretrained_digest(self) -> str:
-        """Digest of θ₀ (every tensor of the loaded, possibly cut, model), computed once per encoder."""
-        if self._theta0_digest is None:
-            self._theta0_digest = tensors_digest(sorted(self.pretrained_state.items()))
-        return self._theta0_digest
 
     def weights_digest(self) -> str:
         """Digest of the current edit: the names and values of the tensors it changed ("θ₀" when none), computed

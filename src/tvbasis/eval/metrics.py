@@ -214,9 +214,11 @@ class Evaluator:
 
     def _context_digest(self) -> str:
         """What an accuracy depends on besides the edit: θ₀, the max length, each task split and head."""
-        parts = {"max_length": self.encoder.max_length, "theta0": self.encoder.pretrained_digest(), "splits": {
+        parts = {"max_length": self.encoder.max_length, "splits": {
             f"{n}/{s}": [t[s].texts, t[s].labels] for n, t in self.tasks.items() for s in self.splits}}
-        return context_digest(parts, ((f"head/{n}", h.weight) for n, h in sorted(self.heads.items())))
+        tensors = [*sorted(self.encoder.pretrained_state.items()),
+                   *((f"head/{n}", h.weight) for n, h in sorted(self.heads.items()))]
+        return context_digest(parts, tensors)
 
     def _check(self, task: str, split: str) -> None:
         if task not in self.tasks:
