@@ -52,7 +52,9 @@ def _port_open(port: int) -> bool:
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """End one ``ray start --block`` and everything it started (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    # a `ray start --block` head often outlives SIGTERM by more than half a minute (its GCS shuts down slowly); the
+    # cluster is private (own temp dir, own ports), so after a short grace period its group is killed
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

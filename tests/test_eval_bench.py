@@ -77,7 +77,13 @@ def test_markdown_table_from_a_result() -> None:
     assert "| a | 50.0 | 80.0 |" in table
 
 
-def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import tvbasis.bench.bench as bench
+
+    # one SVD-merge row runs the bench's merge-row path (the three merges' math is checked against numpy references
+    # in test_merge_svd.py); TSV-M and Iso-CTS would add ~12 s of SVDs of the 30 522-row embedding
+    monkeypatch.setattr(bench, "MERGE_ROWS", {"Iso-C": bench.MERGE_ROWS["Iso-C"]})
     args = _parser().parse_args([
         "-q", "bench", "--tasks", "mcid,DBPedia,stackoverflow", "--layers", "2", "--max-length", "32",
         "--max-train", "96", "--max-dev", "16", "--max-test", "32", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",
@@ -87,7 +93,7 @@ def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert args.fn(args) == 0
     printed = capsys.readouterr().out
     for row in ("zero-shot", "task arithmetic (sum)", "TIES (density 0.2)", "autoencoder | 2",
-                "cluster-mean | eigengap", "cluster-random-mean | eigengap", "random-sample | 2"):
+                "cluster-mean | eigengap", "cluster-random-mean | eigengap", "random-sample | 2", "Iso-C"):
         assert row in printed
     out = tmp_path / "work" / "bench"
     result = json.loads((out / "bench.json").read_text())
@@ -99,6 +105,9 @@ def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ta = rows[("task arithmetic (sum)", None)]
     assert ta["addition"]["mean_test"] > zs
     assert ta["bytes_stored"] == 3 * result["vector_bytes"]
+    iso = rows[("Iso-C", None)]
+    assert iso["extra"]["merge"] == "iso_c" and iso["bytes_stored"] == ta["bytes_stored"]
+    assert iso["addition"]["lam"] in {0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0}  # the grid and the SVD merges' range
     store_rows = [r for (m, M), r in rows.items() if M is not None]
     assert len(store_rows) == 4 and all(0 < r["bytes_stored"] < ta["bytes_stored"] for r in store_rows)
     for n in ta["negation"]:
