@@ -123,3 +123,17 @@ def test_cli_rejects_bad_modes(tmp_path, capsys):
     rc = main(["finetune", "--tasks", "mcid", "--work", str(tmp_path / "w"), "--sparse-diff", "1.5"])
     assert rc != 0 and "--sparse-diff" in capsys.readouterr().err
     assert not (tmp_path / "w" / "finetuned").exists()
+
+
+def test_bench_fine_tunes_in_the_mode_asked(tmp_path, capsys):
+    from tvbasis.bench.bench import BenchConfig
+
+    s = BenchConfig(sparse_diff=0.01, train_layers="encoder").finetune_settings()
+    assert (s.sparse_diff, s.train_layers) == (0.01, "encoder")
+    assert s.mode_tag().startswith("sparse0.01-layers-")  # cached apart from the dense fine-tunes
+    for argv, word in ((["--frontier", "--sparse-diff", "1.5"], "--sparse-diff"),
+                       (["--sparse-diff", "-0.1"], "--sparse-diff"),
+                       (["--frontier", "--lora", "--sparse-diff", "0.05"], "--lora")):
+        rc = main(["bench", "--work", str(tmp_path / "w"), *argv])
+        assert rc != 0 and word in capsys.readouterr().err, argv
+        assert not (tmp_path / "w" / "finetuned").exists()

@@ -161,6 +161,10 @@ class BenchConfig:
     atlas_shots: tuple[int, ...] = (4, 16, 64)
     atlas_epochs: int = 10
     linearized: bool = False
+    # issue 29 item 4: how every task is fine-tuned (FinetuneSettings; cached under <work>/finetuned/<mode tag>):
+    # a sparse diff of this density (0 = dense), only the parameters matching this pattern ('' = all)
+    sparse_diff: float = 0.0
+    train_layers: str = ""
 
     @classmethod
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
@@ -210,6 +214,7 @@ class BenchConfig:
                 raise ConfigError(f"negation pair {a}/{b}: both tasks must be among the benchmark tasks")
             if a == b:
                 raise ConfigError(f"negation pair {a}/{b}: target and control must differ")
+        self.finetune_settings().check()  # --sparse-diff / --train-layers refused before any model is loaded
         task_filter = many if self.task_filter is None else self.task_filter
         return replace(self, tasks=tasks, pairs=pairs, task_filter=task_filter, Ms=Ms)
 
@@ -221,7 +226,8 @@ class BenchConfig:
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(model_dir=self.model_dir, num_layers=self.num_layers, max_train=self.max_train,
                                 max_length=self.max_length, seed=self.seed, data_seed=self.subset_seed,
-                                freeze_embeddings=self.freeze_embeddings)
+                                freeze_embeddings=self.freeze_embeddings, sparse_diff=self.sparse_diff,
+                                train_layers=self.train_layers)
 
     def load_tasks(self) -> dict[str, Task]:
         return {n: load_task(n, max_train=self.max_train, max_dev=self.max_dev, max_test=self.max_test,

@@ -207,6 +207,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag in ("fl_merges", "atlas", "linearized"):  # issue 29's rows (bench/method_rows.py)
         if getattr(args, flag):
             overrides[flag] = True
+    if args.sparse_diff is not None:
+        overrides["sparse_diff"] = args.sparse_diff
+    if args.train_layers:
+        overrides["train_layers"] = args.train_layers
+    if args.lora and (args.sparse_diff is not None or args.train_layers):
+        raise ConfigError("--lora trains adapters: --sparse-diff and --train-layers set how the full fine-tunes are "
+                          "trained and do not apply to them")
     if args.atlas_shots:
         overrides["atlas_shots"] = _ints(args.atlas_shots, "--atlas-shots")
     if args.atlas_epochs is not None:
@@ -370,6 +377,13 @@ def register(subparsers: Any) -> None:
     b.add_argument("--continual-first", type=int, metavar="N", help="tasks in its initial store (default T // 2)")
     b.add_argument("--continual-checkpoints", type=int, metavar="K",
                    help="task counts evaluated, evenly spaced from the first to T, both included (default 4)")
+    b.add_argument("--sparse-diff", type=float, metavar="DENSITY",
+                   help="fine-tune every task as a sparse diff of this density (the top |θ − θ₀| kept, re-trained on "
+                   "that support; cached under <work>/finetuned/sparse<DENSITY>) and run the bench or the frontier on "
+                   "those fine-tunes: the store sizes and per-task accuracy of fine-tunes made to store well")
+    b.add_argument("--train-layers", metavar="PATTERN",
+                   help="fine-tune only the parameters whose names match this regular expression (the task vectors "
+                   "are zero elsewhere) and run the bench or the frontier on those fine-tunes")
     b.add_argument("--rows", metavar="PATTERNS", help="with --frontier: only the rows whose label or family "
                    "contains one of these comma-separated words (case-insensitive), e.g. 'budget,TVQ,full'")
     b.add_argument("--methods", help="basis methods (default: autoencoder,pca,cluster-mean,cluster-ties,"
