@@ -245,14 +245,42 @@ def test_topk_keeps_largest(density: float, k: int) -> None:
     ref = np.argsort(-np.abs(np_of(x)))[:k]
     assert set(np.flatnonzero(xh)) == set(ref)
     np.testing.assert_allclose(xh[ref], np_of(x)[ref], rtol=1e-3)
-    support = min(4 * k, 125)  # int32 indices or a 1000-bit mask, whichever is smaller
-    assert enc.nbytes == support + 2 * k
+    assert enc.nbytes == support_bytes(ref, 1000) + 2 * k
+
+
+def support_bytes(positions: np.ndarray, n: int) -> int:
+    """Bytes of the smallest support form: LEB128 varints of the gaps minus one (7 bits per byte), int32
+    positions, or an n-bit mask."""
+    p = np.sort(np.asarray(positions, dtype=np.int64))
+    gaps = np.diff(np.concatenate([[-1], p])) - 1
+    varints = sum(max(1, -(-int(g).bit_length() // 7)) for g in gaps)
+    return min(varints, 4 * len(p), -(-n // 8))
+
+
+def test_varint_gaps_round_trip_and_refuse_a_bad_stream() -> None:
+    from tvbasis.codecs.topk import decode_support, encode_support, varint_decode
+
+    pos = torch.tensor([0, 1, 129, 130, 20_000, 2**22])
+    kind, t = encode_support(pos, 2**23, gaps=True)
+    # gaps minus one: 0, 0, 127, 0, 19869, 4174303 -> 1 + 1 + 1 + 1 + 3 + 4 bytes, against 24 as int32
+    assert kind == "gaps" and t.numel() == 11 and t[:4].tolist() == [0, 0, 127, 0]
+    assert decode_support({"gaps": t}, 2**23, 6).tolist() == pos.tolist()
+    with pytest.raises(ValueError, match="reach position"):
+        decode_support({"gaps": t}, 2**22, 6)  # the last position falls outside a smaller tensor
+    with pytest.raises(ValueError, match="expected 7"):
+        decode_support({"gaps": t}, 2**23, 7)
+    with pytest.raises(ValueError, match="complete numbers"):
+        varint_decode(torch.tensor([0x80], dtype=torch.uint8), 1)  # a number never ends
+    with pytest.raises(ValueError, match="longer than"):
+        varint_decode(torch.tensor([0x80] * 6 + [1], dtype=torch.uint8), 1)
+    assert encode_support(pos, 2**23)[0] == "index"  # the default (UltraDelta's stores) keeps the older forms
 
 
 def test_topk_chained_values() -> None:
     x = rng_tensor((40, 25), seed=9)
     enc = parse_codec("topk:density=0.01+int8").encode(x)
-    assert enc.nbytes == 10 * 4 + (10 + 2)
+    top = np.argsort(-np.abs(np_of(x)).ravel())[:10]
+    assert enc.nbytes == support_bytes(top, 1000) + (10 + 2)
 
 
 def np_ternary(x: np.ndarray, density: float) -> np.ndarray:
@@ -272,7 +300,9 @@ def test_ternary_matches_dense_reference(density: float) -> None:
     enc = codec.encode(x)
     np.testing.assert_allclose(np_of(codec.decode(enc)), np_ternary(np_of(x), density), rtol=1e-3, atol=0)
     k = min(math.ceil(density * 1000 - 1e-9), 970)
-    assert enc.nbytes == min(4 * k, 125) + math.ceil(k / 8) + 2
+    kept = np.flatnonzero(np_ternary(np_of(x), density).reshape(-1))
+    assert len(kept) == k
+    assert enc.nbytes == support_bytes(kept, 1000) + math.ceil(k / 8) + 2
 
 
 # ---------------------------------------------------------------------------------------- spec strings

@@ -10,8 +10,13 @@ decimal it was written as, so 0.05·1000 keeps 50). Ties at the threshold are br
   kept (k is capped at the number of nonzeros), since a sign code would turn them into ±a. Stored: the support,
   ``signs`` (uint8, ceil(k/8) bytes, 1 = positive) and ``scale`` (float16, one value).
 
-The support is stored in whichever form is smaller, counted exactly: ``index`` (int32 positions, 4·k bytes)
-or ``mask`` (bit-packed, ceil(n/8) bytes); the mask wins once density > 1/32. Memory: |x| and a bool mask, about
+The support is stored in whichever form is smaller, counted exactly: ``gaps`` (the distance from each kept
+position to the previous one, minus one, as LEB128 varints: 7 bits per byte, the high bit set on every byte but
+a number's last — one byte per kept entry while the gaps stay below 128, i.e. about 8–10 bits at densities from
+1/32 down to 1/100, where an int32 position costs 32), ``index`` (int32 positions, 4·k bytes, only where gaps
+of 2^28 and more make varints longer) or ``mask`` (bit-packed, ceil(n/8) bytes; wins above a density of about
+1/8). Stores written before the gaps form (``index``/``mask`` only) read unchanged; UltraDelta's ``ultra``
+codec keeps the two older forms (its stores' bytes as its paper counts them). Memory: |x| and a bool mask, about
 1.25 times the tensor, plus the kept entries.
 """
 
@@ -35,18 +40,78 @@ def keep_count(density: float, n: int) -> int:
     return min(n, math.ceil(Fraction(repr(density)) * n))
 
 
-def encode_support(index: torch.Tensor, n: int) -> tuple[str, torch.Tensor]:
-    """Store ascending positions ``index`` among n as ('index', int32) or ('mask', packed bits), the smaller."""
+#: a varint holds at most 5 bytes of 7 bits (gaps below 2^35; every tensor here has fewer elements)
+_VARINT_MAX_BYTES = 5
+
+
+def varint_encode(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative integers as LEB128 varints (uint8): 7 bits per byte, low bits first, the high bit set on every
+    byte of a number but its last."""
+    v = values.reshape(-1).long().cpu()
+    if v.numel() and int(v.min()) < 0:
+        raise ValueError("varint_encode: negative value")
+    nbytes = torch.ones_like(v)
+    for j in range(1, _VARINT_MAX_BYTES):
+        nbytes += (v >= (1 << (7 * j))).long()
+    owner = torch.repeat_interleave(torch.arange(v.numel()), nbytes)
+    start = torch.cumsum(nbytes, 0) - nbytes
+    j = torch.arange(owner.numel()) - start[owner]
+    byte = (v[owner] >> (7 * j)) & 0x7F
+    byte |= (j < nbytes[owner] - 1).long() << 7
+    return byte.to(torch.uint8)
+
+
+def varint_decode(data: torch.Tensor, count: int, what: str = "varints") -> torch.Tensor:
+    """The ``count`` integers :func:`varint_encode` wrote (int64); ValueError for a stream that is not exactly
+    ``count`` well-formed varints of at most 5 bytes."""
+    b = data.reshape(-1).to(torch.uint8).cpu().long()
+    if b.numel() == 0:
+        if count:
+            raise ValueError(f"{what}: empty stream, expected {count} numbers")
+        return torch.zeros(0, dtype=torch.long)
+    last = (b & 0x80) == 0
+    if not bool(last[-1]) or int(last.sum()) != count:
+        raise ValueError(f"{what}: the stream holds {int(last.sum())} complete numbers, expected {count}")
+    owner = torch.cumsum(last.long(), 0) - last.long()  # number of each byte
+    ends = torch.nonzero(last).reshape(-1)
+    start = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1] + 1])
+    j = torch.arange(b.numel()) - start[owner]
+    if int(j.max()) >= _VARINT_MAX_BYTES:
+        raise ValueError(f"{what}: a number longer than {_VARINT_MAX_BYTES} bytes")
+    out = torch.zeros(count, dtype=torch.long)
+    out.index_add_(0, owner, (b & 0x7F) << (7 * j))
+    return out
+
+
+def encode_support(index: torch.Tensor, n: int, gaps: bool = False) -> tuple[str, torch.Tensor]:
+    """Store ascending positions ``index`` among n as ('index', int32) or ('mask', packed bits), the smaller; with
+    ``gaps``, also as ('gaps', uint8 varints of the distances minus one) where that is the smallest."""
     k = index.numel()
-    if 4 * k < packed_size(n, 1) and n <= _INT32_MAX:
+    best = packed_size(n, 1)
+    if gaps and k:
+        g = index.long().cpu().clone()
+        g[1:] = g[1:] - g[:-1] - 1
+        stream = varint_encode(g)
+        if stream.numel() < min(best, 4 * k):
+            return "gaps", stream.to(index.device)
+    if 4 * k < best and n <= _INT32_MAX:
         return "index", index.to(torch.int32)
     mask = torch.zeros(n, dtype=torch.bool, device=index.device)
     mask[index] = True
     return "mask", pack_bits(mask)
 
 
-def decode_support(tensors: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-    """Ascending int64 positions from what :func:`encode_support` stored."""
+def decode_support(tensors: dict[str, torch.Tensor], n: int, k: int | None = None) -> torch.Tensor:
+    """Ascending int64 positions from what :func:`encode_support` stored (``k``: how many, needed for 'gaps');
+    ValueError for gaps that do not make k positions inside n."""
+    if "gaps" in tensors:
+        if k is None:
+            raise ValueError("a 'gaps' support needs its count k")
+        g = varint_decode(tensors["gaps"], k, "the support's gaps")
+        index = torch.cumsum(g + 1, 0) - 1
+        if k and int(index[-1]) >= n:
+            raise ValueError(f"the support's gaps reach position {int(index[-1])} of a tensor of {n}")
+        return index.to(tensors["gaps"].device)
     if "index" in tensors:
         return tensors["index"].long()
     return torch.nonzero(unpack_bits(tensors["mask"], n)).reshape(-1)
@@ -64,6 +129,16 @@ def _top_support(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx).values
 
 
+def _stored_k(enc: Encoded, n: int, spec: str) -> int | None:
+    """The kept count an encoding records (meta ``k``), checked to lie in 0..n; None where none is recorded."""
+    k = enc.meta.get("k")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"codec {spec!r}: the encoding's kept count k = {k!r} is not an integer in 0..{n}")
+    return k
+
+
 class TopK(Codec):
     """Keep the density fraction of largest-magnitude entries; values float16 or through the NEXT codec."""
 
@@ -76,7 +151,7 @@ class TopK(Codec):
         n = flat.numel()
         k = keep_count(float(self.values["density"]), n)
         index = _top_support(flat, k)
-        kind, support = encode_support(index, n)
+        kind, support = encode_support(index, n, gaps=True)
         values = flat[index]
         meta = {"k": k, "support": kind}
         if self.next is None:
@@ -85,7 +160,7 @@ class TopK(Codec):
 
     def _decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel
-        index = decode_support(enc.tensors, n)
+        index = decode_support(enc.tensors, n, _stored_k(enc, n, self.spec))
         values = enc.tensors["values"].float() if self.next is None else self.next.decode(enc.children["values"])
         out = torch.zeros(n, dtype=torch.float32, device=index.device)
         out[index] = values.to(out.device)
@@ -104,7 +179,7 @@ class Ternary(Codec):
         nonzero = int(torch.count_nonzero(flat))
         k = min(keep_count(float(self.values["density"]), n), nonzero)
         index = _top_support(flat, k)
-        kind, support = encode_support(index, n)
+        kind, support = encode_support(index, n, gaps=True)
         kept = flat[index]
         scale = kept.abs().double().mean().float().reshape(1) if k else torch.zeros(1, device=x.device)
         tensors = {kind: support, "signs": pack_bits(kept > 0), "scale": to_fp16(scale, self.name, "the scale")}
@@ -112,7 +187,7 @@ class Ternary(Codec):
 
     def _decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel
-        index = decode_support(enc.tensors, n)
+        index = decode_support(enc.tensors, n, _stored_k(enc, n, self.spec))
         positive = unpack_bits(enc.tensors["signs"], index.numel())
         a = enc.tensors["scale"].float()
         out = torch.zeros(n, dtype=torch.float32, device=index.device)
