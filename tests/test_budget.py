@@ -13,7 +13,7 @@ import torch
 
 from tests.tinymodels import save_hf
 from tvbasis.cli import main
-from tvbasis.compress.budget import Budget, Candidate, allocate, ladder, measure, quality_to_error
+from tvbasis.compress.budget import Budget, Candidate, allocate, ladder, measure, quality_to_error, sparse_ladder
 from tvbasis.errors import ConfigError
 from tvbasis.store import BasisStore
 from tvbasis.store.budget import build_budget_store, store_size
@@ -114,7 +114,7 @@ def test_measure_sparse_rows_codes_only_the_touched_rows() -> None:
                                                                                                     generator=g)
     name = "embeddings.word_embeddings.weight"
     cands = measure(name, x, "residual/t/e")
-    assert {c.spec for c in cands} == {_canon(s) for s in ladder(name, x.shape)}
+    assert {c.spec for c in cands} == {_canon(s) for s in ladder(name, x.shape) + sparse_ladder(name, x)}
     assert any("lowrank" in c.spec for c in cands) and any(c.spec == _canon("sparse-rows+float16") for c in cands)
     for c in cands:
         codec = parse_codec(c.spec)
@@ -290,3 +290,32 @@ def test_relative_loss_weighs_errors_by_the_pretrained_scale(tmp_path: Path) -> 
         assert _rel(v, {k: vhat[k] for k in v}) == pytest.approx(report.allocation.rel_errors[t], rel=0.05)
     with pytest.raises(ConfigError, match="loss"):
         build_budget_store(pre, fts, tmp_path / "z", budget="10x", loss="accuracy")
+
+
+def test_sparse_fine_tunes_get_sparse_codes(tmp_path: Path) -> None:
+    """Task vectors 3 % dense (a sparse fine-tune's): full rank, so no low-rank candidate can follow them, while
+    their largest entries at 2–8 bits with varint-gap positions fit 40x with every task within 10 %."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    pre = {k: torch.randn(s, generator=g) * 0.5 for k, s in SHAPES.items()}
+    save_hf(pre, tmp_path / "pre")
+    fts, deltas = {}, {}
+    for t in range(3):
+        d = {k: 0.01 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.03)
+             if v.ndim == 2 else 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+        ft = {k: pre[k] + d[k] for k in pre}
+        save_hf(ft, tmp_path / f"ft{t}")
+        fts[f"t{t}"] = tmp_path / f"ft{t}"
+        deltas[f"t{t}"] = {k: ft[k] - pre[k] for k in pre}
+    fp32 = 4 * len(fts) * sum(math.prod(s) for s in SHAPES.values())
+    store, _ = build_budget_store(tmp_path / "pre", fts, tmp_path / "s", budget="40x")
+    assert store_size(tmp_path / "s") <= fp32 / 40
+    for t, v in deltas.items():
+        vhat = store.reconstruct(t).to_state_dict()
+        assert _rel(v, {k: vhat[k] for k in v}) <= 0.1, t
+        for k, x in v.items():
+            if x.ndim == 2:
+                assert not torch.any((x == 0) & (vhat[k] != 0)), k  # nothing outside the support: not low rank
+                s = np.linalg.svd(x.double().numpy(), compute_uv=False)  # numpy: the best rank-4 fit is poor
+                assert math.sqrt((s[4:] ** 2).sum() / (s ** 2).sum()) > 0.5, k

@@ -2,7 +2,8 @@
 
 Every (task, tensor) pair has a ladder of candidate codecs (``ladder``): low rank at many ranks with the factors
 at 2, 4 or 8 bits, dense 2/4/8-bit quantisation and float16 for matrices; sparse rows, alone or low rank, for
-embedding tables; Delta-CoMe's mixed precision over singular vectors (8/3/2 bits); 8/16-bit for biases and norms. ``measure`` encodes the pair with each candidate and records
+embedding tables; Delta-CoMe's mixed precision over singular vectors (8/3/2 bits); 8/16-bit for biases and norms;
+for a sparse matrix or table (a sparse fine-tune's), its largest entries kept at 2–8 bits or float16 (``sparse_ladder``). ``measure`` encodes the pair with each candidate and records
 what it costs and what it loses: the bytes exactly — the stored tensors plus the bytes the entry adds to the
 manifest's packed coded section (``entry_overhead``); the loss ‖x − x̂‖² exactly by decoding,
 except for low-rank candidates with quantised factors, whose loss comes from one shared SVD and the factors'
@@ -30,6 +31,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -55,6 +57,15 @@ FACTOR_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int3:group=64,
 #: embedding tables: the rows a fine-tune touched, then these
 EMBEDDING_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128)
 VECTOR_LADDER: tuple[str, ...] = ("int8:group=128,scheme=symmetric", "float16")
+#: a matrix or embedding table at most this dense (fraction of nonzero entries) also gets magnitude-sparse
+#: candidates (``sparse_ladder``): a sparse fine-tune's task vector (diff pruning, ``finetune --sparse-diff``) is
+#: full rank, so low rank cannot follow it, while ``topk`` keeps its support at ~10 bits per entry (varint gaps)
+SPARSE_MAX_DENSITY = 0.25
+#: fractions of a sparse tensor's nonzeros its candidates keep (the largest |x|)
+SPARSE_KEEP: tuple[float, ...] = (1.0, 0.5, 0.25)
+#: how the kept values are coded (a sparse diff's kept values are its largest, so no value is near 0: 2–4 bits)
+SPARSE_VALUE_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int3:group=64,scheme=affine",
+                                        "int4:group=32,scheme=affine", "int8:group=128,scheme=symmetric", "")
 #: one truncated SVD per (task, tensor) at this rank serves every low-rank candidate (and the chosen one's encode)
 SVD_RANK = max(RANKS)
 
@@ -182,6 +193,43 @@ def ladder(name: str, shape: Sequence[int]) -> list[str]:
     return out + list(FACTOR_CODECS) + ["float16"]
 
 
+def _density_text(k: int, n: int) -> str:
+    """The shortest decimal d with ⌈d·n⌉ = k (``topk``'s kept count), so exactly the k largest are kept: one more
+    would keep a zero, which a quantiser of the values need not decode as 0."""
+    lo, hi = Fraction(k - 1, n), Fraction(k, n)
+    if hi == 1:
+        return "1"
+    digits = 1
+    while Fraction(math.floor(hi * 10**digits), 10**digits) <= lo:
+        digits += 1
+    m = math.floor(hi * 10**digits)  # d = m / 10^digits, 0 < d < 1
+    return ("0." + str(m).rjust(digits, "0")).rstrip("0")
+
+
+def sparse_ladder(name: str, x: torch.Tensor) -> list[str]:
+    """Magnitude-sparse candidates of a sparse matrix or embedding (at most ``SPARSE_MAX_DENSITY`` nonzero within
+    the rows it touches, so a dense fine-tune's embedding table, whose touched rows are dense, gets none):
+    ``topk`` keeping each fraction of ``SPARSE_KEEP`` of its nonzeros, values through each of
+    ``SPARSE_VALUE_CODECS`` ('' = float16). None for a dense tensor, a vector or an empty one."""
+    if tensor_kind(name, tuple(x.shape)) == "vector" or x.numel() == 0:
+        return []
+    n = x.numel()
+    nz = as_matrix(x) != 0
+    nnz = int(nz.sum())
+    touched = int(nz.any(dim=1).sum())
+    # dense within the rows it touches (a dense fine-tune's embedding table): sparse rows win; no candidates
+    if nnz == 0 or nnz > SPARSE_MAX_DENSITY * touched * nz.shape[1]:
+        return []
+    out = []
+    for frac in SPARSE_KEEP:
+        k = max(1, round(nnz * frac))
+        if frac < 1 and k == nnz:
+            continue
+        density = _density_text(k, n)
+        out += [f"topk:density={density}" + (f"+{q}" if q else "") for q in SPARSE_VALUE_CODECS]
+    return out
+
+
 #: how much zstd shrinks the JSON of a packed coded section (format version 3), measured at 34x on a 128x MiniLM
 #: budget store (618 entries, 2183 stored tensors); taken a little low so the estimate errs towards more bytes
 PACKED_JSON_RATIO = 30.0
@@ -247,14 +295,15 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
 
 def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = None,
             svd: SVDCache | None = None, scale: torch.Tensor | None = None) -> list[Candidate]:
-    """Every candidate of ``ladder(name, x.shape)`` (or ``specs``) on one tensor ``x``: bytes and squared error.
+    """Every candidate of ``ladder(name, x.shape)`` and ``sparse_ladder(name, x)`` (or ``specs``) on one tensor
+    ``x``: bytes and squared error.
     Low-rank candidates share one truncated SVD of ``x`` (``svd``, a fresh cache by default).
 
     ``scale``: calibration's column weights of a matrix (``codecs.colscale.stored_scale``: float16, root mean
     square 1). Then every candidate codes ``X·diag(s)`` inside ``colscale``: its spec is ``colscale+SPEC``, its
     bytes include the stored scale, and its error is the weighted one, ‖(X − X̂)·diag(s)‖² (the output error);
     the dense codecs are also measured unscaled, in the same weighted error."""
-    specs = ladder(name, tuple(x.shape)) if specs is None else specs
+    specs = ladder(name, tuple(x.shape)) + sparse_ladder(name, x) if specs is None else specs
     x = x.detach().float()
     wrap = None
     out = []
