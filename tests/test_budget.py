@@ -73,9 +73,12 @@ def test_budget_parse() -> None:
 
 
 # ------------------------------------------------------------------------------------------- the candidates
-def test_measure_exact_bytes_and_errors() -> None:
+@pytest.mark.parametrize("shape", [(40, 24), (128, 256)])  # 128 x 256: every factor codec's groups align with rows
+def test_measure_exact_bytes_and_errors(shape: tuple[int, int]) -> None:
+    """(128 x 256 takes the shared-rows path: each factor codec codes the largest rank's factors once and every rank
+    reads its errors off the first rows; checked here against coding each candidate on its own.)"""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 24, generator=g) @ torch.diag(torch.linspace(2, 0.01, 24))
+    x = torch.randn(shape[0], shape[1], generator=g) @ torch.diag(torch.linspace(2, 0.01, shape[1]))
     cands = {c.spec: c for c in measure("encoder.w", x, "residual/encoder.w/a")}
     assert set(cands) == {c for c in (_canon(s) for s in ladder("encoder.w", x.shape))}
     # float16: the error is the float16 rounding error, computed here independently
@@ -88,15 +91,18 @@ def test_measure_exact_bytes_and_errors() -> None:
         c = cands[_canon(f"lowrank:rank={r}+int8:group=128,scheme=symmetric")]
         tail = float((s[r:] ** 2).sum())
         assert tail * (1 - 1e-6) <= c.sqerr <= tail + 1e-3 * float((x.double() ** 2).sum())
-        assert c.nbytes > r * (40 + 24)  # one byte per factor entry at least
-    # the predicted error of quantised factors is the decoded one within a few %
+        assert c.nbytes > r * sum(shape)  # one byte per factor entry at least
+    # the predicted error of quantised factors is the decoded one within a few %; bytes exactly the encoding's
     from tvbasis.codecs import parse_codec
-    from tvbasis.compress.budget import _encode
+    from tvbasis.compress.budget import _encode, entry_overhead
     from tvbasis.compress.svd import SVDCache
     for spec, c in cands.items():
         codec = parse_codec(spec)
-        exact = float(((x.double() - codec.decode(_encode(codec, x, "k", SVDCache(192))).double()) ** 2).sum())
+        enc = _encode(codec, x, "k", SVDCache(192))
+        exact = float(((x.double() - codec.decode(enc).double()) ** 2).sum())
         assert c.sqerr == pytest.approx(exact, rel=0.05, abs=1e-9), spec
+        flat, desc = enc.to_tensors("")
+        assert c.nbytes == enc.nbytes + entry_overhead("residual/encoder.w/a", desc, list(flat)), spec
     # lower ranks cost fewer bytes
     assert cands[_canon("lowrank:rank=1+int4:group=32,scheme=affine")].nbytes < \
         cands[_canon("lowrank:rank=4+int4:group=32,scheme=affine")].nbytes

@@ -107,6 +107,18 @@ class MixedSVD(Codec):
             return self._make(x, meta={"fallback": inner.spec}, children={"value": inner.encode(x)})
         m = as_matrix(x)
         U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        return self.encode_svd(x, U, S, Vh, S)
+
+    @property
+    def total_rank(self) -> int:
+        """Σ of the blocks' ranks: the leading triplets ``encode_svd`` needs."""
+        return sum(self.ranks)
+
+    def encode_svd(self, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                   s_all: torch.Tensor) -> Encoded:
+        """``encode`` of a 2-D-viewable ``x`` from its SVD computed elsewhere (a budget build's shared truncated
+        SVD): U, S, Vh the leading triplets — at least ``total_rank`` of them, or all — and ``s_all`` singular values
+        whose squares sum to ‖x‖² (all of them, or the leading ones and a tail term)."""
         blocks = split_ranks(self.ranks, S.numel())
         r = sum(blocks)
         s16 = to_fp16(S[:r], self.name, "a singular value")
@@ -117,7 +129,7 @@ class MixedSVD(Codec):
                 children[f"u{k}"] = cu.encode(U[:, a:a + rk].contiguous())
                 children[f"v{k}"] = cv.encode(Vh[a:a + rk].contiguous())
             a += rk
-        e = S.double() ** 2
+        e = s_all.double() ** 2
         total = float(e.sum())
         meta = {"blocks": blocks, "rel_error_truncation": (max(total - float(e[:r].sum()), 0.0) / total) ** 0.5
                 if total else 0.0}

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, SparseRows, as_matrix, parse_codec
+from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
 from tvbasis.compress.kinds import tensor_kind
 from tvbasis.compress.svd import SVDCache, lowrank_encode
 from tvbasis.errors import ConfigError
@@ -265,7 +266,58 @@ def _sq_err(x: torch.Tensor, xhat: torch.Tensor) -> float:
     return float(torch.sum(d * d, dtype=torch.float64))
 
 
-def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCache) -> tuple[Encoded, float]:
+#: the stored form of one codec on one shape, without its values: (spec, shape) -> an ``Encoded`` of zeros, whose
+#: tensors have the sizes (and whose description the keys) of any encoding of that shape by that codec
+_SHAPE_FORMS: dict[tuple[str, tuple[int, ...]], Encoded] = {}
+
+
+def _form(codec: Codec, shape: tuple[int, ...]) -> Encoded:
+    key = (codec.spec, shape)
+    if key not in _SHAPE_FORMS:
+        if len(_SHAPE_FORMS) > 4096:
+            _SHAPE_FORMS.clear()
+        _SHAPE_FORMS[key] = codec.encode(torch.zeros(shape))
+    return _SHAPE_FORMS[key]
+
+
+def _row_aligned(codec: Codec, *row_lengths: int) -> bool:
+    """Whether ``codec`` codes each row of an (r, L) factor on its own for every L given: a grouped integer
+    quantiser whose groups divide every row length (no group straddles two rows), so the codes of the first r rows
+    of a taller factor are the codes of those r rows alone."""
+    return isinstance(codec, (Int2, Int3, Int4, Int8)) and all(L % codec.group == 0 for L in row_lengths)
+
+
+class _RowErrors:
+    """Per-row squared rounding errors of the factors A = (U Σ)ᵀ and B = Vᵀ at the largest rank measured with
+    one codec, so every lower rank's errors are prefix sums (``_row_aligned`` codecs only): one encode and decode
+    per (tensor, codec) instead of one per rank."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, codec: Codec, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        have = self._rows.get(codec.spec)
+        if have is None or have[0].numel() < A.shape[0]:
+            dA = codec.decode(codec.encode(A)).reshape(A.shape) - A
+            dB = codec.decode(codec.encode(B)).reshape(B.shape) - B
+            have = (torch.sum(dA * dA, dim=1, dtype=torch.float64), torch.sum(dB * dB, dim=1, dtype=torch.float64))
+            self._rows[codec.spec] = have
+        r = A.shape[0]
+        return have[0][:r], have[1][:r]
+
+
+def _max_ranks(specs: Sequence[str]) -> dict[str, int]:
+    """The largest rank asked of each factor codec by the fixed-rank low-rank specs among ``specs``."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        codec = parse_codec(spec)
+        if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None:
+            out[codec.next.spec] = max(out.get(codec.next.spec, 0), int(codec.values["rank"]))
+    return out
+
+
+def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCache,
+                       rows: _RowErrors | None = None, max_rank: int = 0) -> tuple[Encoded, float]:
     """A fixed-rank ``lowrank:rank=r+NEXT`` candidate without forming X̂: its ``Encoded`` (as ``lowrank_encode``
     makes it) and its squared error from the factors alone. With X = U Σ Vᵀ, A = (U_r Σ_r)ᵀ and B = V_rᵀ stored
     through NEXT as Â, B̂: X − ÂᵀB̂ = (X − X_r) − ΔAᵀB − AᵀΔB − ΔAᵀΔB, where X − X_r is orthogonal to the other
@@ -273,22 +325,34 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
     ‖AᵀΔB‖² = Σ_i σ_i² ‖ΔB_i‖² (A's rows orthogonal), and ‖ΔAᵀΔB‖² ≈ Σ_i ‖ΔA_i‖²‖ΔB_i‖² (independent rounding
     errors; the cross terms between the rounding terms vanish in expectation). So ‖X − X̂‖² ≈ Σ_{i>r} σ_i² +
     Σ_i (‖ΔA_i‖² + σ_i²‖ΔB_i‖² + ‖ΔA_i‖²‖ΔB_i‖²) at O(r(m + n)) instead of a decode's O(m n r) — within a few %
-    of the exact error on MiniLM's deltas even at 2 bits; the build records the exact error of what it stores."""
+    of the exact error on MiniLM's deltas even at 2 bits; the build records the exact error of what it stores.
+
+    With ``rows`` and a row-aligned NEXT (``_row_aligned``), the factors are coded once at ``max_rank`` (the
+    largest rank measured with NEXT) and ‖ΔA_i‖², ‖ΔB_i‖² of the first r rows are read off (the same codes as
+    coding r rows); the encoding's bytes and description come from NEXT's stored form of an (r, ·) factor."""
     m = x.reshape(x.shape[0], -1)
     r = min(int(codec.values["rank"]), min(m.shape))
-    u, sv, vh, s_all = cache.get(key, m, r)
+    assert codec.next is not None
+    shared = rows is not None and _row_aligned(codec.next, m.shape[0], m.shape[1])
+    R = min(max(max_rank, r), min(m.shape)) if shared else r
+    u, sv, vh, s_all = cache.get(key, m, R)
     e = s_all.double() ** 2
     total, kept = float(e.sum()), float(e[:r].sum())
     meta = {"rank": r, "energy_kept": kept / total if total else 1.0,
             "rel_error": (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0}
     A = (u * sv).T.contiguous()
     B = vh.contiguous()
-    assert codec.next is not None
-    ea, eb = codec.next.encode(A), codec.next.encode(B)
-    dA = codec.next.decode(ea).reshape(A.shape) - A
-    dB = codec.next.decode(eb).reshape(B.shape) - B
-    nA = torch.sum(dA * dA, dim=1, dtype=torch.float64)
-    nB = torch.sum(dB * dB, dim=1, dtype=torch.float64)
+    if shared:
+        assert rows is not None
+        nA, nB = rows.get(codec.next, A, B)
+        nA, nB, sv = nA[:r], nB[:r], sv[:r]
+        ea, eb = _form(codec.next, (r, m.shape[0])), _form(codec.next, (r, m.shape[1]))
+    else:
+        ea, eb = codec.next.encode(A), codec.next.encode(B)
+        dA = codec.next.decode(ea).reshape(A.shape) - A
+        dB = codec.next.decode(eb).reshape(B.shape) - B
+        nA = torch.sum(dA * dA, dim=1, dtype=torch.float64)
+        nB = torch.sum(dB * dB, dim=1, dtype=torch.float64)
     err = max(total - kept, 0.0) + float(nA.sum()) + float(((sv.double() ** 2) * nB).sum()) + float((nA * nB).sum())
     return Encoded(codec.spec, tuple(x.shape), {}, meta, {"us": ea, "vt": eb}), err
 
@@ -324,11 +388,12 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
                                  float(torch.sum(d * d, dtype=torch.float64))))
     cache = svd or SVDCache(min_rank=SVD_RANK)
     split: tuple[torch.Tensor, torch.Tensor, dict[str, int]] | None = None  # sparse-rows: the kept rows, once
+    rows, max_rank = _RowErrors(), _max_ranks(specs)
     for spec in specs:
         codec = parse_codec(spec)
         if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None \
                 and x.ndim >= 2 and x.numel():
-            enc, err = _lowrank_candidate(codec, x, key, cache)
+            enc, err = _lowrank_candidate(codec, x, key, cache, rows, max_rank.get(codec.next.spec, 0))
         elif isinstance(codec, SparseRows) and wrap is None and x.ndim >= 2 and x.numel():
             if split is None:
                 split = codec.split(x)
@@ -366,8 +431,15 @@ def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: 
 
 
 def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded:
+    """``codec.encode(x)``, with low rank and Delta-CoMe's mixed precision taking their SVD from ``cache`` (one
+    truncated SVD per pair for every candidate, and the same factors when the chosen one is written)."""
     if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
         return lowrank_encode(codec, x, cache.source(key))
+    if isinstance(codec, MixedSVD) and x.ndim >= 2 and x.numel():
+        m = as_matrix(x)
+        u, s, vh, s_all = cache.get(key, m, min(codec.total_rank, min(m.shape)))
+        if s.numel() >= min(codec.total_rank, min(m.shape)):
+            return codec.encode_svd(x, u, s, vh, s_all)
     return codec.encode(x)
 
 
