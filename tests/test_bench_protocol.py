@@ -37,16 +37,36 @@ def test_full_protocol_grids_and_dev_size() -> None:
     assert cfg.neg_grid == tuple(round(0.05 * i, 2) for i in range(1, 21)) and cfg.neg_early_stop is False
     assert cfg.neg_grid_extended == tuple(round(0.1 * i, 1) for i in range(1, 31))
     assert "pca-paper" in cfg.methods and bench.STORE_ROWS["pca-paper"] == ("pca", {"addition": "paper"})
+    assert set(bench.DEFAULT_METHODS) < set(cfg.methods) and cfg.stitch
+    assert cfg.svd_merges == ("TSV-M", "Iso-C", "Iso-CTS")
     calls: list[float] = []
     best, curve = choose_lambda(cfg.grid, lambda lam: calls.append(lam) or -abs(lam - 0.35), cfg.search)
     assert len(calls) == 21 and best == 0.35 and len(curve) == 21  # every point, no refine shortcut
+
+
+def test_all_rows_is_the_paper_row_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tvbasis.bench import seeds
+    from tvbasis.cli import main
+
+    seen: list[BenchConfig] = []
+    monkeypatch.setattr(seeds, "run_seeds", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(SystemExit(0)))
+    for argv in (["--all-rows"], ["--all-rows", "--no-stitch"], ["--stitch"], ["--all-rows", "--methods", "pca"]):
+        with pytest.raises(SystemExit):
+            main(["bench", "--work", "/nonexistent-never-written", *argv])
+    full, nostitch, stitch, pca = seen
+    assert full.methods == ("autoencoder", "pca", "cluster-mean", "cluster-ties", "random", "random-sample")
+    assert full.svd_merges == ("TSV-M", "Iso-C", "Iso-CTS") and full.stitch
+    assert not nostitch.stitch and nostitch.svd_merges == full.svd_merges
+    assert stitch.stitch and stitch.methods == ("pca", "cluster-mean")
+    assert pca.methods == ("pca",)
 
 
 def test_default_bench_is_unchanged() -> None:
     cfg = BenchConfig().resolved()
     assert cfg.grid == (0.2, 0.4, 0.6, 0.8, 1.0) and cfg.search == "grid" and cfg.max_dev == 32
     assert cfg.neg_grid == (0.25, 0.5, 0.75, 1.0) and cfg.neg_early_stop and cfg.neg_grid_extended is None
-    assert cfg.methods == bench.DEFAULT_METHODS and len(cfg.methods) == 6 and cfg.seeds == 1
+    assert cfg.methods == ("pca", "cluster-mean") and cfg.seeds == 1  # the quick default's basis rows
+    assert cfg.svd_merges == ("Iso-C",) and cfg.merges and not cfg.stitch
     assert cfg.task_filter is False  # only --tasks many filters by default
     assert BenchConfig(task_filter=True).resolved().task_filter is True
 

@@ -77,13 +77,9 @@ def test_markdown_table_from_a_result() -> None:
     assert "| a | 50.0 | 80.0 |" in table
 
 
-def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import tvbasis.bench.bench as bench
-
-    # one SVD-merge row runs the bench's merge-row path (the three merges' math is checked against numpy references
-    # in test_merge_svd.py); TSV-M and Iso-CTS would add ~12 s of SVDs of the 30 522-row embedding
-    monkeypatch.setattr(bench, "MERGE_ROWS", {"Iso-C": bench.MERGE_ROWS["Iso-C"]})
+def test_tiny_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the quick default's one SVD-merge row (Iso-C) runs the bench's merge-row path (the three merges' math is
+    # checked against numpy references in test_merge_svd.py)
     args = _parser().parse_args([
         "-q", "bench", "--tasks", "mcid,DBPedia,stackoverflow", "--layers", "2", "--max-length", "32",
         "--max-train", "96", "--max-dev", "16", "--max-test", "32", "--grid", "0.5,1.0", "--neg-grid", "0.5,1.0",

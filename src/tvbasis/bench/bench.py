@@ -92,8 +92,10 @@ STORE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 #: a cluster k that lets the eigengap rule choose (``--ks 2,4,eigengap``); such rows have M = "eigengap" and
 #: the chosen k in ``extra["k"]``
 EIGENGAP = "eigengap"
-#: the basis rows of the default bench; --full adds pca-paper
+#: the paper's basis rows: --all-rows and --full (which adds pca-paper)
 DEFAULT_METHODS: tuple[str, ...] = ("autoencoder", "pca", "cluster-mean", "cluster-ties", "random", "random-sample")
+#: the basis rows of the quick default bench (a newcomer's first run: the paper's two main bases, both sizes)
+QUICK_METHODS: tuple[str, ...] = ("pca", "cluster-mean")
 #: the name the bench's results record an addition mode by (the sum of bases is the paper's addition)
 _MODE_RECORDED = {SUM_OF_BASES: "paper"}
 #: basis methods whose ``seed`` option is the run's basis seed
@@ -113,6 +115,9 @@ MANY_METHODS: tuple[str, ...] = ("autoencoder", "pca", "random-sample", "cluster
 MERGE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "TSV-M": ("tsv_merge", {}), "Iso-C": ("iso_c", {}), "Iso-CTS": ("iso_cts", {})}
 SVD_MERGE_LAMBDAS = (1.25, 1.5, 2.0, 2.5, 3.0)
+#: the SVD-merge rows of the quick default bench (the best of the three on the committed runs); --all-rows and
+#: --full run every one of MERGE_ROWS
+QUICK_SVD_MERGES: tuple[str, ...] = ("Iso-C",)
 
 
 @dataclass
@@ -131,7 +136,7 @@ class BenchConfig:
     search: str = "grid"
     neg_grid: tuple[float, ...] = lambda_grid(0.25, 1.0)
     Ms: tuple[int, ...] = (2, 4)
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] = QUICK_METHODS
     pairs: tuple[tuple[str, str], ...] | None = None
     ties_density: float = 0.2
     seed: int = 0  # fine-tuning seed and basis seed (options["seed"]); data subsets too unless data_seed is set
@@ -145,10 +150,11 @@ class BenchConfig:
     resume: bool = False  # scores kept in <out>/eval-cache.jsonl and read back (eval/evalcache.py)
     progress: bool = True
     full: bool = False
-    stitch: bool = True  # the Localize-and-Stitch rows (bench/stitch_rows.py)
+    stitch: bool = False  # the Localize-and-Stitch rows (bench/stitch_rows.py): --stitch, --all-rows, --full
     m_spec: tuple[str, ...] | None = None  # Ms as fractions of T ("T/2", "T/4", "6"), re-read after the task filter
     ks: tuple[int | str, ...] | None = None  # cluster methods' k (ints and/or "eigengap"); None = Ms
     merges: bool = True  # the TIES and SVD-merge rows (off: task arithmetic is the only merge row)
+    svd_merges: tuple[str, ...] = QUICK_SVD_MERGES  # which of MERGE_ROWS (--all-rows / --full: all)
     both_additions: bool = True  # each v4 store's addition as Σ_m s_m and as Σ_t v̂_t (extra.addition_modes)
     continual: bool = False  # the continual add-task experiment (bench/continual.py), result["continual"]
     continual_method: str = "cluster-mean"  # the store of the continual experiment (a STORE_ROWS label)
@@ -170,7 +176,7 @@ class BenchConfig:
     def full_protocol(cls, **overrides: Any) -> BenchConfig:
         base = cls(tasks=TASK_NAMES, max_train=2000, max_dev=FULL_DEV, max_test=500, grid=FULL_GRID, search="grid",
                    neg_grid=FULL_NEG_GRID, neg_early_stop=False, neg_grid_extended=EXTENDED_NEG_GRID,
-                   methods=DEFAULT_METHODS + ("pca-paper",), full=True)
+                   methods=DEFAULT_METHODS + ("pca-paper",), full=True, stitch=True, svd_merges=tuple(MERGE_ROWS))
         return replace(base, **overrides)
 
     @classmethod
@@ -214,6 +220,9 @@ class BenchConfig:
                 raise ConfigError(f"negation pair {a}/{b}: both tasks must be among the benchmark tasks")
             if a == b:
                 raise ConfigError(f"negation pair {a}/{b}: target and control must differ")
+        unknown_merges = [m for m in self.svd_merges if m not in MERGE_ROWS]
+        if unknown_merges:
+            raise ConfigError(f"unknown SVD merge row(s) {unknown_merges}; expected some of {', '.join(MERGE_ROWS)}")
         self.finetune_settings().check()  # --sparse-diff / --train-layers refused before any model is loaded
         task_filter = many if self.task_filter is None else self.task_filter
         return replace(self, tasks=tasks, pairs=pairs, task_filter=task_filter, Ms=Ms)
@@ -335,6 +344,11 @@ def finetuned_dev_accuracies(config: BenchConfig) -> tuple[dict[str, Task], dict
     return tasks, dev
 
 
+def _svd_merges(cfg: BenchConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The SVD-merge rows this run makes: ``cfg.svd_merges`` among ``MERGE_ROWS``, in its order."""
+    return {label: spec for label, spec in MERGE_ROWS.items() if label in cfg.svd_merges}
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result (also written to <out>/bench.json)."""
     from tvbasis.engine import RunOptions
@@ -378,7 +392,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     quiet = None if cfg.progress else RunOptions(progress=False)  # -q: no progress bars from builds and merges
     n_steps = (2 + sum(len(sizes_of(cfg, STORE_ROWS[m][0])) for m in cfg.methods) + 1
-               + (len(MERGE_ROWS) if cfg.merges else 0))
+               + (len(_svd_merges(cfg)) if cfg.merges else 0))
     bar = _bar(n_steps, "bench", cfg.progress)
     zs_dev, zs_test = ev.zero_shot("dev"), ev.zero_shot("test")
     ft_test = {n: ev.with_delta(tvs[n], 1.0, "test", [n])[n] for n in cfg.tasks}
@@ -438,7 +452,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                         negation_extended=true_ext))
         del ties
     bar.update(1)
-    for label, (method, params) in MERGE_ROWS.items() if cfg.merges else ():  # SVD merges (merge/svd.py), negation as TA/TIES
+    for label, (method, params) in _svd_merges(cfg).items() if cfg.merges else ():  # SVD merges, negation as TA/TIES
         t0 = time.time()
         merged = _state(merge_task_vectors(pre_dir, ft_dirs, MergeSpec(method, params), run=quiet))
         add = ev.search_addition(merged, sorted(set(cfg.grid) | set(SVD_MERGE_LAMBDAS)), finetuned_dev=ft_dev,

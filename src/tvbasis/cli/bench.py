@@ -176,7 +176,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  "freeze_embeddings": freeze,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
                                  "plots": not args.no_plots, "keep_stores": args.keep_stores, "resume": args.resume,
-                                 "stitch": not args.no_stitch, "progress": _progress(args)}
+                                 "progress": _progress(args)}
+    if args.stitch and args.no_stitch:
+        raise ConfigError("--stitch adds the Localize-and-Stitch rows and --no-stitch drops them: give one")
+    if args.all_rows:  # the paper's whole row set, as the default bench ran before the quick default
+        from tvbasis.bench.bench import DEFAULT_METHODS, MERGE_ROWS
+        overrides.update(methods=DEFAULT_METHODS, svd_merges=tuple(MERGE_ROWS), stitch=True)
+    if args.stitch or args.no_stitch:
+        overrides["stitch"] = bool(args.stitch)
     for flag in ("max_train", "max_dev", "max_test", "search"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
@@ -232,8 +239,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.full:
         cfg = BenchConfig.full_protocol(**overrides)
     elif args.tasks and _csv(args.tasks) == ["many"] and not args.frontier:
-        if not args.no_stitch:
-            overrides.pop("stitch")  # the many-task protocol has no L&S rows unless asked for
+        if not (args.stitch or args.no_stitch):
+            overrides.pop("stitch", None)  # the many-task protocol has no L&S rows unless asked for
         cfg = BenchConfig.many_protocol(**overrides)
     else:
         cfg = BenchConfig(**overrides)
@@ -301,7 +308,9 @@ def register(subparsers: Any) -> None:
                     "random-sample) at each M: bytes stored, task addition (absolute and normalized accuracy at "
                     "the λ chosen on dev) and negation (target vs control). Prints a Markdown table; writes "
                     "bench.json, bench.md and PNG plots. Default: a quick run (6 tasks, 500 training examples, "
-                    "coarse λ grid; ~4 min on 2 cores); --full: the whole protocol (8 tasks, 2000 examples, 200 dev / "
+                    "coarse λ grid; rows zero-shot, fine-tuned, task arithmetic, TIES, Iso-C and PCA and cluster-mean "
+                    "stores at M = 2, 4; ~5 min on 2 cores once installed); --all-rows: every basis method, SVD merge "
+                    "and Localize-and-Stitch row on the same protocol; --full: the whole protocol (8 tasks, 2000 examples, 200 dev / "
                     "500 test examples, every λ of 0, 0.05 .. 1 for addition, negation over 0.05 .. 1 and separately "
                     "up to λ = 3; see docs/benchmark.md). --seeds K repeats it over K seeds (mean ± std); "
                     "--claims RESULT.json ... prints the table 'Does the paper's claim hold here?'.")
@@ -386,13 +395,21 @@ def register(subparsers: Any) -> None:
                    "are zero elsewhere) and run the bench or the frontier on those fine-tunes")
     b.add_argument("--rows", metavar="PATTERNS", help="with --frontier: only the rows whose label or family "
                    "contains one of these comma-separated words (case-insensitive), e.g. 'budget,TVQ,full'")
-    b.add_argument("--methods", help="basis methods (default: autoencoder,pca,cluster-mean,cluster-ties,"
-                   "random,random-sample; --full adds pca-paper, PCA with the paper's addition Σ_m s_m)")
+    b.add_argument("--methods", help="basis methods (default: pca,cluster-mean; --all-rows: autoencoder,pca,"
+                   "cluster-mean,cluster-ties,random,random-sample; --full adds pca-paper, PCA with the paper's "
+                   "addition Σ_m s_m)")
     b.add_argument("--pairs", help="negation TARGET:CONTROL pairs, comma-separated (default: 2 pairs of tasks "
                    "from different domains)")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--no-stitch", action="store_true",
-                   help="skip the Localize-and-Stitch rows (dataless / trained L&S, SharedMask, StitchTwice)")
+    b.add_argument("--stitch", action="store_true",
+                   help="add the Localize-and-Stitch rows (dataless / trained L&S, SharedMask, StitchTwice; on with "
+                   "--all-rows and --full)")
+    b.add_argument("--no-stitch", action="store_true", help="skip the Localize-and-Stitch rows (with --all-rows or "
+                   "--full)")
+    b.add_argument("--all-rows", action="store_true",
+                   help="the paper's whole row set on the quick protocol (the default before 0.x's quick default): "
+                   "basis methods autoencoder, pca, cluster-mean, cluster-ties, random, random-sample; TSV-M, Iso-C "
+                   "and Iso-CTS; the Localize-and-Stitch rows (~13 min on 2 cores instead of ~4)")
     b.add_argument("--keep-stores", action="store_true",
                    help="keep the basis stores under <work>/stores (default: deleted once evaluated)")
     b.add_argument("--resume", action="store_true",
