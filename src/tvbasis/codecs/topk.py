@@ -150,18 +150,27 @@ class TopK(Codec):
         flat = x.reshape(-1)
         n = flat.numel()
         k = keep_count(float(self.values["density"]), n)
-        index = _top_support(flat, k)
-        kind, support = encode_support(index, n, gaps=True)
+        return self.encode_at(x, _top_support(flat, k))
+
+    def encode_at(self, x: torch.Tensor, index: torch.Tensor) -> Encoded:
+        """The encoding of ``x`` keeping the entries at ascending positions ``index`` (``encode`` keeps the top
+        k; a budget build passes the top k it found among the nonzeros, the same set up to ties)."""
+        flat = x.reshape(-1)
+        kind, support = encode_support(index, flat.numel(), gaps=True)
         values = flat[index]
-        meta = {"k": k, "support": kind}
+        meta = {"k": int(index.numel()), "support": kind}
         if self.next is None:
             return self._make(x, {kind: support, "values": to_fp16(values, self.name, "a kept value")}, meta)
         return self._make(x, {kind: support}, meta, {"values": self.next.encode(values)})
 
+    def decode_values(self, enc: Encoded) -> torch.Tensor:
+        """The kept values as decoded (float32, in position order)."""
+        return enc.tensors["values"].float() if self.next is None else self.next.decode(enc.children["values"])
+
     def _decode(self, enc: Encoded) -> torch.Tensor:
         n = enc.numel
         index = decode_support(enc.tensors, n, _stored_k(enc, n, self.spec))
-        values = enc.tensors["values"].float() if self.next is None else self.next.decode(enc.children["values"])
+        values = self.decode_values(enc)
         out = torch.zeros(n, dtype=torch.float32, device=index.device)
         out[index] = values.to(out.device)
         return out

@@ -38,6 +38,7 @@ import torch
 
 from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, SparseRows, as_matrix, parse_codec
 from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
+from tvbasis.codecs.topk import TopK, keep_count
 from tvbasis.compress.kinds import tensor_kind
 from tvbasis.compress.svd import SVDCache, lowrank_encode
 from tvbasis.errors import ConfigError
@@ -389,6 +390,7 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
     cache = svd or SVDCache(min_rank=SVD_RANK)
     split: tuple[torch.Tensor, torch.Tensor, dict[str, int]] | None = None  # sparse-rows: the kept rows, once
     rows, max_rank = _RowErrors(), _max_ranks(specs)
+    ranked: tuple[torch.Tensor, float] | None = None  # topk: the nonzeros' positions by |x|, once
     for spec in specs:
         codec = parse_codec(spec)
         if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None \
@@ -398,6 +400,10 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
             if split is None:
                 split = codec.split(x)
             enc, err = _sparse_rows_candidate(codec, x, key, cache, split)
+        elif isinstance(codec, TopK) and x.numel():
+            if ranked is None:
+                ranked = _ranked_nonzeros(x)
+            enc, err = _topk_candidate(codec, x, ranked)
         else:
             enc = _encode(codec, x, key, cache)
             err = _sq_err(x, codec.decode(enc))
@@ -408,6 +414,28 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
         out.append(Candidate(enc.codec, nbytes, err))
         del enc, flat
     return out
+
+
+def _ranked_nonzeros(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Positions of the nonzero entries of ``x`` (flattened) from the largest |x| down, and ‖x‖²."""
+    flat = x.reshape(-1)
+    nz = torch.nonzero(flat).reshape(-1)
+    order = torch.argsort(flat[nz].abs(), descending=True, stable=True)
+    return nz[order], float(torch.sum(flat.double() ** 2))
+
+
+def _topk_candidate(codec: TopK, x: torch.Tensor, ranked: tuple[torch.Tensor, float]) -> tuple[Encoded, float]:
+    """A ``topk`` candidate from the ranked nonzeros (no top-k over the whole tensor, no decode of it): the k
+    largest |x| — among the nonzeros, the same set as ``codec.encode`` keeps up to ties, with zeros never kept — and
+    the squared error exactly: the dropped entries' squares plus the kept values' coding error."""
+    flat = x.reshape(-1)
+    order, total = ranked
+    k = min(keep_count(float(codec.values["density"]), flat.numel()), order.numel())
+    index = torch.sort(order[:k]).values
+    enc = codec.encode_at(x, index)
+    kept = flat[index].double()
+    dv = codec.decode_values(enc).double().reshape(-1) - kept
+    return enc, max(total - float(torch.sum(kept * kept)), 0.0) + float(torch.sum(dv * dv))
 
 
 def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: SVDCache,
