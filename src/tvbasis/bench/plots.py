@@ -43,8 +43,8 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for r in rows:
         add = r["addition"]
-        if not add or r["bytes_stored"] <= 0:
-            continue
+        if not add or r["bytes_stored"] <= 0 or "shots_per_class" in r.get("extra", {}):
+            continue  # aTLAS few-shot rows adapt one task: not an addition (they are in the table)
         ax.scatter([r["bytes_stored"] / 1e6], [add["mean_normalized_test"]], color=color[r["method"]],
                    marker=m_marker[r["M"]], s=45,
                    label=r["method"] + ("" if r["M"] is None else f" M={r['M']}"))
@@ -62,10 +62,14 @@ def make_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     pair_markers = "os^vD<>"
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
+    drawn_true = False
     for r in rows:
-        if r["method"].startswith("TIES"):
-            continue  # same negation as the task-arithmetic row (both negate the true task vector)
-        label = "true task vector" if r["M"] is None else f"{r['method']} M={r['M']}"
+        true_vector = (r.get("extra") or {}).get("negation_vector") == "true task vector"
+        if true_vector and drawn_true:
+            continue  # TIES and the merges negate the same true task vector as the first such row
+        drawn_true = drawn_true or true_vector
+        label = ("true task vector" if true_vector else r["method"] if r["M"] is None
+                 else f"{r['method']} M={r['M']}")
         for n in r["negation"]:
             key = (n["target"], n["control"])
             if key not in pairs:
