@@ -39,13 +39,15 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="a bench work directory (pretrained/ and finetuned/<task>/)")
-    ap.add_argument("--tasks", help="comma-separated fine-tunes (default: every one under finetuned/)")
+    ap.add_argument("--tasks", help="comma-separated fine-tunes (default: every directory with a config.json under finetuned/)")
     ap.add_argument("--budgets", default="128x")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     work = Path(a.work)
-    tasks = a.tasks.split(",") if a.tasks else sorted(p.name for p in (work / "finetuned").iterdir() if p.is_dir())
+    # a fine-tune is a directory with a config.json; finetuned/ also holds other modes' folders (linear/, seed1/, …)
+    tasks = a.tasks.split(",") if a.tasks else sorted(p.name for p in (work / "finetuned").iterdir()
+                                                       if (p / "config.json").is_file())
     ft = sum((["--finetuned", f"{t}={work / 'finetuned' / t}"] for t in tasks), [])
     base = [sys.executable, "-m", "tvbasis.cli", "-q", "build", "--pretrained", str(work / "pretrained"), *ft]
     tmp = Path(tempfile.mkdtemp(prefix="budget-build-"))
