@@ -407,7 +407,7 @@ def register(subparsers: Any) -> None:
     b.add_argument("--no-stitch", action="store_true", help="skip the Localize-and-Stitch rows (with --all-rows or "
                    "--full)")
     b.add_argument("--all-rows", action="store_true",
-                   help="the paper's whole row set on the quick protocol (the default before 0.x's quick default): "
+                   help="the paper's whole row set on the quick protocol (the default before the quick row set): "
                    "basis methods autoencoder, pca, cluster-mean, cluster-ties, random, random-sample; TSV-M, Iso-C "
                    "and Iso-CTS; the Localize-and-Stitch rows (~13 min on 2 cores instead of ~4)")
     b.add_argument("--keep-stores", action="store_true",
