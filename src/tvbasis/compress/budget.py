@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -296,15 +296,17 @@ class _RowErrors:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, codec: Codec, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, codec: Codec, rank: int, factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rank`` rows' errors; ``factors()`` (A, B at the largest rank) is called only to code them."""
         have = self._rows.get(codec.spec)
-        if have is None or have[0].numel() < A.shape[0]:
+        if have is None or have[0].numel() < rank:
+            A, B = factors()
             dA = codec.decode(codec.encode(A)).reshape(A.shape) - A
             dB = codec.decode(codec.encode(B)).reshape(B.shape) - B
             have = (torch.sum(dA * dA, dim=1, dtype=torch.float64), torch.sum(dB * dB, dim=1, dtype=torch.float64))
             self._rows[codec.spec] = have
-        r = A.shape[0]
-        return have[0][:r], have[1][:r]
+        return have[0][:rank], have[1][:rank]
 
 
 def _max_ranks(specs: Sequence[str]) -> dict[str, int]:
@@ -341,14 +343,14 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
     total, kept = float(e.sum()), float(e[:r].sum())
     meta = {"rank": r, "energy_kept": kept / total if total else 1.0,
             "rel_error": (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0}
-    A = (u * sv).T.contiguous()
-    B = vh.contiguous()
     if shared:
         assert rows is not None
-        nA, nB = rows.get(codec.next, A, B)
-        nA, nB, sv = nA[:r], nB[:r], sv[:r]
+        nA, nB = rows.get(codec.next, r, lambda: ((u * sv).T.contiguous(), vh.contiguous()))
+        sv = sv[:r]
         ea, eb = _form(codec.next, (r, m.shape[0])), _form(codec.next, (r, m.shape[1]))
     else:
+        A = (u * sv).T.contiguous()
+        B = vh.contiguous()
         ea, eb = codec.next.encode(A), codec.next.encode(B)
         dA = codec.next.decode(ea).reshape(A.shape) - A
         dB = codec.next.decode(eb).reshape(B.shape) - B
