@@ -65,7 +65,7 @@ VECTOR_LADDER: tuple[str, ...] = ("int8:group=128,scheme=symmetric", "float16")
 SPARSE_MAX_DENSITY = 0.25
 #: fractions of a sparse tensor's nonzeros its candidates keep (the largest |x|)
 SPARSE_KEEP: tuple[float, ...] = (1.0, 0.5, 0.25)
-#: how the kept values are coded (a sparse diff's kept values are its largest, so no value is near 0: 2–4 bits)
+#: how the kept values are coded: 2, 3, 4 or 8 bits, or float16 ('')
 SPARSE_VALUE_CODECS: tuple[str, ...] = ("int2:group=32,scheme=affine", "int3:group=64,scheme=affine",
                                         "int4:group=32,scheme=affine", "int8:group=128,scheme=symmetric", "")
 #: one truncated SVD per (task, tensor) at this rank serves every low-rank candidate (and the chosen one's encode)
@@ -293,7 +293,12 @@ class _RowErrors:
     one codec, so every lower rank's errors are prefix sums (``_row_aligned`` codecs only): one encode and decode
     per (tensor, codec) instead of one per rank."""
 
-    def __init__(self) -> None:
+    def __init__(self, codecs: Sequence[Codec]) -> None:
+        #: the largest rank each factor codec is asked for by the fixed-rank low-rank candidates
+        self.max_rank: dict[str, int] = {}
+        for c in codecs:
+            if isinstance(c, LowRank) and c.values["rank"] is not None and c.next is not None:
+                self.max_rank[c.next.spec] = max(self.max_rank.get(c.next.spec, 0), int(c.values["rank"]))
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, codec: Codec, rank: int, factors: Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -309,18 +314,8 @@ class _RowErrors:
         return have[0][:rank], have[1][:rank]
 
 
-def _max_ranks(specs: Sequence[str]) -> dict[str, int]:
-    """The largest rank asked of each factor codec by the fixed-rank low-rank specs among ``specs``."""
-    out: dict[str, int] = {}
-    for spec in specs:
-        codec = parse_codec(spec)
-        if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None:
-            out[codec.next.spec] = max(out.get(codec.next.spec, 0), int(codec.values["rank"]))
-    return out
-
-
 def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCache,
-                       rows: _RowErrors | None = None, max_rank: int = 0) -> tuple[Encoded, float]:
+                       rows: _RowErrors | None = None) -> tuple[Encoded, float]:
     """A fixed-rank ``lowrank:rank=r+NEXT`` candidate without forming X̂: its ``Encoded`` (as ``lowrank_encode``
     makes it) and its squared error from the factors alone. With X = U Σ Vᵀ, A = (U_r Σ_r)ᵀ and B = V_rᵀ stored
     through NEXT as Â, B̂: X − ÂᵀB̂ = (X − X_r) − ΔAᵀB − AᵀΔB − ΔAᵀΔB, where X − X_r is orthogonal to the other
@@ -330,22 +325,21 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
     Σ_i (‖ΔA_i‖² + σ_i²‖ΔB_i‖² + ‖ΔA_i‖²‖ΔB_i‖²) at O(r(m + n)) instead of a decode's O(m n r) — within a few %
     of the exact error on MiniLM's deltas even at 2 bits; the build records the exact error of what it stores.
 
-    With ``rows`` and a row-aligned NEXT (``_row_aligned``), the factors are coded once at ``max_rank`` (the
+    With ``rows`` and a row-aligned NEXT (``_row_aligned``), the factors are coded once at ``rows.max_rank`` (the
     largest rank measured with NEXT) and ‖ΔA_i‖², ‖ΔB_i‖² of the first r rows are read off (the same codes as
     coding r rows); the encoding's bytes and description come from NEXT's stored form of an (r, ·) factor."""
     m = x.reshape(x.shape[0], -1)
     r = min(int(codec.values["rank"]), min(m.shape))
     assert codec.next is not None
-    shared = rows is not None and _row_aligned(codec.next, m.shape[0], m.shape[1])
-    R = min(max(max_rank, r), min(m.shape)) if shared else r
+    shared = rows if rows is not None and _row_aligned(codec.next, m.shape[0], m.shape[1]) else None
+    R = min(max(shared.max_rank.get(codec.next.spec, 0), r), min(m.shape)) if shared is not None else r
     u, sv, vh, s_all = cache.get(key, m, R)
     e = s_all.double() ** 2
     total, kept = float(e.sum()), float(e[:r].sum())
     meta = {"rank": r, "energy_kept": kept / total if total else 1.0,
             "rel_error": (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0}
-    if shared:
-        assert rows is not None
-        nA, nB = rows.get(codec.next, r, lambda: ((u * sv).T.contiguous(), vh.contiguous()))
+    if shared is not None:
+        nA, nB = shared.get(codec.next, r, lambda: ((u * sv).T.contiguous(), vh.contiguous()))
         sv = sv[:r]
         ea, eb = _form(codec.next, (r, m.shape[0])), _form(codec.next, (r, m.shape[1]))
     else:
@@ -371,6 +365,7 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
     bytes include the stored scale, and its error is the weighted one, ‖(X − X̂)·diag(s)‖² (the output error);
     the dense codecs are also measured unscaled, in the same weighted error."""
     specs = ladder(name, tuple(x.shape)) + sparse_ladder(name, x) if specs is None else specs
+    codecs = [parse_codec(spec) for spec in specs]
     x = x.detach().float()
     wrap = None
     out = []
@@ -380,8 +375,7 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
         x = (as_matrix(x) * wrap.float()).reshape(x.shape)
         # a uniform quantiser of the scaled matrix sets its steps by the largest scaled values, so for dense codecs
         # the unscaled candidate (measured in the weighted error) stays on the ladder beside the scaled one
-        for spec in specs:
-            codec = parse_codec(spec)
+        for codec in codecs:
             if isinstance(codec, (LowRank, MixedSVD)):
                 continue
             enc = codec.encode(plain)
@@ -391,13 +385,12 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
                                  float(torch.sum(d * d, dtype=torch.float64))))
     cache = svd or SVDCache(min_rank=SVD_RANK)
     split: tuple[torch.Tensor, torch.Tensor, dict[str, int]] | None = None  # sparse-rows: the kept rows, once
-    rows, max_rank = _RowErrors(), _max_ranks(specs)
+    rows = _RowErrors(codecs)
     ranked: tuple[torch.Tensor, float] | None = None  # topk: the nonzeros' positions by |x|, once
-    for spec in specs:
-        codec = parse_codec(spec)
+    for codec in codecs:
         if isinstance(codec, LowRank) and codec.values["rank"] is not None and codec.next is not None \
                 and x.ndim >= 2 and x.numel():
-            enc, err = _lowrank_candidate(codec, x, key, cache, rows, max_rank.get(codec.next.spec, 0))
+            enc, err = _lowrank_candidate(codec, x, key, cache, rows)
         elif isinstance(codec, SparseRows) and wrap is None and x.ndim >= 2 and x.numel():
             if split is None:
                 split = codec.split(x)
@@ -443,8 +436,8 @@ def _topk_candidate(codec: TopK, x: torch.Tensor, ranked: tuple[torch.Tensor, fl
 def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: SVDCache,
                            split: tuple[torch.Tensor, torch.Tensor, dict[str, int]]) -> tuple[Encoded, float]:
     """A ``sparse-rows+NEXT`` candidate without coding or decoding the whole table: the rows are split once per
-    tensor (``split``, ``SparseRows.split``) and only the kept rows are coded; the rows left out are zero in ``x`` and in the decode, so
-    the error is the kept rows' (a fixed-rank low-rank NEXT from one SVD of the kept rows, as
+    tensor (``split``: ``SparseRows.split``) and only the kept rows are coded; the rows left out are zero in ``x``
+    and in the decode, so the error is the kept rows' (a fixed-rank low-rank NEXT from one SVD of the kept rows, as
     ``_lowrank_candidate``). On a MiniLM word embedding (30 522 × 384, 783 rows touched) the 26 candidates took
     0.23–0.36 s each through encode/decode of the whole table."""
     index, kept, meta = split
@@ -467,9 +460,8 @@ def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded
         return lowrank_encode(codec, x, cache.source(key))
     if isinstance(codec, MixedSVD) and x.ndim >= 2 and x.numel():
         m = as_matrix(x)
-        u, s, vh, s_all = cache.get(key, m, min(codec.total_rank, min(m.shape)))
-        if s.numel() >= min(codec.total_rank, min(m.shape)):
-            return codec.encode_svd(x, u, s, vh, s_all)
+        # the cache returns every triplet asked for up to min(m, n): the leading ones encode_svd needs
+        return codec.encode_svd(x, *cache.get(key, m, min(codec.total_rank, min(m.shape))))
     return codec.encode(x)
 
 
