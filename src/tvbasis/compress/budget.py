@@ -216,11 +216,12 @@ def sparse_ladder(name: str, x: torch.Tensor) -> list[str]:
     if tensor_kind(name, tuple(x.shape)) == "vector" or x.numel() == 0:
         return []
     n = x.numel()
+    nnz = int(torch.count_nonzero(x))
+    if nnz == 0 or nnz > SPARSE_MAX_DENSITY * n:  # dense over the whole tensor, so over its touched rows too
+        return []
     nz = as_matrix(x) != 0
-    nnz = int(nz.sum())
-    touched = int(nz.any(dim=1).sum())
     # dense within the rows it touches (a dense fine-tune's embedding table): sparse rows win; no candidates
-    if nnz == 0 or nnz > SPARSE_MAX_DENSITY * touched * nz.shape[1]:
+    if nnz > SPARSE_MAX_DENSITY * int(nz.any(dim=1).sum()) * nz.shape[1]:
         return []
     out = []
     for frac in SPARSE_KEEP:
