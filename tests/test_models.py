@@ -361,3 +361,14 @@ def test_a_causal_lm_name_without_lora_is_one_clear_line(tmp_path: Path, capsys:
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "causal LM" in err[0] and "--lora" in err[0]
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("env, expected", [("3", 3), ("1", 1), ("0", None), ("two", None), ("", None)])
+def test_thread_count_follows_omp_num_threads(monkeypatch: pytest.MonkeyPatch, env: str,
+                                              expected: int | None) -> None:
+    import os
+
+    from tvbasis.eval.encoder import available_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    assert available_cores() == (expected or len(os.sched_getaffinity(0)))

@@ -42,6 +42,11 @@ def default_model_dir() -> Path:
 
 
 def available_cores() -> int:
+    """The cores this process may use: ``OMP_NUM_THREADS`` where it is a positive integer (the knob schedulers,
+    containers and test runners set, which torch's own default also follows), else the CPU affinity mask."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
