@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from tvbasis.codecs import base
-from tvbasis.codecs.base import Codec, expect_numel, to_fp16
+from tvbasis.codecs.base import Codec, check_input, expect_numel, to_fp16
 from tvbasis.codecs.bits import pack_uint_unchecked, packed_size, unpack_uint
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
@@ -53,6 +53,42 @@ class _IntQuant(Codec):
         g = max(1, base.CHUNK_ELEMENTS // self.group)
         return max(8, g // 8 * 8)
 
+    def _codes(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The integer codes (as float32, symmetric ones centred on 0), the float16 scales and (affine) minima of a
+        (groups, group) chunk; one temporary, every step in place."""
+        codes = torch.empty_like(v)
+        if not self.affine:
+            qmax = (1 << (self.bits - 1)) - 1
+            s16 = to_fp16(_absmax(v) / qmax, self.name, "a group scale", "ceil")
+            torch.div(v, _safe(s16.float())[:, None], out=codes).round_().clamp_(-qmax, qmax)
+            return codes, s16, None
+        levels = (1 << self.bits) - 1
+        m16 = to_fp16(v.amin(dim=1), self.name, "a group minimum", "floor")
+        m = m16.float()
+        s16 = to_fp16((v.amax(dim=1) - m) / levels, self.name, "a group scale", "ceil")
+        torch.sub(v, m[:, None], out=codes).div_(_safe(s16.float())[:, None]).round_().clamp_(0, levels)
+        return codes, s16, m16
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))`` without packing or unpacking the codes: the same float32 values, bit for bit
+        (x̂ = s·q, or m + s·q affine, from the same float16 parameters). For the budget's measuring pass, which needs
+        only the error; the stored form's sizes depend on the shape alone."""
+        x = check_input(x, self.name)
+        flat = x.reshape(-1)
+        n, group = flat.numel(), self.group
+        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        n_groups = -(-n // group)
+        gpc = self._groups_per_chunk()
+        for g0 in range(0, n_groups, gpc):
+            g1 = min(g0 + gpc, n_groups)
+            e0, e1 = g0 * group, min(g1 * group, n)
+            codes, s16, m16 = self._codes(_padded_groups(flat[e0:e1], group))
+            codes.mul_(s16.float()[:, None])
+            if m16 is not None:
+                codes.add_(m16.float()[:, None])
+            out[e0:e1] = codes.reshape(-1)[: e1 - e0]
+        return out.reshape(x.shape)
+
     def _encode(self, x: torch.Tensor) -> Encoded:
         flat = x.reshape(-1)
         n, group, bits = flat.numel(), self.group, self.bits
@@ -68,22 +104,10 @@ class _IntQuant(Codec):
         for g0 in range(0, n_groups, gpc):
             g1 = min(g0 + gpc, n_groups)
             e0, e1 = g0 * group, min(g1 * group, n)
-            v = _padded_groups(flat[e0:e1], group)
-            codes = torch.empty_like(v)  # one temporary per chunk, every step in place
-            if mins is None:
-                qmax = (1 << (bits - 1)) - 1
-                s16 = to_fp16(_absmax(v) / qmax, self.name, "a group scale", "ceil")
-                s = _safe(s16.float())
-                torch.div(v, s[:, None], out=codes).round_().clamp_(-qmax, qmax)
-                if not signed8:
-                    codes.add_(qmax)
-            else:
-                levels = (1 << bits) - 1
-                m16 = to_fp16(v.amin(dim=1), self.name, "a group minimum", "floor")
-                m = m16.float()
-                s16 = to_fp16((v.amax(dim=1) - m) / levels, self.name, "a group scale", "ceil")
-                s = _safe(s16.float())
-                torch.sub(v, m[:, None], out=codes).div_(s[:, None]).round_().clamp_(0, levels)
+            codes, s16, m16 = self._codes(_padded_groups(flat[e0:e1], group))
+            if not self.affine and not signed8:
+                codes.add_((1 << (bits - 1)) - 1)
+            if mins is not None:
                 mins[g0:g1] = m16
             scale[g0:g1] = s16
             flat_codes = codes.reshape(-1)[: e1 - e0]

@@ -282,11 +282,15 @@ def _form(codec: Codec, shape: tuple[int, ...]) -> Encoded:
     return _SHAPE_FORMS[key]
 
 
+#: the grouped integer quantisers: ``roundtrip`` gives decode(encode(x)) without packing the codes
+_QUANTS = (Int2, Int3, Int4, Int8)
+
+
 def _row_aligned(codec: Codec, *row_lengths: int) -> bool:
     """Whether ``codec`` codes each row of an (r, L) factor on its own for every L given: a grouped integer
     quantiser whose groups divide every row length (no group straddles two rows), so the codes of the first r rows
     of a taller factor are the codes of those r rows alone."""
-    return isinstance(codec, (Int2, Int3, Int4, Int8)) and all(L % codec.group == 0 for L in row_lengths)
+    return isinstance(codec, _QUANTS) and all(L % codec.group == 0 for L in row_lengths)
 
 
 class _RowErrors:
@@ -308,8 +312,9 @@ class _RowErrors:
         have = self._rows.get(codec.spec)
         if have is None or have[0].numel() < rank:
             A, B = factors()
-            dA = codec.decode(codec.encode(A)).reshape(A.shape) - A
-            dB = codec.decode(codec.encode(B)).reshape(B.shape) - B
+            assert isinstance(codec, _QUANTS)  # _row_aligned
+            dA = codec.roundtrip(A) - A
+            dB = codec.roundtrip(B) - B
             have = (torch.sum(dA * dA, dim=1, dtype=torch.float64), torch.sum(dB * dB, dim=1, dtype=torch.float64))
             self._rows[codec.spec] = have
         return have[0][:rank], have[1][:rank]
@@ -346,9 +351,13 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
     else:
         A = (u * sv).T.contiguous()
         B = vh.contiguous()
-        ea, eb = codec.next.encode(A), codec.next.encode(B)
-        dA = codec.next.decode(ea).reshape(A.shape) - A
-        dB = codec.next.decode(eb).reshape(B.shape) - B
+        if isinstance(codec.next, _QUANTS):
+            ea, eb = _form(codec.next, tuple(A.shape)), _form(codec.next, tuple(B.shape))
+            dA, dB = codec.next.roundtrip(A) - A, codec.next.roundtrip(B) - B
+        else:
+            ea, eb = codec.next.encode(A), codec.next.encode(B)
+            dA = codec.next.decode(ea).reshape(A.shape) - A
+            dB = codec.next.decode(eb).reshape(B.shape) - B
         nA = torch.sum(dA * dA, dim=1, dtype=torch.float64)
         nB = torch.sum(dB * dB, dim=1, dtype=torch.float64)
     err = max(total - kept, 0.0) + float(nA.sum()) + float(((sv.double() ** 2) * nB).sum()) + float((nA * nB).sum())
@@ -400,6 +409,9 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
             if ranked is None:
                 ranked = _ranked_nonzeros(x)
             enc, err = _topk_candidate(codec, x, ranked)
+        elif isinstance(codec, _QUANTS) and x.numel():
+            # the error from decode(encode(x)) without packing the codes; the bytes from the shape's stored form
+            enc, err = _form(codec, tuple(x.shape)), _sq_err(x, codec.roundtrip(x))
         else:
             enc = _encode(codec, x, key, cache)
             err = _sq_err(x, codec.decode(enc))
