@@ -325,3 +325,59 @@ def test_sparse_fine_tunes_get_sparse_codes(tmp_path: Path) -> None:
                 assert not torch.any((x == 0) & (vhat[k] != 0)), k  # nothing outside the support: not low rank
                 s = np.linalg.svd(x.double().numpy(), compute_uv=False)  # numpy: the best rank-4 fit is poor
                 assert math.sqrt((s[4:] ** 2).sum() / (s ** 2).sum()) > 0.5, k
+
+
+# ----------------------------------------------------------------------------- SVDs kept from measure to write
+def test_kept_factors_only_for_the_same_matrix_and_within_their_memory() -> None:
+    import pickle
+
+    import numpy as np
+
+    from tvbasis.compress.svd import KeptFactors
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 24, generator=g)
+    u, s, vh = np.linalg.svd(x.numpy().astype(np.float64), full_matrices=False)
+    f = (torch.from_numpy(u[:, :8]).float(), torch.from_numpy(s[:8]).float(), torch.from_numpy(vh[:8]).float(),
+         torch.from_numpy(s).float())
+    size = sum(t.numel() * 4 for t in f)
+    kept = KeptFactors(max_bytes=size)
+    assert kept.offer("a", x, f) and kept.nbytes == size
+    assert not kept.offer("b", x, f)  # over the memory given
+    got = kept.get("a", x.clone())
+    assert got is not None and all(torch.equal(a, b) for a, b in zip(got, f, strict=True))
+    y = x.clone()
+    y[5, 7] = torch.nextafter(y[5, 7], torch.tensor(10.0))  # one ulp: another matrix
+    assert kept.get("a", y) is None and kept.get("b", x) is None and kept.get("a", x[:, :23]) is None
+    with pytest.raises(TypeError, match="stays in the process"):
+        pickle.dumps(kept)
+    kept.clear()
+    assert kept.get("a", x) is None and kept.nbytes == 0
+
+
+def test_write_pass_reusing_the_measured_svds_writes_the_same_store(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write pass takes each matrix's SVD from the measuring pass; with no memory for that (every SVD computed
+    again, as before) the store's every entry is the same tensor for tensor."""
+    import tvbasis.compress.budget as cb
+    import tvbasis.store.budget as sb
+
+    pre, fts, _ = _family(tmp_path)
+    calls: list[str] = []
+    real = cb.encode_chosen
+
+    def spy(spec, x, scale=None, factors=None):
+        calls.append("kept" if factors is not None else "computed")
+        return real(spec, x, scale, factors)
+
+    monkeypatch.setattr(cb, "encode_chosen", spy)
+    a, report = build_budget_store(pre, fts, tmp_path / "a", budget="10x")
+    reused = calls.count("kept")
+    monkeypatch.setattr(sb, "KEPT_SVD_BYTES", 0)
+    calls.clear()
+    b, _ = build_budget_store(pre, fts, tmp_path / "b", budget="10x")
+    # in every write, each task's 3 matrices (4 tasks) had their SVD kept; none without memory
+    assert reused == report.attempts * 4 * 3 and "kept" not in calls
+    for t in fts:
+        va, vb = a.reconstruct(t).to_state_dict(), b.reconstruct(t).to_state_dict()
+        assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)

@@ -40,7 +40,7 @@ from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, SparseRo
 from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
 from tvbasis.codecs.topk import TopK, keep_count
 from tvbasis.compress.kinds import tensor_kind
-from tvbasis.compress.svd import SVDCache, lowrank_encode
+from tvbasis.compress.svd import Factors, KeptFactors, SVDCache, lowrank_encode
 from tvbasis.errors import ConfigError
 from tvbasis.io.specs import parse_size
 
@@ -340,8 +340,7 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
     shared = rows if rows is not None and _row_aligned(codec.next, m.shape[0], m.shape[1]) else None
     R = min(max(shared.max_rank.get(codec.next.spec, 0), r), min(m.shape)) if shared is not None else r
     u, sv, vh, s_all = cache.get(key, m, R)
-    e = s_all.double() ** 2
-    total, kept = float(e.sum()), float(e[:r].sum())
+    total, kept = cache.energy(key, r)
     meta = {"rank": r, "energy_kept": kept / total if total else 1.0,
             "rel_error": (max(total - kept, 0.0) / total) ** 0.5 if total else 0.0}
     if shared is not None:
@@ -365,7 +364,8 @@ def _lowrank_candidate(codec: LowRank, x: torch.Tensor, key: str, cache: SVDCach
 
 
 def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = None,
-            svd: SVDCache | None = None, scale: torch.Tensor | None = None) -> list[Candidate]:
+            svd: SVDCache | None = None, scale: torch.Tensor | None = None,
+            keep: KeptFactors | None = None) -> list[Candidate]:
     """Every candidate of ``ladder(name, x.shape)`` and ``sparse_ladder(name, x)`` (or ``specs``) on one tensor
     ``x``: bytes and squared error.
     Low-rank candidates share one truncated SVD of ``x`` (``svd``, a fresh cache by default).
@@ -373,7 +373,9 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
     ``scale``: calibration's column weights of a matrix (``codecs.colscale.stored_scale``: float16, root mean
     square 1). Then every candidate codes ``X·diag(s)`` inside ``colscale``: its spec is ``colscale+SPEC``, its
     bytes include the stored scale, and its error is the weighted one, ‖(X − X̂)·diag(s)‖² (the output error);
-    the dense codecs are also measured unscaled, in the same weighted error."""
+    the dense codecs are also measured unscaled, in the same weighted error.
+
+    ``keep``: where the SVD of ``x`` is left under ``key`` for the write pass (``BudgetRule.kept``; unscaled only)."""
     specs = ladder(name, tuple(x.shape)) + sparse_ladder(name, x) if specs is None else specs
     codecs = [parse_codec(spec) for spec in specs]
     x = x.detach().float()
@@ -421,6 +423,8 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
         nbytes = enc.nbytes + entry_overhead(key, desc, list(flat))
         out.append(Candidate(enc.codec, nbytes, err))
         del enc, flat
+    if keep is not None and wrap is None and (factors := cache.peek(key)) is not None:
+        keep.offer(key, x, factors)
     return out
 
 
@@ -478,9 +482,11 @@ def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded
     return codec.encode(x)
 
 
-def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None) -> Encoded:
+def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None,
+                  factors: Factors | None = None) -> Encoded:
     """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors); a
-    ``colscale+…`` spec needs the ``scale`` it was measured with."""
+    ``colscale+…`` spec needs the ``scale`` it was measured with. ``factors``: the truncated SVD of ``x`` the
+    measuring pass computed (``KeptFactors``), used instead of computing it again."""
     codec = parse_codec(spec)
     x = x.detach().float()
     if isinstance(codec, ColScale):
@@ -491,7 +497,10 @@ def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None)
                         SVDCache(min_rank=SVD_RANK))
         return Encoded(codec.spec, tuple(x.shape), {"scale": scale.reshape(-1).to(torch.float16)}, {},
                        {"x": inner})
-    return _encode(codec, x, "chosen", SVDCache(min_rank=SVD_RANK))
+    cache = SVDCache(min_rank=SVD_RANK)
+    if factors is not None:
+        cache.put("chosen", factors)
+    return _encode(codec, x, "chosen", cache)
 
 
 # ------------------------------------------------------------------------------------------------ allocation
@@ -748,6 +757,8 @@ class BudgetRule:
     assigned: dict[str, dict[str, str]] | None = None
     #: calibration's column scales (``scales[task][tensor]``) of the entries allocated a ``colscale+…`` codec
     scales: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    #: the measuring pass's SVDs (keys ``residual/<tensor>/<task>``), reused where the matrix is the same
+    kept: KeptFactors | None = field(default=None, compare=False, repr=False)
 
     @property
     def spec(self) -> str:
@@ -773,7 +784,9 @@ class BudgetRule:
             except KeyError:
                 raise ConfigError(f"budget coder: no codec allocated for task {task!r}, tensor {name!r}") from None
             scale = (self.scales or {}).get(task, {}).get(name)
-            return encode_chosen(spec, x, scale)
+            factors = self.kept.get(f"residual/{name}/{task}", x) if self.kept is not None and scale is None \
+                else None
+            return encode_chosen(spec, x, scale, factors)
         cands = measure(name, x, f"residual/{name}/new")
         limit = (self.error ** 2) * float((x.double() ** 2).sum())
         ok = [c for c in cands if c.sqerr <= limit]

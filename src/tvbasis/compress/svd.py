@@ -26,6 +26,8 @@ matrix (``SVDCache``) and the codec still decodes it. Byte counts are the codec'
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable, Hashable
 
 import torch
@@ -128,6 +130,7 @@ class SVDCache:
     def __init__(self, min_rank: int = 64) -> None:
         self.min_rank = min_rank
         self._store: dict[Hashable, Factors] = {}
+        self._energy: dict[Hashable, dict[int, tuple[float, float]]] = {}
 
     def get(self, key: Hashable, x: torch.Tensor, rank: int) -> Factors:
         """The rank-``rank`` truncated SVD factors of ``x``, computed once per ``key`` (at ``min_rank`` or more) and
@@ -136,9 +139,27 @@ class SVDCache:
         if have is None or (have[1].numel() < rank and have[1].numel() < min(x.shape)):
             have = truncated_svd(x, max(rank, self.min_rank))
             self._store[key] = have
+            self._energy.pop(key, None)
         u, s, vh, s_all = have
         r = min(rank, s.numel())
         return u[:, :r], s[:r], vh[:r], s_all
+
+    def peek(self, key: Hashable) -> Factors | None:
+        """The factors cached under ``key`` (at the largest rank computed), or None."""
+        return self._store.get(key)
+
+    def put(self, key: Hashable, factors: Factors) -> None:
+        """Seed ``key`` with factors computed elsewhere (``KeptFactors``)."""
+        self._store[key] = factors
+
+    def energy(self, key: Hashable, r: int) -> tuple[float, float]:
+        """(Σ s², Σ_{i<r} s²) in float64 of the spectrum cached under ``key``, memoised per r (the many candidates
+        of one matrix share a few ranks)."""
+        memo = self._energy.setdefault(key, {})
+        if r not in memo:
+            e = self._store[key][3].double() ** 2
+            memo[r] = (float(e.sum()), float(e[:r].sum()))
+        return memo[r]
 
     def source(self, key: Hashable) -> SVD:
         """An ``SVD`` callable bound to one key."""
@@ -147,6 +168,58 @@ class SVDCache:
     def clear(self) -> None:
         """Forget every cached SVD."""
         self._store.clear()
+        self._energy.clear()
+
+
+def fingerprint(x: torch.Tensor) -> bytes:
+    """A digest of a CPU tensor's shape, dtype and bytes (blake2b): two matrices with equal fingerprints are equal."""
+    t = x.detach().contiguous()
+    h = hashlib.blake2b(f"{tuple(t.shape)}|{t.dtype}".encode(), digest_size=16)
+    h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+    return h.digest()
+
+
+class KeptFactors:
+    """Truncated SVDs one pass computed, kept for a later pass over the same matrices (the budget build's measuring
+    pass → its write pass), keyed by (task, tensor) with a fingerprint of the matrix they came from, up to
+    ``max_bytes`` in all: past that a later pass computes its own. Thread-safe; local to one process (it does not
+    pickle: a Ray build computes again)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._kept: dict[Hashable, tuple[bytes, Factors]] = {}
+        self._lock = threading.Lock()
+
+    def offer(self, key: Hashable, x: torch.Tensor, factors: Factors) -> bool:
+        """Keep ``factors`` of matrix ``x`` under ``key`` if they fit; returns whether they were kept."""
+        if x.device.type != "cpu":
+            return False
+        size = sum(t.numel() * t.element_size() for t in factors)
+        with self._lock:
+            if key in self._kept or self.nbytes + size > self.max_bytes:
+                return False
+            self.nbytes += size
+        fp = fingerprint(x)
+        with self._lock:
+            self._kept[key] = (fp, tuple(t.contiguous() for t in factors))  # type: ignore[assignment]
+        return True
+
+    def get(self, key: Hashable, x: torch.Tensor) -> Factors | None:
+        """The factors kept under ``key``, only if ``x`` is the very matrix they were computed from."""
+        with self._lock:
+            have = self._kept.get(key)
+        if have is None or x.device.type != "cpu" or fingerprint(x) != have[0]:
+            return None
+        return have[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self.nbytes = 0
+
+    def __getstate__(self) -> dict:
+        raise TypeError("KeptFactors stays in the process that computed them")
 
 
 def lowrank_encode(codec: LowRank, x: torch.Tensor, svd: SVD = truncated_svd) -> Encoded:

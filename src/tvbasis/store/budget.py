@@ -49,6 +49,7 @@ from tvbasis.compress.budget import (
     weighted,
 )
 from tvbasis.compress.kinds import tensor_kind
+from tvbasis.compress.svd import KeptFactors
 from tvbasis.engine import Run, as_run
 from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.02
 #: re-allocations after the first probe of a probed budget build (each: one write and one probe of every task)
 PROBE_ROUNDS = 2
+#: memory for the measuring pass's truncated SVDs kept for the write pass (MiniLM, 6 tasks: ~110 MB; past it, the
+#: write pass computes the rest again)
+KEPT_SVD_BYTES = 256 << 20
 #: damage below this counts as this (a task its store does not move at all still gets a finite curve)
 DAMAGE_FLOOR = 1e-6
 #: ``probe(task, delta) -> damage`` (≥ 0, growing with the harm ``delta``'s error does to the task)
@@ -129,9 +133,10 @@ class MeasureTask:
     squared errors (and the task's ``wnorms2``) are output errors, the matrices' candidates ``colscale+…``."""
 
     def __init__(self, taskset: TaskSet, chunk_elements: int, stage: Path,
-                 calibration: Mapping[str, TaskCalibration] | None = None) -> None:
+                 calibration: Mapping[str, TaskCalibration] | None = None, keep: KeptFactors | None = None) -> None:
         self.taskset, self.chunk_elements, self.stage = taskset, chunk_elements, stage
         self.calibration = calibration
+        self.keep = keep
 
     def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float],
                                            dict[str, float]]:
@@ -145,7 +150,7 @@ class MeasureTask:
                 pre2[task] = pretrained_scale(name, W0, x)
                 cal = (self.calibration or {}).get(task)
                 if cal is None:
-                    cands[task] = measure(name, x, f"residual/{name}/{task}")
+                    cands[task] = measure(name, x, f"residual/{name}/{task}", keep=self.keep)
                     wnorms2[task] = norms2[task]
                     continue
                 scale, w = cal.weigh(name, x)
@@ -174,17 +179,18 @@ def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def measure_pass(taskset: TaskSet, run: Run, stage: Path, chunk_elements: int,
-                 calibration: Mapping[str, TaskCalibration] | None = None) -> Measured:
+                 calibration: Mapping[str, TaskCalibration] | None = None, keep: KeptFactors | None = None
+                 ) -> Measured:
     """``cands[task][tensor]``, ``norms2[task][tensor]`` (‖x‖²), ``pre2[task][tensor]`` (``pretrained_scale``) and
     ``wnorms2[task][tensor]`` (‖x‖² in the calibrated loss; = norms2 without calibration) for the whole task set
-    (one read of the inputs)."""
+    (one read of the inputs). ``keep``: where the SVDs computed are left for the write pass (local engine only)."""
     eng = as_run(run).get_engine()
     names = list(taskset.specs)
     cands: dict[str, dict[str, list[Candidate]]] = {t: {} for t in taskset.names}
     norms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     pre2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     wnorms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
-    task = MeasureTask(taskset, chunk_elements, stage, calibration)
+    task = MeasureTask(taskset, chunk_elements, stage, calibration, keep if eng.name == "local" else None)
     sizes = [taskset.T * taskset.specs[n].numel * 4 for n in names]
     for name, per_task, n2, p2, w2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
         for t in taskset.names:
@@ -273,6 +279,9 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
     M = 0  # see the module docstring: bases are not among the allocator's choices
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    run = as_run(run)  # one engine for every pass
+    # the measuring pass's SVDs, for the write pass (in this process only: not across Ray workers)
+    kept = KeptFactors(KEPT_SVD_BYTES) if run.get_engine().name == "local" else None
     if measured is not None and set(measured[1]) == set(taskset.names) and \
             all(set(c) == set(taskset.specs) for c in measured[0].values()):
         cands, by_tensor, pre2, wn2 = measured
@@ -280,7 +289,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
         stage = temp_path(out.parent / f".{out.name}-measure")
         stage.mkdir(parents=True)
         try:
-            cands, by_tensor, pre2, wn2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24), cal)
+            cands, by_tensor, pre2, wn2 = measure_pass(taskset, run, stage, chunk_elements or (1 << 24), cal, kept)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     seconds["measure"] = time.perf_counter() - t0
@@ -320,7 +329,7 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                                   f"can make of these {taskset.T} tasks takes about {smallest} B "
                                   f"({fp32 / smallest:.1f}x); give a larger budget")
             rule = BudgetRule(alloc.target_error, b.text if b is not None else f"q{quality:g}", alloc.specs,
-                              scales=_scales(cal, taskset, alloc.specs))
+                              scales=_scales(cal, taskset, alloc.specs), kept=kept)
             t2 = time.perf_counter()
             store = build_store(pretrained, finetuned, spec.with_(residual=Coder.allocated(rule)), out, run,
                                 WriteOptions(max_shard_size=max_shard_size, force=force or attempts > 1,
@@ -368,20 +377,22 @@ def build_budget_store(pretrained: str | Path | Checkpoint, finetuned: Mapping[s
                 rounds[-1]["converged"] = True
                 break
         if best is not None and best[2] is not alloc:
-            kept = best[2]
-            rule = BudgetRule(kept.target_error, b.text if b is not None else "", kept.specs,
-                              scales=_scales(cal, taskset, kept.specs))
+            best_alloc = best[2]
+            rule = BudgetRule(best_alloc.target_error, b.text if b is not None else "", best_alloc.specs,
+                              scales=_scales(cal, taskset, best_alloc.specs), kept=kept)
             t2 = time.perf_counter()
             store = build_store(pretrained, finetuned, spec.with_(residual=Coder.allocated(rule)), out, run,
                                 WriteOptions(max_shard_size=max_shard_size, force=True,
                                              chunk_elements=chunk_elements))
             seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t2
             attempts += 1
-            alloc, size = kept, store_size(out)
+            alloc, size = best_alloc, store_size(out)
         if best is not None:
             for i, rd in enumerate(rounds):
                 rd["kept"] = i == best[1]
     seconds["total"] = time.perf_counter() - t0
+    if kept is not None:
+        kept.clear()
     report = BudgetReport(b.text if b is not None else None, budget_bytes, max_error, size, fp32, alloc, M,
                           seconds, attempts, (cands, by_tensor, pre2, wn2), calibrated=cal is not None,
                           probe_rounds=rounds)
