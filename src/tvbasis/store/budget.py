@@ -144,10 +144,11 @@ class MeasureTask:
         X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage, pretrained_out=W0)
         try:
             cands, norms2, pre2, wnorms2 = {}, {}, {}, {}
+            w2 = float((W0.double() ** 2).sum())  # ‖W₀‖², the same for every task
             for t, task in enumerate(self.taskset.names):
                 x = X[t]
                 norms2[task] = float((x.double() ** 2).sum())
-                pre2[task] = pretrained_scale(name, W0, x)
+                pre2[task] = pretrained_scale(name, W0, x, norms2[task], w2)
                 cal = (self.calibration or {}).get(task)
                 if cal is None:
                     cands[task] = measure(name, x, f"residual/{name}/{task}", keep=self.keep)
@@ -165,17 +166,19 @@ class MeasureTask:
                 os.unlink(scratch)
 
 
-def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor) -> float:
+def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor, x2: float | None = None,
+                     w2: float | None = None) -> float:
     """‖W₀‖² of what the task changes — the whole tensor, or for an embedding table only the rows the task touched
     — floored at the change's own ‖x‖² (a tensor that starts near zero, such as a bias); the ``relative`` loss
     weighs each tensor's squared error by its inverse, i.e. measures a tensor's error against the weights it
-    perturbs: for a layer fed normalised inputs, ‖ΔW·x‖/‖W·x‖ ≈ ‖ΔW‖/‖W‖."""
+    perturbs: for a layer fed normalised inputs, ‖ΔW·x‖/‖W·x‖ ≈ ‖ΔW‖/‖W‖. ``x2`` (‖x‖²) and ``w2`` (‖W₀‖², used
+    for every kind but embeddings) when the caller has them already."""
     if tensor_kind(name, tuple(x.shape)) == "embedding":
         rows = (x.reshape(x.shape[0], -1) != 0).any(dim=1)
         w2 = float((W0.reshape(W0.shape[0], -1)[rows].double() ** 2).sum())
-    else:
+    elif w2 is None:
         w2 = float((W0.double() ** 2).sum())
-    return max(w2, float((x.double() ** 2).sum()), 1e-30)
+    return max(w2, float((x.double() ** 2).sum()) if x2 is None else x2, 1e-30)
 
 
 def measure_pass(taskset: TaskSet, run: Run, stage: Path, chunk_elements: int,
