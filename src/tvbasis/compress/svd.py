@@ -26,7 +26,6 @@ matrix (``SVDCache``) and the codec still decodes it. Byte counts are the codec'
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Hashable
 
@@ -34,6 +33,7 @@ import torch
 
 from tvbasis.codecs import Encoded, LowRank, as_matrix
 from tvbasis.codecs.base import check_input
+from tvbasis.io.checksum import tensor_digest
 
 #: (u (m, r), s (r,), vh (r, n), all singular values (min(m, n),)) of a 2-D matrix at rank r
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -171,17 +171,10 @@ class SVDCache:
         self._energy.clear()
 
 
-def fingerprint(x: torch.Tensor) -> bytes:
-    """A digest of a CPU tensor's shape, dtype and bytes (blake2b): two matrices with equal fingerprints are equal."""
-    t = x.detach().contiguous()
-    h = hashlib.blake2b(f"{tuple(t.shape)}|{t.dtype}".encode(), digest_size=16)
-    h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
-    return h.digest()
-
-
 class KeptFactors:
     """Truncated SVDs one pass computed, kept for a later pass over the same matrices (the budget build's measuring
-    pass → its write pass), keyed by (task, tensor) with a fingerprint of the matrix they came from, up to
+    pass → its write pass), keyed by (task, tensor) with the digest of the matrix they came from
+    (``io.checksum.tensor_digest``), up to
     ``max_bytes`` in all: past that a later pass computes its own. Thread-safe; local to one process (it does not
     pickle: a Ray build computes again)."""
 
@@ -200,7 +193,7 @@ class KeptFactors:
             if key in self._kept or self.nbytes + size > self.max_bytes:
                 return False
             self.nbytes += size
-        fp = fingerprint(x)
+        fp = tensor_digest(str(key), x)
         with self._lock:
             self._kept[key] = (fp, tuple(t.contiguous() for t in factors))  # type: ignore[assignment]
         return True
@@ -209,7 +202,7 @@ class KeptFactors:
         """The factors kept under ``key``, only if ``x`` is the very matrix they were computed from."""
         with self._lock:
             have = self._kept.get(key)
-        if have is None or x.device.type != "cpu" or fingerprint(x) != have[0]:
+        if have is None or x.device.type != "cpu" or tensor_digest(str(key), x) != have[0]:
             return None
         return have[1]
 

@@ -66,8 +66,8 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.02
 #: re-allocations after the first probe of a probed budget build (each: one write and one probe of every task)
 PROBE_ROUNDS = 2
-#: memory for the measuring pass's truncated SVDs kept for the write pass (MiniLM, 6 tasks: ~110 MB; past it, the
-#: write pass computes the rest again)
+#: memory for the measuring pass's truncated SVDs kept for the write pass (6 MiniLM tasks at 128x: 195 MB kept,
+#: measured; past it, the write pass computes the rest again)
 KEPT_SVD_BYTES = 256 << 20
 #: damage below this counts as this (a task its store does not move at all still gets a finite curve)
 DAMAGE_FLOOR = 1e-6
@@ -186,14 +186,15 @@ def measure_pass(taskset: TaskSet, run: Run, stage: Path, chunk_elements: int,
                  ) -> Measured:
     """``cands[task][tensor]``, ``norms2[task][tensor]`` (‖x‖²), ``pre2[task][tensor]`` (``pretrained_scale``) and
     ``wnorms2[task][tensor]`` (‖x‖² in the calibrated loss; = norms2 without calibration) for the whole task set
-    (one read of the inputs). ``keep``: where the SVDs computed are left for the write pass (local engine only)."""
+    (one read of the inputs). ``keep``: where the SVDs computed are left for the write pass (it does not pickle: give
+    it only with the local engine, as ``build_budget_store`` does)."""
     eng = as_run(run).get_engine()
     names = list(taskset.specs)
     cands: dict[str, dict[str, list[Candidate]]] = {t: {} for t in taskset.names}
     norms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     pre2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
     wnorms2: dict[str, dict[str, float]] = {t: {} for t in taskset.names}
-    task = MeasureTask(taskset, chunk_elements, stage, calibration, keep if eng.name == "local" else None)
+    task = MeasureTask(taskset, chunk_elements, stage, calibration, keep)
     sizes = [taskset.T * taskset.specs[n].numel * 4 for n in names]
     for name, per_task, n2, p2, w2 in eng.map(task, names, desc="measure codecs", sizes=sizes):
         for t in taskset.names:
