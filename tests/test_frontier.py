@@ -32,6 +32,8 @@ from tvbasis.bench.frontier import (
     measure,
     pareto_front,
     run_frontier,
+    timing_breakdown,
+    timing_lines,
 )
 from tvbasis.compress import TALL_LAMBDAS, CodecPlan, tensor_kind, truncated_svd, tsvc_compress
 from tvbasis.errors import ConfigError
@@ -209,6 +211,26 @@ def test_measure_assembles_rows(family) -> None:
         assert q["per_task"][t] == pytest.approx(ev.acc(xhat, 1.0, t) / 0.8)
         assert q["rel_errors"][t] == pytest.approx(2 * (1 - ev.acc(xhat, 1.0, t)), rel=1e-6)
     assert q["addition"]["lam"] == 1.0 and len(q["negation"]) == 1 and q["peer"] and not q["tvbasis"]
+    for r in rows:  # the phases are disjoint slices of the row's wall time
+        ph = r["phase_seconds"]
+        assert set(ph) == {"compress", "per_task", "addition", "negation"} and min(ph.values()) >= 0
+        assert sum(ph.values()) == pytest.approx(r["seconds"], abs=0.05)
+
+
+def test_timing_breakdown_by_phase() -> None:
+    rows = [{"label": "a", "seconds": 10.0, "phase_seconds": {"compress": 1.0, "per_task": 2.0, "addition": 3.0,
+                                                              "negation": 4.0}},
+            {"label": "b", "seconds": 20.0, "phase_seconds": {"compress": 5.0, "per_task": 5.0, "addition": 5.0,
+                                                              "negation": 5.0}},
+            {"label": "old", "seconds": 7.0}]
+    result = {"rows": rows, "timings": {"finetune": 60.0, "total": 120.0, "lora": 13.0, "threads": 2}}
+    b = timing_breakdown(result)
+    # 120 total = 60 fine-tuning + 37 in rows + 13 LoRA + 10 set-up
+    assert b == {"fine-tuning": 60.0, "set-up evaluations": 10.0, "rows: compress": 6.0, "rows: per_task": 7.0,
+                 "rows: addition": 8.0, "rows: negation": 9.0, "rows (unsplit)": 7.0, "LoRA rows": 13.0,
+                 "total": 120.0}
+    md = "\n".join(timing_lines(result))
+    assert "| fine-tuning | 1.0 | 50 |" in md and "Slowest rows: b 20 s; a 10 s; old 7 s." in md
 
 
 def _row(label, family, nbytes, per_task, add, tvb, peer, neg=()):

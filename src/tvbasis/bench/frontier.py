@@ -526,14 +526,17 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
             per_task_acc = dict(ft_test)
         else:
             per_task_acc = {t: ev.with_delta(comp.vectors[t], 1.0, "test", [t])[t] for t in names}
+        t_per_task = time.time() - t0 - t_compress
         per_task = {t: per_task_acc[t] / ft_test[t] if ft_test[t] > 0 else float("nan") for t in names}
         total = (comp.addition if comp.addition is not None
                  else {k: sum(comp.vectors[t][k] for t in names) for k in comp.vectors[names[0]]})
         add: AdditionResult = ev.search_addition(total, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test,
                                                  search=cfg.search)
         del total
+        t_addition = time.time() - t0 - t_compress - t_per_task
         neg: list[NegationResult] = [ev.search_negation(comp.vectors[t], t, ctrl, cfg.neg_grid, early_stop=True)
                                      for t, ctrl in cfg.pairs]
+        t_negation = time.time() - t0 - t_compress - t_per_task - t_addition
         rows.append({
             "label": c.label, "family": c.family, "method": c.method, "M": c.M, "params": _jsonable(dict(c.params)),
             "tvbasis": c.is_tvbasis, "peer": c.is_peer, "bytes_stored": int(comp.nbytes),
@@ -544,6 +547,8 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
             "negation": [n.to_dict() for n in neg],
             "rel_errors": {t: 0.0 if comp.exact else rel_error(tvs[t], comp.vectors[t]) for t in names},
             "extra": _jsonable(comp.extra), "compress_seconds": round(t_compress, 2),
+            "phase_seconds": {"compress": round(t_compress, 2), "per_task": round(t_per_task, 2),
+                              "addition": round(t_addition, 2), "negation": round(t_negation, 2)},
             "seconds": round(time.time() - t0, 2)})
         del comp
         bar.update(1)
@@ -713,7 +718,46 @@ def markdown_table(result: Mapping[str, Any]) -> str:
              "vectors / stored; × on disk = the same against the store directory (manifest and headers included); "
              "neg. fidelity = target accuracy drop through the row's vector ÷ drop through the true vector "
              "(minimum over pairs; 0 when no λ kept the control).")
-    return "\n".join(lines + per_task + goal_lines + list(notes))
+    return "\n".join(lines + per_task + goal_lines + list(notes) + timing_lines(result))
+
+
+#: the phases of one row, in the order ``measure`` runs them
+PHASES = ("compress", "per_task", "addition", "negation")
+
+
+def timing_breakdown(result: Mapping[str, Any]) -> dict[str, float]:
+    """Seconds of the run by phase: fine-tuning, the set-up evaluations (zero-shot, fine-tuned, the true task
+    vectors), then each row phase summed over the rows (rows from before phases were recorded count whole under
+    ``rows (unsplit)``), and the total."""
+    t = result["timings"]
+    rows = result["rows"]
+    phases = {p: sum(r["phase_seconds"][p] for r in rows if "phase_seconds" in r) for p in PHASES}
+    unsplit = sum(r["seconds"] for r in rows if "phase_seconds" not in r)
+    in_rows = sum(r["seconds"] for r in rows)
+    out = {"fine-tuning": float(t["finetune"]),
+           "set-up evaluations": max(0.0, float(t["total"]) - float(t["finetune"]) - in_rows
+                                     - float(t.get("lora", 0.0)))}
+    out.update({f"rows: {p}": v for p, v in phases.items()})
+    if unsplit:
+        out["rows (unsplit)"] = unsplit
+    if "lora" in t:
+        out["LoRA rows"] = float(t["lora"])
+    out["total"] = float(t["total"])
+    return out
+
+
+def timing_lines(result: Mapping[str, Any]) -> list[str]:
+    """The run's time by phase and the five slowest rows, as markdown."""
+    if "timings" not in result or not result.get("rows"):
+        return []
+    b = timing_breakdown(result)
+    lines = ["", f"Time ({len(result['rows'])} rows, {result['timings'].get('threads', '?')} threads, load average "
+             f"{result['timings'].get('load_average', '?')} at the end):", "", "| phase | min | % |", "|---|---|---|"]
+    total = b["total"] or 1.0
+    lines += [f"| {k} | {v / 60:.1f} | {100 * v / total:.0f} |" for k, v in b.items()]
+    slow = sorted(result["rows"], key=lambda r: -r["seconds"])[:5]
+    lines += ["", "Slowest rows: " + "; ".join(f"{r['label']} {r['seconds']:.0f} s" for r in slow) + "."]
+    return lines
 
 
 def _short(label: str) -> str:
@@ -817,4 +861,4 @@ def summary_line(result: Mapping[str, Any]) -> str:
 
 
 __all__ = ["BASES_PLAN", "PLANS", "Compressed", "Config", "compress", "default_configs", "dominating", "goals",
-           "make_plots", "markdown_table", "pareto_front", "run_frontier", "summary_line"]
+           "make_plots", "markdown_table", "pareto_front", "run_frontier", "summary_line", "timing_breakdown"]
