@@ -709,6 +709,28 @@ def test_memory_mapped_scratch_gives_the_same_store(fam4, tmp_path, monkeypatch)
     assert sorted(p.name for p in mapped.root.iterdir()) == sorted(p.name for p in mem.root.iterdir())
 
 
+def test_float64_products_match_numpy_at_any_chunking(monkeypatch):
+    """The materialisation pass's cross-Grams and squared distances against numpy in float64, with chunks that do
+    not divide the length (so the chunk loop's edges are exercised)."""
+    import tvbasis.store.residual_pass as cp
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((3, 1001)).astype(np.float32)
+    B = rng.standard_normal((5, 1001)).astype(np.float32)
+    x = rng.standard_normal(1001).astype(np.float32) * 100
+    y = x + rng.standard_normal(1001).astype(np.float32) * 1e-3  # a tiny difference of large values
+    for chunk in (1 << 20, 97, 8):
+        monkeypatch.setattr(cp, "PRODUCT_CHUNK", chunk)
+        tA, tB = torch.from_numpy(A), torch.from_numpy(B)
+        np.testing.assert_allclose(cp._gram64(tA, tB), A.astype(np.float64) @ B.astype(np.float64).T, rtol=1e-12,
+                                   atol=1e-10)
+        np.testing.assert_allclose(cp._gram64(tA, tA), A.astype(np.float64) @ A.astype(np.float64).T, rtol=1e-12,
+                                   atol=1e-10)
+        want = float(((x.astype(np.float64) - y.astype(np.float64)) ** 2).sum())
+        assert cp.sq_dist64(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(want, rel=1e-6)
+        assert cp.sq_dist64(torch.from_numpy(x), 0.0) == pytest.approx(float((x.astype(np.float64) ** 2).sum()),
+                                                                         rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- 11. refusals
 @pytest.mark.parametrize("method,options,kw,pattern", [
     ("random", {}, {"residual": "int8"}, r"--residual: random bases"),
