@@ -372,3 +372,34 @@ def test_thread_count_follows_omp_num_threads(monkeypatch: pytest.MonkeyPatch, e
 
     monkeypatch.setenv("OMP_NUM_THREADS", env)
     assert available_cores() == (expected or len(os.sched_getaffinity(0)))
+
+
+def test_busy_cores_elsewhere_from_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two /proc/stat readings 400 jiffies apart with 200 of them idle or iowait: half the machine busy, all of it
+    elsewhere (this process does no work while the fake sleep returns at once)."""
+    import tvbasis.eval.encoder as enc
+
+    stats = iter(["cpu  100 5 95 700 100 0 0 0 0 0\ncpu0 1 1 1 1 1 0 0 0\n",
+                  "cpu  200 5 195 850 150 0 0 0 0 0\ncpu0 1 1 1 1 1 0 0 0\n"])
+    monkeypatch.setattr(enc.os, "cpu_count", lambda: 4)
+    busy = enc.busy_cores_elsewhere(0.5, read=lambda _path: next(stats), sleep=lambda _s: None)
+    # Δall = 1400 − 1000 = 400 jiffies, Δidle+iowait = 1000 − 800 = 200: 50 % of 4 cores, less ≈ 0 of our own
+    assert busy == pytest.approx(2.0, abs=0.05)
+    assert enc.busy_cores_elsewhere(0.5, read=lambda _path: "no cpu line", sleep=lambda _s: None) is None
+
+
+@pytest.mark.parametrize("cores, others, expected", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.9, 1),
+                                                     (8, 2.2, 6), (8, 20.0, 1), (1, 0.0, 1)])
+def test_frontier_threads_use_the_free_cores(monkeypatch: pytest.MonkeyPatch, cores: int, others: float,
+                                             expected: int) -> None:
+    import tvbasis.bench.frontier as fr
+
+    monkeypatch.delenv("TVBASIS_THREADS", raising=False)
+    monkeypatch.setattr(fr, "available_cores", lambda: cores)
+    assert fr.measure_threads(lambda: others) == expected
+    monkeypatch.setattr(fr, "_load", lambda: float(cores))  # not measurable: the load-average rule
+    assert fr.measure_threads(lambda: None) == 1
+    monkeypatch.setattr(fr, "_load", lambda: 0.1)
+    assert fr.measure_threads(lambda: None) == cores
+    monkeypatch.setenv("TVBASIS_THREADS", "3")
+    assert fr.measure_threads(lambda: others) == 3

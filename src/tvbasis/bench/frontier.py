@@ -54,7 +54,7 @@ from tvbasis.compress import (
     tall_reconstruct,
 )
 from tvbasis.errors import ConfigError
-from tvbasis.eval.encoder import available_cores
+from tvbasis.eval.encoder import available_cores, busy_cores_elsewhere
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
@@ -379,10 +379,12 @@ def _load() -> float | None:
         return None
 
 
-def measure_threads() -> int:
-    """Torch threads for the measurements: ``TVBASIS_THREADS`` if set; else 1 on a machine already busier than
-    its cores (load average ≥ cores: oversubscribed OpenMP threads spin and wait, and one thread measured 3–4×
-    faster there, for forward passes and SVDs alike), else every core, as the bench."""
+def measure_threads(busy: Callable[[], float | None] | None = None) -> int:
+    """Torch threads for the measurements: ``TVBASIS_THREADS`` if set; else the cores the machine has free now —
+    the cores this process may use less those other processes keep busy (``busy``, default
+    ``busy_cores_elsewhere``: measured over a second), rounded, at least 1 (oversubscribed OpenMP threads spin and
+    wait: one thread measured 3–4× faster on a busy machine, for forward passes and SVDs alike). Where the busy
+    cores cannot be measured, 1 thread when the load average reaches the core count, else every core."""
     env = os.environ.get("TVBASIS_THREADS", "").strip()
     if env:
         try:
@@ -390,8 +392,13 @@ def measure_threads() -> int:
         except ValueError:
             raise ConfigError(f"TVBASIS_THREADS must be an integer, got {env!r}") from None
     cores = available_cores()
+    if cores <= 1:
+        return 1
+    others = (busy or busy_cores_elsewhere)()
+    if others is not None:
+        return max(1, min(cores, math.floor(cores - others + 0.5)))
     load = _load()
-    return 1 if load is not None and cores > 1 and load >= cores else cores
+    return 1 if load is not None and load >= cores else cores
 
 
 def frontier_full_protocol(**overrides: Any) -> BenchConfig:
