@@ -379,6 +379,27 @@ def test_add_task_codes_the_new_task_with_the_peers_rule(fam3, tmp_path):
     assert abs(ud.rel_errors["task2"] - rel(got, v)) < 1e-6 and ud.verify() == []
 
 
+def test_ultradelta_density_at_the_step_masks_the_low_variance_third_whole(fam3, tmp_path):
+    """density 0.05 with step 0.05: the reference's low-variance third gets mask rate 0.95 + 0.05 = 1 (its masking
+    accepts rates in [0, 1]), so those tensors are dropped; the store builds and they read back as zeros."""
+    stats = {"a": (10, 1.0), "b": (10, 2.0), "c": (10, 3.0), "d": (30, 4.0)}
+    got = allocate_densities(stats, density=0.01, step=0.01)  # 0.99 + 0.01 rounds to 1.0: clamped, not above
+    rest = (0.99 * 60 - 0.99 * 10 - 1.0 * 20) / 30  # the high-variance third keeps the mean sparsity at 0.99
+    assert got["a"] == got["b"] == 0.0 and got["c"] == pytest.approx(0.01) and got["d"] == pytest.approx(1 - rest)
+    pre_p, fts, pre, sds = fam3
+    store = build_ultradelta_store(pre_p, fts, tmp_path / "s", options={"density": 0.05, "step": 0.05})
+    alloc = store.manifest.options["allocation"]
+    for t, v in zip(store.task_names, vectors(pre, sds), strict=True):
+        want = allocate_densities({k: (v[k].numel(), quantized_std_ref(v[k], 4)) for k in BLOCK}, 0.05, 0.05)
+        assert alloc[t] == pytest.approx(want)
+        dropped = [k for k in BLOCK if want[k] == 0.0]
+        assert dropped  # the low-variance third
+        got = recon(store, t)
+        assert all(float(got[k].abs().max()) == 0.0 for k in dropped)
+        assert abs(store.rel_errors[t] - rel(got, v)) < 1e-6
+    assert store.verify() == []
+
+
 def test_ultradelta_without_trace_norm_keeps_the_plain_rescale(fam3, tmp_path):
     pre_p, fts, *_ = fam3
     store = build_ultradelta_store(pre_p, fts, tmp_path / "s", options={"density": 0.5, "trace_norm": False,

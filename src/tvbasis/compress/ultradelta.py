@@ -80,9 +80,9 @@ def check_ultradelta_options(options: Mapping[str, Any], tasks: list[str] | None
             raise ConfigError("--method ultradelta: option allocation must map tasks to {tensor: density}")
         for t, per in alloc.items():
             for name, d in per.items():
-                if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+                if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
                     raise ConfigError(f"--method ultradelta: allocation of {t!r}/{name!r} must be a density in "
-                                      f"(0, 1], got {d!r}")
+                                      f"[0, 1], got {d!r}")
         out["allocation"] = {str(t): {str(n): float(d) for n, d in per.items()} for t, per in alloc.items()}
     if scales is not None:
         if not isinstance(scales, Mapping):
@@ -118,7 +118,9 @@ def allocate_densities(stats: Mapping[str, tuple[int, float]], density: float, s
     """Per tensor of one task, its kept fraction (1 − sparsity), from ``stats`` = {tensor: (numel, std)}: the
     reference's ``assign_sparsity_rates`` (see the module docstring), ties in std broken by name."""
     target = 1.0 - density
-    high, mid = target + step, target
+    # the reference leaves s + step unclamped (its masking asserts a rate in [0, 1]): at density ≤ step the
+    # low-variance third is masked whole (density 0, the tensor's delta dropped); clamped so rounding cannot pass 1
+    high, mid = min(1.0, target + step), target
     total = sum(n for n, _ in stats.values())
     order = sorted(stats, key=lambda k: (stats[k][1], k))
     rates: dict[str, float] = {}
@@ -198,6 +200,8 @@ class UltraDeltaRule:
             return None if rest == "none" else parse_codec(rest)
         per = self.allocation.get(task or "", {})
         density = per.get(name, float(self.options["density"]))
+        if density <= 0.0:  # masked whole, as the reference's rate 1.0: nothing stored, decodes to zeros
+            return None
         if scale is None:
             scale = self.base_scale() * self.scales.get(task or "", 1.0)
         spec = (f"ultra:density={density!r},bits={int(self.options['bits'])},scale={scale!r},"
