@@ -217,6 +217,23 @@ def test_measure_assembles_rows(family) -> None:
         assert sum(ph.values()) == pytest.approx(r["seconds"], abs=0.05)
 
 
+def test_a_failing_row_is_named(family) -> None:
+    ctx = _ctx(family)
+    ev = StandIn(ctx.tvs)
+    ft = {t: 0.8 for t in ctx.tasks}
+    cfg = BenchConfig(tasks=("banking", "clinc"), grid=(0.5, 1.0), pairs=(), progress=False)
+
+    def broken(c, ctx, seed):
+        if c.label == "bad":
+            raise ConfigError("--method ultradelta: allocation out of range")
+        return compress(c, ctx, seed)
+
+    with pytest.raises(ConfigError, match=r"frontier row 'bad' \(1 of 2 rows done\): --method ultradelta: "
+                                          r"allocation out of range; with --resume"):
+        measure([Config("f", "task vectors", "full"), Config("bad", "TVQ / RTVQ", "tvq")], ctx, ev, ft, ft, cfg,
+                compressor=broken)
+
+
 def test_timing_breakdown_by_phase() -> None:
     rows = [{"label": "a", "seconds": 10.0, "phase_seconds": {"compress": 1.0, "per_task": 2.0, "addition": 3.0,
                                                               "negation": 4.0}},

@@ -53,7 +53,7 @@ from tvbasis.compress import (
     tall_mask,
     tall_reconstruct,
 )
-from tvbasis.errors import ConfigError
+from tvbasis.errors import ConfigError, TvbasisError
 from tvbasis.eval.encoder import available_cores, busy_cores_elsewhere
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
@@ -527,7 +527,12 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
     for c in todo:
         bar.set_postfix_str(c.label)
         t0 = time.time()
-        comp = compressor(c, ctx, cfg.seed)
+        try:
+            comp = compressor(c, ctx, cfg.seed)
+        except TvbasisError as e:  # name the row; the scores already computed survive in --resume's cache
+            hint = ("; the same command again reads the finished rows' scores back from the cache" if cfg.resume
+                    else "; with --resume a rerun would have kept the finished rows' scores")
+            raise type(e)(f"frontier row {c.label!r} ({len(rows)} of {len(todo)} rows done): {e}{hint}") from e
         t_compress = time.time() - t0
         if comp.exact:
             per_task_acc = dict(ft_test)
