@@ -81,6 +81,37 @@ def test_local_engine_propagates_errors_and_stops():
     assert list(eng.map(fn, [])) == []
 
 
+@pytest.mark.parametrize("workers, free, expected", [(1, 1, 1), (1, 2, 2), (2, 4, 2), (2, 1, 1), (3, 8, 2)])
+def test_local_engine_threads_share_the_free_cores(monkeypatch, workers, free, expected):
+    """Each worker's torch threads = the cores free now // workers (at least 1; a single worker never more than
+    torch's own default), and the caller's thread count is back afterwards."""
+    import tvbasis.engine.local as local
+
+    monkeypatch.setattr(local, "free_cores", lambda: free)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))  # so a single worker's cap (torch's default) does not hide the rule
+    try:
+        start = torch.get_num_threads()
+        seen = list(LocalEngine(workers=workers, progress=False).map(lambda _i: torch.get_num_threads(), range(6)))
+        assert set(seen) == {min(expected, start) if workers == 1 else expected}
+        assert torch.get_num_threads() == start
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_free_cores_counts_what_others_keep_busy(monkeypatch):
+    import tvbasis.engine.cores as cores
+
+    monkeypatch.setattr(cores, "available_cores", lambda: 4)
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    for busy, want in ((0.2, 4), (1.4, 3), (2.6, 1), (7.0, 1), (None, 4)):
+        monkeypatch.setattr(cores, "busy_cores_elsewhere", lambda _w=0.2, b=busy: b)
+        assert cores.free_cores() == want, busy
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (0.3, 0.3, 0.3))  # idle (< 0.5): no measurement
+    monkeypatch.setattr(cores, "busy_cores_elsewhere", lambda _w=0.2: pytest.fail("measured an idle machine"))
+    assert cores.free_cores() == 4
+
+
 def test_get_engine_names():
     assert isinstance(get_engine("local", workers=2), LocalEngine)
     eng = LocalEngine(1)

@@ -377,7 +377,7 @@ def test_thread_count_follows_omp_num_threads(monkeypatch: pytest.MonkeyPatch, e
 def test_busy_cores_elsewhere_from_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two /proc/stat readings 400 jiffies apart with 200 of them idle or iowait: half the machine busy, all of it
     elsewhere (this process does no work while the fake sleep returns at once)."""
-    import tvbasis.eval.encoder as enc
+    import tvbasis.engine.cores as enc
 
     stats = iter(["cpu  100 5 95 700 100 0 0 0 0 0\ncpu0 1 1 1 1 1 0 0 0\n",
                   "cpu  200 5 195 850 150 0 0 0 0 0\ncpu0 1 1 1 1 1 0 0 0\n"])

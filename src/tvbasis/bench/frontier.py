@@ -53,8 +53,8 @@ from tvbasis.compress import (
     tall_mask,
     tall_reconstruct,
 )
+from tvbasis.engine.cores import available_cores, busy_cores_elsewhere
 from tvbasis.errors import ConfigError, TvbasisError
-from tvbasis.eval.encoder import available_cores, busy_cores_elsewhere
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
