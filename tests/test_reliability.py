@@ -163,6 +163,37 @@ def test_upgrade_refuses_implausible_version_1_data(fam3, tmp_path):
     assert len(problems) == 2 and "no digests" in problems[0] and "basis 0" in problems[1]
 
 
+def test_stored_norm_check_reads_the_bases_in_row_chunks(fam3, tmp_path, monkeypatch):
+    """The check of the stored bases' norms against K reads row chunks (memory flat in M): with chunks of a few
+    rows it still passes on a sound store and still catches a K that disagrees with the data."""
+    import tvbasis.store.decoded as decoded
+    from tvbasis.store.integrity import StoreData
+
+    pre_p, fts, *_ = fam3
+    build_store(pre_p, fts, "pca", 2, tmp_path / "s").close()
+    root = tmp_path / "s"
+    monkeypatch.setattr(decoded, "NORM_ROWS_ELEMENTS", 7)
+    reads = []
+    real = StoreData.read
+
+    def counting(self, part, name, rows=None):
+        reads.append((part, name, rows))
+        return real(self, part, name, rows)
+
+    monkeypatch.setattr(StoreData, "read", counting)
+    store = BasisStore.open(root)
+    assert store.verify() == []
+    spans = [r for part, _n, r in reads if part == "bases"]
+    assert spans and all(r is not None and r[1] - r[0] <= 7 for r in spans)  # never a whole multi-row tensor
+    store.close()
+    mf = json.loads((root / "tvbasis.json").read_text())
+    g = next(iter(mf["cross"]))
+    mf["cross"][g]["K"][1][1] *= 1.5
+    resign(root, mf)
+    problems = BasisStore.open(root).verify()
+    assert any("basis 1" in p and "data and manifest disagree" in p for p in problems)
+
+
 # ------------------------------------------------------------------------------------------ coded data checked
 def coded_tensor_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     start, header = safetensors_layout(path)

@@ -38,6 +38,10 @@ STORED_RTOL = 1e-4
 RESIDUAL_RTOL = 1e-3
 
 
+#: elements per basis of one row chunk when the stored bases' norms are checked
+NORM_ROWS_ELEMENTS = 1 << 22
+
+
 def _sq(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64)) ** 2
 
@@ -140,11 +144,17 @@ def _stored_norms(root: Path, mf: Manifest, data: StoreData, norms: dict[str, fl
                     return []  # not decoded here (an update that did not touch the bases)
                 got += np.array([norms[k] for k in keys])
                 continue
-            if data.has("bases"):
-                b = data.read("bases", name).double()
-                got[:mf.M] += (b.reshape(mf.M, -1) ** 2).sum(1).numpy()
-            if first.has_mean and data.has("mean"):
-                got[mf.M] += _sq(data.read("mean", name))
+            # row chunks of NORM_ROWS_ELEMENTS per basis, each basis's norm in float64 without a float64 copy:
+            # the whole (M, *shape) tensor read and converted to float64 at once held 12 bytes per stored element
+            # (0.75 GB for the 4 bases of a 30 522 x 512 embedding) after every build
+            for a, b in data.row_spans("bases" if data.has("bases") else "mean", name, NORM_ROWS_ELEMENTS):
+                if data.has("bases"):
+                    u = data.read("bases", name, (a, b))
+                    for m in range(mf.M):
+                        got[m] += _sq(u[m])
+                    del u
+                if first.has_mean and data.has("mean"):
+                    got[mf.M] += _sq(data.read("mean", name, (a, b)))
         want = np.diag(mf.cross[g].K)
         for m in range(nU):
             if abs(got[m] - want[m]) > STORED_RTOL * max(want[m], got[m]) + 1e-30:
