@@ -88,6 +88,7 @@ def test_local_engine_threads_share_the_free_cores(monkeypatch, workers, free, e
     import tvbasis.engine.local as local
 
     monkeypatch.setattr(local, "free_cores", lambda: free)
+    monkeypatch.setattr(local, "available_cores", lambda: 8)  # enough cores that the free ones decide
     before = torch.get_num_threads()
     torch.set_num_threads(max(before, 2))  # so a single worker's cap (torch's default) does not hide the rule
     try:

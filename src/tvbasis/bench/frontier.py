@@ -53,7 +53,7 @@ from tvbasis.compress import (
     tall_mask,
     tall_reconstruct,
 )
-from tvbasis.engine.cores import available_cores, busy_cores_elsewhere
+from tvbasis.engine.cores import available_cores, busy_cores_elsewhere, cores_left, load_average
 from tvbasis.errors import ConfigError, TvbasisError
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
@@ -373,10 +373,8 @@ def rel_error(v: Mapping[str, torch.Tensor], vhat: Mapping[str, torch.Tensor]) -
 
 # --------------------------------------------------------------------------------------------- the run
 def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not on this platform
-        return None
+    load = load_average()
+    return None if load is None else round(load, 2)
 
 
 def measure_threads(busy: Callable[[], float | None] | None = None) -> int:
@@ -396,7 +394,7 @@ def measure_threads(busy: Callable[[], float | None] | None = None) -> int:
         return 1
     others = (busy or busy_cores_elsewhere)()
     if others is not None:
-        return max(1, min(cores, math.floor(cores - others + 0.5)))
+        return cores_left(cores, others)
     load = _load()
     return 1 if load is not None and load >= cores else cores
 
@@ -512,6 +510,10 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
     return result
 
 
+#: the phases of one row, in the order ``measure`` runs them
+PHASES = ("compress", "per_task", "addition", "negation")
+
+
 def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, float],
             ft_test: Mapping[str, float], cfg: BenchConfig,
             compressor: Callable[[Config, Context, int], Compressed] | None = None,
@@ -527,28 +529,30 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
     for c in todo:
         bar.set_postfix_str(c.label)
         t0 = time.time()
+        laps = [t0]  # the end of each phase of PHASES, in order
         try:
             comp = compressor(c, ctx, cfg.seed)
         except TvbasisError as e:  # name the row; the scores already computed survive in --resume's cache
             hint = ("; the same command again reads the finished rows' scores back from the cache" if cfg.resume
                     else "; with --resume a rerun would have kept the finished rows' scores")
             raise type(e)(f"frontier row {c.label!r} ({len(rows)} of {len(todo)} rows done): {e}{hint}") from e
-        t_compress = time.time() - t0
+        laps.append(time.time())
         if comp.exact:
             per_task_acc = dict(ft_test)
         else:
             per_task_acc = {t: ev.with_delta(comp.vectors[t], 1.0, "test", [t])[t] for t in names}
-        t_per_task = time.time() - t0 - t_compress
+        laps.append(time.time())
         per_task = {t: per_task_acc[t] / ft_test[t] if ft_test[t] > 0 else float("nan") for t in names}
         total = (comp.addition if comp.addition is not None
                  else {k: sum(comp.vectors[t][k] for t in names) for k in comp.vectors[names[0]]})
         add: AdditionResult = ev.search_addition(total, cfg.grid, finetuned_dev=ft_dev, finetuned_test=ft_test,
                                                  search=cfg.search)
         del total
-        t_addition = time.time() - t0 - t_compress - t_per_task
+        laps.append(time.time())
         neg: list[NegationResult] = [ev.search_negation(comp.vectors[t], t, ctrl, cfg.neg_grid, early_stop=True)
                                      for t, ctrl in cfg.pairs]
-        t_negation = time.time() - t0 - t_compress - t_per_task - t_addition
+        laps.append(time.time())
+        phase_seconds = {p: round(b - a, 2) for p, a, b in zip(PHASES, laps[:-1], laps[1:], strict=True)}
         rows.append({
             "label": c.label, "family": c.family, "method": c.method, "M": c.M, "params": _jsonable(dict(c.params)),
             "tvbasis": c.is_tvbasis, "peer": c.is_peer, "bytes_stored": int(comp.nbytes),
@@ -558,10 +562,8 @@ def measure(todo: Sequence[Config], ctx: Context, ev: Any, ft_dev: Mapping[str, 
             "addition_vector": "stored multi-task vector" if comp.addition is not None else "sum of the ṽ_t",
             "negation": [n.to_dict() for n in neg],
             "rel_errors": {t: 0.0 if comp.exact else rel_error(tvs[t], comp.vectors[t]) for t in names},
-            "extra": _jsonable(comp.extra), "compress_seconds": round(t_compress, 2),
-            "phase_seconds": {"compress": round(t_compress, 2), "per_task": round(t_per_task, 2),
-                              "addition": round(t_addition, 2), "negation": round(t_negation, 2)},
-            "seconds": round(time.time() - t0, 2)})
+            "extra": _jsonable(comp.extra), "compress_seconds": phase_seconds["compress"],
+            "phase_seconds": phase_seconds, "seconds": round(laps[-1] - t0, 2)})
         del comp
         bar.update(1)
     bar.close()
@@ -731,10 +733,6 @@ def markdown_table(result: Mapping[str, Any]) -> str:
              "neg. fidelity = target accuracy drop through the row's vector ÷ drop through the true vector "
              "(minimum over pairs; 0 when no λ kept the control).")
     return "\n".join(lines + per_task + goal_lines + list(notes) + timing_lines(result))
-
-
-#: the phases of one row, in the order ``measure`` runs them
-PHASES = ("compress", "per_task", "addition", "negation")
 
 
 def timing_breakdown(result: Mapping[str, Any]) -> dict[str, float]:

@@ -53,6 +53,19 @@ def busy_cores_elsewhere(window: float = 1.0, read: Callable[[str], str] | None 
     return max(0.0, busy - own)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
+def cores_left(cores: int, others: float) -> int:
+    """Of ``cores``, how many ``others`` busy cores leave, rounded to the nearest, between 1 and ``cores``."""
+    return max(1, min(cores, int(cores - others + 0.5)))
+
+
 def free_cores(window: float = 0.2) -> int:
     """The cores this process may use less those other processes keep busy now (``busy_cores_elsewhere`` over
     ``window`` seconds, rounded), at least 1; every core it may use where that cannot be measured. Skips the
@@ -61,13 +74,11 @@ def free_cores(window: float = 0.2) -> int:
     cores = available_cores()
     if cores <= 1:
         return 1
-    try:
-        if os.getloadavg()[0] < 0.5:
-            return cores
-    except (AttributeError, OSError):  # not on this platform
-        pass
+    load = load_average()
+    if load is not None and load < 0.5:
+        return cores
     busy = busy_cores_elsewhere(window)
-    return cores if busy is None else max(1, min(cores, int(cores - busy + 0.5)))
+    return cores if busy is None else cores_left(cores, busy)
 
 
-__all__ = ["available_cores", "busy_cores_elsewhere", "free_cores"]
+__all__ = ["available_cores", "busy_cores_elsewhere", "cores_left", "free_cores", "load_average"]

@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 
 from tvbasis.engine.base import Engine, progress_bar
-from tvbasis.engine.cores import free_cores
+from tvbasis.engine.cores import available_cores, free_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,7 +32,10 @@ class LocalEngine(Engine):
 
     def threads_per_worker(self) -> int:
         """Torch threads for each worker: the cores free now (``engine.cores.free_cores``, measured once per
-        engine) shared among the workers, at least 1."""
+        engine) shared among the workers, at least 1 — not measured where even every core would give each worker
+        only one (the default on 2 cores: two workers)."""
+        if available_cores() // self.workers <= 1:
+            return 1
         if self._free is None:
             self._free = free_cores()
         return max(1, self._free // self.workers)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tvbasis.errors import StoreError, TvbasisError
+from tvbasis.io import row_chunks
 from tvbasis.passes import WHOLE_VECTOR
 from tvbasis.store.coded import CodedData
 from tvbasis.store.format import Manifest, entry_key
@@ -134,6 +135,7 @@ def _stored_norms(root: Path, mf: Manifest, data: StoreData, norms: dict[str, fl
     if not coded_bases and not (dense and (data.has("bases") or data.has("mean"))):
         return []
     problems = []
+    specs = mf.specs()
     for g, names in _groups(mf).items():
         got = np.zeros(nU)
         for name in names:
@@ -147,7 +149,7 @@ def _stored_norms(root: Path, mf: Manifest, data: StoreData, norms: dict[str, fl
             # row chunks of NORM_ROWS_ELEMENTS per basis, each basis's norm in float64 without a float64 copy:
             # the whole (M, *shape) tensor read and converted to float64 at once held 12 bytes per stored element
             # (0.75 GB for the 4 bases of a 30 522 x 512 embedding) after every build
-            for a, b in data.row_spans("bases" if data.has("bases") else "mean", name, NORM_ROWS_ELEMENTS):
+            for a, b in row_chunks(specs[name], NORM_ROWS_ELEMENTS):
                 if data.has("bases"):
                     u = data.read("bases", name, (a, b))
                     for m in range(mf.M):

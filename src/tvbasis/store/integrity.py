@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -206,19 +205,6 @@ class StoreData:
     # -- reading ---------------------------------------------------------------------------------------
     def has(self, part: str) -> bool:
         return bool(self.places[part])
-
-    def row_spans(self, part: str, name: str, elements: int) -> list[tuple[int, int]]:
-        """Row ranges [a, b) covering tensor ``name`` of ``part``, each about ``elements`` elements of one basis
-        (at least one row; one span for a 0-d tensor)."""
-        pl = self.places[part].get(name)
-        if pl is None:
-            raise StoreError(f"{self.root}: the store has no {part} tensor {name!r}")
-        shape = pl.inner.shape
-        if not shape:
-            return [(0, 1)]
-        row = max(1, math.prod(shape[1:]))
-        step = max(1, elements // row)
-        return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)] or [(0, 0)]
 
     def read(self, part: str, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Rows [a, b) of every basis (bases: (M, b − a, ...)) or of the mean ((b − a, ...)), or the whole tensor,
