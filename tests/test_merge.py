@@ -378,3 +378,72 @@ def test_big_tensors_merged_in_chunks_match_whole_tensor_merge(method, params):
     whole = merge_tensor(MergeSpec(method, params), lambda a, b: x[:, a:b], spec, 4, w, chunk_elements=10**9)
     chunked = merge_tensor(MergeSpec(method, params), lambda a, b: x[:, a:b], spec, 4, w, chunk_elements=700)
     assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5, "seed": 3}),
+                                           ("task_arithmetic", {})])
+def test_row_ranges_of_a_chunked_merge_are_those_rows_of_the_whole_merge(method, params):
+    from tvbasis.io import TensorSpec
+    from tvbasis.passes import merge_tensor
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 300, 20, generator=g)
+    spec = TensorSpec("w", (300, 20), torch.float32)
+    w = torch.ones(4)
+    if method == "ties":  # the independent reference: trim each task over the whole tensor, then elect
+        whole = torch.as_tensor(ref_ties(x.reshape(4, -1).numpy(), np.ones(4), 0.3), dtype=torch.float32)
+        whole = whole.reshape(300, 20)
+    else:
+        whole = merge_tensor(MergeSpec(method, params), lambda a, b: x[:, a:b], spec, 4, w, chunk_elements=10**9)
+    reads: list[tuple[int, int]] = []
+
+    def read(a, b):
+        reads.append((a, b))
+        return x[:, a:b]
+    cuts: dict[str, torch.Tensor] = {}
+    for lo, hi in ((0, 7), (7, 151), (151, 300), (42, 43)):  # ranges that do not follow the 35-row chunks
+        got = merge_tensor(MergeSpec(method, params), read, spec, 4, w, chunk_elements=700, rows=(lo, hi), cuts=cuts)
+        assert got.shape == (hi - lo, 20)
+        torch.testing.assert_close(got, whole[lo:hi], atol=1e-5, rtol=0)
+    read_rows = sum(b - a for a, b in reads)
+    # the per-tensor cuts are found once (two passes over the 300 rows), then only the asked rows are read
+    assert read_rows == (2 * 300 if method == "ties" else 0) + 7 + 144 + 149 + 1
+    assert list(cuts) == (["w"] if method == "ties" else [])
+
+
+def test_apply_of_a_big_merged_tensor_streams_rows_into_the_output_dtype(tmp_path, monkeypatch):
+    """A bf16 model: θ₀ + TIES(τ) written in row chunks equals the reference computed whole in float32 and cast."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    import tvbasis.vectors as vec_mod
+    from tvbasis.passes import merge_task_vectors
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"emb.weight": (96, 16), "lin.weight": (16, 16), "lin.bias": (16,)}
+    pre = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+    paths = {}
+    for name, sd in [("pre", pre)] + [(f"t{i}", {n: (v.float() + 0.05 * torch.randn(v.shape, generator=g))
+                                                  .to(torch.bfloat16) for n, v in pre.items()}) for i in range(3)]:
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        paths[name] = tmp_path / name
+    fts = {n: paths[n] for n in ("t0", "t1", "t2")}
+    monkeypatch.setattr(vec_mod, "APPLY_CHUNK_ELEMENTS", 400)  # emb.weight (1536 elements) goes in 25-row chunks
+    asked: list[object] = []
+    tv = merge_task_vectors(paths["pre"], fts, MergeSpec("ties", {"density": 0.25}), chunk_elements=300)
+    real_get = tv.get
+    monkeypatch.setattr(tv, "get", lambda name, rows=None: asked.append((name, rows)) or real_get(name, rows))
+    tv.apply_to(paths["pre"], 0.7, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    fine = {n: {k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()} for n, p in fts.items()}
+    for n, shape in shapes.items():
+        deltas = np.stack([(fine[t][n] - pre[n].float()).reshape(-1).numpy() for t in fts])
+        ref = (pre[n].float() + 0.7 * torch.as_tensor(ref_ties(deltas, np.ones(3), 0.25),
+                                                      dtype=torch.float32).reshape(shape)).to(torch.bfloat16)
+        assert out[n].dtype == torch.bfloat16
+        torch.testing.assert_close(out[n].float(), ref.float(), atol=0, rtol=0, msg=n)
+    assert ("emb.weight", (0, 25)) in asked and ("emb.weight", None) not in asked  # the big tensor went by rows
+    assert ("lin.weight", None) in asked

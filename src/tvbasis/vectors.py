@@ -31,6 +31,7 @@ from tvbasis.io import (
     model_card,
     open_checkpoint,
     open_finetuned,
+    row_chunks,
     write_single_file_atomic,
 )
 from tvbasis.io.checksum import (
@@ -45,6 +46,8 @@ from tvbasis.untrusted import load_json
 VECTOR_FORMAT = "tvbasis.task_vector"
 #: row-chunk size of the pretrained checksum a saved task vector records
 VECTOR_CHECKSUM_CHUNK = 1 << 22
+#: elements per row chunk when ``apply_to`` forms a big tensor in pieces (16 MB of float32)
+APPLY_CHUNK_ELEMENTS = 1 << 22
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -129,6 +132,11 @@ class Source(ABC):
     @abstractmethod
     def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
 
+    def row_reads(self, name: str) -> bool:
+        """True when ``get(name, rows)`` costs about the rows' share of the tensor (checkpoint reads do), so a
+        big tensor may be produced in row chunks; False where every call would redo the whole tensor."""
+        return True
+
     def paths(self) -> list[Path]:
         """The files or directories this source reads (an output must not overwrite them)."""
         return []
@@ -205,6 +213,10 @@ class Producer(ABC):
     @abstractmethod
     def __call__(self, name: str, rows: Rows) -> torch.Tensor: ...
 
+    def row_reads(self, name: str) -> bool:
+        """See ``Source.row_reads``; a producer that makes the whole tensor and slices it says False."""
+        return False
+
 
 class FnSource(Source):
     def __init__(self, fn: Producer) -> None:
@@ -213,6 +225,9 @@ class FnSource(Source):
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         return self.fn(name, rows).to(torch.float32)
+
+    def row_reads(self, name: str) -> bool:
+        return self.fn.row_reads(name)
 
     def paths(self) -> list[Path]:
         return [Path(str(p)) for p in getattr(self.fn, "inputs", ())]
@@ -322,6 +337,10 @@ class TaskVector:
             shape = spec.shape if rows is None or not spec.shape else (rows[1] - rows[0], *spec.shape[1:])
             return torch.zeros(shape, dtype=torch.float32)
         return out
+
+    def row_reads(self, name: str) -> bool:
+        """True when rows of tensor ``name`` cost about their share of it in every term (``Source.row_reads``)."""
+        return all(src.row_reads(name) for _c, src in self.terms)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, float32 tensor) pairs, computed one at a time in tensor order."""
@@ -472,7 +491,7 @@ class TaskVector:
         eng = as_run(run).get_engine()
         names = [s.name for s in out_specs]
         chunk = int(expected["checksum_chunk_elements"]) if expected and expected.get("checksum") else None  # type: ignore[call-overload]
-        task = _ApplyTask(self, pre, float(scaling_coef), chunk)
+        task = _ApplyTask(self, pre, float(scaling_coef), chunk, {s.name: s.dtype for s in out_specs})
         digests: list[tuple[str, bytes]] = []
         all_inputs = [*_ckpt_paths(pre), *self.input_paths(), *(Path(str(p)) for p in inputs)]
         reads = models_read(all_inputs)  # the bar counts the bytes of every model read (T fine-tunes for a merge)
@@ -505,16 +524,33 @@ class _DotTask:
 
 
 class _ApplyTask:
-    def __init__(self, tv: TaskVector, pre: Checkpoint, coef: float, checksum_chunk: int | None = None) -> None:
+    """θ₀ + coef·τ for one tensor. A big tensor whose vector reads rows cheaply (``TaskVector.row_reads``) is
+    formed in row chunks straight into the output dtype, so a worker holds the pretrained tensor, the output
+    and one chunk in float32, not the whole tensor three times in float32 (the sum, the vector, the cast)."""
+
+    def __init__(self, tv: TaskVector, pre: Checkpoint, coef: float, checksum_chunk: int | None = None,
+                 out_dtypes: Mapping[str, torch.dtype] | None = None) -> None:
         self.tv, self.pre, self.coef, self.checksum_chunk = tv, pre, coef, checksum_chunk
+        self.out_dtypes = dict(out_dtypes or {})
 
     def __call__(self, name: str) -> tuple[torch.Tensor, list[tuple[str, bytes]]]:
+        spec = self.tv.specs.get(name)
+        if (spec is not None and spec.shape and spec.numel > APPLY_CHUNK_ELEMENTS and self.checksum_chunk is None
+                and self.tv.row_reads(name)):
+            out = torch.empty(spec.shape, dtype=self.out_dtypes.get(name, torch.float32))
+            for a, b in row_chunks(spec, APPLY_CHUNK_ELEMENTS):  # the pretrained rows too: no whole copy of it
+                base = self.pre.get_rows(name, a, b)
+                check_finite(base, str(self.pre.path), name)
+                part = base.to(torch.float32, copy=True)
+                part.add_(self.tv.get(name, (a, b)), alpha=self.coef)
+                out[a:b] = part  # the same rounding as casting the whole float32 sum
+            return out, []
         base = self.pre.get(name)
-        if name not in self.tv.specs:
+        if spec is None:
             return base, []
         digests: list[tuple[str, bytes]] = []
         if self.checksum_chunk is not None:
-            digests = chunk_digests(self.tv.specs[name], base, self.checksum_chunk)
+            digests = chunk_digests(spec, base, self.checksum_chunk)
         check_finite(base, str(self.pre.path), name)
         out = base.to(torch.float32, copy=True)
         out.add_(self.tv.get(name), alpha=self.coef)

@@ -179,8 +179,11 @@ class RayEngine(Engine):
         #: one record per Ray task of every pass so far, in item order (see ``GroupRecord``)
         self.records: list[GroupRecord] = []
         # system failures (a lost node or worker) are retried by Ray: every pass is idempotent (the same bytes are
-        # written to the same places); exceptions raised by ``fn`` are not retried and reach the caller
-        self._remote = ray.remote(num_cpus=cpus_per_task)(_run_group)
+        # written to the same places); exceptions raised by ``fn`` are not retried and reach the caller.
+        # SPREAD: the groups go round the nodes that can run them. Ray's default (fill the driver's node first,
+        # spill over when it is busy) put every group of a pass on one node whenever that node's CPU came free
+        # before the other node's worker had started, so a cluster of idle nodes could read everything on one
+        self._remote = ray.remote(num_cpus=cpus_per_task, scheduling_strategy="SPREAD")(_run_group)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str | None = None,
             sizes: Sequence[int] | None = None) -> Iterator[R]:

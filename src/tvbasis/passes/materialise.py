@@ -6,8 +6,8 @@ row is checked finite once rounded to the stored dtype (a float16 store overflow
 written: a NaN/Inf never reaches a shard.
 
 How each stored row is made is the fit's business (``BasisFit.stored_rows``); bases made by a non-linear inner
-merge (TIES, top-k, DARE, Fisher, consensus per cluster) are merged over the whole tensor by the merge pass's
-``merge_tensor`` (in row chunks inside when big), then written and measured chunk by chunk.
+merge (TIES, top-k, DARE, Fisher, consensus per cluster) are merged by the merge pass's ``merge_tensor`` one row
+chunk at a time (a per-tensor trim's cuts found once per basis), then written and measured chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from tvbasis.bases import BasisFit
 from tvbasis.io import Checkpoint, check_finite, row_chunks
 from tvbasis.io.writer import PositionalShard
+from tvbasis.merge import get_merger
 from tvbasis.passes.gram import cross_of, gram_of, row_sq_norms
 from tvbasis.passes.merge import fisher_rows, merge_tensor
 from tvbasis.taskset import Item, TaskSet
@@ -92,7 +93,7 @@ class MaterialiseTask:
         rows_of = (lambda a, b: (a, b)) if spec.shape else (lambda a, b: None)
         th = self.thresholds.get(self.group_of.get(name, WHOLE_VECTOR))
         labels = np.asarray(fit.labels)
-        bases = []
+        readers = []
         for m in range(fit.M):
             idx = np.flatnonzero(labels == m).tolist()
 
@@ -104,13 +105,25 @@ class MaterialiseTask:
 
                 def fisher_read(a: int, b: int, members: list[Checkpoint] = members) -> torch.Tensor:
                     return fisher_rows(members, spec, a, b)
-            bases.append(merge_tensor(fit.inner_for(m), read, spec, len(idx), torch.ones(len(idx)),
-                                      None if th is None else th[idx], fisher_read, self.device, MERGE_ROWS_ELEMENTS))
-        S = torch.stack(bases)
+            readers.append((idx, read, fisher_read))
+        cuts: list[dict[str, torch.Tensor]] = [{} for _ in range(fit.M)]  # per basis, found on its first chunk
+        whole: dict[int, torch.Tensor] = {}  # bases of inner merges that need the whole tensor, merged once
+
+        def basis_rows(m: int, rows: tuple[int, int] | None) -> torch.Tensor:
+            idx, read, fisher_read = readers[m]
+            merge_it = lambda r: merge_tensor(  # noqa: E731
+                fit.inner_for(m), read, spec, len(idx), torch.ones(len(idx)), None if th is None else th[idx],
+                fisher_read, self.device, MERGE_ROWS_ELEMENTS, rows=r, cuts=cuts[m])
+            if not get_merger(fit.inner_for(m)).whole_tensor:
+                return merge_it(rows)
+            if m not in whole:
+                whole[m] = merge_it(None)
+            return whole[m] if rows is None else whole[m][rows[0]:rows[1]]
         C, K = np.zeros((fit.M, self.taskset.T)), np.zeros((fit.M, fit.M))
         for a, b in row_chunks(spec, MERGE_ROWS_ELEMENTS):
+            # each basis merged for these rows only: memory is one chunk of the M bases, not M whole tensors
+            s = torch.stack([basis_rows(m, rows_of(a, b)) for m in range(fit.M)]).to(self.device)
             x = self.taskset.deltas(name, rows_of(a, b)).to(self.device)
-            s = (S[:, a:b] if spec.shape else S).to(self.device)
             _, c, k, _ = self._store_and_measure(name, fit, a, s, x)
             C += c
             K += k

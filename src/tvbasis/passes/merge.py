@@ -30,10 +30,16 @@ BaseReader = Callable[[], torch.Tensor]
 def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: int, weights: torch.Tensor,
                  thresholds: torch.Tensor | None = None, fisher_read: Reader | None = None, device: str = "cpu",
                  chunk_elements: int | None = MERGE_CHUNK_ELEMENTS, base_read: BaseReader | None = None,
-                 per_task: Mapping[str, tuple[float, ...]] | None = None) -> torch.Tensor:
+                 per_task: Mapping[str, tuple[float, ...]] | None = None, rows: tuple[int, int] | None = None,
+                 cuts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Merge the T slices of one tensor; ``read(a, b)`` returns rows [a, b) of the T slices, (T, b − a, ...).
     ``base_read()`` returns the whole pretrained tensor for methods that need it (slerp); ``per_task`` gives
     per-task parameter values (mergekit's per-model densities), see ``MergeContext``.
+
+    ``rows``: only rows [a, b) of the merged tensor, the same values as those rows of the whole merge. A tensor
+    merged whole (small, or a method that needs all of it) is merged whole and sliced; a big one reads only
+    those rows, plus, for a per-tensor trim, the two passes over the whole tensor that find its cuts, which
+    ``cuts`` (a dict kept by the caller, keyed by tensor name) remembers for the next row range.
 
     Small tensors are merged whole (per-tensor trims keep exactly ceil(density·n) entries). A tensor bigger than
     ``chunk_elements`` per task is merged in row chunks so memory is the T slices of one chunk plus the output:
@@ -48,26 +54,33 @@ def merge_tensor(spec: MergeSpec, read: Reader, tensor: TensorSpec, num_tasks: i
         x = read(0, rows_total).to(device)
         fisher = fisher_read(0, rows_total).to(device) if fisher_read is not None else None
         base = base_read().to(device, torch.float32) if base_read is not None and merger.needs_base else None
-        return merger.merge(x, weights.to(device), MergeContext(name=tensor.name, thresholds=thresholds,
-                                                                fisher=fisher, base=base, per_task=per_task)).cpu()
+        out = merger.merge(x, weights.to(device), MergeContext(name=tensor.name, thresholds=thresholds,
+                                                               fisher=fisher, base=base, per_task=per_task)).cpu()
+        return out if rows is None or not tensor.shape else out[rows[0]:rows[1]]
     chunks = list(row_chunks(tensor, chunk_elements))
     chunk_merger = merger
     if merger.density is not None and not merger.needs_global_thresholds and merger.ranks_per_tensor:
-
-        def factory() -> Iterator[torch.Tensor]:
-            for a, b in chunks:
-                yield read(a, b).reshape(num_tasks, -1)
-        thresholds = global_thresholds(factory, num_tasks, per_task.get("density", merger.density),
-                                       merger.params.get("rounding", "ceil"))
+        found = cuts.get(tensor.name) if cuts is not None else None
+        if found is None:
+            def factory() -> Iterator[torch.Tensor]:
+                for a, b in chunks:
+                    yield read(a, b).reshape(num_tasks, -1)
+            found = global_thresholds(factory, num_tasks, per_task.get("density", merger.density),
+                                      merger.params.get("rounding", "ceil"))
+            if cuts is not None:
+                cuts[tensor.name] = found
+        thresholds = found
         per_task.pop("density", None)  # the per-task cuts are in the thresholds now
         chunk_merger = get_merger(MergeSpec(spec.method, {**spec.params, "trim_scope": "global"}))
-    out = torch.empty(tensor.shape, dtype=torch.float32)
-    for a, b in chunks:
+    first, end = rows if rows is not None else (0, rows_total)
+    step = chunks[0][1] - chunks[0][0]
+    out = torch.empty((end - first, *tensor.shape[1:]), dtype=torch.float32)
+    for a in range(first, end, step):  # every method here is elementwise given the cuts: any row split agrees
+        b = min(end, a + step)
         x = read(a, b).to(device)
         fisher = fisher_read(a, b).to(device) if fisher_read is not None else None
-        out[a:b] = chunk_merger.merge(x, weights.to(device), MergeContext(name=tensor.name, offset=a,
-                                                                          thresholds=thresholds, fisher=fisher,
-                                                                          per_task=per_task)).cpu()
+        out[a - first:b - first] = chunk_merger.merge(x, weights.to(device), MergeContext(
+            name=tensor.name, offset=a, thresholds=thresholds, fisher=fisher, per_task=per_task)).cpu()
     return out
 
 
@@ -105,6 +118,8 @@ class MergeProducer(Producer):
                  chunk_elements: int | None = MERGE_CHUNK_ELEMENTS, plan: TensorPlan | None = None) -> None:
         self.taskset, self.spec, self.weights, self.thresholds = taskset, spec, weights, thresholds
         self.fisher, self.device, self.chunk_elements, self.plan = fisher, device, chunk_elements, plan
+        #: per-tensor trim cuts found for one row range, reused by the next (T floats per tensor)
+        self._cuts: dict[str, torch.Tensor] = {}
 
     def _fisher_rows(self, name: str, a: int, b: int) -> torch.Tensor:
         assert self.fisher is not None
@@ -129,10 +144,16 @@ class MergeProducer(Producer):
             merge_spec, per_task, scale = tm.spec, tm.per_task, tm.scale
             weights = torch.tensor(tm.weights, dtype=torch.float32)
         out = merge_tensor(merge_spec, read, spec, self.taskset.T, weights, self.thresholds, fisher_read,
-                           self.device, self.chunk_elements, base_read, per_task)
+                           self.device, self.chunk_elements, base_read, per_task, rows if spec.shape else None,
+                           self._cuts)
         if scale != 1.0:
             out.mul_(scale)
-        return out if rows is None or not out.dim() else out[rows[0]:rows[1]]
+        return out
+
+    def row_reads(self, name: str) -> bool:
+        """Rows of a big tensor cost their share of it unless the tensor's method merges whole tensors."""
+        spec = self.spec if self.plan is None else self.plan.for_tensor(name).spec
+        return not get_merger(spec).whole_tensor
 
 
 def merge_task_vectors(pretrained: str | Path | Checkpoint, finetuned: Mapping[str, str | Path | Checkpoint],
