@@ -284,9 +284,10 @@ def test_relative_loss_weighs_errors_by_the_pretrained_scale(tmp_path: Path) -> 
     W0 = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     x = torch.zeros(4, 3)
     x[1] = 0.1
-    assert pretrained_scale("enc.dense.weight", W0, x) == pytest.approx(float((W0 ** 2).sum()))
-    assert pretrained_scale("embeddings.word_embeddings.weight", W0, x) == pytest.approx(3 ** 2 + 4 ** 2 + 5 ** 2)
-    assert pretrained_scale("enc.bias", torch.zeros(3), torch.ones(3)) == pytest.approx(3.0)
+    rows_sq = torch.tensor([sum(float(v) ** 2 for v in row) for row in W0], dtype=torch.float64)  # Σ per row
+    assert pretrained_scale("enc.dense.weight", rows_sq, x) == pytest.approx(float((W0 ** 2).sum()))
+    assert pretrained_scale("embeddings.word_embeddings.weight", rows_sq, x) == pytest.approx(3 ** 2 + 4 ** 2 + 5 ** 2)
+    assert pretrained_scale("enc.bias", torch.zeros(1, dtype=torch.float64), torch.ones(3)) == pytest.approx(3.0)
     # a whole build with the relative loss: same budget rule, errors reported as the task vectors' own
     pre, fts, deltas = _family(tmp_path)
     store, report = build_budget_store(pre, fts, tmp_path / "r", budget="10x", loss="relative")
@@ -366,9 +367,9 @@ def test_write_pass_reusing_the_measured_svds_writes_the_same_store(tmp_path: Pa
     calls: list[str] = []
     real = cb.encode_chosen
 
-    def spy(spec, x, scale=None, factors=None):
+    def spy(spec, x, scale=None, factors=None, row_factors=None):
         calls.append("kept" if factors is not None else "computed")
-        return real(spec, x, scale, factors)
+        return real(spec, x, scale, factors, row_factors)
 
     monkeypatch.setattr(cb, "encode_chosen", spy)
     a, report = build_budget_store(pre, fts, tmp_path / "a", budget="10x")
@@ -381,3 +382,19 @@ def test_write_pass_reusing_the_measured_svds_writes_the_same_store(tmp_path: Pa
     for t in fts:
         va, vb = a.reconstruct(t).to_state_dict(), b.reconstruct(t).to_state_dict()
         assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+
+
+def test_shape_forms_count_the_bytes_of_a_real_encoding() -> None:
+    """The measuring pass takes a candidate's bytes and stored names from its shape's form; for float16 that form is
+    a zero-stride view (no memory): its bytes and description are a real encoding's."""
+    from tvbasis.codecs import parse_codec
+    from tvbasis.compress.budget import _form
+
+    x = torch.randn(70, 33)
+    for spec in ("float16", "int3:group=64,scheme=affine", "int8:group=128,scheme=symmetric"):
+        codec = parse_codec(spec)
+        real, form = codec.encode(x), _form(codec, (70, 33))
+        assert form.nbytes == real.nbytes == sum(t.numel() * t.element_size() for t in real.tensors.values())
+        (ft, fd), (rt, rd) = form.to_tensors(""), real.to_tensors("")
+        assert fd == rd and {k: (tuple(v.shape), v.dtype) for k, v in ft.items()} == \
+            {k: (tuple(v.shape), v.dtype) for k, v in rt.items()}

@@ -501,3 +501,5 @@ def test_int_roundtrip_is_decode_of_encode_and_the_formula(spec: str, chunking: 
             q = np.clip(np.round(g / (s if s > 0 else np.float32(1))), -Q, Q)
             ref[i:i + group] = q * s
     np.testing.assert_allclose(got.reshape(-1).numpy(), ref, rtol=0, atol=1e-7)
+    # the measuring pass's error without the decoded tensor: the squared error of the definition's x̂
+    assert codec.sq_error(x) == pytest.approx(float(((flat.astype(np.float64) - ref) ** 2).sum()), rel=1e-5)

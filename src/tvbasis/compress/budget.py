@@ -37,10 +37,12 @@ import numpy as np
 import torch
 
 from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, SparseRows, as_matrix, parse_codec
+from tvbasis.codecs.base import to_fp16
+from tvbasis.codecs.cast import Float16
 from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
 from tvbasis.codecs.topk import TopK, keep_count
 from tvbasis.compress.kinds import tensor_kind
-from tvbasis.compress.svd import Factors, KeptFactors, SVDCache, lowrank_encode
+from tvbasis.compress.svd import Factors, KeptFactors, SVDCache, encode_with_svd
 from tvbasis.errors import ConfigError
 from tvbasis.io.specs import parse_size
 
@@ -263,9 +265,17 @@ class Candidate:
     sqerr: float
 
 
+#: elements per piece when a squared error is summed (no whole-tensor difference of a big tensor is formed)
+SQ_ERR_CHUNK = 1 << 22
+
+
 def _sq_err(x: torch.Tensor, xhat: torch.Tensor) -> float:
-    d = x.reshape(-1) - xhat.reshape(-1).to(x.dtype)
-    return float(torch.sum(d * d, dtype=torch.float64))
+    a, b = x.reshape(-1), xhat.reshape(-1)
+    total = 0.0
+    for i in range(0, a.numel(), SQ_ERR_CHUNK):
+        d = a[i:i + SQ_ERR_CHUNK] - b[i:i + SQ_ERR_CHUNK].to(x.dtype)
+        total += float(torch.sum(d * d, dtype=torch.float64))
+    return total
 
 
 #: the stored form of one codec on one shape, without its values: (spec, shape) -> an ``Encoded`` of zeros, whose
@@ -273,13 +283,36 @@ def _sq_err(x: torch.Tensor, xhat: torch.Tensor) -> float:
 _SHAPE_FORMS: dict[tuple[str, tuple[int, ...]], Encoded] = {}
 
 
+#: forms of shapes up to this many elements are kept (a big table's forms would hold its codes: ~0.35 GB for the
+#: five quantisers of a 32 000 × 4096 embedding, for the life of the process)
+FORM_CACHE_ELEMENTS = 1 << 22
+
+
 def _form(codec: Codec, shape: tuple[int, ...]) -> Encoded:
     key = (codec.spec, shape)
-    if key not in _SHAPE_FORMS:
+    if key in _SHAPE_FORMS:
+        return _SHAPE_FORMS[key]
+    if type(codec) is Float16:  # its form is one float16 tensor of the shape: a zero-stride view holds no memory
+        form = Encoded(codec.spec, tuple(shape), {"value": torch.zeros((), dtype=torch.float16).expand(shape)}, {})
+    else:
+        form = codec.encode(torch.zeros(shape))
+    if math.prod(shape) <= FORM_CACHE_ELEMENTS:
         if len(_SHAPE_FORMS) > 4096:
             _SHAPE_FORMS.clear()
-        _SHAPE_FORMS[key] = codec.encode(torch.zeros(shape))
-    return _SHAPE_FORMS[key]
+        _SHAPE_FORMS[key] = form
+    return form
+
+
+def _fp16_sq_err(x: torch.Tensor) -> float:
+    """A ``float16`` candidate's ‖x − decode(encode(x))‖² in float64, a piece at a time, without its decode (the
+    same rounding and the same error past the float16 range as the codec)."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for i in range(0, flat.numel(), SQ_ERR_CHUNK):
+        part = flat[i:i + SQ_ERR_CHUNK]
+        d = to_fp16(part, Float16.name, "a value").to(torch.float32).sub_(part)
+        total += float(torch.sum(d * d, dtype=torch.float64))
+    return total
 
 
 #: the grouped integer quantisers: ``roundtrip`` gives decode(encode(x)) without packing the codes
@@ -405,7 +438,7 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
             enc, err = _lowrank_candidate(codec, x, key, cache, rows)
         elif isinstance(codec, SparseRows) and wrap is None and x.ndim >= 2 and x.numel():
             if split is None:
-                split = codec.split(x)
+                split = codec.split(x, copy=False)  # only measured here: a table every row of which changed is x
             enc, err = _sparse_rows_candidate(codec, x, key, cache, split)
         elif isinstance(codec, TopK) and x.numel():
             if ranked is None:
@@ -413,7 +446,9 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
             enc, err = _topk_candidate(codec, x, ranked)
         elif isinstance(codec, _QUANTS) and x.numel():
             # the error from decode(encode(x)) without packing the codes; the bytes from the shape's stored form
-            enc, err = _form(codec, tuple(x.shape)), _sq_err(x, codec.roundtrip(x))
+            enc, err = _form(codec, tuple(x.shape)), codec.sq_error(x)
+        elif isinstance(codec, Float16) and x.numel():
+            enc, err = _form(codec, tuple(x.shape)), _fp16_sq_err(x)
         else:
             enc = _encode(codec, x, key, cache)
             err = _sq_err(x, codec.decode(enc))
@@ -423,8 +458,11 @@ def measure(name: str, x: torch.Tensor, key: str, specs: Sequence[str] | None = 
         nbytes = enc.nbytes + entry_overhead(key, desc, list(flat))
         out.append(Candidate(enc.codec, nbytes, err))
         del enc, flat
-    if keep is not None and wrap is None and (factors := cache.peek(key)) is not None:
-        keep.offer(key, x, factors)
+    if keep is not None and wrap is None:
+        if (factors := cache.peek(key)) is not None:
+            keep.offer(key, x, factors)
+        if split is not None and (factors := cache.peek(f"{key}#rows")) is not None:
+            keep.offer(f"{key}#rows", split[1], factors)  # the touched rows' SVD, for a sparse-rows+lowrank choice
     return out
 
 
@@ -464,6 +502,10 @@ def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: 
     if isinstance(inner, LowRank) and inner.values["rank"] is not None and inner.next is not None \
             and kept.numel():
         rows, err = _lowrank_candidate(inner, kept, f"{key}#rows", cache)
+    elif isinstance(inner, _QUANTS) and kept.numel():  # the rows' error without coding them or decoding it
+        rows, err = _form(inner, tuple(kept.shape)), inner.sq_error(kept)
+    elif isinstance(inner, Float16) and kept.numel():
+        rows, err = _form(inner, tuple(kept.shape)), _fp16_sq_err(kept)
     else:
         rows = inner.encode(kept)
         err = _sq_err(kept, inner.decode(rows))
@@ -473,8 +515,8 @@ def _sparse_rows_candidate(codec: SparseRows, x: torch.Tensor, key: str, cache: 
 def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded:
     """``codec.encode(x)``, with low rank and Delta-CoMe's mixed precision taking their SVD from ``cache`` (one
     truncated SVD per pair for every candidate, and the same factors when the chosen one is written)."""
-    if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
-        return lowrank_encode(codec, x, cache.source(key))
+    if isinstance(codec, (LowRank, SparseRows)) and x.ndim >= 2:
+        return encode_with_svd(codec, x, cache.source(key), cache.source(f"{key}#rows"))
     if isinstance(codec, MixedSVD) and x.ndim >= 2 and x.numel():
         m = as_matrix(x)
         # the cache returns every triplet asked for up to min(m, n): the leading ones encode_svd needs
@@ -483,10 +525,11 @@ def _encode(codec: Codec, x: torch.Tensor, key: str, cache: SVDCache) -> Encoded
 
 
 def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None,
-                  factors: Factors | None = None) -> Encoded:
+                  factors: Factors | None = None, row_factors: Factors | None = None) -> Encoded:
     """The ``Encoded`` of one chosen candidate (what ``measure`` measured: same codec, same factors); a
     ``colscale+…`` spec needs the ``scale`` it was measured with. ``factors``: the truncated SVD of ``x`` the
-    measuring pass computed (``KeptFactors``), used instead of computing it again."""
+    measuring pass computed (``KeptFactors``), used instead of computing it again; ``row_factors`` the same for
+    the rows a ``sparse-rows+lowrank`` candidate keeps."""
     codec = parse_codec(spec)
     x = x.detach().float()
     if isinstance(codec, ColScale):
@@ -500,6 +543,8 @@ def encode_chosen(spec: str, x: torch.Tensor, scale: torch.Tensor | None = None,
     cache = SVDCache(min_rank=SVD_RANK)
     if factors is not None:
         cache.put("chosen", factors)
+    if row_factors is not None:
+        cache.put("chosen#rows", row_factors)
     return _encode(codec, x, "chosen", cache)
 
 
@@ -784,9 +829,13 @@ class BudgetRule:
             except KeyError:
                 raise ConfigError(f"budget coder: no codec allocated for task {task!r}, tensor {name!r}") from None
             scale = (self.scales or {}).get(task, {}).get(name)
-            factors = self.kept.get(f"residual/{name}/{task}", x) if self.kept is not None and scale is None \
-                else None
-            return encode_chosen(spec, x, scale, factors)
+            key = f"residual/{name}/{task}"
+            factors = row_factors = None
+            if self.kept is not None and scale is None:
+                factors = self.kept.get(key, x)
+                if spec.startswith(f"{SparseRows.name}+{LowRank.name}:") and x.ndim >= 2:
+                    row_factors = self.kept.get(f"{key}#rows", SparseRows().split(x, copy=False)[1])
+            return encode_chosen(spec, x, scale, factors, row_factors)
         cands = measure(name, x, f"residual/{name}/new")
         limit = (self.error ** 2) * float((x.double() ** 2).sum())
         ok = [c for c in cands if c.sqerr <= limit]

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tvbasis.codecs import Codec, Encoded, LowRank, parse_codec
+from tvbasis.codecs import Codec, Encoded, parse_codec
 from tvbasis.compress.bitdelta import bitdelta_codec
 from tvbasis.compress.budget import BudgetRule
 from tvbasis.compress.deltacome import DeltaComeRule
 from tvbasis.compress.kinds import KINDS, tensor_kind
-from tvbasis.compress.svd import SVD, lowrank_encode, truncated_svd
+from tvbasis.compress.svd import SVD, encode_with_svd, truncated_svd
 from tvbasis.compress.tsvc import tsvc_codec
 from tvbasis.compress.ultradelta import UltraDeltaRule
 from tvbasis.errors import ConfigError
@@ -96,9 +96,7 @@ class CodecPlan:
         codec = self.codec_for(name, tuple(x.shape))
         if codec is None:
             return None
-        if svd is not None and isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
-            return lowrank_encode(codec, x, svd)
-        return codec.encode(x)
+        return encode_with_svd(codec, x, svd) if svd is not None else codec.encode(x)
 
     def roundtrip(self, name: str, x: torch.Tensor, svd: SVD | None = None) -> tuple[torch.Tensor, int]:
         """(decode(encode(x)), exact stored bytes) — zeros and 0 bytes for a ``none`` kind."""
@@ -204,6 +202,4 @@ class Coder:
         codec = self.codec_for(name, tuple(x.shape))
         if codec is None:
             return None
-        if svd is not None and isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
-            return lowrank_encode(codec, x, svd)
-        return codec.encode(x)
+        return encode_with_svd(codec, x, svd) if svd is not None else codec.encode(x)

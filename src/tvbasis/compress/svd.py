@@ -31,7 +31,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from tvbasis.codecs import Encoded, LowRank, as_matrix
+from tvbasis.codecs import Codec, Encoded, LowRank, SparseRows, as_matrix
 from tvbasis.codecs.base import check_input
 from tvbasis.io.checksum import tensor_digest
 
@@ -78,7 +78,9 @@ def randomized_svd(x: torch.Tensor, rank: int, oversample: int = OVERSAMPLE, nit
     B = Q.T @ A                                      # (q, cols)
     Ub, s_q, Vh = torch.linalg.svd(B.double(), full_matrices=False)
     U = Q.double() @ Ub                              # (rows, q)
-    total = float(torch.sum(X.double() ** 2))
+    flat = X.reshape(-1)  # ‖X‖² in float64 a piece at a time: no float64 copy of a big matrix (1 GB at 32 000 × 4096)
+    total = sum(float(torch.linalg.vector_norm(flat[i:i + (1 << 22)], dtype=torch.float64)) ** 2
+                for i in range(0, flat.numel(), 1 << 22))
     tail = max(total - float(torch.sum(s_q**2)), 0.0) ** 0.5
     s_all = torch.cat([s_q, torch.tensor([tail], dtype=torch.float64, device=s_q.device)])
     r = min(int(rank), q)
@@ -234,3 +236,18 @@ def lowrank_encode(codec: LowRank, x: torch.Tensor, svd: SVD = truncated_svd) ->
     if codec.next is None:
         return Encoded(codec.spec, tuple(x.shape), {"us": us, "vt": vt}, meta)
     return Encoded(codec.spec, tuple(x.shape), {}, meta, {"us": codec.next.encode(us), "vt": codec.next.encode(vt)})
+
+
+def encode_with_svd(codec: Codec, x: torch.Tensor, svd: SVD = truncated_svd, rows_svd: SVD = truncated_svd) -> Encoded:
+    """``codec.encode(x)`` with each fixed-rank low-rank stage taking its factors from a truncated SVD: a top-level
+    ``lowrank:rank=r+…`` from ``svd`` (which may be bound to a cache key of ``x``), the rows of a
+    ``sparse-rows+lowrank:rank=r+…`` from ``rows_svd`` (a different matrix: the rows ``x`` touches). The codecs'
+    own encode takes a full LAPACK SVD, which for a 32 000 × 4096 embedding table is minutes per task where the
+    truncated one is seconds; the ``Encoded`` has the codec's layout either way."""
+    if isinstance(codec, LowRank) and codec.values["rank"] is not None and x.ndim >= 2:
+        return lowrank_encode(codec, x, svd)
+    if isinstance(codec, SparseRows) and isinstance(codec.next, LowRank) and codec.next.values["rank"] is not None \
+            and x.ndim >= 2 and x.numel():
+        index, kept, meta = codec.split(check_input(x, codec.name), copy=False)  # only read by the SVD
+        return codec.assemble(x, index, meta, lowrank_encode(codec.next, kept, rows_svd))
+    return codec.encode(x)

@@ -55,7 +55,7 @@ from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
 from tvbasis.io.atomic import temp_path
 from tvbasis.store.build import build_store, output_path
-from tvbasis.store.residual_pass import stacked_deltas
+from tvbasis.store.residual_pass import sq_dist64, stacked_deltas
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet
@@ -140,15 +140,16 @@ class MeasureTask:
 
     def __call__(self, name: str) -> tuple[str, dict[str, list[Candidate]], dict[str, float], dict[str, float],
                                            dict[str, float]]:
-        W0 = torch.empty(self.taskset.specs[name].shape, dtype=torch.float32)
-        X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage, pretrained_out=W0)
+        shape = self.taskset.specs[name].shape
+        W0_rows = torch.empty(shape[0] if shape else 1, dtype=torch.float64)  # Σ over each row of W₀²
+        X, scratch = stacked_deltas(self.taskset, name, self.chunk_elements, self.stage, pretrained_rows_sq=W0_rows)
         try:
             cands, norms2, pre2, wnorms2 = {}, {}, {}, {}
-            w2 = float((W0.double() ** 2).sum())  # ‖W₀‖², the same for every task
+            w2 = float(W0_rows.sum())  # ‖W₀‖², the same for every task
             for t, task in enumerate(self.taskset.names):
                 x = X[t]
-                norms2[task] = float((x.double() ** 2).sum())
-                pre2[task] = pretrained_scale(name, W0, x, norms2[task], w2)
+                norms2[task] = sq_dist64(x.reshape(-1), 0.0)
+                pre2[task] = pretrained_scale(name, W0_rows, x, norms2[task], w2)
                 cal = (self.calibration or {}).get(task)
                 if cal is None:
                     cands[task] = measure(name, x, f"residual/{name}/{task}", keep=self.keep)
@@ -158,7 +159,7 @@ class MeasureTask:
                 measured = measure(name, x, f"residual/{name}/{task}", scale=scale)
                 cands[task] = [Candidate(c.spec, c.nbytes, c.sqerr * w) for c in measured]
                 xs = x if scale is None else as_matrix(x) * scale.float()
-                wnorms2[task] = w * float((xs.double() ** 2).sum())
+                wnorms2[task] = w * sq_dist64(xs.reshape(-1), 0.0)
             return name, cands, norms2, pre2, wnorms2
         finally:
             del X
@@ -166,19 +167,26 @@ class MeasureTask:
                 os.unlink(scratch)
 
 
-def pretrained_scale(name: str, W0: torch.Tensor, x: torch.Tensor, x2: float | None = None,
+def pretrained_scale(name: str, W0_rows: torch.Tensor, x: torch.Tensor, x2: float | None = None,
                      w2: float | None = None) -> float:
     """‖W₀‖² of what the task changes — the whole tensor, or for an embedding table only the rows the task touched
     — floored at the change's own ‖x‖² (a tensor that starts near zero, such as a bias); the ``relative`` loss
     weighs each tensor's squared error by its inverse, i.e. measures a tensor's error against the weights it
-    perturbs: for a layer fed normalised inputs, ‖ΔW·x‖/‖W·x‖ ≈ ‖ΔW‖/‖W‖. ``x2`` (‖x‖²) and ``w2`` (‖W₀‖², used
-    for every kind but embeddings) when the caller has them already."""
+    perturbs: for a layer fed normalised inputs, ‖ΔW·x‖/‖W·x‖ ≈ ‖ΔW‖/‖W‖. ``W0_rows``: Σ W₀² of each row (float64,
+    ``stacked_deltas``' ``pretrained_rows_sq``); ``x2`` (‖x‖²) and ``w2`` (‖W₀‖², used for every kind but
+    embeddings) when the caller has them already."""
     if tensor_kind(name, tuple(x.shape)) == "embedding":
-        rows = (x.reshape(x.shape[0], -1) != 0).any(dim=1)
-        w2 = float((W0.reshape(W0.shape[0], -1)[rows].double() ** 2).sum())
+        m = x.reshape(x.shape[0], -1)
+        step = max(1, SQ_ROWS_ELEMENTS // max(1, m.shape[1]))  # the touched rows found a block at a time
+        rows = torch.cat([(m[a:a + step] != 0).any(dim=1) for a in range(0, m.shape[0], step)])
+        w2 = float(W0_rows[rows].sum())
     elif w2 is None:
-        w2 = float((W0.double() ** 2).sum())
-    return max(w2, float((x.double() ** 2).sum()) if x2 is None else x2, 1e-30)
+        w2 = float(W0_rows.sum())
+    return max(w2, sq_dist64(x.reshape(-1), 0.0) if x2 is None else x2, 1e-30)
+
+
+#: elements per block of rows when ``pretrained_scale`` looks for the rows an embedding's change touched
+SQ_ROWS_ELEMENTS = 1 << 22
 
 
 def measure_pass(taskset: TaskSet, run: Run, stage: Path, chunk_elements: int,

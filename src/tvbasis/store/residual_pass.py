@@ -67,11 +67,12 @@ def sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
 
 
 def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path,
-                   pretrained_out: torch.Tensor | None = None) -> tuple[torch.Tensor, Path | None]:
+                   pretrained_rows_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, Path | None]:
     """The T task-vector slices of tensor ``name`` as one (T, *shape) float32 tensor, read once in row chunks:
     in memory up to ``SCRATCH_BYTES``, else memory-mapped on a scratch file in ``stage`` (returned, for the
-    caller to unlink). ``pretrained_out`` (float32, the tensor's shape): also filled with the pretrained tensor
-    the slices were taken against, from the same reads."""
+    caller to unlink). ``pretrained_rows_sq`` (float64, one entry per row, or one for a scalar): also filled with
+    the sum of squares of each row of the pretrained tensor the slices were taken against, from the same reads
+    (what the budget's relative loss needs of it, without a float32 copy of the tensor)."""
     spec = taskset.specs[name]
     T = taskset.T
     scratch = None
@@ -83,14 +84,15 @@ def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path
     if not spec.shape:
         d, pre = taskset.deltas_and_pretrained(name, None)
         X.copy_(d)
-        if pretrained_out is not None:
-            pretrained_out.copy_(pre)
+        if pretrained_rows_sq is not None:
+            pretrained_rows_sq.fill_(float(pre.double() ** 2))
         return X, scratch
     for a, b in row_chunks(spec, chunk_elements):
         d, pre = taskset.deltas_and_pretrained(name, (a, b))
         X[:, a:b] = d
-        if pretrained_out is not None:
-            pretrained_out[a:b] = pre
+        if pretrained_rows_sq is not None:
+            p = pre.reshape(b - a, -1).double()
+            pretrained_rows_sq[a:b] = (p * p).sum(dim=1)
     return X, scratch
 
 
@@ -144,7 +146,9 @@ class ResidualMaterialiseTask:
         names = self.taskset.names
         for t in range(T):
             x = flatX[t].to(self.device)
-            vhat = coef[:, t] @ flatU if nU else torch.zeros_like(x)
+            # M = 0: no zero reconstruction, residual copy or sum is formed (each would be a whole float32 slice:
+            # 0.5 GB apiece for a 32 000 × 4096 embedding); the coder reads x itself and does not change it
+            vhat = coef[:, t] @ flatU if nU else None
             key = entry_key("residual", name, names[t])
             if self.mask_lambdas is not None:  # TALL: m_t over the one stored vector s_0
                 s0 = flatU[0]
@@ -152,14 +156,21 @@ class ResidualMaterialiseTask:
                 self._emit(entries, key, Mask().encode(m.to(torch.float32).reshape(spec.shape)), spec.shape)
                 approx = torch.where(m, s0, torch.zeros((), device=s0.device))
             elif self.residual_coder is not None:
-                r = (x - vhat).reshape(spec.shape).cpu()
+                r = (x if vhat is None else x - vhat).reshape(spec.shape).cpu()
                 enc = self.residual_coder.encode(name, r, task=names[t])
-                approx = vhat + (decode(enc).reshape(-1).to(self.device) if enc is not None else 0.0)
+                del r
                 self._emit(entries, key, enc, spec.shape)
+                if enc is None:
+                    approx = vhat if vhat is not None else torch.zeros_like(x)
+                else:
+                    dec = decode(enc).reshape(-1).to(self.device)
+                    approx = dec if vhat is None else vhat.add_(dec)  # vhat is this loop's own; dec is not changed
+                    del dec
                 del enc
             else:
-                approx = vhat
+                approx = vhat if vhat is not None else torch.zeros_like(x)
             err2[t] = sq_dist64(x, approx)
+            del approx, vhat
         return group, C, K, err2, (name, entries)
 
     def _emit(self, entries: dict[str, Encoded | None], key: str, enc: Encoded | None,
