@@ -22,12 +22,13 @@ a small multiple of one chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 
 from tvbasis.codecs import base
-from tvbasis.codecs.base import Codec, check_input, expect_numel, to_fp16
+from tvbasis.codecs.base import Codec, check_input, expect_numel, sq_dist64, to_fp16
 from tvbasis.codecs.bits import pack_uint_unchecked, packed_size, unpack_uint
 from tvbasis.codecs.encoded import Encoded
 from tvbasis.codecs.params import Param
@@ -69,14 +70,10 @@ class _IntQuant(Codec):
         torch.sub(v, m[:, None], out=codes).div_(_safe(s16.float())[:, None]).round_().clamp_(0, levels)
         return codes, s16, m16
 
-    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
-        """``decode(encode(x))`` without packing or unpacking the codes: the same float32 values, bit for bit
-        (x̂ = s·q, or m + s·q affine, from the same float16 parameters). For the budget's measuring pass, which needs
-        only the error; the stored form's sizes depend on the shape alone."""
-        x = check_input(x, self.name)
-        flat = x.reshape(-1)
+    def _dequantised(self, flat: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(e0, e1, decode(encode(x))[e0:e1]) of a flat x, a chunk of whole groups at a time, without packing the
+        codes: x̂ = s·q, or m + s·q affine, from the same float16 parameters as ``encode``."""
         n, group = flat.numel(), self.group
-        out = torch.empty(n, dtype=torch.float32, device=x.device)
         n_groups = -(-n // group)
         gpc = self._groups_per_chunk()
         for g0 in range(0, n_groups, gpc):
@@ -86,28 +83,23 @@ class _IntQuant(Codec):
             codes.mul_(s16.float()[:, None])
             if m16 is not None:
                 codes.add_(m16.float()[:, None])
-            out[e0:e1] = codes.reshape(-1)[: e1 - e0]
+            yield e0, e1, codes.reshape(-1)[: e1 - e0]
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))`` without packing or unpacking the codes: the same float32 values, bit for bit. For
+        the budget's measuring pass, which needs only the error; the stored form's sizes depend on the shape alone."""
+        x = check_input(x, self.name)
+        flat = x.reshape(-1)
+        out = torch.empty(flat.numel(), dtype=torch.float32, device=x.device)
+        for e0, e1, values in self._dequantised(flat):
+            out[e0:e1] = values
         return out.reshape(x.shape)
 
     def sq_error(self, x: torch.Tensor) -> float:
-        """‖x − decode(encode(x))‖² in float64, group chunk by group chunk as ``roundtrip`` forms them, without the
-        decoded tensor (for a 32 000 × 4096 embedding that is 0.5 GB, and as much again for the difference)."""
-        x = check_input(x, self.name)
-        flat = x.reshape(-1)
-        n, group = flat.numel(), self.group
-        n_groups = -(-n // group)
-        gpc = self._groups_per_chunk()
-        total = 0.0
-        for g0 in range(0, n_groups, gpc):
-            g1 = min(g0 + gpc, n_groups)
-            e0, e1 = g0 * group, min(g1 * group, n)
-            codes, s16, m16 = self._codes(_padded_groups(flat[e0:e1], group))
-            codes.mul_(s16.float()[:, None])
-            if m16 is not None:
-                codes.add_(m16.float()[:, None])
-            d = codes.reshape(-1)[: e1 - e0].sub_(flat[e0:e1])
-            total += float(torch.sum(d * d, dtype=torch.float64))
-        return total
+        """‖x − decode(encode(x))‖² in float64, chunk by chunk as ``roundtrip`` forms them, without the decoded
+        tensor (for a 32 000 × 4096 embedding that is 0.5 GB, and as much again for the difference)."""
+        flat = check_input(x, self.name).reshape(-1)
+        return sum(sq_dist64(values, flat[e0:e1]) for e0, e1, values in self._dequantised(flat))
 
     def _encode(self, x: torch.Tensor) -> Encoded:
         flat = x.reshape(-1)

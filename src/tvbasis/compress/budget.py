@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from tvbasis.codecs import Codec, ColScale, Encoded, LowRank, MixedSVD, SparseRows, as_matrix, parse_codec
-from tvbasis.codecs.base import to_fp16
+from tvbasis.codecs.base import sq_dist64, to_fp16
 from tvbasis.codecs.cast import Float16
 from tvbasis.codecs.quant import Int2, Int3, Int4, Int8
 from tvbasis.codecs.topk import TopK, keep_count
@@ -265,17 +265,12 @@ class Candidate:
     sqerr: float
 
 
-#: elements per piece when a squared error is summed (no whole-tensor difference of a big tensor is formed)
+#: elements per piece when a float16 candidate's error is summed (no whole-tensor decode is formed)
 SQ_ERR_CHUNK = 1 << 22
 
 
 def _sq_err(x: torch.Tensor, xhat: torch.Tensor) -> float:
-    a, b = x.reshape(-1), xhat.reshape(-1)
-    total = 0.0
-    for i in range(0, a.numel(), SQ_ERR_CHUNK):
-        d = a[i:i + SQ_ERR_CHUNK] - b[i:i + SQ_ERR_CHUNK].to(x.dtype)
-        total += float(torch.sum(d * d, dtype=torch.float64))
-    return total
+    return sq_dist64(x.reshape(-1), xhat.reshape(-1).to(x.dtype))
 
 
 #: the stored form of one codec on one shape, without its values: (spec, shape) -> an ``Encoded`` of zeros, whose

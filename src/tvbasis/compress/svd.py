@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from tvbasis.codecs import Codec, Encoded, LowRank, SparseRows, as_matrix
-from tvbasis.codecs.base import check_input
+from tvbasis.codecs.base import check_input, sq_dist64
 from tvbasis.io.checksum import tensor_digest
 
 #: (u (m, r), s (r,), vh (r, n), all singular values (min(m, n),)) of a 2-D matrix at rank r
@@ -78,9 +78,7 @@ def randomized_svd(x: torch.Tensor, rank: int, oversample: int = OVERSAMPLE, nit
     B = Q.T @ A                                      # (q, cols)
     Ub, s_q, Vh = torch.linalg.svd(B.double(), full_matrices=False)
     U = Q.double() @ Ub                              # (rows, q)
-    flat = X.reshape(-1)  # ‖X‖² in float64 a piece at a time: no float64 copy of a big matrix (1 GB at 32 000 × 4096)
-    total = sum(float(torch.linalg.vector_norm(flat[i:i + (1 << 22)], dtype=torch.float64)) ** 2
-                for i in range(0, flat.numel(), 1 << 22))
+    total = sq_dist64(X.reshape(-1), 0.0)  # a piece at a time: no float64 copy of a big matrix (1 GB at 32 000 × 4096)
     tail = max(total - float(torch.sum(s_q**2)), 0.0) ** 0.5
     s_all = torch.cat([s_q, torch.tensor([tail], dtype=torch.float64, device=s_q.device)])
     r = min(int(rank), q)

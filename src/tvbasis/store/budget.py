@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tvbasis.codecs import as_matrix
+from tvbasis.codecs.base import sq_dist64
 from tvbasis.codecs.colscale import stored_scale
 from tvbasis.compress import Coder
 from tvbasis.compress.budget import (
@@ -55,7 +56,7 @@ from tvbasis.errors import ConfigError
 from tvbasis.io import Checkpoint
 from tvbasis.io.atomic import temp_path
 from tvbasis.store.build import build_store, output_path
-from tvbasis.store.residual_pass import sq_dist64, stacked_deltas
+from tvbasis.store.residual_pass import stacked_deltas
 from tvbasis.store.spec import StoreSpec, WriteOptions
 from tvbasis.store.store import BasisStore
 from tvbasis.taskset import DEFAULT_CHUNK_ELEMENTS, TaskSet

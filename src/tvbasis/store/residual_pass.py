@@ -22,6 +22,7 @@ import torch
 
 from tvbasis.bases import BasisFit
 from tvbasis.codecs import Encoded, Mask, decode
+from tvbasis.codecs.base import sq_dist64
 from tvbasis.compress import Coder, tall_mask
 from tvbasis.io import check_finite, row_chunks
 from tvbasis.io.atomic import temp_path
@@ -50,20 +51,6 @@ def _gram64(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
         b = a if B is A else B[:, s:s + step].to(A.device).double()
         out += a @ b.T
     return out.cpu().numpy()
-
-
-def sq_dist64(x: torch.Tensor, y: torch.Tensor | float) -> float:
-    """‖x − y‖² of two flat float32 tensors (y may be 0.0), summed in float64 over chunks. The difference is taken
-    in float32: IEEE subtraction is correctly rounded, so each element's difference is within 2⁻²⁴ of its exact
-    value relative to itself (no cancellation: x and y are exact float32 values), and the float64 norm then adds
-    no rounding of note — 3–4× faster than converting both operands to float64 first."""
-    total = 0.0
-    for s in range(0, x.numel(), PRODUCT_CHUNK):
-        d = x[s:s + PRODUCT_CHUNK]
-        if isinstance(y, torch.Tensor):
-            d = d - y[s:s + PRODUCT_CHUNK]
-        total += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-    return total
 
 
 def stacked_deltas(taskset: TaskSet, name: str, chunk_elements: int, stage: Path,

@@ -31,6 +31,7 @@ import torch
 
 from tvbasis.bases.extend import Extension, extend_fit
 from tvbasis.codecs import Encoded, decode, parse_codec
+from tvbasis.codecs.base import sq_dist64
 from tvbasis.compress import Coder
 from tvbasis.engine import Engine, Run, as_run
 from tvbasis.errors import ConfigError, StoreError
@@ -71,7 +72,6 @@ from tvbasis.store.lora_entries import (
     project,
     stored_term,
 )
-from tvbasis.store.residual_pass import sq_dist64
 from tvbasis.store.store import BasisStore
 from tvbasis.vectors import DiffSource, KeyFilter, changed_specs, vector_specs
 
