@@ -74,6 +74,9 @@ def test_default_bench_is_unchanged() -> None:
     assert cfg.svd_merges == ("Iso-C",) and cfg.merges and not cfg.stitch
     assert cfg.task_filter is False  # only --tasks many filters by default
     assert BenchConfig(task_filter=True).resolved().task_filter is True
+    assert cfg.eval_dtype == "float32"  # bfloat16 only when asked
+    with pytest.raises(ConfigError, match="--eval-dtype 'float16'"):
+        BenchConfig(eval_dtype="float16").resolved()
 
 
 class _Encoder:

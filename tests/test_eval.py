@@ -314,3 +314,41 @@ def test_eval_cache_reads_back_only_the_same_weights_and_question(run: dict, tmp
         if enc.eval_cache is not None:
             enc.eval_cache.close()
         enc.eval_cache = None
+
+
+def test_bfloat16_inference_matches_an_autocast_reference_and_keeps_its_own_cache(run: dict, tmp_path: Path) -> None:
+    """--eval-dtype bfloat16: the embeddings are the model's last hidden state under torch.autocast(bfloat16),
+    mean-pooled and normalised as the test writes it; a float32 score is never read back for a bfloat16 pass."""
+    enc: Encoder = run["encoder"]
+    texts = ["how do I transfer money abroad", "my card was declined", "what is the weather like in Paris today"]
+    toks = enc.tokenize(texts)
+    inputs = enc.collate(toks, range(len(texts)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = enc.model(**inputs).last_hidden_state.float()
+    m = inputs["attention_mask"].unsqueeze(-1).float()
+    ref = (hidden * m).sum(1) / m.sum(1)
+    ref = ref / ref.norm(dim=1, keepdim=True)
+    f32 = enc.encode(texts)
+    try:
+        enc.eval_dtype = torch.bfloat16
+        got = enc.encode(texts)
+        assert torch.allclose(got, ref, atol=1e-5)
+        assert not torch.equal(got, f32)  # bfloat16 really ran
+        assert (got * f32).sum(1).min() > 0.999  # and stays near float32
+        assert enc.describe()["eval_dtype"] == "bfloat16"
+        path = tmp_path / "eval-cache.jsonl"
+        enc.eval_cache = EvalCache(path)
+        enc.eval_dtype = torch.float32
+        Evaluator(enc, run["tasks"]).zero_shot("test", ["mcid"])
+        enc.eval_dtype = torch.bfloat16
+        ev16 = Evaluator(enc, run["tasks"])
+        before = enc.eval_cache.misses
+        ev16.zero_shot("test", ["mcid"])
+        assert enc.eval_cache.misses == before + 1  # computed again, not the float32 score read back
+        keys = [json.loads(line)["k"].split("|") for line in path.read_text().splitlines()]
+        assert len(keys) == 2 and keys[0][0] != keys[1][0] and keys[0][1:] == keys[1][1:]
+    finally:
+        enc.eval_dtype = torch.float32
+        if enc.eval_cache is not None:
+            enc.eval_cache.close()
+        enc.eval_cache = None

@@ -51,7 +51,7 @@ from tvbasis.bench.states import sum_states, vector_bytes
 from tvbasis.bench.stitch_rows import stitch_markdown, stitch_rows
 from tvbasis.bench.task_filter import TaskFilterReport, filter_tasks
 from tvbasis.errors import ConfigError
-from tvbasis.eval.encoder import Encoder
+from tvbasis.eval.encoder import EVAL_DTYPES, Encoder
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import FinetuneSettings, ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import (
@@ -148,6 +148,7 @@ class BenchConfig:
     plots: bool = True
     keep_stores: bool = False
     resume: bool = False  # scores kept in <out>/eval-cache.jsonl and read back (eval/evalcache.py)
+    eval_dtype: str = "float32"  # inference precision of every score (Encoder.eval_dtype; --eval-dtype)
     progress: bool = True
     full: bool = False
     stitch: bool = False  # the Localize-and-Stitch rows (bench/stitch_rows.py): --stitch, --all-rows, --full
@@ -201,6 +202,8 @@ class BenchConfig:
             raise ConfigError("the extended negation grid is empty")
         if len(tasks) < 2:
             raise ConfigError("the benchmark needs at least 2 tasks")
+        if self.eval_dtype not in EVAL_DTYPES:
+            raise ConfigError(f"--eval-dtype {self.eval_dtype!r}: expected one of {', '.join(EVAL_DTYPES)}")
         Ms = sizes_for(self.m_spec, len(tasks)) if self.m_spec else self.Ms
         unknown = [m for m in self.methods if m not in STORE_ROWS]
         if unknown:
@@ -372,6 +375,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     timings["finetune"] = time.time() - t0
     if cfg.resume:
         encoder.eval_cache = EvalCache(out / CACHE_NAME)
+    encoder.eval_dtype = EVAL_DTYPES[cfg.eval_dtype]  # after the fine-tunes: they never see it
     pre_dir = work / "pretrained"
     ft_dirs = {n: str(r.path) for n, r in results.items()}
     ev = Evaluator(encoder, tasks, progress=False)

@@ -55,6 +55,7 @@ from tvbasis.compress import (
 )
 from tvbasis.engine.cores import available_cores, busy_cores_elsewhere, cores_left, load_average
 from tvbasis.errors import ConfigError, TvbasisError
+from tvbasis.eval.encoder import EVAL_DTYPES
 from tvbasis.eval.evalcache import CACHE_NAME, EvalCache
 from tvbasis.eval.finetune import ensure_writable, finetune, pretrained_encoder
 from tvbasis.eval.metrics import DEFAULT_GRID, AdditionResult, Evaluator, NegationResult, lambda_grid, mean
@@ -453,6 +454,7 @@ def run_frontier(config: BenchConfig, configs: Sequence[Config] | None = None,
         encoder.eval_cache = EvalCache(out / CACHE_NAME)
     if extra is not None:
         extra.prepare(tasks, work, settings, encoder, cfg.progress)
+    encoder.eval_dtype = EVAL_DTYPES[cfg.eval_dtype]  # after every fine-tune: they never see it
     threads_before = torch.get_num_threads()
     threads = measure_threads()
     torch.set_num_threads(threads)

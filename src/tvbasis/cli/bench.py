@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  "freeze_embeddings": freeze,
                                  "num_layers": args.layers, "max_length": args.max_length, "seed": args.seed,
                                  "plots": not args.no_plots, "keep_stores": args.keep_stores, "resume": args.resume,
-                                 "progress": _progress(args)}
+                                 "eval_dtype": args.eval_dtype, "progress": _progress(args)}
     if args.stitch and args.no_stitch:
         raise ConfigError("--stitch adds the Localize-and-Stitch rows and --no-stitch drops them: give one")
     if args.all_rows:  # the paper's whole row set, as the default bench ran before the quick default
@@ -416,4 +416,9 @@ def register(subparsers: Any) -> None:
                    help="keep every score in <out>/eval-cache.jsonl and read back the ones a stopped run of the same "
                    "command already computed (keyed by digests of the weights, θ₀, the task data and heads, and "
                    "the tvbasis version): a long run (--full, --model mpnet) goes on where it stopped")
+    b.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of every evaluation pass (default float32): bfloat16 runs the encoder's matrix "
+                   "products in bfloat16 through torch.autocast (the weights and each edit stay float32) — about 3x "
+                   "faster on CPUs with AMX or AVX512-BF16, within the run's spread of float32's scores "
+                   "(docs/benchmark.md), slower on CPUs without them; fine-tuning is always float32")
     b.set_defaults(fn=cmd_bench)

@@ -213,9 +213,12 @@ class Evaluator:
         self._context = "" if self.cache is None else self._context_digest()
 
     def _context_digest(self) -> str:
-        """What an accuracy depends on besides the edit: θ₀, the max length, each task split and head."""
-        parts = {"max_length": self.encoder.max_length, "splits": {
+        """What an accuracy depends on besides the edit: θ₀, the max length, the inference precision, each task
+        split and head."""
+        parts: dict[str, object] = {"max_length": self.encoder.max_length, "splits": {
             f"{n}/{s}": [t[s].texts, t[s].labels] for n, t in self.tasks.items() for s in self.splits}}
+        if self.encoder.eval_dtype != torch.float32:  # float32 keeps the digest of caches written before
+            parts["eval_dtype"] = str(self.encoder.eval_dtype)
         tensors = [*sorted(self.encoder.pretrained_state.items()),
                    *((f"head/{n}", h.weight) for n, h in sorted(self.heads.items()))]
         return context_digest(parts, tensors)
