@@ -255,6 +255,35 @@ def test_causal_lm_scores_match_a_full_forward_and_edits_apply(tmp_path: Path) -
     assert torch.allclose(lm.scores(texts, labels), ref, atol=1e-4)
 
 
+def test_prompt_runs_once_for_labels_of_different_lengths_and_a_long_text_is_cut_alike(tmp_path: Path) -> None:
+    """Labels of 1, 2 and 3 tokens scored after one shared prompt (its key/value cache repeated per label) equal
+    full forwards of every (prompt, label) sequence; a long text is cut to leave room for the longest label, the
+    same prompt for every class (BOS, the text's head, the last 4 tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tvbasis.eval.causal_lm import CausalLMScorer
+
+    d = _tiny_lm_dir(tmp_path / "lm")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = AutoModelForCausalLM.from_pretrained(str(d))
+    labels = ["bank", "weather rain", "play a song"]
+    lm = CausalLMScorer(d, max_length=16)
+    long = " ".join(["money"] * 40)  # 239 characters: below the 16 per token the tokeniser's input is cut to
+    got = lm.scores(["i lost my card", long], labels)
+    # the long text's prompt, written out: 16 tokens less the 3 of the longest label = 13 = BOS, "Text", ":",
+    # 6 words of the text, then the tail "money money Label :"
+    cut = tok("Text: " + " ".join(["money"] * 8) + "\nLabel:")["input_ids"]
+    assert len(cut) == 13
+    with torch.no_grad():
+        for i, prompt in enumerate([tok("Text: i lost my card\nLabel:")["input_ids"], cut]):
+            for c, lab in enumerate(labels):
+                lab_ids = tok(" " + lab, add_special_tokens=False)["input_ids"]
+                assert len(lab_ids) == c + 1
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + lab_ids])).logits[0].float(), -1)
+                ref = sum(float(logp[len(prompt) + k - 1, t]) for k, t in enumerate(lab_ids))
+                assert got[i, c].item() == pytest.approx(ref, abs=1e-4)
+
+
 def test_long_texts_are_cut_but_keep_the_prompt_tail(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

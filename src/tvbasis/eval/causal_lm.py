@@ -11,6 +11,7 @@ weights in place like ``SequenceClassifier`` (θ + scale·delta).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,34 +36,35 @@ class Sequences:
         self.ids, self.label_start, self.label_len = ids, label_start, label_len
 
 
-def build_sequences(tokenizer: object, texts: Sequence[str], label_texts: Sequence[str], max_length: int,
-                    template: str = DEFAULT_TEMPLATE) -> tuple[Sequences, list[tuple[int, int]]]:
-    """Every (text, label) pair as one token sequence ``prompt(text) + " " + label``; returns the sequences and,
-    per sequence, (text index, label index)."""
-    index = [(i, c) for i in range(len(texts)) for c in range(len(label_texts))]
-    return pair_sequences(tokenizer, texts, label_texts, index, max_length, template), index
-
-
-def pair_sequences(tokenizer: object, texts: Sequence[str], label_texts: Sequence[str],
-                   pairs: Sequence[tuple[int, int]], max_length: int, template: str = DEFAULT_TEMPLATE) -> Sequences:
-    """The sequences ``prompt(texts[i]) + " " + label_texts[c]`` for (i, c) in ``pairs``; the prompt's text is cut
-    so that the whole sequence fits ``max_length`` (the label and the prompt's tail are kept)."""
+def label_token_ids(tokenizer: object, label_texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Each label text's tokens (after one space, no special tokens); ConfigError for an empty label or one that
+    leaves no room for the text."""
     labels = [tokenizer(" " + lab, add_special_tokens=False)["input_ids"] for lab in label_texts]  # type: ignore[operator]
     if any(not ids for ids in labels):
         raise ConfigError("a label text tokenises to nothing; give every class a non-empty name")
     longest = max(len(ids) for ids in labels)
     if longest >= max_length - 1:
         raise ConfigError(f"a label text has {longest} tokens; --max-length {max_length} leaves no room for the text")
-    prompts: dict[int, list[int]] = {}
+    return labels
+
+
+def prompt_ids(tokenizer: object, text: str, room: int, max_length: int, template: str = DEFAULT_TEMPLATE) -> list[int]:
+    """The prompt of ``text`` as tokens, cut to ``room`` tokens (``_cut``) when longer."""
+    prompt = tokenizer(template.format(text=text[: max_length * CHARS_PER_TOKEN]))["input_ids"]  # type: ignore[operator]
+    return prompt if len(prompt) <= room else _cut(prompt, room, tokenizer)
+
+
+def pair_sequences(tokenizer: object, texts: Sequence[str], label_texts: Sequence[str],
+                   pairs: Sequence[tuple[int, int]], max_length: int, template: str = DEFAULT_TEMPLATE) -> Sequences:
+    """The sequences ``prompt(texts[i]) + " " + label_texts[c]`` for (i, c) in ``pairs``; the prompt's text is cut
+    so that the whole sequence fits ``max_length`` (the label and the prompt's tail are kept)."""
+    labels = label_token_ids(tokenizer, label_texts, max_length)
     ids: list[list[int]] = []
     starts: list[int] = []
     lens: list[int] = []
     for i, c in pairs:
-        if i not in prompts:
-            prompts[i] = tokenizer(template.format(text=texts[i][: max_length * CHARS_PER_TOKEN]))["input_ids"]  # type: ignore[operator]
-        prompt, lab = prompts[i], labels[c]
-        room = max_length - len(lab)
-        p = prompt if len(prompt) <= room else _cut(prompt, room, tokenizer)
+        lab = labels[c]
+        p = prompt_ids(tokenizer, texts[i], max_length - len(lab), max_length, template)
         ids.append(p + lab)
         starts.append(len(p))
         lens.append(len(lab))
@@ -109,13 +111,51 @@ def label_logprobs(model: torch.nn.Module, seqs: Sequences, rows: Sequence[int],
             pos.append(s + k - 1)  # the hidden state before a token predicts it
             targets.append(seqs.ids[r][s + k])
             owner.append(j)
-    h = hidden[torch.tensor(b_idx), torch.tensor(pos)]
+    lp = _token_logprobs(model, head, hidden[torch.tensor(b_idx), torch.tensor(pos)], targets)
+    return torch.zeros(len(rows), dtype=lp.dtype).index_add(0, torch.tensor(owner), lp)
+
+
+def _token_logprobs(model: torch.nn.Module, head: torch.nn.Module, h: torch.Tensor, targets: Sequence[int]
+                    ) -> torch.Tensor:
+    """log p(target_j | hidden state h_j) through the LM head, with the model's logit soft-capping."""
     logits = head(h).float()
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1)
-    return torch.zeros(len(rows), dtype=lp.dtype).index_add(0, torch.tensor(owner), lp)
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1)
+
+
+def prefix_label_logprobs(model: torch.nn.Module, base: torch.nn.Module, head: torch.nn.Module, prompt: list[int],
+                          labels: Sequence[list[int]], pad_id: int) -> torch.Tensor:
+    """(C,) Σ over each label's tokens of log p(token | prompt, the label's earlier tokens), the prompt run once:
+    its last hidden state predicts every label's first token; its key/value cache, repeated once per label with
+    more than one token, carries those labels' other tokens in one right-padded batch (padding after a label's
+    last token is never attended to by its real tokens: the attention is causal)."""
+    out = base(input_ids=torch.tensor([prompt]), use_cache=True)
+    lp = _token_logprobs(model, head, out.last_hidden_state[0, -1:].expand(len(labels), -1),
+                         [lab[0] for lab in labels])
+    multi = [c for c, lab in enumerate(labels) if len(lab) > 1]
+    if not multi:
+        return lp
+    width = max(len(labels[c]) - 1 for c in multi)
+    ids = torch.full((len(multi), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(multi), len(prompt) + width), dtype=torch.long)
+    mask[:, :len(prompt)] = 1
+    for j, c in enumerate(multi):
+        n = len(labels[c]) - 1
+        ids[j, :n] = torch.tensor(labels[c][:-1])
+        mask[j, len(prompt):len(prompt) + n] = 1
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None:
+        raise ConfigError(f"{type(base).__name__} returned no key/value cache; cannot score label texts after a prompt")
+    cache.batch_repeat_interleave(len(multi))
+    # transformers names the forward argument ``cache`` from 5.40 on (``past_key_values`` before; still accepted)
+    kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False, **{kw: cache}).last_hidden_state
+    rows = [(j, k) for j, c in enumerate(multi) for k in range(len(labels[c]) - 1)]
+    tail = _token_logprobs(model, head, hidden[torch.tensor([j for j, _ in rows]), torch.tensor([k for _, k in rows])],
+                           [labels[multi[j]][k + 1] for j, k in rows])
+    return lp.index_add(0, torch.tensor([multi[j] for j, _ in rows]), tail)
 
 
 class CausalLMScorer(InPlaceEdit):
@@ -151,19 +191,24 @@ class CausalLMScorer(InPlaceEdit):
 
     @torch.inference_mode()
     def scores(self, texts: Sequence[str], label_texts: Sequence[str], progress: bool | str = False) -> torch.Tensor:
-        """(N texts, C classes) summed log-likelihoods of each label text after each text's prompt."""
-        seqs, index = build_sequences(self.tokenizer, texts, label_texts, self.max_length, self.template)
-        order = sorted(range(len(seqs.ids)), key=lambda r: len(seqs.ids[r]))
+        """(N texts, C classes) summed log-likelihoods of each label text after each text's prompt.
+
+        Each prompt runs once (``prefix_label_logprobs``): its last hidden state scores every label's first token,
+        and its key/value cache, repeated once per label, feeds the labels' remaining tokens in one batch — the
+        prompt's tokens are not run again per class (C times fewer prompt tokens than one sequence per
+        (text, label) pair). A long text is cut so that the prompt leaves room for the longest label, the same cut
+        for every class."""
+        labels = label_token_ids(self.tokenizer, label_texts, self.max_length)
+        room = self.max_length - max(len(lab) for lab in labels)
+        base, head = _base_and_head(self.model)
         out = torch.empty((len(texts), len(label_texts)), dtype=torch.float32)
-        starts = range(0, len(order), self.batch_size)
+        it: Sequence[int] | object = range(len(texts))
         if progress:
             from tqdm.auto import tqdm
-            starts = tqdm(starts, desc=progress if isinstance(progress, str) else "score", unit="batch", leave=False)
-        for s in starts:
-            rows = order[s:s + self.batch_size]
-            lp = label_logprobs(self.model, seqs, rows, self.pad_id)
-            for r, v in zip(rows, lp.tolist()):
-                out[index[r]] = v
+            it = tqdm(it, desc=progress if isinstance(progress, str) else "score", unit="text", leave=False)
+        for i in it:  # type: ignore[attr-defined]
+            prompt = prompt_ids(self.tokenizer, texts[i], room, self.max_length, self.template)
+            out[i] = prefix_label_logprobs(self.model, base, head, prompt, labels, self.pad_id)
         return out
 
     def predict(self, texts: Sequence[str], progress: bool | str = False,
