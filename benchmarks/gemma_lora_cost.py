@@ -9,7 +9,10 @@ Times (wall, on whatever machine runs it; the machine's load average is recorded
 and extrapolates what ``--tasks`` tasks × ``--train`` examples × 1 epoch and an evaluation of ``--eval-texts``
 texts per task at ``--lambdas`` λ values would take at those rates.
 
-    python benchmarks/gemma_lora_cost.py --task mcid --steps 2 --batch 8 --texts 8
+    python benchmarks/gemma_lora_cost.py --task mcid --steps 2 --batch 8 --texts 8 --dtypes float32 bfloat16
+
+With several ``--dtypes`` each is timed in turn on the same examples (bfloat16: matrix products under autocast,
+the weights float32 — mixed-precision LoRA training and scoring); the extrapolation uses the last one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from tvbasis.eval.causal_lm import CausalLMScorer
 from tvbasis.eval.finetune import FinetuneSettings
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=500, help="training examples per task of the planned run")
     p.add_argument("--eval-texts", type=int, default=128 + 32, help="test + dev texts per task of the planned run")
     p.add_argument("--lambdas", type=int, default=6, help="λ values evaluated per planned store (extrapolation)")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"])
     p.add_argument("--out", default=str(RESULTS / "gemma_lora_cost"))
     a = p.parse_args(argv)
     res: dict[str, object] = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -51,47 +57,59 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     model_dir, _ = resolve_model("gemma3-270m")
-    model, tok = load_lm(model_dir)
-    res["load_seconds"] = round(time.time() - t0, 1)
-    res["parameters"] = sum(p.numel() for p in model.parameters())
+    res["resolve_seconds"] = round(time.time() - t0, 1)
     task = load_task(a.task, max_train=a.steps * a.batch, max_dev=8, max_test=a.texts, seed=0)
     res["task"], res["classes"] = a.task, task.num_classes
     settings = FinetuneSettings(max_train=a.steps * a.batch, max_length=a.max_length, batch_size=a.batch)
-    res["load_before_train"] = load()
-    _, stats = train_lm_lora(model, tok, task, settings, lm_lora_settings(8), max_steps=a.steps)
-    res["train"] = stats
-    res["load_after_train"] = load()
-    del model
-    lm = CausalLMScorer(model_dir, max_length=a.max_length, batch_size=16)
-    t0 = time.time()
-    lm.scores(task["test"].texts, task.label_texts)
-    score_s = time.time() - t0
-    res["score_seconds"] = round(score_s, 1)
-    res["score_sequences"] = a.texts * task.num_classes
-    res["load_after_score"] = load()
-    step = min(stats["step_seconds"])  # type: ignore[type-var, arg-type]
-    per_text = score_s / a.texts
+    runs: dict[str, dict[str, object]] = {}
+    md_rows: list[str] = []
+    for name in a.dtypes:
+        dtype = getattr(torch, name)
+        r: dict[str, object] = {}
+        t0 = time.time()
+        model, tok = load_lm(model_dir)
+        r["load_seconds"] = round(time.time() - t0, 1)
+        res["parameters"] = sum(p.numel() for p in model.parameters())
+        r["load_before_train"] = load()
+        _, stats = train_lm_lora(model, tok, task, settings, lm_lora_settings(8), max_steps=a.steps, dtype=dtype)
+        r["train"] = stats
+        r["load_after_train"] = load()
+        del model
+        lm = CausalLMScorer(model_dir, max_length=a.max_length, batch_size=16)
+        lm.eval_dtype = dtype
+        t0 = time.time()
+        scores = lm.scores(task["test"].texts, task.label_texts)
+        score_s = time.time() - t0
+        r["score_seconds"] = round(score_s, 1)
+        r["score_sequences"] = a.texts * task.num_classes
+        r["load_after_score"] = load()
+        r["accuracy"] = float((scores.argmax(-1) == torch.tensor(task["test"].labels)).float().mean())
+        runs[name] = r
+        step = min(stats["step_seconds"])  # type: ignore[type-var, arg-type]
+        per_text = score_s / a.texts
+        md_rows += [f"| {name}: load the cached HF directory | {r['load_seconds']} s |",
+                    f"| {name}: LoRA step, batch {a.batch}, label-token loss, max length {a.max_length} | "
+                    f"{', '.join(str(x) for x in stats['step_seconds'])} s (load avg {r['load_before_train']}–"  # type: ignore[union-attr]
+                    f"{r['load_after_train']}) |",
+                    f"| {name}: score {a.texts} {a.task} texts × {task.num_classes} classes | {r['score_seconds']} s "
+                    f"({per_text:.2f} s per text; load avg {r['load_after_score']}; zero-shot accuracy "
+                    f"{100 * r['accuracy']:.1f} %) |"]  # type: ignore[operator]
+    res["runs"] = runs
     train_h = a.tasks * (a.train / a.batch) * step / 3600
     # per task: its own adapter at λ = 1, plus the stores' additions (all tasks) at `lambdas` values
     eval_h = a.tasks * a.eval_texts * per_text * (1 + a.lambdas) / 3600
-    res["extrapolated"] = {"tasks": a.tasks, "train_examples": a.train, "train_hours": round(train_h, 2),
-                           "eval_texts_per_task": a.eval_texts, "lambdas": a.lambdas,
-                           "eval_hours_per_store": round(eval_h, 2), "step_seconds_used": step,
-                           "score_seconds_per_text": round(per_text, 2)}
+    res["extrapolated"] = {"dtype": a.dtypes[-1], "tasks": a.tasks, "train_examples": a.train,
+                           "train_hours": round(train_h, 2), "eval_texts_per_task": a.eval_texts,
+                           "lambdas": a.lambdas, "eval_hours_per_store": round(eval_h, 2),
+                           "step_seconds_used": step, "score_seconds_per_text": round(per_text, 2)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = [f"# Gemma 3 270M LoRA cost ({res['date']})", "", f"`{res['command']}`", "",
-          "| measure | value |", "|---|---|",
-          f"| load the cached HF directory | {res['load_seconds']} s |",
-          f"| LoRA step, batch {a.batch}, label-token loss, max length {a.max_length} | "
-          f"{', '.join(str(s) for s in stats['step_seconds'])} s (load avg {res['load_before_train']}–"  # type: ignore[union-attr]
-          f"{res['load_after_train']}) |",
-          f"| score {a.texts} {a.task} texts × {task.num_classes} classes | {res['score_seconds']} s "
-          f"({per_text:.1f} s per text; load avg {res['load_after_score']}) |",
-          f"| extrapolated: {a.tasks} tasks × {a.train} examples, 1 epoch | {train_h:.1f} h |",
-          f"| extrapolated: evaluating one store ({a.tasks} tasks × {a.eval_texts} texts × {1 + a.lambdas} λ) | "
-          f"{eval_h:.1f} h |"]
+          "| measure | value |", "|---|---|", *md_rows,
+          f"| extrapolated ({a.dtypes[-1]}): {a.tasks} tasks × {a.train} examples, 1 epoch | {train_h:.1f} h |",
+          f"| extrapolated ({a.dtypes[-1]}): evaluating one store ({a.tasks} tasks × {a.eval_texts} texts × "
+          f"{1 + a.lambdas} λ) | {eval_h:.1f} h |"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

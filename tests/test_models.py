@@ -284,6 +284,26 @@ def test_prompt_runs_once_for_labels_of_different_lengths_and_a_long_text_is_cut
                 assert got[i, c].item() == pytest.approx(ref, abs=1e-4)
 
 
+def test_causal_lm_scores_in_bfloat16_follow_an_autocast_full_forward(tmp_path: Path) -> None:
+    """eval_dtype bfloat16: the scores are the full forward's under torch.autocast(bfloat16), written in the test
+    (to bfloat16's precision), and not the float32 ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tvbasis.eval.causal_lm import CausalLMScorer
+
+    d = _tiny_lm_dir(tmp_path / "lm")
+    texts, labels = ["i lost my card", "play a song"], ["bank", "weather rain"]
+    lm = CausalLMScorer(d, max_length=32)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(d)), AutoTokenizer.from_pretrained(str(d))
+    f32 = _reference_scores(model, tok, texts, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b16 = _reference_scores(model, tok, texts, labels)
+    lm.eval_dtype = torch.bfloat16
+    got = lm.scores(texts, labels)
+    assert not torch.allclose(b16, f32, atol=1e-4)  # the precision shows at this size
+    assert torch.allclose(got, b16, atol=0.05) and (got - b16).abs().max() < (got - f32).abs().max()
+
+
 def test_long_texts_are_cut_but_keep_the_prompt_tail(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -359,6 +379,11 @@ def test_lm_lora_label_loss_learns_the_task_and_the_adapter_reads_as_peft_merges
     lm.set_delta(delta)
     tuned = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
     assert tuned >= 0.9 > zero
+    # mixed precision (bfloat16 autocast): its own cache entry (the float32 adapter is not reused), and it learns
+    b = lm_lora_finetune(task, tmp_path / "work16", d, settings, lora, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    assert not b.reused and b.meta["train"]["dtype"] == "bfloat16"
+    assert b.meta["train"]["loss_last"] < b.meta["train"]["loss_first"]
+    assert not lm_lora_finetune(task, tmp_path / "work16", d, settings, lora).reused  # type: ignore[arg-type]
 
 
 def test_a_model_flagged_gguf_quantised_is_saved_as_a_plain_copy(tmp_path: Path) -> None:

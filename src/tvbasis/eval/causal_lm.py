@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tvbasis.errors import ConfigError
-from tvbasis.eval.encoder import CHARS_PER_TOKEN, EVAL_BATCH_SIZE, set_threads
+from tvbasis.eval.encoder import CHARS_PER_TOKEN, EVAL_BATCH_SIZE, autocast_to, set_threads
 from tvbasis.eval.inplace import InPlaceEdit
 
 #: the prompt every text is put in; the label text follows it after one space
@@ -183,6 +183,8 @@ class CausalLMScorer(InPlaceEdit):
         self.class_names = ()
         self._params = dict(self.model.state_dict(keep_vars=True))
         self._base: dict[str, torch.Tensor] = {}
+        #: precision of scoring: float32, or bfloat16 matrix products through autocast (``Encoder.eval_dtype``)
+        self.eval_dtype: torch.dtype = torch.float32
 
     @property
     def pad_id(self) -> int:
@@ -206,9 +208,10 @@ class CausalLMScorer(InPlaceEdit):
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=progress if isinstance(progress, str) else "score", unit="text", leave=False)
-        for i in it:  # type: ignore[attr-defined]
-            prompt = prompt_ids(self.tokenizer, texts[i], room, self.max_length, self.template)
-            out[i] = prefix_label_logprobs(self.model, base, head, prompt, labels, self.pad_id)
+        with autocast_to(self.model, self.eval_dtype):
+            for i in it:  # type: ignore[attr-defined]
+                prompt = prompt_ids(self.tokenizer, texts[i], room, self.max_length, self.template)
+                out[i] = prefix_label_logprobs(self.model, base, head, prompt, labels, self.pad_id)
         return out
 
     def predict(self, texts: Sequence[str], progress: bool | str = False,

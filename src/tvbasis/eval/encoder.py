@@ -52,6 +52,14 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+def autocast_to(model: torch.nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` to ``dtype`` on the model's device (matrix products in ``dtype``, the weights and
+    numerically sensitive ops in float32); nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
+
+
 def _quiet_transformers() -> None:
     try:
         from transformers.utils import logging as hf_logging
@@ -325,13 +333,10 @@ class Encoder:
         return out
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        """The inference precision's context: none for float32; one autocast region per ``encode_batches`` call,
+        """The inference precision's context (``autocast_to``): one autocast region per ``encode_batches`` call,
         so each weight is cast once per call (autocast caches the casts inside a region) and an edit made
         between calls is always seen."""
-        if self.eval_dtype == torch.float32:
-            return contextlib.nullcontext()
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=self.eval_dtype)
+        return autocast_to(self.model, self.eval_dtype)
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                progress: bool | str = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from tvbasis.errors import ConfigError
 from tvbasis.eval.causal_lm import DEFAULT_TEMPLATE, lm_label_loss
-from tvbasis.eval.encoder import set_threads
+from tvbasis.eval.encoder import autocast_to, set_threads
 from tvbasis.eval.finetune import (
     FinetuneResult,
     FinetuneSettings,
@@ -66,9 +66,12 @@ def load_lm(model_dir: str | Path) -> tuple[torch.nn.Module, object]:
 
 def train_lm_lora(model: torch.nn.Module, tokenizer: object, task: Task, settings: FinetuneSettings,
                   lora: LoraSettings, template: str = DEFAULT_TEMPLATE, progress: bool = False,
-                  max_steps: int | None = None) -> tuple[torch.nn.Module, dict[str, object]]:
+                  max_steps: int | None = None, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.nn.Module, dict[str, object]]:
     """Train a LoRA adapter of ``model`` (modified: PEFT wraps it) on ``task``'s training split with the
-    label-token loss; ``max_steps`` stops early (to time a step). Returns (PEFT model, training stats)."""
+    label-token loss; ``max_steps`` stops early (to time a step). ``dtype`` bfloat16: mixed precision (forward
+    and backward matrix products under autocast; the weights, the adapter and AdamW's state stay float32).
+    Returns (PEFT model, training stats)."""
     from peft import get_peft_model
 
     set_threads()
@@ -96,8 +99,9 @@ def train_lm_lora(model: torch.nn.Module, tokenizer: object, task: Task, setting
             ts = time.time()
             idx = perm[s:s + settings.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = lm_label_loss(peft, tokenizer, [train.texts[i] for i in idx], task.label_texts,
-                                 [train.labels[i] for i in idx], settings.max_length, template)
+            with autocast_to(peft, dtype):
+                loss = lm_label_loss(peft, tokenizer, [train.texts[i] for i in idx], task.label_texts,
+                                     [train.labels[i] for i in idx], settings.max_length, template)
             loss.backward()
             opt.step()
             sched.step()
@@ -111,14 +115,15 @@ def train_lm_lora(model: torch.nn.Module, tokenizer: object, task: Task, setting
     return peft, {"steps": len(losses), "planned_steps": total, "warmup_steps": warm,
                   "seconds": round(time.time() - t0, 2), "step_seconds": [round(x, 2) for x in step_seconds],
                   "loss_first": mean_or_nan(losses[:k]), "loss_last": mean_or_nan(losses[-k:]),
-                  "trainable_parameters": sum(p.numel() for p in params)}
+                  "trainable_parameters": sum(p.numel() for p in params),
+                  "dtype": str(dtype).removeprefix("torch.")}
 
 
 def lm_lora_finetune(task: Task, work: str | Path, model_dir: str | Path, settings: FinetuneSettings | None = None,
                      lora: LoraSettings | None = None, template: str = DEFAULT_TEMPLATE, force: bool = False,
-                     progress: bool = False) -> FinetuneResult:
+                     progress: bool = False, dtype: torch.dtype = torch.float32) -> FinetuneResult:
     """Train (or reuse) the LoRA adapter of the causal LM in ``model_dir`` for ``task`` into
-    ``<work>/lm-lora/<task>/``."""
+    ``<work>/lm-lora/<task>/`` (``dtype``: ``train_lm_lora``'s precision, part of the cache key)."""
     settings = settings or FinetuneSettings(batch_size=8)
     lora = lora or lm_lora_settings()
     settings.check()
@@ -131,6 +136,8 @@ def lm_lora_finetune(task: Task, work: str | Path, model_dir: str | Path, settin
     record = {"kind": "tvbasis-lm-lora", "version": LM_LORA_VERSION, "model_files": model_fingerprint(Path(model_dir)),
               "task": task.name, "train": [list(task["train"].texts), list(task["train"].labels)],
               "label_texts": list(task.label_texts), "template": template, "settings": s, "lora": asdict(lora)}
+    if dtype != torch.float32:  # float32 keeps the key of adapters trained before the setting existed
+        record["dtype"] = str(dtype)
     h = config_hash(record)
     out = work / "lm-lora" / task.name
     ensure_writable(out.parent)
@@ -138,7 +145,7 @@ def lm_lora_finetune(task: Task, work: str | Path, model_dir: str | Path, settin
     if problem is None:
         return FinetuneResult(task.name, out, True, _read_meta(out / LORA_META) or {})
     model, tok = load_lm(model_dir)
-    peft, stats = train_lm_lora(model, tok, task, settings, lora, template, progress)
+    peft, stats = train_lm_lora(model, tok, task, settings, lora, template, progress, dtype=dtype)
     meta = {k: v for k, v in record.items() if k != "train"}
     meta.update(config_hash=h, pretrained_dir=str(Path(model_dir).resolve()), created=time.time(), train=stats,
                 **_versions())
