@@ -7,6 +7,11 @@ bfloat16 embeddings are from the float32 ones (the lowest cosine over the texts)
 on the CPU (AMX / AVX512-BF16): the flags are recorded.
 
     python benchmarks/eval_dtype.py --models minilm mpnet --task banking --texts 128 --repeats 3
+
+``--pairs CACHE.jsonl``: instead, the agreement of scores from a benchmark's score cache (``<out>/eval-cache.jsonl``)
+where the same run was computed in two precisions (a run moved to ``--eval-dtype bfloat16`` with ``--resume``):
+the precision is part of each score's context digest, so the scores of the same weights, task and split under the
+two contexts with the most scores are paired (the first context in the file first: the earlier run).
 """
 
 from __future__ import annotations
@@ -36,6 +41,42 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def pairs(path: Path, name: str) -> int:
+    import json
+
+    by_ctx: dict[str, dict[tuple[str, str, str], float]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+            c, w, t, sp = d["k"].split("|")
+        except (ValueError, KeyError):
+            continue
+        by_ctx.setdefault(c, {})[(w, t, sp)] = float(d["v"])
+    ctxs = sorted(by_ctx, key=lambda c: -len(by_ctx[c]))[:2]
+    if len(ctxs) < 2:
+        raise SystemExit(f"{path}: fewer than two contexts")
+    ctxs.sort(key=list(by_ctx).index)  # first written first
+    a, b = by_ctx[ctxs[0]], by_ctx[ctxs[1]]
+    common = sorted(set(a) & set(b))
+    rows, records = [], {}
+    for split in ("dev", "test", "all"):
+        keys = [k for k in common if split == "all" or k[2] == split]
+        if not keys:
+            continue
+        d = [b[k] - a[k] for k in keys]
+        rec = {"pairs": len(d), "mean_diff": statistics.mean(d), "mean_abs_diff": statistics.mean(abs(x) for x in d),
+               "max_abs_diff": max(abs(x) for x in d), "sd_diff": statistics.pstdev(d),
+               "identical": sum(x == 0 for x in d)}
+        records[split] = rec
+        rows.append([split, len(d), f"{100 * rec['mean_diff']:+.3f}", f"{100 * rec['mean_abs_diff']:.3f}",
+                     f"{100 * rec['max_abs_diff']:.2f}", f"{100 * rec['sd_diff']:.3f}", rec["identical"]])
+    table = markdown_table(["split", "pairs", "mean (second − first), points", "mean |diff|, points",
+                            "max |diff|, points", "sd of diff, points", "identical"], rows)
+    save_results(name, {"cache": str(path), "contexts": ctxs, "scores_per_context": [len(a), len(b)],
+                        "splits": records}, table)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["minilm", "mpnet"])
@@ -44,7 +85,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--name", default="eval_dtype")
+    ap.add_argument("--pairs", type=Path, metavar="CACHE.jsonl", help="compare the two precisions' scores in a cache")
     a = ap.parse_args()
+    if a.pairs:
+        return pairs(a.pairs, a.name)
     texts = load_task(a.task, max_test=a.texts, seed=0)["test"].texts
     rows, records = [], []
     for name in a.models:

@@ -379,6 +379,19 @@ def test_lm_lora_label_loss_learns_the_task_and_the_adapter_reads_as_peft_merges
     lm.set_delta(delta)
     tuned = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
     assert tuned >= 0.9 > zero
+    # the benchmark's evaluator over the scorer: the same accuracies, and the λ search picks the best dev λ
+    from tvbasis.eval.lm_metrics import LMEvaluator
+
+    ev = LMEvaluator(lm, {"toy": task})  # type: ignore[dict-item]
+    assert not lm.edited and ev.zero_shot("test")["toy"] == zero
+    assert ev.with_delta(delta, 1.0, "test")["toy"] == tuned and not lm.edited
+    by_lam = {}
+    for lam in (0.25, 1.0):
+        lm.set_delta(delta, lam)
+        by_lam[lam] = float((lm.predict(texts, label_texts=task.label_texts) == y).float().mean())  # type: ignore[attr-defined]
+    lm.reset()
+    add = ev.search_addition(delta, grid=(0.25, 1.0))
+    assert add.dev["toy"] == max(by_lam.values()) and add.dev["toy"] == by_lam[add.lam]
     # mixed precision (bfloat16 autocast): its own cache entry (the float32 adapter is not reused), and it learns
     b = lm_lora_finetune(task, tmp_path / "work16", d, settings, lora, dtype=torch.bfloat16)  # type: ignore[arg-type]
     assert not b.reused and b.meta["train"]["dtype"] == "bfloat16"

@@ -46,3 +46,12 @@ class InPlaceEdit:
             if key not in self._base:
                 self._base[key] = p.detach().clone()
             p.copy_((p.float() + scale * d.float()).to(p.dtype))
+
+    def reset(self) -> None:
+        """Back to the loaded weights."""
+        self.set_delta(None)
+
+    @property
+    def edited(self) -> bool:
+        """Whether an edit is in place."""
+        return bool(self._base)
