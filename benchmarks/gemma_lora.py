@@ -4,9 +4,10 @@ stores and a ``--budget`` store of their merged deltas, scored as the MiniLM LoR
 
 * adapters: ``eval/lm_lora.py`` (PEFT LoRA rank ``--rank`` on every attention and MLP projection, loss on the label
   tokens after ``Text: {text}\\nLabel:``), ``--train`` examples per task, cached under ``<work>/lm-lora/<task>``;
-* rows: the adapters as they are; ``lora-factors`` fp32 and int8; ``lora-joint`` (full cores, k = 8 and 24);
-  ``pca M=0 + res lowrank:rank=r`` (the coded path from dense ΔW); ``--budget`` stores of the dense ΔW at the
-  adapters' own bytes and at half of them (``--budget-fractions``);
+* rows: the adapters as they are; ``lora-factors`` int8; ``lora-joint`` (full cores, k = 8); ``--budget`` stores
+  of the dense ΔW at the adapters' own bytes and at half of them (``--budget-fractions``); ``--rows all`` adds the
+  rows that keep the adapters (nearly) exactly: ``lora-factors`` fp32, ``lora-joint`` k = 24 and
+  ``pca M=0 + res lowrank:rank=r`` (the coded path from dense ΔW);
 * per task: accuracy of θ₀ + ṽ_t at λ = 1 over the adapter's own (θ₀ + ΔW_t); addition θ₀ + λ·Σ ṽ_t with λ on dev;
   negation θ₀ − λ·ṽ_target on the pairs given, the control kept ≥ 95 % of zero-shot on dev.
 
@@ -37,7 +38,9 @@ from tvbasis.eval.models import resolve_model
 from tvbasis.eval.tasks import load_task
 
 
-def configs(rank: int, budgets: list[str]) -> list[Config]:
+def configs(rank: int, budgets: list[str], rows: str = "") -> list[Config]:
+    """The rows: every one with ``rows == "all"``; by default the ones that are not the adapters again (the fp32
+    factors and a rank-r residual store the adapters exactly; a full-core joint store at k ≥ r·T nearly so)."""
     out = [Config("adapters as they are", FAMILY, "adapters"),
            Config("lora-factors fp32", FAMILY, "lora-factors"),
            Config("lora-factors int8", FAMILY, "lora-factors", {"factor_codec": "int8"}),
@@ -45,7 +48,10 @@ def configs(rank: int, budgets: list[str]) -> list[Config]:
            Config("lora-joint full k=24", FAMILY, "lora-joint", {"k": 24, "cores": "full"}),
            Config(f"pca M=0 + res lowrank:rank={rank}", FAMILY, "residual", {"residual": f"lowrank:rank={rank}"})]
     out += [Config(f"budget {b} (dense ΔW)", "tvbasis --budget", "budget", {"budget": b}) for b in budgets]
-    return out
+    if rows == "all":
+        return out
+    skip = {"lora-factors fp32", "lora-joint full k=24", f"pca M=0 + res lowrank:rank={rank}"}
+    return [c for c in out if c.label not in skip]
 
 
 def main() -> int:
@@ -58,6 +64,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--rows", choices=["default", "all"], default="default",
+                    help="all: also the rows that store the adapters exactly (fp32 factors, rank-r residuals, k=24)")
     ap.add_argument("--budget-fractions", default="1,0.5", help="budgets as fractions of the adapters' bytes")
     ap.add_argument("--work", type=Path, default=Path("tvbasis-work-gemma"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gemma-lora")
@@ -93,7 +101,7 @@ def main() -> int:
     cfg = BenchConfig(tasks=tuple(names), pairs=pairs, grid=lambda_grid(0.1, 1.0), search="refine", Ms=(1,),
                       neg_grid=lambda_grid(0.25, 1.0), max_dev=a.dev, max_test=a.test, progress=True)
     cfg = cfg.resolved()
-    lora_result = measure_lora(adapters, model_dir, names, ev, cfg, a.work / "stores", configs(a.rank, budgets))
+    lora_result = measure_lora(adapters, model_dir, names, ev, cfg, a.work / "stores", configs(a.rank, budgets, a.rows))
     result = {"benchmark": "gemma_lora", "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model_dir": str(model_dir),
               "tasks": names, "pairs": [list(p) for p in pairs], "train": a.train, "dev": a.dev, "test": a.test,
