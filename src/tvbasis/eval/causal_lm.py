@@ -12,7 +12,7 @@ weights in place like ``SequenceClassifier`` (θ + scale·delta).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -204,12 +204,12 @@ class CausalLMScorer(InPlaceEdit):
         room = self.max_length - max(len(lab) for lab in labels)
         base, head = _base_and_head(self.model)
         out = torch.empty((len(texts), len(label_texts)), dtype=torch.float32)
-        it: Sequence[int] | object = range(len(texts))
+        order: Iterable[int] = range(len(texts))
         if progress:
             from tqdm.auto import tqdm
-            it = tqdm(it, desc=progress if isinstance(progress, str) else "score", unit="text", leave=False)
+            order = tqdm(order, desc=progress if isinstance(progress, str) else "score", unit="text", leave=False)
         with autocast_to(self.model, self.eval_dtype):
-            for i in it:  # type: ignore[attr-defined]
+            for i in order:
                 prompt = prompt_ids(self.tokenizer, texts[i], room, self.max_length, self.template)
                 out[i] = prefix_label_logprobs(self.model, base, head, prompt, labels, self.pad_id)
         return out
