@@ -339,6 +339,31 @@ def test_tvbasis_eval_scores_a_causal_lm_csv(tmp_path: Path, capsys: pytest.Capt
     assert "log-likelihood" in capsys.readouterr().out
 
 
+def test_tvbasis_eval_in_bfloat16_scores_as_an_autocast_forward(tmp_path: Path) -> None:
+    """``tvbasis eval --eval-dtype bfloat16`` on a causal LM: the accuracy of the autocast full forward written in
+    the test, and the JSON says which precision ran; a bad value is refused by the parser."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tvbasis.cli import main
+
+    d = _tiny_lm_dir(tmp_path / "lm")
+    rows = [("i lost my card", "bank"), ("play a song", "music"), ("rain and sun", "weather"), ("my money", "bank"),
+            ("book a flight to the sun", "flight"), ("the weather is bad", "weather")]
+    f = tmp_path / "t.csv"
+    f.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    names = sorted({y for _, y in rows})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _reference_scores(AutoModelForCausalLM.from_pretrained(str(d)), AutoTokenizer.from_pretrained(str(d)),
+                                [t for t, _ in rows], names)
+    expected = sum(int(ref[i].argmax()) == names.index(y) for i, (_, y) in enumerate(rows)) / len(rows)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(d), "--task", f"toy={f}", "--eval-dtype", "bfloat16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_dtype"] == "bfloat16"
+    assert result["tasks"]["toy"]["accuracy"] == pytest.approx(expected)
+    assert main(["eval", str(d), "--task", f"toy={f}", "--eval-dtype", "float16"]) == 2  # a usage error
+
+
 def test_lm_lora_label_loss_learns_the_task_and_the_adapter_reads_as_peft_merges(tmp_path: Path) -> None:
     """A LoRA fine-tune of a tiny causal LM with the label-token loss: tvbasis reads the adapter directory as
     the delta PEFT's merge_and_unload gives, and that delta, applied in memory, classifies the task."""

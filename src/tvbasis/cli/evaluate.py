@@ -179,6 +179,10 @@ def data_flags(p: argparse.ArgumentParser, task_help: str) -> None:
                    help=f"batch size (default {EVAL_BATCH_SIZE})")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON (an existing file only with "
                    "--force; never one of the inputs)")
+    p.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of inference (default float32): bfloat16 runs the matrix products in bfloat16 "
+                   "through torch.autocast, the weights and every edit in float32 — 2-3x faster on CPUs with AMX "
+                   "or AVX512-BF16, slower on those without (docs/benchmark.md)")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -212,7 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     head, scores = score_tasks(args.model, task_files=task_files, head=args.head, heads_from=args.heads_from,
                                delta=delta, scale=coef, max_length=args.max_length, batch_size=args.batch_size,
                                text_column=args.text_column, label_column=args.label_column, labels=labels,
-                               fmt=args.format, progress=_progress(args), what=what or "the edit")
+                               fmt=args.format, progress=_progress(args), what=what or "the edit",
+                               eval_dtype=args.eval_dtype)
     mean = sum(s.accuracy for s in scores.values()) / len(scores)
     model = f"{args.model}" + (f" + {coef:g}·({what})" if what else "")
     how = {"own": "its own classification head", "lm": "causal LM, log-likelihood of each label's text"}
@@ -223,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 + ([["mean", "", sum(s.examples for s in scores.values()), "", pct(mean)]] if len(scores) > 1 else [])))
     if args.json:
         write_json(args, {"model": str(args.model), "head": head, "heads_from": args.heads_from,
-                               "edit": what, "scaling_coef": coef if what else None,
+                               "edit": what, "scaling_coef": coef if what else None, "eval_dtype": args.eval_dtype,
                                "tasks": {n: s.to_dict() for n, s in scores.items()}, "mean_accuracy": mean})
     return 0
 
@@ -248,7 +253,7 @@ def _pick(vectors: Mapping[str, Any], names: Sequence[str], what: str) -> None:
 
 @needs_eval_extra("tvbasis tune")
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tvbasis.eval.encoder import Encoder
+    from tvbasis.eval.encoder import EVAL_DTYPES, Encoder
     from tvbasis.eval.metrics import DEFAULT_GRID, Evaluator
     from tvbasis.eval.tune import tune_addition, tune_addition_per_task, tune_negation
     from tvbasis.eval.userdata import encoder_resolves, keep_known, load_user_task
@@ -284,6 +289,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tasks = {n: load_user_task(n, {"dev": f, **({"test": test_files[n]} if test_files else {})}, args.text_column,
                                args.label_column, labels.get(n), args.format) for n, f in dev_files.items()}
     encoder = Encoder(args.pretrained, max_length=args.max_length, batch_size=args.batch_size)
+    encoder.eval_dtype = EVAL_DTYPES[args.eval_dtype]  # before the evaluator encodes the heads
     report = "test" if test_files else None
     ev = Evaluator(encoder, tasks, splits=("dev", "test") if test_files else ("dev",), progress=_progress(args))
     known = encoder_resolves(encoder)
@@ -343,7 +349,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"wrote {written}")
     if args.json:
         write_json(args, {"pretrained": str(args.pretrained), "source": str(args.store) if store else "fine-tunes",
-                               "edit": what, "grid": list(grid), "search": args.search, **r.to_dict(),
+                               "edit": what, "grid": list(grid), "search": args.search,
+                               "eval_dtype": args.eval_dtype, **r.to_dict(),
                                "out": str(written) if written else None})
     return 0
 

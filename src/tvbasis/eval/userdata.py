@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from tvbasis.errors import ConfigError, TensorMismatchError, UnknownTaskError
-from tvbasis.eval.encoder import CHARS_PER_TOKEN, EVAL_BATCH_SIZE, Encoder, check_encoder_dir, set_threads
+from tvbasis.eval.encoder import (
+    CHARS_PER_TOKEN,
+    EVAL_BATCH_SIZE,
+    EVAL_DTYPES,
+    Encoder,
+    autocast_to,
+    check_encoder_dir,
+    set_threads,
+)
 from tvbasis.eval.inplace import InPlaceEdit
 from tvbasis.eval.metrics import Evaluator
 from tvbasis.eval.tasks import Split, Task, canonical_name, label_text
@@ -320,6 +328,8 @@ class SequenceClassifier(InPlaceEdit):
         self.class_names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(n))
         self._params = dict(self.model.state_dict(keep_vars=True))
         self._base: dict[str, torch.Tensor] = {}
+        #: precision of inference: float32, or bfloat16 matrix products through autocast (``Encoder.eval_dtype``)
+        self.eval_dtype: torch.dtype = torch.float32
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], progress: bool | str = False) -> torch.Tensor:
@@ -333,10 +343,11 @@ class SequenceClassifier(InPlaceEdit):
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc=progress if isinstance(progress, str) else "predict", unit="batch",
                           leave=False)
-        for s in starts:
-            idx = order[s:s + self.batch_size]
-            batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
-            out[torch.tensor(idx)] = self.model(**batch).logits.argmax(-1)
+        with autocast_to(self.model, self.eval_dtype):
+            for s in starts:
+                idx = order[s:s + self.batch_size]
+                batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
+                out[torch.tensor(idx)] = self.model(**batch).logits.argmax(-1)
         return out
 
 
@@ -385,13 +396,18 @@ def score_tasks(model_dir: str | Path, *, task_files: Mapping[str, str | Path] |
                 scale: float = 1.0, max_length: int = 128, batch_size: int = EVAL_BATCH_SIZE,
                 text_column: str = "text", label_column: str = "label",
                 labels: Mapping[str, str | Path] | None = None, fmt: str | None = None,
-                progress: bool = False, what: str = "the edit") -> tuple[str, dict[str, TaskScore]]:
+                progress: bool = False, what: str = "the edit", eval_dtype: str = "float32"
+                ) -> tuple[str, dict[str, TaskScore]]:
     """Accuracy of ``model_dir`` (edited in memory to θ + scale·delta when ``delta`` is given) on each task file
     (name -> file). ``head``: ``encoder`` (the bundled adapter: mean pooling, frozen heads from label names —
     built from ``heads_from``'s weights when given, the model then loaded into that encoder), ``own`` (a
     sequence-classification checkpoint's head) or ``auto`` (own for such a checkpoint, unless ``heads_from``).
-    Returns the head used and the scores."""
+    ``eval_dtype``: a name of ``EVAL_DTYPES`` (bfloat16: matrix products through autocast). Returns the head used
+    and the scores."""
     task_files = dict(task_files or {})
+    if eval_dtype not in EVAL_DTYPES:
+        raise ConfigError(f"--eval-dtype {eval_dtype!r}: expected one of {', '.join(EVAL_DTYPES)}")
+    dtype = EVAL_DTYPES[eval_dtype]
     if not task_files:
         raise ConfigError("give at least one --task NAME=FILE")
     labels = dict(labels or {})
@@ -411,6 +427,7 @@ def score_tasks(model_dir: str | Path, *, task_files: Mapping[str, str | Path] |
         from tvbasis.eval.causal_lm import CausalLMScorer
 
         lm = CausalLMScorer(model_dir, max_length, batch_size)
+        lm.eval_dtype = dtype
         loaded = {n: load_user_task(n, {"test": f}, text_column, label_column, labels.get(n), fmt)
                   for n, f in task_files.items()}
         if delta is not None:
@@ -422,6 +439,7 @@ def score_tasks(model_dir: str | Path, *, task_files: Mapping[str, str | Path] |
         return head, out
     if head == "own":
         clf = SequenceClassifier(model_dir, max_length, batch_size)
+        clf.eval_dtype = dtype
         loaded = {n: load_user_task(n, {"test": f}, text_column, label_column, labels.get(n), fmt,
                                     classes=clf.class_names, classes_source=f"{model_dir} (config.id2label)")
                   for n, f in task_files.items()}
@@ -436,6 +454,7 @@ def score_tasks(model_dir: str | Path, *, task_files: Mapping[str, str | Path] |
               for n, f in task_files.items()}
     encoder = Encoder(heads_from if heads_from is not None else model_dir, max_length=max_length,
                       batch_size=batch_size)
+    encoder.eval_dtype = dtype  # before the evaluator builds the heads: they are encoded in the same precision
     ev = Evaluator(encoder, loaded, splits=("test",), progress=progress)
     if heads_from is not None:  # the model's own weights into the encoder whose θ₀ built the heads
         ckpt = open_checkpoint(model_dir)
