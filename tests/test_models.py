@@ -242,6 +242,12 @@ def test_causal_lm_scores_match_a_full_forward_and_edits_apply(tmp_path: Path) -
     ref = _reference_scores(ref_model, AutoTokenizer.from_pretrained(str(d)), texts, labels)
     assert torch.allclose(lm.scores(texts, labels), ref, atol=1e-4)
     assert torch.equal(lm.predict(texts, label_texts=labels), ref.argmax(-1))
+    import tvbasis.eval.causal_lm as causal_lm
+    try:  # the LM head run on every text's rows alone (a flush per text) gives the same scores
+        causal_lm.HEAD_ROWS, saved = 1, causal_lm.HEAD_ROWS
+        assert torch.allclose(lm.scores(texts, labels), ref, atol=1e-4)
+    finally:
+        causal_lm.HEAD_ROWS = saved
     # an in-memory edit θ + 0.5·δ scores as a model saved with those weights
     delta = {k: 0.3 * torch.randn_like(v) for k, v in ref_model.state_dict().items() if "layers.0.mlp" in k}
     lm.set_delta(delta, 0.5)
