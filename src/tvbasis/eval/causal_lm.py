@@ -12,7 +12,7 @@ weights in place like ``SequenceClassifier`` (θ + scale·delta).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -135,39 +135,60 @@ def _row_logprobs(model: torch.nn.Module, head: torch.nn.Module, h: torch.Tensor
     return torch.log_softmax(logits, dim=-1)
 
 
-def prefix_label_rows(base: torch.nn.Module, prompt: list[int], labels: Sequence[list[int]], pad_id: int
-                      ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """The hidden states that predict the label tokens after ``prompt``, the prompt run once: (R, H) rows — the
-    prompt's last state (it predicts every label's first token), then each later label token's predecessor — and
-    the (row, token, class) triples whose log-probabilities sum to each class's score. The prompt's key/value
-    cache, repeated once per label with more than one token, carries those labels' other tokens in one
-    right-padded batch (padding after a label's last token is never attended to by its real tokens: the attention
-    is causal)."""
-    out = base(input_ids=torch.tensor([prompt]), use_cache=True)
-    rows = [out.last_hidden_state[0, -1:]]
-    gathers = [(0, lab[0], c) for c, lab in enumerate(labels)]
+def _forward_kw(base: torch.nn.Module) -> str:
+    # transformers names the forward argument ``cache`` from 5.40 on (``past_key_values`` before; still accepted)
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def prompts_label_rows(base: torch.nn.Module, prompts: Sequence[list[int]], labels: Sequence[list[int]],
+                       pad_id: int) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The hidden states that predict the label tokens after each of ``prompts``, every prompt run once, in one
+    left-padded batch (explicit positions, so each prompt is positioned as if alone): (R, H) rows — each prompt's
+    last state (it predicts every label's first token), then each later label token's predecessor — and the
+    (row, token, prompt, class) quadruples whose log-probabilities sum to each (prompt, class) score. The prompts'
+    key/value cache, each entry repeated once per label with more than one token, carries those labels' other
+    tokens in one right-padded batch (padding after a label's last token is never attended to by its real tokens:
+    the attention is causal)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    rows = [out.last_hidden_state[:, -1]]
+    gathers = [(i, lab[0], i, c) for i in range(B) for c, lab in enumerate(labels)]
     multi = [c for c, lab in enumerate(labels) if len(lab) > 1]
     if not multi:
         return rows[0], gathers
-    width = max(len(labels[c]) - 1 for c in multi)
-    ids = torch.full((len(multi), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(multi), len(prompt) + width), dtype=torch.long)
-    mask[:, :len(prompt)] = 1
+    M, width = len(multi), max(len(labels[c]) - 1 for c in multi)
+    cont = torch.full((M, width), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((M, width), dtype=torch.long)
     for j, c in enumerate(multi):
         n = len(labels[c]) - 1
-        ids[j, :n] = torch.tensor(labels[c][:-1])
-        mask[j, len(prompt):len(prompt) + n] = 1
+        cont[j, :n] = torch.tensor(labels[c][:-1])
+        cont_mask[j, :n] = 1
+    lengths = torch.tensor([len(p) for p in prompts])
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     if cache is None:
         raise ConfigError(f"{type(base).__name__} returned no key/value cache; cannot score label texts after a prompt")
-    cache.batch_repeat_interleave(len(multi))
-    # transformers names the forward argument ``cache`` from 5.40 on (``past_key_values`` before; still accepted)
-    kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False, **{kw: cache}).last_hidden_state
-    pos = [(j, k) for j, c in enumerate(multi) for k in range(len(labels[c]) - 1)]
-    rows.append(hidden[torch.tensor([j for j, _ in pos]), torch.tensor([k for _, k in pos])])
-    gathers += [(1 + r, labels[multi[j]][k + 1], multi[j]) for r, (j, k) in enumerate(pos)]
+    cache.batch_repeat_interleave(M)  # prompt i's entry at rows i·M … i·M + M − 1
+    hidden = base(input_ids=cont.repeat(B, 1), use_cache=False,
+                  attention_mask=torch.cat([mask.repeat_interleave(M, 0), cont_mask.repeat(B, 1)], 1),
+                  position_ids=(lengths.repeat_interleave(M)[:, None] + torch.arange(width)),
+                  **{_forward_kw(base): cache}).last_hidden_state
+    at = [(i * M + j, k) for i in range(B) for j, c in enumerate(multi) for k in range(len(labels[c]) - 1)]
+    rows.append(hidden[torch.tensor([r for r, _ in at]), torch.tensor([k for _, k in at])])
+    gathers += [(B + n, labels[multi[r % M]][k + 1], r // M, multi[r % M]) for n, (r, k) in enumerate(at)]
     return torch.cat(rows), gathers
+
+
+def prefix_label_rows(base: torch.nn.Module, prompt: list[int], labels: Sequence[list[int]], pad_id: int
+                      ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """``prompts_label_rows`` of one prompt: (R, H) rows and (row, token, class) triples."""
+    h, gathers = prompts_label_rows(base, [prompt], labels, pad_id)
+    return h, [(r, t, c) for r, t, _, c in gathers]
 
 
 def prefix_label_logprobs(model: torch.nn.Module, base: torch.nn.Module, head: torch.nn.Module, prompt: list[int],
@@ -217,20 +238,16 @@ class CausalLMScorer(InPlaceEdit):
     def scores(self, texts: Sequence[str], label_texts: Sequence[str], progress: bool | str = False) -> torch.Tensor:
         """(N texts, C classes) summed log-likelihoods of each label text after each text's prompt.
 
-        Each prompt runs once (``prefix_label_rows``): its last hidden state scores every label's first token,
-        and its key/value cache, repeated once per label, feeds the labels' remaining tokens in one batch — the
-        prompt's tokens are not run again per class (C times fewer prompt tokens than one sequence per
-        (text, label) pair); the LM head then runs on the rows of several texts at once (``HEAD_ROWS``). A long text is cut so that the prompt leaves room for the longest label, the same cut
-        for every class."""
+        Each prompt runs once (``prompts_label_rows``, ``batch_size`` prompts of similar length per left-padded
+        batch): its last hidden state scores every label's first token, and its key/value cache, repeated once per
+        label, feeds the labels' remaining tokens — the prompt's tokens are not run again per class (C times fewer
+        prompt tokens than one sequence per (text, label) pair); the LM head then runs on the rows of several
+        texts at once (``HEAD_ROWS``). A long text is cut so that the prompt leaves room for the longest label,
+        the same cut for every class."""
         labels = label_token_ids(self.tokenizer, label_texts, self.max_length)
         room = self.max_length - max(len(lab) for lab in labels)
         base, head = _base_and_head(self.model)
-        out = torch.empty((len(texts), len(label_texts)), dtype=torch.float32)
-        order: Iterable[int] = range(len(texts))
-        if progress:
-            from tqdm.auto import tqdm
-            order = tqdm(order, desc=progress if isinstance(progress, str) else "score", unit="text", leave=False)
-        out.zero_()
+        out = torch.zeros((len(texts), len(label_texts)), dtype=torch.float32)
         pending: list[torch.Tensor] = []  # hidden rows of the texts not yet through the head
         where: list[tuple[int, int, int, int]] = []  # (row in pending, token, text, class)
         n_rows = 0
@@ -246,11 +263,17 @@ class CausalLMScorer(InPlaceEdit):
             where.clear()
             n_rows = 0
 
+        prompts = [prompt_ids(self.tokenizer, t, room, self.max_length, self.template) for t in texts]
+        by_length = sorted(range(len(texts)), key=lambda i: len(prompts[i]))  # little left padding per batch
+        groups: Sequence[list[int]] = [by_length[g:g + self.batch_size]
+                                       for g in range(0, len(by_length), self.batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+            groups = tqdm(groups, desc=progress if isinstance(progress, str) else "score", unit="batch", leave=False)
         with autocast_to(self.model, self.eval_dtype):
-            for i in order:
-                prompt = prompt_ids(self.tokenizer, texts[i], room, self.max_length, self.template)
-                h, gathers = prefix_label_rows(base, prompt, labels, self.pad_id)
-                where.extend((n_rows + r, t, i, c) for r, t, c in gathers)
+            for group in groups:
+                h, gathers = prompts_label_rows(base, [prompts[i] for i in group], labels, self.pad_id)
+                where.extend((n_rows + r, t, group[b], c) for r, t, b, c in gathers)
                 pending.append(h)
                 n_rows += h.shape[0]
                 if n_rows >= HEAD_ROWS:
