@@ -28,7 +28,14 @@ from pathlib import Path
 
 from tvbasis.bench.bench import BenchConfig
 from tvbasis.bench.frontier import Config
-from tvbasis.bench.frontier_lora import FAMILY, Adapters, lora_markdown, make_lora_plot, measure_lora
+from tvbasis.bench.frontier_lora import (
+    FAMILY,
+    Adapters,
+    adapter_file_bytes,
+    lora_markdown,
+    make_lora_plot,
+    measure_lora,
+)
 from tvbasis.eval.causal_lm import CausalLMScorer
 from tvbasis.eval.finetune import FinetuneSettings
 from tvbasis.eval.lm_lora import lm_lora_finetune, lm_lora_settings
@@ -94,9 +101,7 @@ def main() -> int:
     zero = {s: ev.zero_shot(s) for s in ("dev", "test")}
     print(f"zero-shot test: {zero['test']} ({time.time() - t0:.0f} s)", flush=True)
 
-    from tvbasis.bench.frontier_lora import adapter_deltas
-    _, per_adapter = adapter_deltas(model_dir, adapters.dirs)
-    total = sum(per_adapter.values())
+    total = sum(adapter_file_bytes(model_dir, adapters.dirs).values())  # the headers; no ΔW formed twice
     budgets = [f"{int(total * float(f))}B" for f in a.budget_fractions.split(",") if f]
     cfg = BenchConfig(tasks=tuple(names), pairs=pairs, grid=lambda_grid(0.1, 1.0), search="refine", Ms=(1,),
                       neg_grid=lambda_grid(0.25, 1.0), max_dev=a.dev, max_test=a.test, progress=True)

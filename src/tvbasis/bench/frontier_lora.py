@@ -107,6 +107,24 @@ def train_adapters(tasks: Mapping[str, Any], work: Path, settings: Any, lora: An
                     round(time.time() - t0, 1))
 
 
+def _file_bytes(adapter: Any) -> int:
+    return sum(s.nbytes for s in adapter.weights.specs())
+
+
+def adapter_file_bytes(pre_dir: str | Path, dirs: Mapping[str, str | Path]) -> dict[str, int]:
+    """Per adapter, the bytes of its file's tensors (Σ numel · itemsize; r·(m + n)·4 per module in float32), from
+    the headers alone."""
+    from tvbasis.io import open_checkpoint
+    from tvbasis.lora import open_adapters
+
+    ads = open_adapters(open_checkpoint(pre_dir), dirs)
+    try:
+        return {n: _file_bytes(a) for n, a in ads.items()}
+    finally:
+        for a in ads.values():
+            a.close()  # type: ignore[union-attr]
+
+
 def adapter_deltas(pre_dir: str | Path, dirs: Mapping[str, str | Path]) -> tuple[dict[str, State], dict[str, int]]:
     """Each adapter's own ΔW (name -> float32 tensor, the tensors it changes: s·B·A from its factors, the others
     as saved − θ₀) and the bytes of its file's tensors (Σ numel · itemsize; r·(m + n)·4 per module in float32)."""
@@ -128,7 +146,7 @@ def adapter_deltas(pre_dir: str | Path, dirs: Mapping[str, str | Path]) -> tuple
                 else:
                     state[name] = (f[0].double() @ f[1].double()).reshape(shape).float()
             deltas[n] = state
-            nbytes[n] = sum(s.nbytes for s in a.weights.specs())  # type: ignore[union-attr]
+            nbytes[n] = _file_bytes(a)
     finally:
         for a in ads.values():
             a.close()  # type: ignore[union-attr]
@@ -336,7 +354,8 @@ def make_lora_plot(result: Mapping[str, Any], out: Path) -> Path:
     return path
 
 
-__all__ = ["FAMILY", "JOINT_DIAG_K", "JOINT_KS", "Adapters", "LoraContext", "adapter_deltas", "compress_lora",
+__all__ = ["FAMILY", "JOINT_DIAG_K", "JOINT_KS", "Adapters", "LoraContext", "adapter_deltas", "adapter_file_bytes",
+           "compress_lora",
            "lora_configs", "lora_goal", "lora_markdown", "lora_settings", "make_lora_plot", "measure_lora",
            "train_adapters"]
 

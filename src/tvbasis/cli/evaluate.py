@@ -181,8 +181,9 @@ def data_flags(p: argparse.ArgumentParser, task_help: str) -> None:
                    "--force; never one of the inputs)")
     p.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="precision of inference (default float32): bfloat16 runs the matrix products in bfloat16 "
-                   "through torch.autocast, the weights and every edit in float32 — 2-3x faster on CPUs with AMX "
-                   "or AVX512-BF16, slower on those without (docs/benchmark.md)")
+                   "through torch.autocast, the weights and every edit in float32: faster for encoders on CPUs with "
+                   "AMX or AVX512-BF16 (MPNet 2.1x, MiniLM 1.5x), slower on CPUs without them and for a small "
+                   "causal LM such as Gemma 3 270M (docs/benchmark.md)")
 
 
 def _progress(args: argparse.Namespace) -> bool:

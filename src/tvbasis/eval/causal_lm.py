@@ -184,23 +184,6 @@ def prompts_label_rows(base: torch.nn.Module, prompts: Sequence[list[int]], labe
     return torch.cat(rows), gathers
 
 
-def prefix_label_rows(base: torch.nn.Module, prompt: list[int], labels: Sequence[list[int]], pad_id: int
-                      ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """``prompts_label_rows`` of one prompt: (R, H) rows and (row, token, class) triples."""
-    h, gathers = prompts_label_rows(base, [prompt], labels, pad_id)
-    return h, [(r, t, c) for r, t, _, c in gathers]
-
-
-def prefix_label_logprobs(model: torch.nn.Module, base: torch.nn.Module, head: torch.nn.Module, prompt: list[int],
-                          labels: Sequence[list[int]], pad_id: int) -> torch.Tensor:
-    """(C,) Σ over each label's tokens of log p(token | prompt, the label's earlier tokens), the prompt run once
-    (``prefix_label_rows``)."""
-    h, gathers = prefix_label_rows(base, prompt, labels, pad_id)
-    lp = _row_logprobs(model, head, h)
-    row, tok, cls = (torch.tensor(x) for x in zip(*gathers))
-    return torch.zeros(len(labels), dtype=lp.dtype).index_add(0, cls, lp[row, tok])
-
-
 class CausalLMScorer(InPlaceEdit):
     """A local causal LM (``*ForCausalLM``) scoring the classes of a task by their label texts' log-likelihood."""
 

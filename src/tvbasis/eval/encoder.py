@@ -184,8 +184,9 @@ class Encoder:
         self.eval_cache: EvalCache | None = None
         #: precision of inference (``encode``/``encode_batches``; fine-tuning is untouched): float32, or bfloat16
         #: through ``torch.autocast`` — matrix products in bfloat16 from the float32 weights θ₀ + λ·τ (so the
-        #: edit itself is made in float32), layer norms and softmax in float32. On CPUs with AMX/AVX512-BF16
-        #: about 3x faster than float32 (MPNet-base, 2 cores); elsewhere it may be slower.
+        #: edit itself is made in float32), layer norms and softmax in float32. On this project's AMX Xeon, 2.1x
+        #: faster for MPNet-base and 1.5x for MiniLM (benchmarks/results/eval_dtype.md); slower on CPUs without
+        #: AMX/AVX512-BF16 and for small decoders (Gemma 3 270M: benchmarks/results/gemma_lora_cost.md).
         self.eval_dtype: torch.dtype = torch.float32
         self._accepts_token_types = "token_type_ids" in self._forward_args()
 
@@ -326,17 +327,13 @@ class Encoder:
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(batches, desc=progress if isinstance(progress, str) else "encode", unit="batch", leave=False)
-        with torch.inference_mode(), self._autocast():
+        # one autocast region per call: each weight is cast once per call (autocast caches the casts inside a
+        # region) and an edit made between calls is always seen
+        with torch.inference_mode(), autocast_to(self.model, self.eval_dtype):
             for idx, inputs in it:
                 out[idx] = self.forward(inputs)
         self.model.train(was_training)
         return out
-
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        """The inference precision's context (``autocast_to``): one autocast region per ``encode_batches`` call,
-        so each weight is cast once per call (autocast caches the casts inside a region) and an edit made
-        between calls is always seen."""
-        return autocast_to(self.model, self.eval_dtype)
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                progress: bool | str = False) -> torch.Tensor:

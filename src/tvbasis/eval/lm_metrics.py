@@ -28,8 +28,6 @@ class LMEvaluator(Evaluator):
         self.tasks = dict(tasks)
         self.splits = tuple(splits)
         self.progress = progress
-        self.cache = None
-        self._context = ""
         self._pretrained_acc: dict[tuple[str, str], float] = {}
         self.passes = 0  # scoring passes over a task split (for the cost report)
 
